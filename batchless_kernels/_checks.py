@@ -1,0 +1,41 @@
+"""Argument validation shared by every entry point: clear Python exceptions, never asserts."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for 16- and 32-bit inputs, fp64 for fp64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_inputs(x, mean, std_param, weight, bias) -> None:
+    """Validates the tensors of batchless_norm; raises TypeError/ValueError naming the argument."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
+        )
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
+    channels = x.shape[1]
+    for name, t in (("mean", mean), ("std_param", std_param), ("weight", weight), ("bias", bias)):
+        if t is None:
+            if name in ("mean", "std_param"):
+                raise TypeError(f"{name} must be a tensor of shape ({channels},), got None")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+        if tuple(t.shape) != (channels,):
+            raise ValueError(
+                f"{name} must have shape ({channels},) to match the {channels} channels of x "
+                f"(dim 1 of x with shape {tuple(x.shape)}), got shape {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must share a device")

@@ -1,0 +1,534 @@
+// Fused CPU kernels of batchless normalization (schemas in csrc/ops.cpp).
+//
+// Forward reads x once and writes y once, accumulating s1 = sum xhat and s2 = sum xhat^2 per
+// channel on the way. Backward reads grad_y (and x, only when dweight is wanted) once and writes
+// dx once, accumulating dweight and dbias on the way.
+//
+// Two layouts are read without copies:
+//   channels-first  (N, C, S) contiguous, S = product of the spatial dims (NCHW, NCDHW, NCL);
+//   channels-last   (M, C) with channels innermost (channels_last 4-D/5-D, (N, C), transposed (N, L, C)).
+// Any other strides are copied to contiguous first.
+//
+// Determinism: the work is cut into tasks whose bounds depend only on the shape, never on the
+// thread count; each task writes its partial sums to its own slot, and the slots are summed per
+// channel in a fixed order. The result has the same bits whatever the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+
+namespace batchless_kernels {
+namespace {
+
+using at::Tensor;
+using at::vec::Vectorized;
+
+// Elements one task handles, about 64 KiB of fp32: large enough to amortize the task, small
+// enough to give every core work.
+constexpr int64_t kTaskElements = 16384;
+// Channels-last: rows one task handles at least, which bounds the partial sums to 1/kMinRows of x.
+constexpr int64_t kMinRows = 128;
+// Channels-last: channels one task handles at most, so its partial-sum row stays in L1.
+constexpr int64_t kMaxTaskChannels = 2048;
+
+template <typename F>
+void dispatch_bool(bool value, F&& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Loads and stores 2 * Vectorized<opmath_t>::size() elements of scalar_t as two opmath vectors.
+template <typename scalar_t>
+struct Chunk {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using fVec = Vectorized<opmath_t>;
+  static constexpr int64_t kSize = 2 * fVec::size();
+
+  static std::pair<fVec, fVec> load(const scalar_t* p) {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      return {a, b};
+    } else {
+      return {fVec::loadu(p), fVec::loadu(p + fVec::size())};
+    }
+  }
+  static void store(scalar_t* p, const fVec& a, const fVec& b) {
+    if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+    } else {
+      a.store(p);
+      b.store(p + fVec::size());
+    }
+  }
+  // Sum of the lanes of a + b, in a fixed order.
+  static opmath_t hsum(const fVec& a, const fVec& b) {
+    alignas(64) opmath_t lanes[fVec::size()];
+    (a + b).store(lanes);
+    opmath_t s = 0;
+    for (int64_t i = 0; i < fVec::size(); ++i) s += lanes[i];
+    return s;
+  }
+};
+
+enum class Layout { kChannelsFirst, kChannelsLast };
+
+struct Geometry {
+  Layout layout;
+  int64_t N, C, S;  // x viewed as (N, C, S); channels-last kernels see rows M = N * S
+};
+
+bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
+
+int64_t spatial_size(const Tensor& t) {
+  int64_t s = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
+  return s;
+}
+
+// The layout to compute in for t: no copy when t is contiguous or channels-innermost.
+Layout choose_layout(const Tensor& t) {
+  const bool contiguous = t.is_contiguous();
+  if (contiguous && spatial_size(t) > 1) return Layout::kChannelsFirst;
+  if (contiguous || channels_innermost(t)) return Layout::kChannelsLast;  // (N, C) is channels-last
+  return Layout::kChannelsFirst;  // after a copy to contiguous
+}
+
+Tensor to_layout(const Tensor& t, Layout layout) {
+  if (layout == Layout::kChannelsFirst) return t.contiguous();
+  if (channels_innermost(t)) return t;
+  return t.movedim(1, -1).contiguous().movedim(-1, 1);
+}
+
+// Per-channel parameters in the accumulation dtype, contiguous; absent ones become 1 / 0.
+Tensor channel_param(const c10::optional<Tensor>& t, int64_t C, at::ScalarType acc, double fill) {
+  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
+  return at::full({C}, fill, at::TensorOptions().dtype(acc));
+}
+
+// Cuts a channels-first (N, C, S) tensor into tasks of one channel each: a block of n and a
+// block of s. Task t covers (nb, c, sb) with t = (nb * C + c) * num_sb + sb.
+struct ChannelsFirstTiling {
+  int64_t n_block, s_block, num_nb, num_sb;
+  ChannelsFirstTiling(int64_t N, int64_t S, int64_t chunk) {
+    if (S >= kTaskElements) {
+      n_block = 1;
+      s_block = std::max<int64_t>(chunk, kTaskElements / chunk * chunk);
+    } else {
+      s_block = S;
+      n_block = std::min<int64_t>(N, std::max<int64_t>(1, kTaskElements / std::max<int64_t>(S, 1)));
+    }
+    num_nb = (N + n_block - 1) / n_block;
+    num_sb = (S + s_block - 1) / s_block;
+  }
+  int64_t num_tasks(int64_t C) const { return num_nb * C * num_sb; }
+};
+
+// Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels.
+// Partial sums are laid out (num_rb, C).
+struct ChannelsLastTiling {
+  int64_t r_block, c_block, num_rb, num_cb;
+  ChannelsLastTiling(int64_t M, int64_t C) {
+    c_block = std::min(C, kMaxTaskChannels);
+    r_block = std::min(M, std::max(kMinRows, kTaskElements / c_block));
+    num_rb = (M + r_block - 1) / r_block;
+    num_cb = (C + c_block - 1) / c_block;
+  }
+};
+
+// Sums the per-task partials of K statistics into per-channel totals, in a fixed order.
+template <typename opmath_t, int K>
+void reduce_partials(const Geometry& g, const std::array<const opmath_t*, K>& partials,
+                     const std::array<opmath_t*, K>& out, int64_t num_blocks_outer,
+                     int64_t num_blocks_inner) {
+  at::parallel_for(0, g.C, 64, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      for (int k = 0; k < K; ++k) {
+        opmath_t total = 0;
+        if (g.layout == Layout::kChannelsFirst) {
+          for (int64_t nb = 0; nb < num_blocks_outer; ++nb)
+            for (int64_t sb = 0; sb < num_blocks_inner; ++sb)
+              total += partials[k][(nb * g.C + c) * num_blocks_inner + sb];
+        } else {
+          for (int64_t rb = 0; rb < num_blocks_outer; ++rb) total += partials[k][rb * g.C + c];
+        }
+        out[k][c] = total;
+      }
+    }
+  });
+}
+
+// Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
+// the partials into out0, out1 (C,) when `reduce` is set.
+//   channels-first body(n0, n1, c, s0, s1, p0, p1): p0, p1 point at this task's scalar slots;
+//   channels-last  body(r0, r1, c0, c1, p0, p1): p0, p1 point at this task's (C,) partial rows,
+//                  zeroed, indexed by absolute channel.
+template <typename opmath_t, typename FirstBody, typename LastBody>
+void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
+               const FirstBody& first_body, const LastBody& last_body) {
+  const auto acc = c10::CppTypeToScalarType<opmath_t>::value;
+  if (g.layout == Layout::kChannelsFirst) {
+    const ChannelsFirstTiling t(g.N, g.S, chunk);
+    const int64_t tasks = t.num_tasks(g.C);
+    Tensor partials = at::empty({2, reduce ? tasks : 1}, at::TensorOptions().dtype(acc));
+    opmath_t* p = partials.data_ptr<opmath_t>();
+    opmath_t* p0 = p;
+    opmath_t* p1 = p + (reduce ? tasks : 1);
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t sb = task % t.num_sb;
+        const int64_t c = (task / t.num_sb) % g.C;
+        const int64_t nb = task / (t.num_sb * g.C);
+        const int64_t slot = reduce ? task : 0;  // unused when not reducing
+        first_body(nb * t.n_block, std::min(g.N, (nb + 1) * t.n_block), c, sb * t.s_block,
+                   std::min(g.S, (sb + 1) * t.s_block), p0 + slot, p1 + slot);
+      }
+    });
+    if (reduce) reduce_partials<opmath_t, 2>(g, {p0, p1}, {out0, out1}, t.num_nb, t.num_sb);
+  } else {
+    const int64_t M = g.N * g.S;
+    const ChannelsLastTiling t(M, g.C);
+    Tensor partials = at::zeros({2, reduce ? t.num_rb : 1, g.C}, at::TensorOptions().dtype(acc));
+    opmath_t* p = partials.data_ptr<opmath_t>();
+    const int64_t plane = (reduce ? t.num_rb : 1) * g.C;
+    at::parallel_for(0, t.num_rb * t.num_cb, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t rb = task / t.num_cb;
+        const int64_t cb = task % t.num_cb;
+        const int64_t row = reduce ? rb * g.C : 0;
+        last_body(rb * t.r_block, std::min(M, (rb + 1) * t.r_block), cb * t.c_block,
+                  std::min(g.C, (cb + 1) * t.c_block), p + row, p + plane + row);
+      }
+    });
+    if (reduce) reduce_partials<opmath_t, 2>(g, {p, p + plane}, {out0, out1}, t.num_rb, 1);
+  }
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t, bool kStats>
+void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Tensor& mean,
+                    const Tensor& rstd, const Tensor& weight, const Tensor& bias, Tensor& s1,
+                    Tensor& s2) {
+  using V = Chunk<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using fVec = typename V::fVec;
+  constexpr int64_t K = V::kSize;
+  constexpr int64_t W = fVec::size();
+  const opmath_t* m = mean.data_ptr<opmath_t>();
+  const opmath_t* r = rstd.data_ptr<opmath_t>();
+  const opmath_t* w = weight.data_ptr<opmath_t>();
+  const opmath_t* b = bias.data_ptr<opmath_t>();
+  const int64_t C = g.C, S = g.S;
+
+  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
+                   opmath_t* p2) {
+    const fVec vm(m[c]), vr(r[c]), vw(w[c]), vb(b[c]);
+    fVec a1(0), b1(0), a2(0), b2(0);
+    opmath_t t1 = 0, t2 = 0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t base = (n * C + c) * S;
+      const scalar_t* xp = x + base;
+      scalar_t* yp = y + base;
+      int64_t i = s0;
+      for (; i + K <= s1_; i += K) {
+        auto [xa, xb] = V::load(xp + i);
+        const fVec ha = (xa - vm) * vr, hb = (xb - vm) * vr;
+        if constexpr (kStats) {
+          a1 = a1 + ha;
+          b1 = b1 + hb;
+          a2 = at::vec::fmadd(ha, ha, a2);
+          b2 = at::vec::fmadd(hb, hb, b2);
+        }
+        V::store(yp + i, at::vec::fmadd(ha, vw, vb), at::vec::fmadd(hb, vw, vb));
+      }
+      for (; i < s1_; ++i) {
+        const opmath_t h = (static_cast<opmath_t>(xp[i]) - m[c]) * r[c];
+        if constexpr (kStats) {
+          t1 += h;
+          t2 += h * h;
+        }
+        yp[i] = static_cast<scalar_t>(h * w[c] + b[c]);
+      }
+    }
+    if constexpr (kStats) {
+      *p1 = V::hsum(a1, b1) + t1;
+      *p2 = V::hsum(a2, b2) + t2;
+    }
+  };
+
+  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const scalar_t* xp = x + row * C;
+      scalar_t* yp = y + row * C;
+      int64_t c = c0;
+      for (; c + K <= c1; c += K) {
+        auto [xa, xb] = V::load(xp + c);
+        const fVec ha = (xa - fVec::loadu(m + c)) * fVec::loadu(r + c);
+        const fVec hb = (xb - fVec::loadu(m + c + W)) * fVec::loadu(r + c + W);
+        if constexpr (kStats) {
+          (fVec::loadu(p1 + c) + ha).store(p1 + c);
+          (fVec::loadu(p1 + c + W) + hb).store(p1 + c + W);
+          at::vec::fmadd(ha, ha, fVec::loadu(p2 + c)).store(p2 + c);
+          at::vec::fmadd(hb, hb, fVec::loadu(p2 + c + W)).store(p2 + c + W);
+        }
+        V::store(yp + c, at::vec::fmadd(ha, fVec::loadu(w + c), fVec::loadu(b + c)),
+                 at::vec::fmadd(hb, fVec::loadu(w + c + W), fVec::loadu(b + c + W)));
+      }
+      for (; c < c1; ++c) {
+        const opmath_t h = (static_cast<opmath_t>(xp[c]) - m[c]) * r[c];
+        if constexpr (kStats) {
+          p1[c] += h;
+          p2[c] += h * h;
+        }
+        yp[c] = static_cast<scalar_t>(h * w[c] + b[c]);
+      }
+    }
+  };
+
+  opmath_t* o1 = kStats ? s1.data_ptr<opmath_t>() : nullptr;
+  opmath_t* o2 = kStats ? s2.data_ptr<opmath_t>() : nullptr;
+  run_tiled<opmath_t>(g, K, kStats, o1, o2, first, last);
+}
+
+void check_channel_tensor(const Tensor& t, const char* name, int64_t C) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "batchless_norm: ", name, " must have shape (", C,
+              ",), got ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "batchless_norm: ", name,
+              " must have a floating dtype, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "batchless_norm: ", name, " must be a CPU tensor, got ",
+              t.device());
+}
+
+void check_x(const Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() >= 2, "batchless_norm: ", name, " must have shape (N, C, *), got ",
+              x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), "batchless_norm: ", name, " must be a CPU tensor, got ",
+              x.device());
+  const auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
+              "batchless_norm: ", name, " must be float16, bfloat16, float32 or float64, got ", st);
+}
+
+at::ScalarType accumulation_type(at::ScalarType st) {
+  return st == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& mean,
+                                               const Tensor& rstd,
+                                               const c10::optional<Tensor>& weight,
+                                               const c10::optional<Tensor>& bias,
+                                               bool compute_stats) {
+  check_x(x, "x");
+  const int64_t C = x.size(1);
+  check_channel_tensor(mean, "mean", C);
+  check_channel_tensor(rstd, "rstd", C);
+  if (weight.has_value() && weight->defined()) check_channel_tensor(*weight, "weight", C);
+  if (bias.has_value() && bias->defined()) check_channel_tensor(*bias, "bias", C);
+
+  const auto acc = accumulation_type(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
+  Tensor s1 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor s2 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
+  // y takes x's strides when x is contiguous or channels-innermost, else it is contiguous.
+  const bool dense = x.is_contiguous() || channels_innermost(x);
+  Tensor y = dense ? at::empty_like(x) : at::empty(x.sizes(), x.options());
+  if (x.numel() == 0) return {y, s1, s2};
+
+  const Layout layout = choose_layout(x);
+  const Tensor xin = to_layout(x, layout);
+  const Geometry g{layout, x.size(0), C, spatial_size(x)};
+  const Tensor m = channel_param(mean, C, acc, 0.0);
+  const Tensor r = channel_param(rstd, C, acc, 1.0);
+  const Tensor w = channel_param(weight, C, acc, 1.0);
+  const Tensor b = channel_param(bias, C, acc, 0.0);
+  // y matches xin's layout (both dense, same strides), written in place through its pointer.
+  Tensor yout = y.strides() == xin.strides() ? y : at::empty_like(xin);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_forward", [&] {
+    dispatch_bool(compute_stats, [&](auto stats) {
+      forward_kernel<scalar_t, decltype(stats)::value>(g, xin.const_data_ptr<scalar_t>(),
+                                                       yout.data_ptr<scalar_t>(), m, r, w, b, s1, s2);
+    });
+  });
+  if (!yout.is_same(y)) y.copy_(yout);
+  return {y, s1, s2};
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------
+
+template <typename scalar_t, bool kDx, bool kDw, bool kDb>
+void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, scalar_t* dx,
+                     const Tensor& mean, const Tensor& rstd, const Tensor& weight, Tensor& dw,
+                     Tensor& db) {
+  using V = Chunk<scalar_t>;
+  using opmath_t = typename V::opmath_t;
+  using fVec = typename V::fVec;
+  constexpr int64_t K = V::kSize;
+  constexpr int64_t W = fVec::size();
+  constexpr bool kReduce = kDw || kDb;
+  const opmath_t* m = mean.data_ptr<opmath_t>();
+  const opmath_t* r = rstd.data_ptr<opmath_t>();
+  const opmath_t* w = weight.data_ptr<opmath_t>();
+  const int64_t C = g.C, S = g.S;
+
+  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
+                   opmath_t* pb) {
+    const fVec vm(m[c]), vr(r[c]), vscale(w[c] * r[c]);
+    const opmath_t scale = w[c] * r[c];
+    fVec aw(0), bw(0), ab(0), bb(0);
+    opmath_t tw = 0, tb = 0;
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t base = (n * C + c) * S;
+      const scalar_t* gp = gy + base;
+      int64_t i = s0;
+      for (; i + K <= s1_; i += K) {
+        auto [ga, gb] = V::load(gp + i);
+        if constexpr (kDx) V::store(dx + base + i, ga * vscale, gb * vscale);
+        if constexpr (kDw) {
+          auto [xa, xb] = V::load(x + base + i);
+          aw = at::vec::fmadd(ga, (xa - vm) * vr, aw);
+          bw = at::vec::fmadd(gb, (xb - vm) * vr, bw);
+        }
+        if constexpr (kDb) {
+          ab = ab + ga;
+          bb = bb + gb;
+        }
+      }
+      for (; i < s1_; ++i) {
+        const opmath_t gv = static_cast<opmath_t>(gp[i]);
+        if constexpr (kDx) dx[base + i] = static_cast<scalar_t>(gv * scale);
+        if constexpr (kDw) tw += gv * ((static_cast<opmath_t>(x[base + i]) - m[c]) * r[c]);
+        if constexpr (kDb) tb += gv;
+      }
+    }
+    if constexpr (kDw) *pw = V::hsum(aw, bw) + tw;
+    if constexpr (kDb) *pb = V::hsum(ab, bb) + tb;
+  };
+
+  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
+    for (int64_t row = r0; row < r1; ++row) {
+      const int64_t base = row * C;
+      const scalar_t* gp = gy + base;
+      int64_t c = c0;
+      for (; c + K <= c1; c += K) {
+        auto [ga, gb] = V::load(gp + c);
+        if constexpr (kDx) {
+          V::store(dx + base + c, ga * (fVec::loadu(w + c) * fVec::loadu(r + c)),
+                   gb * (fVec::loadu(w + c + W) * fVec::loadu(r + c + W)));
+        }
+        if constexpr (kDw) {
+          auto [xa, xb] = V::load(x + base + c);
+          const fVec ha = (xa - fVec::loadu(m + c)) * fVec::loadu(r + c);
+          const fVec hb = (xb - fVec::loadu(m + c + W)) * fVec::loadu(r + c + W);
+          at::vec::fmadd(ga, ha, fVec::loadu(pw + c)).store(pw + c);
+          at::vec::fmadd(gb, hb, fVec::loadu(pw + c + W)).store(pw + c + W);
+        }
+        if constexpr (kDb) {
+          (fVec::loadu(pb + c) + ga).store(pb + c);
+          (fVec::loadu(pb + c + W) + gb).store(pb + c + W);
+        }
+      }
+      for (; c < c1; ++c) {
+        const opmath_t gv = static_cast<opmath_t>(gp[c]);
+        if constexpr (kDx) dx[base + c] = static_cast<scalar_t>(gv * (w[c] * r[c]));
+        if constexpr (kDw) pw[c] += gv * ((static_cast<opmath_t>(x[base + c]) - m[c]) * r[c]);
+        if constexpr (kDb) pb[c] += gv;
+      }
+    }
+  };
+
+  opmath_t* o1 = kDw ? dw.data_ptr<opmath_t>() : nullptr;
+  opmath_t* o2 = kDb ? db.data_ptr<opmath_t>() : nullptr;
+  if constexpr (kReduce) {
+    // Reduce both slots; the one not asked for is summed into a scratch buffer.
+    Tensor scratch = at::empty({g.C}, dw.defined() && dw.numel() ? dw.options() : db.options());
+    if (!o1) o1 = scratch.data_ptr<opmath_t>();
+    if (!o2) o2 = scratch.data_ptr<opmath_t>();
+    run_tiled<opmath_t>(g, K, true, o1, o2, first, last);
+  } else {
+    run_tiled<opmath_t>(g, K, false, o1, o2, first, last);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
+                                                const c10::optional<Tensor>& x_opt,
+                                                const Tensor& mean, const Tensor& rstd,
+                                                const c10::optional<Tensor>& weight,
+                                                std::array<bool, 3> output_mask) {
+  check_x(grad_y, "grad_y");
+  const int64_t C = grad_y.size(1);
+  const bool has_x = x_opt.has_value() && x_opt->defined();
+  if (has_x) {
+    check_x(*x_opt, "x");
+    TORCH_CHECK(x_opt->sizes() == grad_y.sizes(), "batchless_norm_backward: grad_y has shape ",
+                grad_y.sizes(), " but x has shape ", x_opt->sizes());
+    TORCH_CHECK(x_opt->scalar_type() == grad_y.scalar_type(), "batchless_norm_backward: grad_y has dtype ",
+                grad_y.scalar_type(), " but x has dtype ", x_opt->scalar_type());
+  }
+  TORCH_CHECK(!output_mask[1] || has_x, "batchless_norm_backward: dweight needs x");
+  check_channel_tensor(mean, "mean", C);
+  check_channel_tensor(rstd, "rstd", C);
+  if (weight.has_value() && weight->defined()) check_channel_tensor(*weight, "weight", C);
+
+  const auto acc = accumulation_type(grad_y.scalar_type());
+  const auto acc_opts = grad_y.options().dtype(acc);
+  const Tensor& reference = has_x ? *x_opt : grad_y;
+  const bool dense = reference.is_contiguous() || channels_innermost(reference);
+  Tensor dx = !output_mask[0]
+                  ? at::empty({0}, grad_y.options())
+                  : (dense ? at::empty_like(reference) : at::empty(reference.sizes(), grad_y.options()));
+  Tensor dw = output_mask[1] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
+  Tensor db = output_mask[2] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
+  if (grad_y.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
+    return {dx, dw, db};
+  }
+
+  const Layout layout = choose_layout(reference);
+  const Tensor g_in = to_layout(grad_y, layout);
+  const Tensor x_in = output_mask[1] ? to_layout(*x_opt, layout) : Tensor();
+  const Geometry g{layout, grad_y.size(0), C, spatial_size(grad_y)};
+  const Tensor m = channel_param(mean, C, acc, 0.0);
+  const Tensor r = channel_param(rstd, C, acc, 1.0);
+  const Tensor w = channel_param(weight, C, acc, 1.0);
+  Tensor dx_out = (!output_mask[0] || dx.strides() == g_in.strides()) ? dx : at::empty_like(g_in);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "batchless_backward", [&] {
+    const scalar_t* xp = output_mask[1] ? x_in.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = output_mask[0] ? dx_out.data_ptr<scalar_t>() : nullptr;
+    dispatch_bool(output_mask[0], [&](auto kdx) {
+      dispatch_bool(output_mask[1], [&](auto kdw) {
+        dispatch_bool(output_mask[2], [&](auto kdb) {
+          backward_kernel<scalar_t, decltype(kdx)::value, decltype(kdw)::value, decltype(kdb)::value>(
+              g, g_in.const_data_ptr<scalar_t>(), xp, dxp, m, r, w, dw, db);
+        });
+      });
+    });
+  });
+  if (output_mask[0] && !dx_out.is_same(dx)) dx.copy_(dx_out);
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchless_kernels, CPU, m) {
+  m.impl("batchless_norm_forward", &forward_cpu);
+  m.impl("batchless_norm_backward", &backward_cpu);
+}
+
+}  // namespace batchless_kernels

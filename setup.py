@@ -1,0 +1,85 @@
+"""Builds batchless_kernels._C from csrc/: always the C++ CPU kernels, plus the CUDA kernels
+(csrc/cuda/*.cu) when a CUDA toolkit and a CUDA build of torch are present.
+
+Environment switches:
+  BATCHLESS_BUILD_CUDA=1|0   force the CUDA sources on or off (default: auto-detect)
+  BATCHLESS_CPU_ISA=avx2|default   vector ISA of the CPU kernels (default: avx2 when this CPU has it)
+
+Install with `pip install --no-build-isolation -e .` so the extension compiles against the torch
+already installed (build isolation would fetch and compile against another torch).
+"""
+
+import glob
+import os
+import platform
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _env_flag(name):
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name} must be 1/0/on/off/auto, got {os.environ[name]!r}")
+
+
+def _cpu_has(*features):
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return all(feature in flags for feature in features)
+
+
+def _cpu_isa_flags():
+    """at::vec picks its vector width from CPU_CAPABILITY macros; set them for this machine."""
+    isa = os.environ.get("BATCHLESS_CPU_ISA", "auto").strip().lower()
+    if isa not in ("auto", "avx2", "default"):
+        raise ValueError(f"BATCHLESS_CPU_ISA must be auto, avx2 or default, got {isa!r}")
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if isa == "avx2" or (isa == "auto" and x86 and _cpu_has("avx2", "fma", "f16c")):
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _extension():
+    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    build_cuda = _env_flag("BATCHLESS_BUILD_CUDA")
+    cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
+    if build_cuda is None:
+        build_cuda = cuda_possible and bool(cuda_sources)
+    if build_cuda and not cuda_possible:
+        raise RuntimeError(
+            "BATCHLESS_BUILD_CUDA=1 but CUDA cannot be built here: "
+            f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
+        )
+    cxx = ["-O3", "-std=c++17", "-fopenmp", *_cpu_isa_flags()]
+    kwargs = dict(
+        name="batchless_kernels._C",
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=["-fopenmp"],
+        include_dirs=[os.path.join(ROOT, "csrc")],
+    )
+    if build_cuda:
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["define_macros"] = [("BATCHLESS_WITH_CUDA", "1")]
+        return CUDAExtension(sources=cpp_sources + cuda_sources, **kwargs)
+    return CppExtension(sources=cpp_sources, **kwargs)
+
+
+setup(
+    packages=find_packages(include=["batchless_kernels", "batchless_kernels.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
