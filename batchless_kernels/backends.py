@@ -1,0 +1,90 @@
+"""Which backend runs a call: names, availability, and how ``auto`` chooses.
+
+``auto`` takes the first available backend in the order of AUTO_ORDER for the tensor's device
+(fastest first); the environment variable BATCHLESS_BACKEND overrides ``auto``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+ENV_VAR = "BATCHLESS_BACKEND"
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+def unavailable_reason(backend: str, device_type: str) -> str | None:
+    """None when `backend` can run tensors of `device_type`, else why not."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs CPU tensors only, got a {device_type} tensor"
+        if not ops.extension_loaded():
+            return ops.EXTENSION_ERROR
+        return None
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs CUDA tensors only, got a {device_type} tensor"
+        if not ops.extension_loaded():
+            return ops.EXTENSION_ERROR
+        if not ops.has_kernel(ops.FORWARD_OP, "CUDA"):
+            return "batchless_kernels._C was built without CUDA kernels"
+        return None
+    if backend == "triton":
+        return "the triton backend is not part of this build yet"
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _device_types(device) -> list[str]:
+    if device is not None:
+        return [torch.device(device).type]
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def available_backends(device=None) -> list[str]:
+    """Backends that can run here: for `device` (str, torch.device) or, when None, for any device
+    of this machine. Ordered as ``auto`` prefers them."""
+    names: list[str] = []
+    for device_type in _device_types(device):
+        for name in AUTO_ORDER.get(device_type, ("reference",)):
+            if name not in names and unavailable_reason(name, device_type) is None:
+                names.append(name)
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend for a call on `device`; raises RuntimeError saying why when the
+    requested one cannot run there."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    source = "backend"
+    if backend == "auto" and os.environ.get(ENV_VAR, "auto") != "auto":
+        backend, source = os.environ[ENV_VAR], f"the environment variable {ENV_VAR}"
+        if backend not in BACKENDS:
+            raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        for name in AUTO_ORDER.get(device.type, ("reference",)):
+            if unavailable_reason(name, device.type) is None:
+                return name
+        return "reference"
+    reason = unavailable_reason(backend, device.type)
+    if reason is not None:
+        raise RuntimeError(f"{source} asks for {backend!r}, which cannot run here: {reason}")
+    return backend
+
+
+def kernel_ops(backend: str):
+    """(forward_op, backward_op) of a compiled backend."""
+    if backend in ("cpu", "cuda"):
+        return (
+            torch.ops.batchless_kernels.batchless_norm_forward.default,
+            torch.ops.batchless_kernels.batchless_norm_backward.default,
+        )
+    raise ValueError(f"backend {backend!r} has no compiled ops")

@@ -1,0 +1,91 @@
+"""batchless_norm: the public functional entry point. Validates, picks a backend, runs the fused
+op, and turns its per-channel sums into the NLL term."""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._checks import accumulation_dtype, check_inputs
+from .backends import kernel_ops, resolve_backend
+from .parametrization import check_eps, check_parametrization, rstd_and_log_std
+
+
+def batchless_norm(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    std_param: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    *,
+    parametrization: str = "log",
+    eps: float = 1e-5,
+    gauge: bool = True,
+    backend: str = "auto",
+    need_nll: bool | None = None,
+):
+    """Batchless normalization of x over its channel dim 1; returns ``(y, nll)``.
+
+    Args:
+        x: (N, C, *) float16/bfloat16/float32/float64; contiguous, channels_last or any layout with
+            channels innermost runs without copies.
+        mean, std_param: (C,) the learned Gaussian: mu and the raw sigma parameter.
+        weight, bias: optional (C,) affine output (gamma, beta).
+        parametrization: how std_param gives sigma: "abs" (BLN), "log" (BLNlog), "inv" (BLNinv).
+        eps: positive; keeps logs and divisions finite (see parametrization.py).
+        gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
+            requires grad. When False, the sums are skipped and nll is None.
+
+    Returns:
+        y: same shape, dtype and memory format as x; differentiable in x, weight, bias.
+        nll: 0-dim tensor in the accumulation dtype (float32, float64 for float64 x), the mean
+            over every element of x of the Gaussian NLL; differentiable in mean and std_param only.
+            An empty x (N = 0 or C = 0) gives nll = 0 with zero gradients.
+    """
+    check_inputs(x, mean, std_param, weight, bias)
+    check_parametrization(parametrization)
+    eps = check_eps(eps)
+    if not isinstance(gauge, bool):
+        raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
+    if need_nll is None:
+        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.batchless_norm(
+            x, mean, std_param, weight, bias,
+            parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
+        )
+
+    forward_op, _ = kernel_ops(name)
+    acc = accumulation_dtype(x.dtype)
+    rstd, _ = rstd_and_log_std(std_param.detach().to(acc), parametrization, eps)
+    y, s1, s2 = forward_op(x, mean.detach().to(acc), rstd, weight, bias, need_nll)
+    if not need_nll:
+        return y, None
+    return y, nll_from_sums(s1, s2, x, mean, std_param, parametrization, eps, gauge)
+
+
+def nll_from_sums(s1, s2, x, mean, std_param, parametrization, eps, gauge):
+    """The NLL term from the forward's per-channel sums S1 = sum xhat0, S2 = sum xhat0^2, taken at
+    (mu0, r0) = the detached values of (mean, r). With d = mu0 - mu, the NLL's sum of squares is
+        sum_i ((x_i - mu) r)^2 = (r/r0)^2 S2 + 2 r^2 d / r0 S1 + n (r d)^2,
+    which equals S2 in value and, differentiated by autograd in (mean, std_param), gives exactly
+    PAPER.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma)."""
+    acc = s1.dtype
+    mu = mean.to(acc)
+    p = std_param.to(acc)
+    if x.numel() == 0:
+        return reference.empty_batch_nll(mu, p)
+    n = x.numel() // x.shape[1]  # elements per channel
+    r, log_sigma = rstd_and_log_std(p, parametrization, eps)
+    r0 = r.detach()
+    inv_r0 = torch.where(r0 != 0, r0.reciprocal(), torch.zeros_like(r0))  # r0 = 0 makes S1 = S2 = 0
+    d = mu.detach() - mu
+    ratio = r * inv_r0
+    sum_sq = ratio * ratio * s2 + 2 * (r * ratio) * d * s1 + n * (r * d).square()
+    nll = (log_sigma + 0.5 * sum_sq / n).mean()
+    if gauge:
+        nll = nll - log_sigma.detach().mean() - 0.5
+    return nll

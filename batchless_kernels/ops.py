@@ -1,0 +1,97 @@
+"""Python side of the compiled ops (schemas in csrc/ops.cpp): fake kernels and autograd.
+
+The ops are loaded from ``batchless_kernels._C`` when it was built; without it the package still
+works through the reference backend (see backends.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import accumulation_dtype
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as error:  # not built, or built against another torch
+    EXTENSION_ERROR = f"batchless_kernels._C could not be loaded ({error})"
+
+FORWARD_OP = "batchless_kernels::batchless_norm_forward"
+BACKWARD_OP = "batchless_kernels::batchless_norm_backward"
+
+
+def extension_loaded() -> bool:
+    return EXTENSION_ERROR is None
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether the loaded library registered a kernel of op_name for dispatch_key (CPU, CUDA)."""
+    return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(op_name, dispatch_key)
+
+
+def output_like(x: torch.Tensor) -> torch.Tensor:
+    """The output allocation every backend uses: x's strides when x is contiguous or
+    channels-innermost (dense layouts the kernels read without copies), else contiguous."""
+    if x.is_contiguous() or x.movedim(1, -1).is_contiguous():
+        return torch.empty_like(x)
+    return x.new_empty(x.shape)
+
+
+def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
+    acc = accumulation_dtype(x.dtype)
+    n = x.shape[1] if compute_stats else 0
+    return output_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
+
+
+def _backward_fake(grad_y, x, mean, rstd, weight, output_mask):
+    acc = accumulation_dtype(grad_y.dtype)
+    channels = grad_y.shape[1]
+    dx = output_like(x if x is not None else grad_y) if output_mask[0] else grad_y.new_empty((0,))
+    dw = grad_y.new_empty((channels if output_mask[1] else 0,), dtype=acc)
+    db = grad_y.new_empty((channels if output_mask[2] else 0,), dtype=acc)
+    return dx, dw, db
+
+
+def _setup_context(ctx, inputs, output):
+    x, mean, rstd, weight, bias, _ = inputs
+    _, s1, s2 = output
+    ctx.mark_non_differentiable(s1, s2)  # sg(x) in the NLL: the sums carry no gradient to x
+    # x is needed only for dweight (dx = grad_y * weight * rstd does not read it).
+    keep_x = weight is not None and ctx.needs_input_grad[3]
+    ctx.save_for_backward(x if keep_x else None, mean, rstd, weight)
+    ctx.weight_dtype = None if weight is None else weight.dtype
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def make_backward(backward_op):
+    """Autograd backward of a forward op with the batchless_norm_forward signature, computed by
+    backward_op (batchless_norm_backward's signature). Shared by every compiled backend."""
+
+    def backward(ctx, grad_y, _grad_s1, _grad_s2):
+        x, mean, rstd, weight = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        mask = [needs[0], needs[3] and weight is not None, needs[4] and ctx.bias_dtype is not None]
+        if grad_y is None or not any(mask):
+            return None, None, None, None, None, None
+        dx, dw, db = backward_op(grad_y, x, mean, rstd, weight, mask)
+        return (
+            dx if mask[0] else None,
+            None,
+            None,
+            dw.to(ctx.weight_dtype) if mask[1] else None,
+            db.to(ctx.bias_dtype) if mask[2] else None,
+            None,
+        )
+
+    return backward
+
+
+if extension_loaded():
+    torch.library.register_fake(FORWARD_OP)(_forward_fake)
+    torch.library.register_fake(BACKWARD_OP)(_backward_fake)
+    torch.library.register_autograd(
+        FORWARD_OP,
+        make_backward(torch.ops.batchless_kernels.batchless_norm_backward.default),
+        setup_context=_setup_context,
+    )
