@@ -77,6 +77,12 @@ class _BatchlessNorm(nn.Module):
                 nn.init.zeros_(self.bias)
         self.nll = None
 
+    def __getstate__(self):
+        # The latest NLL belongs to the current step's autograd graph, not to the layer's state:
+        # leave it out so that copy.deepcopy and pickling work after a forward.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "nll": None}
+
     @property
     def std(self) -> torch.Tensor:
         """sigma per channel, from std_param (read-only, no gradient)."""

@@ -38,13 +38,23 @@ def output_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(x.shape)
 
 
+def _check_same_device(op: str, **tensors) -> None:
+    """Mixed devices must fail here too: a meta-device argument routes a call to these fakes."""
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise RuntimeError(f"{op}: all tensors must be on one device, got {listed}")
+
+
 def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
+    _check_same_device(FORWARD_OP, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
     n = x.shape[1] if compute_stats else 0
     return output_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
 
 
 def _backward_fake(grad_y, x, mean, rstd, weight, output_mask):
+    _check_same_device(BACKWARD_OP, grad_y=grad_y, x=x, mean=mean, rstd=rstd, weight=weight)
     acc = accumulation_dtype(grad_y.dtype)
     channels = grad_y.shape[1]
     dx = output_like(x if x is not None else grad_y) if output_mask[0] else grad_y.new_empty((0,))
@@ -74,7 +84,10 @@ def make_backward(backward_op):
         mask = [needs[0], needs[3] and weight is not None, needs[4] and ctx.bias_dtype is not None]
         if grad_y is None or not any(mask):
             return None, None, None, None, None, None
-        dx, dw, db = backward_op(grad_y, x, mean, rstd, weight, mask)
+        if torch.is_grad_enabled():  # create_graph=True: differentiable (unfused) torch ops
+            dx, dw, db = _differentiable_backward(grad_y, x, mean, rstd, weight, mask)
+        else:
+            dx, dw, db = backward_op(grad_y, x, mean, rstd, weight, mask)
         return (
             dx if mask[0] else None,
             None,
@@ -85,6 +98,21 @@ def make_backward(backward_op):
         )
 
     return backward
+
+
+def _differentiable_backward(grad_y, x, mean, rstd, weight, mask):
+    """The backward op's formulas in plain torch ops, so that higher-order gradients (a gradient
+    penalty, create_graph=True) flow through them. Not fused: used only when asked for."""
+    acc = accumulation_dtype(grad_y.dtype)
+    view = (1, grad_y.shape[1]) + (1,) * (grad_y.dim() - 2)
+    dims = [0] + list(range(2, grad_y.dim()))
+    g = grad_y.to(acc)
+    r = rstd.to(acc).view(view)
+    scale = r if weight is None else r * weight.to(acc).view(view)
+    dx = (g * scale).to(grad_y.dtype) if mask[0] else None
+    dw = (g * ((x.to(acc) - mean.to(acc).view(view)) * r)).sum(dims) if mask[1] else None
+    db = g.sum(dims) if mask[2] else None
+    return dx, dw, db
 
 
 if extension_loaded():

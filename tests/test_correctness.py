@@ -1,0 +1,509 @@
+"""Every backend against the executable spec (bk.reference) run in float64 on the same inputs.
+
+Checked for each case: y, nll and the gradients of x, mean, std_param, weight, bias; y's dtype,
+shape and (for dense layouts) strides; nll's dtype; each gradient's dtype.
+
+Tolerances:
+  float32 / float64: assert_close vs float64 with (atol, rtol); atol is relative to the output's
+    scale max(1, max|ref|), as the per-channel sums grow with the number of elements.
+  bfloat16 / float16: inputs and outputs are rounded to a few significant bits, so a fixed
+    tolerance would be either meaningless or flaky. The budget is relative to the executable spec
+    run in the same low dtype (bk.reference computes in fp32 and rounds once, the best one can
+    do): the backend's max error vs the float64 reference must be <= 2x the reference-in-the-same-
+    dtype's max error (room for one extra rounding, e.g. an fma) + a floor of 1e-5 x scale for
+    fp32 summation-order noise, which is far below a bf16/fp16 ulp (2^-8 / 2^-11).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import batchless_kernels as bk
+from conftest import (
+    DTYPE_TOLS,
+    GRAD_NAMES,
+    LOW_PRECISION,
+    TESTED_BACKENDS,
+    TOLS,
+    accumulation_dtype,
+    assert_close_scaled,
+    assert_within_budget,
+    backend_params,
+    is_dense_layout,
+    layout_applies,
+    make_case,
+    make_params,
+    make_x,
+    run_batchless,
+    run_reference64,
+    same_strides,
+)
+
+BACKENDS = backend_params(TESTED_BACKENDS)
+PARAMETRIZATIONS = ("abs", "log", "inv")
+OUTPUT_NAMES = ("y", "nll") + GRAD_NAMES
+
+
+def check_against_reference(case, x, mean, std_param, weight, bias, *, atol, rtol, dense=True,
+                            grad_y=None, **kwargs):
+    """Runs `case`'s backend and the float64 spec on the same inputs and compares everything."""
+    dtype = x.dtype
+    if grad_y is None:
+        values = torch.randn(x.shape).to(dtype=dtype, device=x.device)
+        # grad_y laid out like y (what autograd usually hands over); contiguous for strided x
+        grad_y = torch.empty_like(x).copy_(values) if dense else values
+    out = run_batchless(x, mean, std_param, weight, bias, backend=case.name, grad_y=grad_y, **kwargs)
+    ref = run_reference64(x, mean, std_param, weight, bias, grad_y=grad_y, **kwargs)
+
+    # Metadata: y like x, nll in the accumulation dtype, gradients like their inputs.
+    y = out["y"]
+    assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device
+    if dense:
+        assert same_strides(y, x), f"y strides {y.stride()} != x strides {x.stride()}"
+    assert out["nll"] is not None and out["nll"].dim() == 0
+    assert out["nll"].dtype == accumulation_dtype(x.dtype)
+    assert out["x"].dtype == x.dtype and out["x"].shape == x.shape
+    for name, t in zip(GRAD_NAMES[1:], (mean, std_param, weight, bias)):
+        if t is None:
+            assert out[name] is None, name
+        else:
+            assert out[name] is not None, f"no gradient for {name}"
+            assert out[name].dtype == t.dtype, f"{name}.grad dtype {out[name].dtype} != {t.dtype}"
+            assert out[name].shape == t.shape
+
+    low = None
+    low_outputs = [n for n in OUTPUT_NAMES if out[n] is not None and out[n].dtype in LOW_PRECISION]
+    if dtype in LOW_PRECISION or low_outputs:
+        # the spec run in the same (low) dtypes sets the budget; e.g. bf16 params give bf16 grads
+        low = run_batchless(x, mean, std_param, weight, bias, fn=bk.reference.batchless_norm, grad_y=grad_y,
+                            **{k: v for k, v in kwargs.items() if k != "need_nll"})
+        low_atol = TOLS[torch.bfloat16][0]
+    for name in OUTPUT_NAMES:
+        if ref[name] is None:
+            continue
+        if dtype in LOW_PRECISION or name in low_outputs:
+            assert_within_budget(out[name], low[name], ref[name], low_atol, what=name)
+        elif out[name].dtype == torch.float32 and dtype == torch.float64:
+            # e.g. the float32 gradient of a float32 parameter of float64 x: float32 rounding
+            assert_close_scaled(out[name], ref[name], *TOLS[torch.float32], what=name)
+        else:
+            assert_close_scaled(out[name], ref[name], atol, rtol, what=name)
+    return out, ref
+
+
+# ------------------------------------------------------------------------------------------------
+# The core matrix: parametrization x gauge x affine x dtype, on a channels-first and a 2-D shape
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("gauge", [True, False], ids=["gauge", "nogauge"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("shape", [(3, 5, 17), (7, 13)], ids=str)
+def test_matrix(case, dtype, atol, rtol, parametrization, gauge, affine, shape):
+    x, mean, std_param, weight, bias = make_case(shape, "contiguous", dtype, case.device, parametrization, affine)
+    check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                            parametrization=parametrization, gauge=gauge)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes x layouts: ranks 2 to 5, odd/prime sizes, N = 1, C = 1, split-S tiling (S >= 16384),
+# channel blocking (C > 2048 channels-innermost). Parametrization / gauge / affine are cycled.
+# ------------------------------------------------------------------------------------------------
+
+SMALL_SHAPES = [(1, 1), (7, 13), (3, 5, 17), (2, 3, 5, 7), (1, 1, 3, 3), (2, 3, 2, 3, 5), (4, 17, 31),
+                (5, 1, 19), (1, 7, 2, 3)]
+BIG_SHAPES = [
+    (2, 3, 131, 129),  # S = 16899 >= 16384: channels-first tiles split along S
+    (3, 2053),  # 2-D is channels-innermost: C > 2048 gives several channel blocks
+    (300, 2100),
+    (2, 2053, 3, 3),  # channels_last / channels_innermost with C > 2048
+    (700, 2, 33),  # channels-first with several blocks of n per channel
+    (5, 2, 4099),  # S = 4099: blocks of 3 instances, vector body plus a 3-element tail
+]
+GAUGE_AFFINE = list(itertools.product((True, False), (True, False)))
+
+
+def _shape_layout_cases():
+    """Every shape x applicable layout x dtype x parametrization; gauge and affine are cycled."""
+    cases = []
+    for shape in SMALL_SHAPES + BIG_SHAPES:
+        for layout in ("contiguous", "channels_last", "channels_innermost", "strided"):
+            if not layout_applies(layout, len(shape)):
+                continue
+            if shape == (2, 2053, 3, 3) and layout == "contiguous":
+                continue  # channels-first: nothing the other big shapes do not cover
+            for dtype_param in DTYPE_TOLS:
+                dtype, atol, rtol = dtype_param.values
+                for parametrization in PARAMETRIZATIONS:
+                    gauge, affine = GAUGE_AFFINE[len(cases) % len(GAUGE_AFFINE)]
+                    cases.append(pytest.param(
+                        shape, layout, dtype, atol, rtol, parametrization, gauge, affine,
+                        id=f"{shape}-{layout}-{dtype_param.id}-{parametrization}-{'gauge' if gauge else 'nogauge'}"
+                           f"-{'affine' if affine else 'noaffine'}".replace(" ", ""),
+                    ))
+    return cases
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout, dtype, atol, rtol, parametrization, gauge, affine", _shape_layout_cases())
+def test_shapes_layouts(case, shape, layout, dtype, atol, rtol, parametrization, gauge, affine):
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization, affine)
+    check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                            dense=is_dense_layout(layout), parametrization=parametrization, gauge=gauge)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("x_layout, g_layout", [
+    ("contiguous", "channels_last"),
+    ("channels_last", "contiguous"),
+    ("channels_innermost", "contiguous"),
+    ("contiguous", "expanded"),
+    ("channels_last", "expanded"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_grad_y_layout_differs_from_x(case, x_layout, g_layout, dtype, affine):
+    """Autograd may hand backward a grad_y laid out unlike x (y.sum() gives an expanded one).
+    Without affine, backward does not even keep x: only grad_y's layout is known there."""
+    shape = (3, 6, 5, 7)
+    x, mean, std_param, weight, bias = make_case(shape, x_layout, dtype, case.device, "log", affine)
+    if g_layout == "expanded":
+        grad_y = torch.tensor(0.625, dtype=dtype, device=case.device).expand(shape)
+    else:
+        grad_y = make_x(shape, g_layout, dtype, case.device)
+    atol, rtol = TOLS[dtype]
+    check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol, grad_y=grad_y)
+
+
+# ------------------------------------------------------------------------------------------------
+# Mixed dtypes, partial affine, partial requires_grad, edge values
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("x_dtype, param_dtype", [
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16),
+    (torch.float64, torch.float32),
+], ids=str)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("shape, layout", [((4, 6, 3, 5), "channels_last"), ((9, 11), "contiguous")], ids=str)
+def test_mixed_dtypes(case, x_dtype, param_dtype, parametrization, shape, layout):
+    x, mean, std_param, weight, bias = make_case(shape, layout, x_dtype, case.device, parametrization,
+                                                 param_dtype=param_dtype)
+    # the kernels compute in the accumulation dtype of x (fp32, fp64 for fp64 x) whatever the
+    # parameters' dtype: x's dtype sets the tolerance
+    atol, rtol = TOLS[x_dtype]
+    out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                                     parametrization=parametrization)
+    assert out["nll"].dtype == accumulation_dtype(x_dtype)
+    for name in ("mean", "std_param", "weight", "bias"):
+        assert out[name].dtype == param_dtype
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("has_weight, has_bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("shape, layout", [((2, 5, 3, 7), "contiguous"), ((2, 5, 3, 7), "channels_last"),
+                                           ((6, 9), "contiguous")], ids=str)
+def test_weight_or_bias_only(case, has_weight, has_bias, shape, layout):
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, case.device, "abs")
+    atol, rtol = TOLS[torch.float32]
+    check_against_reference(case, x, mean, std_param, weight if has_weight else None, bias if has_bias else None,
+                            atol=atol, rtol=rtol, parametrization="abs")
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x,bias", "weight,bias", "x,weight", "mean",
+                                    "none"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_partial_requires_grad(case, wanted, layout):
+    """Backward with only some of x, weight, bias wanted (the op's output_mask variations)."""
+    x, mean, std_param, weight, bias = make_case((3, 4, 5, 6), layout, torch.float32, case.device, "log")
+    wanted = set(wanted.split(","))
+    leaves = {n: t.detach().requires_grad_(n in wanted) for n, t in
+              zip(GRAD_NAMES, (x, mean, std_param, weight, bias))}
+    y, nll = bk.batchless_norm(*leaves.values(), backend=case.name)
+    grad_y = torch.randn(x.shape, device=case.device)
+    ref = run_reference64(x, mean, std_param, weight, bias, grad_y=grad_y, nll_grad=1.0)
+    if "mean" in wanted:
+        assert nll is not None
+        nll.backward()
+    else:
+        assert nll is None  # no parameter of the NLL requires grad
+    assert y.requires_grad == bool(wanted & {"x", "weight", "bias"})
+    if y.requires_grad:
+        y.backward(grad_y)
+    for name, leaf in leaves.items():
+        if name in wanted:
+            assert_close_scaled(leaf.grad, ref[name], 1e-5, 1e-5, what=name)
+        else:
+            assert leaf.grad is None, name
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("parametrization", ["abs", "inv"])
+@pytest.mark.parametrize("shape, layout", [((4, 3, 5, 5), "contiguous"), ((4, 3, 5, 5), "channels_last"),
+                                           ((17, 3), "contiguous")], ids=str)
+def test_zero_std_param(case, dtype, parametrization, shape, layout):
+    """std_param = 0 on some channels: abs gives sigma = eps (r = 1e5), inv gives r = 0 (y = beta,
+    and the sums S1 = S2 = 0 that nll_from_sums divides by r0)."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization)
+    std_param = std_param.clone()
+    std_param[0] = 0.0
+    std_param[-1] = 0.0
+    eps = 1e-2 if parametrization == "abs" else 1e-5  # abs: keep r = 1/eps moderate for fp32
+    atol, rtol = TOLS[dtype]
+    out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                                     parametrization=parametrization, eps=eps)
+    if parametrization == "inv":
+        torch.testing.assert_close(out["y"][:, 0].cpu(), bias[0].expand_as(out["y"][:, 0]).cpu())
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout", [((4, 5, 6, 7), "contiguous"), ((64, 24), "contiguous")], ids=str)
+def test_large_offset_inputs(case, shape, layout):
+    """Activations far from 0 with mean near them: xhat must be computed centred."""
+    mu = torch.full((shape[1],), 1000.0) + torch.randn(shape[1])
+    sigma = torch.rand(shape[1]) + 0.5
+    x = make_x(shape, layout, torch.float32, case.device, mu=mu, sigma=sigma)
+    mean, std_param, weight, bias = make_params(shape[1], "log", device=case.device, mu=mu, sigma=sigma)
+    check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# need_nll, no_grad
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout", [((3, 5, 4, 6), "contiguous"), ((3, 5, 4, 6), "channels_last"),
+                                           ((11, 7), "contiguous"), ((3, 5, 9), "strided")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_need_nll(case, shape, layout, dtype):
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, "inv")
+    params = [t.detach().requires_grad_() for t in (mean, std_param, weight, bias)]
+    y_with, nll_with = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name)
+    assert nll_with is not None  # default: grad mode on and mean/std_param require grad
+    y_without, nll_without = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name,
+                                               need_nll=False)
+    assert nll_without is None
+    assert torch.equal(y_with, y_without)
+
+    with torch.no_grad():
+        y_ng, nll_ng = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name)
+        assert nll_ng is None
+        assert torch.equal(y_ng, y_with)
+        _, nll_forced = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name, need_nll=True)
+        assert nll_forced is not None
+        assert torch.equal(nll_forced, nll_with.detach())
+
+    # parameters that do not require grad: no NLL by default
+    _, nll_frozen = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="inv", backend=case.name)
+    assert nll_frozen is None
+
+
+# ------------------------------------------------------------------------------------------------
+# NLL gradients vs PAPER.md's closed forms, independently of the reference
+# ------------------------------------------------------------------------------------------------
+
+
+def closed_form(x, mean, std_param, parametrization, eps, gauge):
+    """(nll, dL/dmean, dL/dstd_param) from PAPER.md "Gradients", in float64:
+        xhat = (x - mu) r,  S1 = sum xhat,  S2 = sum xhat^2 per channel,  n elements per channel
+        dL/dmu    = -(r / (C n)) S1
+        dL/dsigma = (1 / (C sigma)) (1 - S2 / n),  dL/dp = dL/dsigma dsigma/dp  (abs, log)
+        inv: L = mean_c [-log(|p| + eps) + 1/2 p^2 mean (x - mu)^2], differentiated in p directly
+        L = mean_c [log sigma + S2 / (2n)]  (- mean_c log sigma - 1/2 with the gauge)."""
+    x = x.double()
+    mu = mean.double()
+    p = std_param.double()
+    C = x.shape[1]
+    n = x.numel() // C
+    xc = x.movedim(1, -1).reshape(-1, C) - mu  # (n, C)
+    if parametrization == "abs":
+        sigma = p.abs() + eps
+        log_sigma = sigma.log()
+        dsigma_dp = torch.sign(p)
+    elif parametrization == "log":
+        sigma = p.exp()
+        log_sigma = p
+        dsigma_dp = sigma
+    else:
+        sigma = 1.0 / p
+        log_sigma = -(p.abs() + eps).log()
+    r = 1.0 / sigma
+    S1 = (xc * r).sum(0)
+    S2 = (xc * r).square().sum(0)
+    nll = (log_sigma + S2 / (2 * n)).mean()
+    if gauge:
+        nll = nll - log_sigma.mean() - 0.5
+    dmu = -(r / (C * n)) * S1
+    if parametrization == "inv":
+        dp = (-torch.sign(p) / (p.abs() + eps) + p * xc.square().sum(0) / n) / C
+    else:
+        dsigma = (1.0 / (C * sigma)) * (1.0 - S2 / n)
+        dp = dsigma * dsigma_dp
+    return nll, dmu, dp
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("gauge", [True, False], ids=["gauge", "nogauge"])
+@pytest.mark.parametrize("dtype, atol, rtol", [p for p in DTYPE_TOLS if p.values[0] in (torch.float32, torch.float64)])
+@pytest.mark.parametrize("shape, layout", [((4, 6, 5, 7), "contiguous"), ((4, 6, 5, 7), "channels_last"),
+                                           ((10, 3), "contiguous")], ids=str)
+def test_nll_closed_form(case, parametrization, gauge, dtype, atol, rtol, shape, layout):
+    eps = 1e-3
+    x, mean, std_param, _, _ = make_case(shape, layout, dtype, case.device, parametrization, affine=False)
+    m = mean.detach().requires_grad_()
+    p = std_param.detach().requires_grad_()
+    _, nll = bk.batchless_norm(x, m, p, parametrization=parametrization, eps=eps, gauge=gauge, backend=case.name)
+    w = 1.7  # the loss weight lambda: every gradient scales with it
+    (w * nll).backward()
+    nll_cf, dmu_cf, dp_cf = closed_form(x.cpu(), mean.cpu(), std_param.cpu(), parametrization, eps, gauge)
+    assert_close_scaled(nll, nll_cf, atol, rtol, what="nll")
+    assert_close_scaled(m.grad, w * dmu_cf, atol, rtol, what="dmean")
+    assert_close_scaled(p.grad, w * dp_cf, atol, rtol, what="dstd_param")
+    if gauge:  # PAPER.md: with the gauge, L = mean_c 1/2 (mean_i xhat^2 - 1)
+        C = x.shape[1]
+        xhat = (x.double().movedim(1, -1).reshape(-1, C).cpu() - mean.double().cpu()) * \
+            bk.parametrization.rstd_and_log_std(std_param.double().cpu(), parametrization, eps)[0]
+        assert_close_scaled(nll, (0.5 * (xhat.square().mean(0) - 1)).mean(), atol, rtol, what="gauged nll")
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_gauge_changes_value_not_gradients(case, parametrization):
+    x, mean, std_param, weight, bias = make_case((5, 4, 9), "contiguous", torch.float64, case.device, parametrization)
+    grad_y = torch.randn(x.shape, dtype=torch.float64, device=case.device)
+    on = run_batchless(x, mean, std_param, weight, bias, backend=case.name, grad_y=grad_y,
+                       parametrization=parametrization, gauge=True)
+    off = run_batchless(x, mean, std_param, weight, bias, backend=case.name, grad_y=grad_y,
+                        parametrization=parametrization, gauge=False)
+    _, log_sigma = bk.parametrization.rstd_and_log_std(std_param.double(), parametrization, 1e-5)
+    torch.testing.assert_close(on["nll"], off["nll"] - log_sigma.mean() - 0.5, atol=1e-12, rtol=1e-12)
+    for name in GRAD_NAMES:
+        torch.testing.assert_close(on[name], off[name], atol=1e-13, rtol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stop-gradients
+# ------------------------------------------------------------------------------------------------
+
+
+def _no_grad(t):
+    return t.grad is None or torch.count_nonzero(t.grad).item() == 0
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 5), "contiguous"), ((2, 3, 4, 5), "channels_last"),
+                                           ((8, 5), "contiguous")], ids=str)
+def test_stop_gradients(case, parametrization, shape, layout):
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, case.device, parametrization)
+    leaves = [t.detach().requires_grad_() for t in (x, mean, std_param, weight, bias)]
+    xl, ml, pl, wl, bl = leaves
+
+    # task loss: gradients to x, weight, bias only; dx = weight * r (elementwise, no batch coupling)
+    y, nll = bk.batchless_norm(*leaves, parametrization=parametrization, backend=case.name)
+    y.sum().backward()
+    assert _no_grad(ml) and _no_grad(pl), "the output must not train mean/std_param"
+    r, _ = bk.parametrization.rstd_and_log_std(std_param.double(), parametrization, 1e-5)
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    expected_dx = (weight.double() * r).view(view).expand(shape)
+    assert_close_scaled(xl.grad, expected_dx, 1e-6, 1e-6, what="dx of y.sum()")
+    assert_close_scaled(bl.grad, torch.full(bias.shape, x.numel() / x.shape[1], dtype=torch.float64), 1e-6, 1e-6,
+                        what="dbias of y.sum()")
+    assert wl.grad is not None and torch.count_nonzero(wl.grad) > 0
+
+    # NLL: gradients to mean and std_param only
+    for t in leaves:
+        t.grad = None
+    y, nll = bk.batchless_norm(*leaves, parametrization=parametrization, backend=case.name)
+    nll.backward()
+    assert _no_grad(xl) and _no_grad(wl) and _no_grad(bl), "the NLL must not train x/weight/bias"
+    assert ml.grad is not None and torch.count_nonzero(ml.grad) > 0
+    assert pl.grad is not None and torch.count_nonzero(pl.grad) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Empty inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout", [
+    ((0, 5, 4, 4), "contiguous"),
+    ((0, 5, 4, 4), "channels_last"),
+    ((0, 5), "contiguous"),
+    ((0, 3, 7), "contiguous"),
+    ((0, 2, 3, 3, 3), "channels_last"),
+    ((3, 0), "contiguous"),
+    ((2, 0, 4, 4), "contiguous"),
+    ((2, 3, 0), "contiguous"),
+], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_empty_input(case, shape, layout, dtype, parametrization):
+    C = shape[1]
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        x = torch.empty(shape, dtype=dtype, device=case.device, memory_format=fmt)
+    else:
+        x = torch.empty(shape, dtype=dtype, device=case.device)
+    _, mean, std_param, weight, bias = make_case((2, C) if C else (2, 1), "contiguous", dtype, case.device,
+                                                 parametrization)
+    if C == 0:
+        mean, std_param, weight, bias = (t[:0] for t in (mean, std_param, weight, bias))
+    out = run_batchless(x, mean, std_param, weight, bias, backend=case.name, parametrization=parametrization)
+    assert out["y"].shape == x.shape and out["y"].dtype == dtype
+    assert out["nll"] is not None and out["nll"].dim() == 0
+    assert out["nll"].dtype == accumulation_dtype(dtype)
+    assert out["nll"].item() == 0.0  # not NaN (a mean over nothing)
+    assert out["x"].shape == x.shape
+    for name in ("mean", "std_param"):
+        assert out[name] is not None and out[name].shape == (C,), name
+        assert torch.count_nonzero(out[name]) == 0, name
+        assert out[name].dtype == dtype
+    for name in ("weight", "bias"):  # sums over no element: 0
+        assert out[name] is None or (out[name].shape == (C,) and torch.count_nonzero(out[name]) == 0), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend selection
+# ------------------------------------------------------------------------------------------------
+
+
+def test_auto_picks_a_fused_backend_when_available():
+    from conftest import KERNEL_BACKENDS
+
+    names = bk.available_backends("cpu")
+    assert names[-1] == "reference" and "reference" in bk.available_backends()
+    assert set(bk.available_backends()) <= set(bk.BACKENDS) - {"auto"}
+    cpu_kernels = [b.name for b in KERNEL_BACKENDS if b.device == "cpu"]
+    for name in names:
+        if name != "reference":
+            assert name in cpu_kernels, f"{name} is listed as available but cannot run"
+    x, mean, std_param, weight, bias = make_case((4, 3, 5), "contiguous", torch.float32, "cpu", "log")
+    y_auto, _ = bk.batchless_norm(x, mean, std_param, weight, bias)
+    y_first, _ = bk.batchless_norm(x, mean, std_param, weight, bias, backend=names[0])
+    assert torch.equal(y_auto, y_first)
+
+
+def test_eps_is_used():
+    """eps enters r for abs: a different eps gives a different y (and the same for the reference)."""
+    x, mean, std_param, _, _ = make_case((4, 3), "contiguous", torch.float64, "cpu", "abs")
+    std_param = std_param.abs() * 0 + 0.5
+    y1, _ = bk.batchless_norm(x, mean, std_param, parametrization="abs", eps=1e-5)
+    y2, _ = bk.batchless_norm(x, mean, std_param, parametrization="abs", eps=0.5)
+    torch.testing.assert_close(y2, (x - mean) / 1.0)
+    torch.testing.assert_close(y1, (x - mean) / (0.5 + 1e-5))

@@ -1,0 +1,331 @@
+"""Bad input raises a clear exception that names the culprit; never a crash, never a silent result."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchless_kernels as bk
+from conftest import ALL_BACKENDS, NOT_ON_CPU, backend_params
+
+PARAM_NAMES = ("mean", "std_param", "weight", "bias")
+HAS_OPS = bk.ops.extension_loaded()
+needs_ops = pytest.mark.skipif(not HAS_OPS, reason=f"batchless_kernels._C not loaded: {bk.ops.EXTENSION_ERROR}")
+CPU_BACKENDS = backend_params([b for b in ALL_BACKENDS if b.device == "cpu"])
+
+
+def _args(C=3, x_shape=None, **overrides):
+    args = {
+        "x": torch.randn(x_shape or (2, C, 4)),
+        "mean": torch.zeros(C),
+        "std_param": torch.zeros(C),
+        "weight": torch.ones(C),
+        "bias": torch.zeros(C),
+    }
+    args.update(overrides)
+    return args
+
+
+def _call(args, **kwargs):
+    return bk.batchless_norm(args["x"], args["mean"], args["std_param"], args["weight"], args["bias"], **kwargs)
+
+
+def _name_re(name):
+    return rf"(?<![\w]){name}(?![\w])"  # the argument's name as a whole word
+
+
+# ------------------------------------------------------------------------------------------------
+# Tensors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(3,), (), (5,)], ids=str)
+def test_x_rank(case, shape):
+    with pytest.raises(ValueError, match=r"x must have shape \(N, C, \*\)"):
+        _call(_args(x=torch.randn(shape)), backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", PARAM_NAMES)
+@pytest.mark.parametrize("bad_shape", [(4,), (2,), (3, 1), (1, 3), ()], ids=str)
+def test_channel_count_mismatch(case, name, bad_shape):
+    args = _args(C=3, **{name: torch.zeros(bad_shape)})
+    with pytest.raises(ValueError, match=_name_re(name) + r".*\(3,\)"):
+        _call(args, backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.complex64,
+                                   torch.complex128], ids=str)
+def test_x_dtype(case, dtype):
+    x = torch.ones(2, 3, 4, dtype=dtype)
+    with pytest.raises(TypeError, match=r"x must have a floating dtype.*" + str(dtype).replace(".", r"\.")):
+        _call(_args(x=x), backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", PARAM_NAMES)
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64], ids=str)
+def test_param_dtype(case, name, dtype):
+    args = _args(**{name: torch.zeros(3, dtype=dtype)})
+    with pytest.raises(TypeError, match=_name_re(name) + r" must have a floating dtype"):
+        _call(args, backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["mean", "std_param"])
+def test_required_params_not_none(case, name):
+    with pytest.raises(TypeError, match=_name_re(name)):
+        _call(_args(**{name: None}), backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", ["x"] + list(PARAM_NAMES))
+def test_not_a_tensor(case, name):
+    with pytest.raises(TypeError, match=_name_re(name)):
+        _call(_args(**{name: [0.0, 0.0, 0.0]}), backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", PARAM_NAMES)
+def test_device_mismatch(case, name):
+    """x on cpu, one parameter on the meta device (a second device every machine has)."""
+    args = _args(**{name: torch.zeros(3, device="meta")})
+    with pytest.raises(ValueError, match=_name_re(name) + r" is on meta but x is on cpu"):
+        _call(args, backend=case.name)
+
+
+def test_device_mismatch_x_on_meta():
+    args = _args(x=torch.randn(2, 3, 4, device="meta"))
+    with pytest.raises(ValueError, match=r"mean is on cpu but x is on meta"):
+        _call(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("parametrization", ["sqrt", "LOG", "", None, "exp"])
+def test_unknown_parametrization(case, parametrization):
+    with pytest.raises(ValueError, match=r"parametrization must be one of \('abs', 'log', 'inv'\)"):
+        _call(_args(), parametrization=parametrization, backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("eps", [0, 0.0, -1, -1e-5, float("nan"), float("inf"), float("-inf")], ids=repr)
+def test_non_positive_eps(case, eps):
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float"):
+        _call(_args(), eps=eps, backend=case.name)
+
+
+@pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)
+def test_eps_wrong_type(eps):
+    with pytest.raises(TypeError, match=r"eps must be a positive float"):
+        _call(_args(), eps=eps)
+
+
+@pytest.mark.parametrize("gauge", [1, None, "yes"], ids=repr)
+def test_gauge_wrong_type(gauge):
+    with pytest.raises(TypeError, match=r"gauge must be a bool"):
+        _call(_args(), gauge=gauge)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "CPU", "", "triton-cuda"])
+def test_unknown_backend(backend):
+    with pytest.raises(ValueError, match=r"backend must be one of .*'auto'.*'reference'.*" + repr(backend)):
+        _call(_args(), backend=backend)
+    with pytest.raises(ValueError, match=r"backend must be one of"):
+        bk.BatchlessNorm1d(3, backend=backend)
+
+
+def test_backend_wrong_type():
+    with pytest.raises(TypeError, match=r"backend must be a str"):
+        _call(_args(), backend=None)
+
+
+@pytest.mark.parametrize("backend", NOT_ON_CPU)
+def test_backend_not_available(backend):
+    """Asking for a backend that cannot run CPU tensors: a RuntimeError that names it and says why."""
+    assert backend not in bk.available_backends("cpu")
+    with pytest.raises(RuntimeError, match=rf"'{backend}'.*cannot run here: \S+"):
+        _call(_args(), backend=backend)
+    layer = bk.BatchlessNorm1d(3, backend=backend)  # the module fails at forward, with the same message
+    with pytest.raises(RuntimeError, match=rf"'{backend}'.*cannot run here"):
+        layer(torch.randn(2, 3))
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(RuntimeError, match=r"cuda.*cannot run here: .*CUDA"):
+        _call(_args(), backend="cuda")
+
+
+# ------------------------------------------------------------------------------------------------
+# BATCHLESS_BACKEND
+# ------------------------------------------------------------------------------------------------
+
+
+def _count_reference_calls(monkeypatch):
+    calls = []
+    original = bk.reference.batchless_norm
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(bk.reference, "batchless_norm", spy)
+    return calls
+
+
+def test_env_var_forces_reference(monkeypatch):
+    calls = _count_reference_calls(monkeypatch)
+    monkeypatch.setenv("BATCHLESS_BACKEND", "reference")
+    args = _args(std_param=torch.zeros(3, requires_grad=True))
+    y, nll = _call(args)  # backend="auto": overridden
+    assert len(calls) == 1 and nll is not None
+    bk.BatchlessNorm1d(3)(torch.randn(4, 3))  # modules too
+    assert len(calls) == 2
+    kernels = [n for n in bk.available_backends("cpu") if n != "reference"]
+    for name in kernels:  # an explicit backend is not overridden
+        y_k, _ = _call(args, backend=name)
+        assert len(calls) == 2
+        torch.testing.assert_close(y_k, y)
+    monkeypatch.setenv("BATCHLESS_BACKEND", "auto")
+    _call(args)
+    assert len(calls) == (2 if kernels else 3)  # "auto" means no override
+
+
+@pytest.mark.skipif("cpu" not in bk.available_backends("cpu"), reason="needs the compiled cpu backend")
+def test_env_var_selects_cpu(monkeypatch):
+    calls = _count_reference_calls(monkeypatch)
+    monkeypatch.setenv("BATCHLESS_BACKEND", "cpu")
+    _call(_args())
+    assert calls == []
+    monkeypatch.delenv("BATCHLESS_BACKEND")
+    _call(_args(), backend="reference")
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("value", ["gpu", "Reference", "", " cpu"], ids=repr)
+def test_env_var_invalid(monkeypatch, value):
+    monkeypatch.setenv("BATCHLESS_BACKEND", value)
+    with pytest.raises(ValueError, match=r"BATCHLESS_BACKEND must be one of"):
+        _call(_args())
+
+
+@pytest.mark.parametrize("backend", NOT_ON_CPU)
+def test_env_var_unavailable(monkeypatch, backend):
+    monkeypatch.setenv("BATCHLESS_BACKEND", backend)
+    with pytest.raises(RuntimeError, match=rf"BATCHLESS_BACKEND asks for '{backend}', which cannot run here"):
+        _call(_args())
+
+
+# ------------------------------------------------------------------------------------------------
+# Module constructors
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", [bk.BatchlessNorm1d, bk.BatchlessNorm2d, bk.BatchlessNorm3d], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    (dict(num_features=0), ValueError, r"num_features must be a positive int"),
+    (dict(num_features=-3), ValueError, r"num_features must be a positive int"),
+    (dict(num_features=2.0), ValueError, r"num_features"),
+    (dict(num_features=True), ValueError, r"num_features"),
+    (dict(num_features=3, init_std=0.0), ValueError, r"init_std must be a positive"),
+    (dict(num_features=3, init_std=-1.0), ValueError, r"init_std must be a positive"),
+    (dict(num_features=3, init_std=float("nan")), ValueError, r"init_std"),
+    (dict(num_features=3, init_std=float("inf")), ValueError, r"init_std"),
+    (dict(num_features=3, init_std=1e-6, parametrization="abs"), ValueError, r"eps"),
+    (dict(num_features=3, init_mean=float("nan")), ValueError, r"init_mean"),
+    (dict(num_features=3, parametrization="bln"), ValueError, r"parametrization must be one of"),
+    (dict(num_features=3, eps=0.0), ValueError, r"eps must be a positive"),
+    (dict(num_features=3, eps=-1e-5), ValueError, r"eps must be a positive"),
+    (dict(num_features=3, nll_weight=-1.0), ValueError, r"nll_weight"),
+    (dict(num_features=3, nll_weight=float("nan")), ValueError, r"nll_weight"),
+    (dict(num_features=3, backend="gpu"), ValueError, r"backend must be one of"),
+], ids=lambda v: repr(v) if isinstance(v, dict) else None)
+def test_module_constructor_errors(cls, kwargs, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        cls(**kwargs)
+
+
+def test_module_input_errors():
+    layer = bk.BatchlessNorm2d(3)
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        layer(torch.randn(2, 3, 4))
+    with pytest.raises(TypeError, match=r"input must be a torch.Tensor"):
+        layer([[1.0]])
+    with pytest.raises(ValueError, match=r"mean must have shape \(5,\)"):
+        layer(torch.randn(2, 5, 4, 4))  # channel mismatch with num_features
+    with pytest.raises(TypeError, match=r"x must have a floating dtype"):
+        layer(torch.ones(2, 3, 4, 4, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ ops: RuntimeError, not a crash
+# ------------------------------------------------------------------------------------------------
+
+
+def _fwd():
+    return torch.ops.batchless_kernels.batchless_norm_forward
+
+
+def _bwd():
+    return torch.ops.batchless_kernels.batchless_norm_backward
+
+
+@needs_ops
+@pytest.mark.parametrize("which, value, pattern", [
+    ("x", torch.randn(3), r"x must have shape \(N, C, \*\)"),
+    ("x", torch.ones(2, 3, dtype=torch.int32), r"x must be float16, bfloat16, float32 or float64"),
+    ("x", torch.ones(2, 3, dtype=torch.complex64), r"x must be float16, bfloat16, float32 or float64"),
+    ("mean", torch.zeros(4), r"mean must have shape \(3,\)"),
+    ("mean", torch.zeros(3, 1), r"mean must have shape \(3,\)"),
+    ("rstd", torch.ones(2), r"rstd must have shape \(3,\)"),
+    ("rstd", torch.ones(3, dtype=torch.int64), r"rstd must have a floating dtype"),
+    ("weight", torch.ones(5), r"weight must have shape \(3,\)"),
+    ("bias", torch.zeros(1), r"bias must have shape \(3,\)"),
+    ("bias", torch.zeros(3, dtype=torch.int64), r"bias must have a floating dtype"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 10 else None)
+def test_forward_op_errors(which, value, pattern):
+    args = {"x": torch.randn(2, 3), "mean": torch.zeros(3), "rstd": torch.ones(3), "weight": torch.ones(3),
+            "bias": torch.zeros(3)}
+    args[which] = value
+    with pytest.raises(RuntimeError, match=pattern):
+        _fwd()(args["x"], args["mean"], args["rstd"], args["weight"], args["bias"], True)
+
+
+@needs_ops
+@pytest.mark.parametrize("which, value, mask, pattern", [
+    ("grad_y", torch.randn(3), [True, True, True], r"grad_y must have shape \(N, C, \*\)"),
+    ("grad_y", torch.ones(2, 3, dtype=torch.int64), [True, False, False], r"grad_y must be float16"),
+    ("x", torch.randn(2, 3, 5), [True, True, True], r"grad_y has shape .* but x has shape"),
+    ("x", torch.randn(2, 3, 4, dtype=torch.float64), [True, True, True], r"grad_y has dtype .* but x has dtype"),
+    ("x", None, [False, True, False], r"dweight needs x"),
+    ("mean", torch.zeros(2), [True, True, True], r"mean must have shape \(3,\)"),
+    ("rstd", torch.ones(4), [True, False, False], r"rstd must have shape \(3,\)"),
+    ("weight", torch.ones(2), [True, False, False], r"weight must have shape \(3,\)"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 10 else None)
+def test_backward_op_errors(which, value, mask, pattern):
+    args = {"grad_y": torch.randn(2, 3, 4), "x": torch.randn(2, 3, 4), "mean": torch.zeros(3),
+            "rstd": torch.ones(3), "weight": torch.ones(3)}
+    args[which] = value
+    with pytest.raises(RuntimeError, match=pattern):
+        _bwd()(args["grad_y"], args["x"], args["mean"], args["rstd"], args["weight"], mask)
+
+
+@needs_ops
+@pytest.mark.parametrize("op", ["forward", "backward"])
+@pytest.mark.parametrize("name", ["mean", "rstd", "weight"])
+def test_ops_device_mismatch(op, name):
+    """x/grad_y on cpu, one per-channel tensor on meta: the raw op must refuse, not compute."""
+    args = {"mean": torch.zeros(3), "rstd": torch.ones(3), "weight": torch.ones(3)}
+    args[name] = args[name].to("meta")
+    x = torch.randn(200, 3)
+    with pytest.raises(RuntimeError, match=name):
+        if op == "forward":
+            _fwd()(x, args["mean"], args["rstd"], args["weight"], None, True)
+        else:
+            _bwd()(x, x, args["mean"], args["rstd"], args["weight"], [True, True, True])

@@ -1,0 +1,358 @@
+"""BatchlessNorm1d/2d/3d as drop-in replacements of nn.BatchNorm*d, nll_loss, torch.compile, and the
+property batchless normalization exists for: batch-size-1 gradient accumulation is exact."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchless_kernels as bk
+from conftest import TESTED_BACKENDS, backend_params, make_x
+
+MODULES = [(bk.BatchlessNorm1d, (2, 3)), (bk.BatchlessNorm2d, (4,)), (bk.BatchlessNorm3d, (5,))]
+PARAMETRIZATIONS = ("abs", "log", "inv")
+
+
+def _input(rank, channels, batch=3, dtype=torch.float32, device="cpu"):
+    shape = (batch, channels) + (4, 3, 5)[: rank - 2]
+    return make_x(shape, "contiguous", dtype, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Construction, parameters, repr
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls, ranks", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_module_like_batchnorm(cls, ranks):
+    m = cls(5)
+    assert m.num_features == 5 and m.eps == 1e-5 and m.affine is True
+    assert m.parametrization == "log" and m.nll_weight == 1.0 and m.gauge is True
+    names = dict(m.named_parameters())
+    assert set(names) == {"mean", "std_param", "weight", "bias"}
+    for p in names.values():
+        assert p.shape == (5,) and p.dtype == torch.float32 and p.requires_grad
+    torch.testing.assert_close(m.mean.detach(), torch.zeros(5))
+    torch.testing.assert_close(m.std_param.detach(), torch.zeros(5))  # log parametrization of std 1
+    torch.testing.assert_close(m.weight.detach(), torch.ones(5))
+    torch.testing.assert_close(m.bias.detach(), torch.zeros(5))
+    assert m.nll is None
+    assert list(m.buffers()) == []  # nothing like running stats: everything is trained
+    # same function as the equivalent BatchNorm in eval mode with the default statistics
+    bn = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[int(cls.__name__[-2])](5, eps=0.0).eval()
+    x = _input(ranks[-1], 5)
+    torch.testing.assert_close(m(x), bn(x))
+
+    m2 = cls(7, eps=1e-3, affine=False, parametrization="inv", nll_weight=0.5, gauge=False)
+    assert m2.weight is None and m2.bias is None
+    assert set(dict(m2.named_parameters())) == {"mean", "std_param"}
+    assert m2.eps == 1e-3 and m2.nll_weight == 0.5 and m2.gauge is False and m2.affine is False
+    x = _input(ranks[0], 7)
+    y = m2(x)
+    assert y.shape == x.shape and m2.nll is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_factory_kwargs(dtype):
+    m = bk.BatchlessNorm2d(3, device="cpu", dtype=dtype)
+    for p in m.parameters():
+        assert p.dtype == dtype and p.device.type == "cpu"
+    x = _input(4, 3, dtype=dtype)
+    y = m(x)
+    assert y.dtype == dtype
+    assert m.nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    meta = bk.BatchlessNorm1d(4, device="meta")
+    assert all(p.device.type == "meta" for p in meta.parameters())
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("init_std", [0.25, 1.0, 3.0])
+def test_std_property_and_reset_parameters(parametrization, init_std):
+    m = bk.BatchlessNorm2d(4, parametrization=parametrization, init_mean=0.5, init_std=init_std)
+    std = m.std
+    assert std.shape == (4,) and not std.requires_grad
+    torch.testing.assert_close(std, torch.full((4,), init_std), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.mean.detach(), torch.full((4,), 0.5))
+    # the module normalizes with that sigma: y = (x - 0.5) / init_std
+    x = _input(4, 4)
+    torch.testing.assert_close(m(x), (x - 0.5) / init_std, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AttributeError):
+        m.std = torch.ones(4)
+
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    assert m.nll is not None
+    m.reset_parameters()
+    assert m.nll is None
+    torch.testing.assert_close(m.std, torch.full((4,), init_std), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.mean.detach(), torch.full((4,), 0.5))
+    torch.testing.assert_close(m.weight.detach(), torch.ones(4))
+    torch.testing.assert_close(m.bias.detach(), torch.zeros(4))
+
+
+def test_std_follows_std_param():
+    for parametrization, p, sigma in (("abs", -2.0, 2.0 + 1e-5), ("log", math.log(3.0), 3.0), ("inv", 0.25, 4.0)):
+        m = bk.BatchlessNorm1d(2, parametrization=parametrization)
+        with torch.no_grad():
+            m.std_param.fill_(p)
+        torch.testing.assert_close(m.std, torch.full((2,), sigma), atol=1e-6, rtol=1e-6)
+
+
+def test_extra_repr():
+    m = bk.BatchlessNorm2d(16)
+    assert m.extra_repr() == (
+        "16, eps=1e-05, affine=True, parametrization='log', nll_weight=1.0, gauge=True"
+    )
+    m = bk.BatchlessNorm1d(3, eps=1e-3, affine=False, parametrization="abs", nll_weight=0.1, gauge=False)
+    text = repr(m)
+    assert text.startswith("BatchlessNorm1d(3, ")
+    for piece in ("eps=0.001", "affine=False", "parametrization='abs'", "nll_weight=0.1", "gauge=False"):
+        assert piece in text, piece
+
+
+@pytest.mark.parametrize("cls, ranks", MODULES, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_input_rank_checks(cls, ranks):
+    m = cls(3)
+    for rank in range(1, 7):
+        shape = (2, 3, 2, 2, 2, 2)[:rank]
+        x = torch.randn(shape)
+        if rank in ranks:
+            assert m(x).shape == shape
+        else:
+            with pytest.raises(ValueError, match=f"got {rank}D input"):
+                m(x)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_train_and_eval_are_the_same_function(parametrization):
+    torch.manual_seed(0)
+    m = bk.BatchlessNorm2d(5, parametrization=parametrization)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    x = _input(4, 5, batch=6)
+    m.train()
+    y_train = m(x)
+    nll_train = m.nll
+    m.eval()
+    y_eval = m(x)
+    assert torch.equal(y_train, y_eval)
+    assert torch.equal(nll_train, m.nll)  # eval() does not switch the NLL off: grad mode does
+    # no batch statistics: instance 0 alone gives the same output
+    torch.testing.assert_close(m(x[:1]), y_train[:1], atol=1e-6, rtol=1e-6)
+    with torch.no_grad():
+        y_ng = m(x)
+    assert torch.equal(y_ng, y_train) and m.nll is None
+
+
+def test_module_matches_functional():
+    m = bk.BatchlessNorm1d(6, parametrization="abs", gauge=False, eps=1e-3, backend="reference")
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = _input(3, 6)
+    y = m(x)
+    y_ref, nll_ref = bk.reference.batchless_norm(x, m.mean, m.std_param, m.weight, m.bias, parametrization="abs",
+                                                 gauge=False, eps=1e-3)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(m.nll, nll_ref)
+
+
+def test_state_dict_round_trip():
+    a = bk.BatchlessNorm2d(4, parametrization="inv")
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.rand_like(p))
+    sd = a.state_dict()
+    assert list(sd) == ["mean", "std_param", "weight", "bias"]  # no running statistics, no counters
+    b = bk.BatchlessNorm2d(4, parametrization="inv")
+    b.load_state_dict(sd)
+    x = _input(4, 4)
+    assert torch.equal(a(x), b(x))
+    assert list(bk.BatchlessNorm1d(3, affine=False).state_dict()) == ["mean", "std_param"]
+
+
+def test_deepcopy_after_training_step():
+    model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(4))
+    loss = model(torch.randn(5, 3)).square().mean() + bk.nll_loss(model)
+    loss.backward()
+    clone = copy.deepcopy(model)
+    x = torch.randn(2, 3)
+    assert torch.equal(clone(x), model(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# nll_loss
+# ------------------------------------------------------------------------------------------------
+
+
+def test_nll_loss_sums_weighted_terms():
+    model = nn.Sequential(
+        nn.Linear(4, 6), bk.BatchlessNorm1d(6, nll_weight=2.0), nn.Tanh(),
+        nn.Linear(6, 5), bk.BatchlessNorm1d(5, nll_weight=0.0, parametrization="abs"),
+        nn.Sequential(nn.Linear(5, 3), bk.BatchlessNorm1d(3, parametrization="inv")),  # nested
+    )
+    assert bk.nll_loss(model).item() == 0.0  # no forward yet
+    assert bk.nll_loss(model).dim() == 0
+    model(torch.randn(8, 4))
+    layers = [m for m in model.modules() if isinstance(m, bk.BatchlessNorm1d)]
+    assert all(layer.nll is not None for layer in layers)
+    total = bk.nll_loss(model)
+    expected = 2.0 * layers[0].nll + 0.0 * layers[1].nll + 1.0 * layers[2].nll
+    torch.testing.assert_close(total, expected)
+    assert total.item() != 0.0
+    total.backward()
+    # the nll_weight=0 layer is trained by nothing; the others' mean/std_param are
+    assert torch.count_nonzero(layers[1].mean.grad) == 0 and torch.count_nonzero(layers[1].std_param.grad) == 0
+    for layer in (layers[0], layers[2]):
+        assert torch.count_nonzero(layer.mean.grad) > 0 and torch.count_nonzero(layer.std_param.grad) > 0
+    # the NLL trains nothing but mean and std_param
+    for name, p in model.named_parameters():
+        if not name.endswith(("mean", "std_param")):
+            assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
+
+
+def test_nll_loss_edge_cases():
+    empty = nn.Sequential(nn.ReLU())
+    z = bk.nll_loss(empty)
+    assert isinstance(z, torch.Tensor) and z.dim() == 0 and z.item() == 0.0
+    model = nn.Sequential(nn.Linear(3, 3), bk.BatchlessNorm1d(3))
+    with torch.no_grad():
+        model(torch.randn(2, 3))
+    assert model[1].nll is None and bk.nll_loss(model).item() == 0.0
+    meta_model = bk.BatchlessNorm1d(3, device="meta")
+    assert bk.nll_loss(meta_model).device.type == "meta"  # a zero on the parameters' device
+    with pytest.raises(TypeError, match="model"):
+        bk.nll_loss([model])
+    # the latest forward counts, not a sum over forwards
+    model(torch.randn(2, 3))
+    first = model[1].nll
+    model(torch.randn(2, 3) * 5)
+    assert bk.nll_loss(model) is not first and torch.equal(bk.nll_loss(model), model[1].nll)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile
+# ------------------------------------------------------------------------------------------------
+
+
+def _small_model():
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), bk.BatchlessNorm2d(6), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 5 * 5, 10), bk.BatchlessNorm1d(10, parametrization="inv", nll_weight=0.5), nn.Linear(10, 4),
+    )
+
+
+def _loss_fn(model, x, target):
+    return F.mse_loss(model(x), target) + bk.nll_loss(model)
+
+
+@pytest.fixture(scope="module")
+def compiled_loss():
+    torch._dynamo.reset()
+    return torch.compile(_loss_fn, fullgraph=True)
+
+
+@pytest.mark.parametrize("step", [0, 1])
+def test_torch_compile_fullgraph_train_step(compiled_loss, step):
+    torch.manual_seed(100 + step)
+    model = _small_model()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (bk.BatchlessNorm1d, bk.BatchlessNorm2d)):
+                m.mean.normal_(0, 0.3)
+                m.std_param.uniform_(0.3, 1.5) if m.parametrization == "inv" else m.std_param.normal_(0, 0.3)
+    eager = copy.deepcopy(model)
+    x = torch.randn(8, 3, 5, 5)
+    target = torch.randn(8, 4)
+
+    loss = compiled_loss(model, x, target)
+    loss.backward()
+    eager_loss = _loss_fn(eager, x, target)
+    eager_loss.backward()
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    assert model[1].nll is not None and model[5].nll is not None
+    for (name, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    assert torch.count_nonzero(model[1].mean.grad) > 0 and torch.count_nonzero(model[5].std_param.grad) > 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradient accumulation: a batch of 32 == 32 micro-batches of 1
+# ------------------------------------------------------------------------------------------------
+
+
+def _mlp(backend):
+    return nn.Sequential(
+        nn.Linear(5, 16), bk.BatchlessNorm1d(16, backend=backend), nn.Tanh(),
+        nn.Linear(16, 12), bk.BatchlessNorm1d(12, parametrization="abs", backend=backend), nn.ReLU(),
+        nn.Linear(12, 3), bk.BatchlessNorm1d(3, parametrization="inv", affine=False, nll_weight=0.3, backend=backend),
+    )
+
+
+def _cnn(backend):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), bk.BatchlessNorm2d(8, backend=backend), nn.ReLU(),
+        nn.Conv2d(8, 6, 3), bk.BatchlessNorm2d(6, parametrization="inv", gauge=False, backend=backend), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 5 * 5, 7), bk.BatchlessNorm1d(7, parametrization="abs", backend=backend),
+        nn.Linear(7, 3),
+    )
+
+
+def _perturb(model):
+    """Move the Gaussians off their init so that every gradient is non-trivial."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (bk.BatchlessNorm1d, bk.BatchlessNorm2d)):
+                m.mean.normal_(0, 0.3)
+                if m.parametrization == "log":
+                    m.std_param.normal_(0, 0.3)
+                else:
+                    m.std_param.uniform_(0.5, 1.5)
+
+
+@pytest.fixture
+def no_tf32():
+    """On GPUs, cuDNN convolutions default to TF32 (10-bit mantissa): far from a 1e-5 comparison."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("case", backend_params(TESTED_BACKENDS))
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "cnn_channels_last"])
+def test_gradient_accumulation_is_exact(case, arch, no_tf32):
+    batch = 32
+    model = (_mlp if arch == "mlp" else _cnn)(case.name).to(case.device)
+    _perturb(model)
+    if arch == "mlp":
+        x = torch.randn(batch, 5, device=case.device)
+    else:
+        x = torch.randn(batch, 3, 7, 7, device=case.device)
+        if arch == "cnn_channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+    target = torch.randn(batch, 3, device=case.device)
+    micro = copy.deepcopy(model)
+
+    loss = F.mse_loss(model(x), target) + bk.nll_loss(model)
+    loss.backward()
+
+    for i in range(batch):
+        part = (F.mse_loss(micro(x[i : i + 1]), target[i : i + 1]) + bk.nll_loss(micro)) / batch
+        part.backward()
+
+    for (name, p), (_, q) in zip(model.named_parameters(), micro.named_parameters()):
+        assert p.grad is not None and q.grad is not None, name
+        assert torch.count_nonzero(p.grad) > 0, f"{name}: zero gradient, the check would be vacuous"
+        scale = p.grad.abs().max().item()
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")

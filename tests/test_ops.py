@@ -1,0 +1,332 @@
+"""The compiled ops themselves (opcheck, direct outputs with poisoned memory), gradcheck of
+batchless_norm for every backend, and bitwise determinism of the cpu backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import batchless_kernels as bk
+from conftest import (
+    ALL_BACKENDS,
+    KERNEL_BACKENDS,
+    accumulation_dtype,
+    backend_params,
+    make_case,
+    make_x,
+    run_batchless,
+    same_strides,
+)
+
+HAS_OPS = bk.ops.extension_loaded()
+OPS_DEVICES = [d for d in ("cpu", "cuda") if any(b.device == d and b.name in ("cpu", "cuda") for b in KERNEL_BACKENDS)]
+# The compiled ops run where the cpu / cuda backends do (the extension's kernels).
+needs_ops = pytest.mark.skipif(not HAS_OPS, reason=f"batchless_kernels._C not loaded: {bk.ops.EXTENSION_ERROR}")
+
+
+def _device_params():
+    return [pytest.param(d, id=d, marks=[pytest.mark.gpu] if d == "cuda" else []) for d in OPS_DEVICES]
+
+
+def fwd_op():
+    return torch.ops.batchless_kernels.batchless_norm_forward.default
+
+
+def bwd_op():
+    return torch.ops.batchless_kernels.batchless_norm_backward.default
+
+
+def op_inputs(shape, layout, dtype, device, *, affine=True, param_dtype=None):
+    """(x, mean, rstd, weight, bias) for the raw ops: rstd = 1 / sigma > 0, params in fp32 unless given."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, "log", affine,
+                                                 param_dtype=param_dtype or torch.float32)
+    rstd = torch.exp(-std_param)
+    return x, mean, rstd, weight, bias
+
+
+def poison_allocator(numel, dtype, device):
+    """Fill and free a block of the size the op is about to allocate, so that an output element the
+    kernel forgets to write most likely reads back as NaN instead of a lucky zero."""
+    for _ in range(2):  # twice: glibc then serves this size from the heap, not fresh zeroed mmap pages
+        junk = torch.full((max(numel, 1),), float("nan"), dtype=dtype, device=device)
+        del junk
+
+
+# ------------------------------------------------------------------------------------------------
+# opcheck
+# ------------------------------------------------------------------------------------------------
+
+OPCHECK_CASES = [
+    # shape, layout, dtype, affine, compute_stats
+    ((2, 3, 4, 5), "contiguous", torch.float32, True, True),
+    ((2, 3, 4, 5), "channels_last", torch.float32, True, True),
+    ((2, 3, 2, 3, 4), "channels_last", torch.float32, True, False),
+    ((5, 7), "contiguous", torch.float32, True, True),
+    ((5, 7), "contiguous", torch.float64, False, True),
+    ((3, 4, 6), "contiguous", torch.bfloat16, True, True),
+    ((3, 4, 6), "strided", torch.float32, True, False),
+    ((3, 4, 6), "channels_innermost", torch.float16, False, True),
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout, dtype, affine, compute_stats", OPCHECK_CASES, ids=str)
+def test_opcheck_forward(device, shape, layout, dtype, affine, compute_stats):
+    x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, device, affine=affine)
+    x.requires_grad_()
+    if weight is not None:
+        weight.requires_grad_()
+        bias.requires_grad_()
+    torch.library.opcheck(fwd_op(), (x, mean, rstd, weight, bias, compute_stats))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout, dtype", [
+    ((2, 3, 4, 5), "contiguous", torch.float32),
+    ((2, 3, 4, 5), "channels_last", torch.float32),
+    ((5, 7), "contiguous", torch.float64),
+    ((3, 4, 6), "contiguous", torch.bfloat16),
+    ((3, 4, 6), "strided", torch.float16),
+], ids=str)
+@pytest.mark.parametrize("mask", [(True, True, True), (True, False, False), (False, True, False),
+                                  (False, False, True), (True, False, True), (False, False, False)], ids=str)
+@pytest.mark.parametrize("with_weight", [True, False], ids=["weight", "noweight"])
+def test_opcheck_backward(device, shape, layout, dtype, mask, with_weight):
+    x, mean, rstd, weight, _ = op_inputs(shape, layout, dtype, device)
+    grad_y = make_x(shape, layout, dtype, device)
+    x_arg = x if mask[1] else None  # x is needed only for dweight
+    torch.library.opcheck(bwd_op(), (grad_y, x_arg, mean, rstd, weight if with_weight else None, list(mask)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Direct outputs of the ops vs float64 formulas, every element checked (poisoned allocations)
+# ------------------------------------------------------------------------------------------------
+
+
+def expected_forward(x, mean, rstd, weight, bias):
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (x.double() - mean.double().view(view)) * rstd.double().view(view)
+    y = xhat
+    if weight is not None:
+        y = y * weight.double().view(view)
+    if bias is not None:
+        y = y + bias.double().view(view)
+    dims = [0] + list(range(2, x.dim()))
+    return y, xhat.sum(dims), xhat.square().sum(dims)
+
+
+DIRECT_CASES = [
+    ((1, 1), "contiguous"), ((7, 13), "contiguous"), ((7, 13), "strided"), ((3, 5, 17), "contiguous"),
+    ((3, 5, 17), "channels_innermost"), ((2, 3, 5, 7), "channels_last"), ((2, 3, 5, 7), "strided"),
+    ((2, 3, 2, 3, 5), "channels_last"), ((4, 17, 31), "contiguous"), ((2, 3, 131, 129), "contiguous"),
+    ((3, 2053), "contiguous"), ((2, 2053, 3, 3), "channels_last"), ((2, 40, 3, 3), "channels_last"),
+]
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout", DIRECT_CASES, ids=str)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-10), (torch.bfloat16, 8e-3),
+                                        (torch.float16, 1e-3)], ids=str)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_ops_direct(device, shape, layout, dtype, tol, affine):
+    x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, device, affine=affine)
+    acc = accumulation_dtype(dtype)
+    dense = layout != "strided"
+
+    for compute_stats in (True, False):
+        poison_allocator(x.numel(), dtype, device)
+        y, s1, s2 = fwd_op()(x, mean, rstd, weight, bias, compute_stats)
+        y_ref, s1_ref, s2_ref = expected_forward(x, mean, rstd, weight, bias)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert same_strides(y, x) if dense else y.is_contiguous()
+        assert torch.isfinite(y).all(), "unwritten or garbage elements in y"
+        torch.testing.assert_close(y.double().cpu(), y_ref.cpu(), atol=tol * 4, rtol=tol)
+        if compute_stats:
+            n = x.numel() // x.shape[1]
+            assert s1.dtype == acc and s2.dtype == acc and s1.shape == (x.shape[1],)
+            stat_tol = 1e-5 if acc == torch.float32 else 1e-10
+            torch.testing.assert_close(s1.double().cpu(), s1_ref.cpu(), atol=stat_tol * n, rtol=stat_tol)
+            torch.testing.assert_close(s2.double().cpu(), s2_ref.cpu(), atol=stat_tol * n, rtol=stat_tol)
+        else:
+            assert s1.numel() == 0 and s2.numel() == 0
+
+    grad_y = make_x(shape, layout, dtype, device)
+    dims = [0] + list(range(2, x.dim()))
+    view = (1, -1) + (1,) * (x.dim() - 2)
+    xhat = (x.double() - mean.double().view(view)) * rstd.double().view(view)
+    w = weight.double() if weight is not None else torch.ones_like(rstd, dtype=torch.float64)
+    dx_ref = grad_y.double() * (w * rstd.double()).view(view)
+    dw_ref = (grad_y.double() * xhat).sum(dims)
+    db_ref = grad_y.double().sum(dims)
+    n = x.numel() // x.shape[1]
+    stat_tol = 1e-5 if acc == torch.float32 else 1e-10
+    for mask in ([True, True, True], [True, False, False], [False, True, False], [False, False, True]):
+        poison_allocator(x.numel(), dtype, device)
+        dx, dw, db = bwd_op()(grad_y, x if mask[1] else None, mean, rstd, weight, mask)
+        if mask[0]:
+            assert dx.dtype == dtype and dx.shape == x.shape
+            assert same_strides(dx, x) if dense else dx.is_contiguous()
+            assert torch.isfinite(dx).all(), "unwritten or garbage elements in dx"
+            torch.testing.assert_close(dx.double().cpu(), dx_ref.cpu(), atol=tol * 4, rtol=tol)
+        else:
+            assert dx.numel() == 0
+        for wanted, got, ref in ((mask[1], dw, dw_ref), (mask[2], db, db_ref)):
+            if wanted:
+                assert got.dtype == acc and got.shape == (x.shape[1],)
+                torch.testing.assert_close(got.double().cpu(), ref.cpu(), atol=stat_tol * n, rtol=stat_tol)
+            else:
+                assert got.numel() == 0
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+def test_ops_mixed_param_dtypes(device):
+    """mean/rstd/weight/bias of any floating dtype are accepted (converted to the accumulation dtype)."""
+    x, mean, rstd, weight, bias = op_inputs((3, 4, 5), "contiguous", torch.float32, device)
+    y, s1, s2 = fwd_op()(x, mean.double(), rstd.half(), weight.bfloat16(), bias.double(), True)
+    y_ref, s1_ref, _ = expected_forward(x, mean.double(), rstd.half(), weight.bfloat16(), bias.double())
+    torch.testing.assert_close(y.double().cpu(), y_ref.cpu(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1.double().cpu(), s1_ref.cpu(), atol=1e-4, rtol=1e-5)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+def test_ops_empty(device):
+    for shape in ((0, 3, 4, 4), (0, 3), (2, 0, 5), (2, 3, 0)):
+        C = shape[1]
+        x = torch.empty(shape, device=device)
+        p = torch.ones(C, device=device)
+        y, s1, s2 = fwd_op()(x, p, p, p, p, True)
+        assert y.shape == shape and s1.shape == (C,) and s2.shape == (C,)
+        assert torch.count_nonzero(s1) == 0 and torch.count_nonzero(s2) == 0
+        dx, dw, db = bwd_op()(x, x, p, p, p, [True, True, True])
+        assert dx.shape == shape and dw.shape == (C,) and db.shape == (C,)
+        assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# gradcheck of batchless_norm in float64, for every backend (reference included)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 3), "contiguous"), ((2, 3, 4, 3), "channels_last"),
+                                           ((5, 3), "contiguous"), ((2, 3, 5), "strided")], ids=str)
+def test_gradcheck(case, parametrization, shape, layout):
+    """The stop-gradients split the function: y is differentiable in (x, weight, bias) with mean,
+    std_param held, the NLL in (mean, std_param) with x held. Each part is a true derivative.
+    The NLL is checked without the gauge, whose sg(mean log sigma) term is (by design) a value
+    without a derivative; test_correctness checks that the gauge leaves the gradients alone."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float64, case.device, parametrization)
+    kw = dict(parametrization=parametrization, backend=case.name)
+
+    def y_of(x_, w_, b_):
+        return bk.batchless_norm(x_, mean, std_param, w_, b_, **kw)[0]
+
+    def nll_of(m_, p_):
+        return bk.batchless_norm(x, m_, p_, weight, bias, gauge=False, **kw)[1]
+
+    leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
+    assert torch.autograd.gradcheck(y_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    leaves = [t.detach().requires_grad_() for t in (mean, std_param)]
+    assert torch.autograd.gradcheck(nll_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Determinism (cpu backend): same bits on reruns and whatever the number of threads
+# ------------------------------------------------------------------------------------------------
+
+CPU_KERNELS = [b for b in KERNEL_BACKENDS if b.name == "cpu"]
+
+DETERMINISM_CASES = [
+    ((4, 8, 64, 65), "contiguous", "log"),  # channels-first, several tasks per channel
+    ((2, 3, 131, 129), "contiguous", "abs"),  # split-S tiles
+    ((16, 40, 33, 31), "channels_last", "inv"),  # channels-last, many row blocks
+    ((300, 2100), "contiguous", "log"),  # channel blocks
+]
+
+
+def _run_all(case, inputs, parametrization):
+    torch.manual_seed(1234)  # the same grad_y every time
+    return run_batchless(*inputs, backend=case.name, parametrization=parametrization)
+
+
+def _assert_bitwise_equal(a, b):
+    for name in ("y", "nll", "x", "mean", "std_param", "weight", "bias"):
+        assert torch.equal(a[name], b[name]), f"{name} differs between runs"
+        assert a[name].stride() == b[name].stride()
+
+
+@pytest.mark.parametrize("case", backend_params(CPU_KERNELS))
+@pytest.mark.parametrize("shape, layout, parametrization", DETERMINISM_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_determinism(case, shape, layout, parametrization, dtype):
+    inputs = make_case(shape, layout, dtype, case.device, parametrization)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, threads))
+        first = _run_all(case, inputs, parametrization)
+        second = _run_all(case, inputs, parametrization)
+        _assert_bitwise_equal(first, second)
+        torch.set_num_threads(1)
+        single = _run_all(case, inputs, parametrization)
+        _assert_bitwise_equal(first, single)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads
+
+
+# ------------------------------------------------------------------------------------------------
+# Second derivatives
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+def test_gradgradcheck_nll(case, parametrization):
+    """The NLL is computed from S1, S2 by an exact expansion of sum((x - mu) r)^2 around the
+    forward's (mu0, r0): every derivative in (mean, std_param) is exact, the second ones included."""
+    x, mean, std_param, weight, bias = make_case((3, 4, 5), "channels_innermost", torch.float64, case.device,
+                                                 parametrization)
+
+    def nll_of(m_, p_):
+        return bk.batchless_norm(x, m_, p_, weight, bias, parametrization=parametrization, gauge=False,
+                                 backend=case.name)[1]
+
+    leaves = [t.detach().requires_grad_() for t in (mean, std_param)]
+    assert torch.autograd.gradgradcheck(nll_of, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def _double_backward_params():
+    params = []
+    for c in KERNEL_BACKENDS:  # the reference is what they are compared with
+        marks = [pytest.mark.gpu] if c.device == "cuda" else []
+        params.append(pytest.param(c, id=c.id, marks=marks))
+    return params
+
+
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
+@pytest.mark.parametrize("case", _double_backward_params())
+def test_double_backward_through_output(case):
+    """A gradient penalty differentiates dLoss/dx again (create_graph=True). The result must
+    match the reference, or the backend must refuse with an error; never silently differ."""
+    x, mean, std_param, weight, bias = make_case((4, 3, 5), "contiguous", torch.float64, case.device, "log")
+
+    def penalty_grads(backend):
+        xl, wl, bl = (t.detach().requires_grad_() for t in (x, weight, bias))
+        y, _ = bk.batchless_norm(xl, mean, std_param, wl, bl, backend=backend)
+        gx, = torch.autograd.grad(y.square().sum(), xl, create_graph=True)
+        return torch.autograd.grad(gx.square().sum(), (xl, wl))
+
+    expected = penalty_grads("reference")
+    assert torch.count_nonzero(expected[1]) > 0
+    try:
+        got = penalty_grads(case.name)
+    except RuntimeError:
+        return  # refusing double backward is acceptable
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
