@@ -1,0 +1,449 @@
+"""Training benchmark of bk.batchless_norm (forward, backward, forward+backward) for every available
+backend, against F.batch_norm, torch.compile'd F.batch_norm and a copy of the same bytes.
+
+    python bench/bench_batchless.py [--full] [--device cpu|cuda] [--out DIR] [--shapes 256x64x32x32 ...]
+        [--dtypes float32 bfloat16] [--layouts contiguous channels_last] [--budget SECONDS]
+
+Writes results.csv, summary.md and fwd_bwd.png into bench/results/<device-slug>/ (see README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import functools
+import importlib.metadata
+import itertools
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import batchless_kernels as bk
+
+BENCH_DIR = Path(__file__).resolve().parent
+PASSES = ("fwd", "bwd", "fwd+bwd")
+# The bytes each pass must move at least, in units of x's size (the (C,) parameters are
+# negligible): fwd reads x, writes y; bwd reads grad_y and x (x for dweight: the benchmark is
+# affine), writes dx; fwd+bwd is the sum; the copy reads and writes x once.
+BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "copy": 2}
+
+# (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores and hold
+# the acceptance shape (256, 64, 32, 32); the CUDA default is the GPU target set.
+GPU_TARGETS = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 14, 14), (65536, 1024), (32, 256)]
+SHAPES = {
+    ("cpu", False): [(256, 64, 32, 32), (64, 128, 16, 16), (8192, 1024), (32, 256)],
+    ("cpu", True): [(128, 64, 56, 56), (256, 64, 32, 32), (64, 256, 28, 28), (32, 1024, 14, 14),
+                    (64, 128, 16, 16), (16384, 1024), (32, 256)],
+    ("cuda", False): GPU_TARGETS,
+    ("cuda", True): GPU_TARGETS + [(256, 64, 32, 32), (8192, 1024)],
+}
+DTYPES = {False: ("float32", "bfloat16"), True: ("float32", "bfloat16", "float16")}
+LAYOUTS = ("contiguous", "channels_last")
+MIN_REPS = 5  # slow baselines (the reference) get this few; p20/p80 still mean something
+MAX_REPS = 500
+ROUNDS = 3
+
+
+# ---------------------------------------------------------------- machine facts
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown-cpu"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def git_commit() -> str:
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=BENCH_DIR, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        triton_version = importlib.metadata.version("triton")  # no import: CPU machines may lack it
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = ""
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    return {
+        "device_name": name,
+        "torch_version": torch.__version__,
+        "cuda_version": torch.version.cuda or "",
+        "cudnn_version": cudnn or "",
+        "triton_version": triton_version,
+        "num_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        # On CPU the allocator decides whether each fresh output pays page faults (see README.md).
+        "malloc_env": " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)),
+        "slug": slug(name) if device.type == "cuda" else f"{slug(name)}-{torch.get_num_threads()}threads",
+    }
+
+
+def busy_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all cores spent busy, CPU seconds of this process) so far; None off Linux."""
+    try:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+            int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
+def other_load(before, after, wall_s) -> float | None:
+    """Cores kept busy by other processes (and the hypervisor) over wall_s: on a shared machine
+    anything well above 0 means the timings of that case are not to be trusted."""
+    if before is None or after is None or wall_s <= 0:
+        return None
+    return max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall_s)
+
+
+def last_level_cache_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = [0]
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+    return max(sizes) or 32 * 2**20
+
+
+# ---------------------------------------------------------------- inputs and implementations
+
+
+class Case:
+    """One (shape, dtype, layout): rotating sets of (x, grad_y) so that tensors smaller than ~2x the
+    last-level cache are not timed from cache, and the (C,) parameters (fp32, as under AMP)."""
+
+    def __init__(self, shape, dtype, layout, device, cache_bytes):
+        self.shape, self.dtype, self.layout = shape, dtype, layout
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        self.x_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        n_sets = min(8, max(1, math.ceil(2 * cache_bytes / self.x_bytes)))
+
+        def randn():
+            return torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+
+        self.sets = [(randn().requires_grad_(), randn()) for _ in range(n_sets)]
+        channels = shape[1]
+
+        def param():
+            return torch.randn(channels, device=device).requires_grad_()
+
+        self.mean, self.std_param, self.weight, self.bias = param(), param(), param(), param()
+        self.running_mean = torch.zeros(channels, device=device)
+        self.running_var = torch.ones(channels, device=device)
+        self.one = torch.ones((), device=device)  # grad of the nll
+
+    def cycle(self):
+        return itertools.cycle(self.sets)
+
+
+def batchless_forward(backend):
+    def forward(x, case):
+        y, nll = bk.batchless_norm(x, case.mean, case.std_param, case.weight, case.bias, backend=backend)
+        return (y, nll), (x, case.weight, case.bias, case.mean, case.std_param)
+
+    return forward
+
+
+def batch_norm_training(x, running_mean, running_var, weight, bias):
+    return F.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+
+
+def batchnorm_forward(fn):
+    def forward(x, case):
+        return (fn(x, case.running_mean, case.running_var, case.weight, case.bias),), (x, case.weight, case.bias)
+
+    return forward
+
+
+@functools.cache
+def compiled_batch_norm():
+    # One compiled function with dynamic shapes: dynamo recompiles once per (dtype, layout, rank)
+    # guard, not per shape. Raise the recompile limit so it never silently falls back to eager.
+    torch._dynamo.config.recompile_limit = 64
+    return torch.compile(batch_norm_training, dynamic=True)
+
+
+def batchnorm_backend_used(case) -> str:
+    """Which kernel F.batch_norm runs: read from the aten ops it calls (cuDNN or native)."""
+    if case.sets[0][0].device.type != "cuda":
+        return "native"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        batchnorm_forward(batch_norm_training)(case.sets[0][0], case)
+    names = {event.name for event in prof.events()}
+    return next((kind for kind in ("cudnn", "miopen") if f"aten::{kind}_batch_norm" in names), "native")
+
+
+def implementations(device: torch.device, case) -> dict:
+    """impl name -> (backend_used, forward(x, case) -> (outputs, inputs to differentiate))."""
+    impls = {f"batchless-{name}": (name, batchless_forward(name)) for name in bk.available_backends(device)}
+    impls["batchnorm"] = (batchnorm_backend_used(case), batchnorm_forward(batch_norm_training))
+    impls["batchnorm-compiled"] = ("inductor", batchnorm_forward(compiled_batch_norm()))
+    return impls
+
+
+def pass_steps(forward, case, pass_name):
+    """(setup, run) of a pass: setup is untimed and returns run's argument. The backward's setup
+    runs a fresh forward, so the graph is never reused (no retain_graph)."""
+    sets = case.cycle()
+
+    def grads(outputs, grad_y):
+        return (grad_y,) + (case.one,) * (len(outputs) - 1)  # 1 for the nll
+
+    def forward_and_grads():
+        x, grad_y = next(sets)
+        outputs, inputs = forward(x, case)
+        return outputs, inputs, grads(outputs, grad_y)
+
+    if pass_name == "fwd":
+        return (lambda: next(sets)[0]), (lambda x: forward(x, case))
+    if pass_name == "bwd":
+        return forward_and_grads, (lambda state: torch.autograd.grad(*state))
+    if pass_name == "fwd+bwd":
+        return (lambda: None), (lambda _: torch.autograd.grad(*forward_and_grads()))
+    raise ValueError(pass_name)
+
+
+def copy_steps(case, allocate):
+    """The bandwidth ceiling: dst.copy_(src) into a preallocated dst, or with allocate, src.clone()
+    (on CPU a fresh output costs page faults that every out-of-place implementation pays too)."""
+    pairs = itertools.cycle([(torch.empty_like(x), x.detach()) for x, _ in case.sets])
+    if allocate:
+        return (lambda: next(pairs)[1]), (lambda src: src.clone())
+    return (lambda: next(pairs)), (lambda pair: pair[0].copy_(pair[1]))
+
+
+# ---------------------------------------------------------------- timing
+
+
+def sample(setup, run, device, reps) -> list[float]:
+    """Milliseconds of `reps` calls of run(setup()), setup untimed."""
+    if device.type == "cuda":  # events time the GPU work of run only, not setup's
+        events = []
+        for _ in range(reps):
+            state = setup()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run(state)
+            end.record()
+            events.append((start, end))
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
+    times = []
+    for _ in range(reps):
+        state = setup()
+        t0 = time.perf_counter()
+        run(state)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def reps_for(setup, run, device, budget_s) -> int:
+    """Warms up (first touch, compilation, allocator), then picks reps to take about budget_s."""
+    sample(setup, run, device, 1)
+    estimate = min(sample(setup, run, device, 2))
+    return int(min(MAX_REPS, max(MIN_REPS, budget_s * 1e3 / max(estimate, 1e-3))))
+
+
+def measure_all(tasks, device, budget_s) -> dict:
+    """tasks: key -> (setup, run). Returns key -> list of ms, or the exception it raised. The reps
+    are taken in ROUNDS interleaved rounds, so that a burst of load from other processes (a shared
+    machine) hits every implementation alike instead of one."""
+    reps, results = {}, {}
+    for key, (setup, run) in tasks.items():
+        try:
+            reps[key], results[key] = reps_for(setup, run, device, budget_s), []
+        except Exception as exc:  # noqa: BLE001 - e.g. a torch.compile failure: record, go on
+            results[key] = exc
+    for _ in range(ROUNDS):
+        for key, n in reps.items():
+            if isinstance(results[key], list):
+                try:
+                    results[key] += sample(*tasks[key], device, math.ceil(n / ROUNDS))
+                except Exception as exc:  # noqa: BLE001
+                    results[key] = exc
+    return results
+
+
+def error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:200]
+
+
+def run_case(case, device, budget_s) -> list[dict]:
+    """Rows of one case: the copies, then every implementation and pass."""
+    base = {"shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).removeprefix("torch."),
+            "layout": case.layout}
+    # (impl, backend_used, pass) -> (setup, run)
+    tasks = {("copy", "copy_", "copy"): copy_steps(case, allocate=False),
+             ("alloc+copy", "clone", "copy"): copy_steps(case, allocate=True)}
+    for impl, (backend_used, forward) in implementations(device, case).items():
+        for pass_name in PASSES:
+            tasks[(impl, backend_used, pass_name)] = pass_steps(forward, case, pass_name)
+    rows = []
+    for (impl, backend_used, pass_name), result in measure_all(tasks, device, budget_s).items():
+        row = {**base, "impl": impl, "backend_used": backend_used, "pass": pass_name,
+               "bytes": BYTES_PER_X[pass_name] * case.x_bytes}
+        if isinstance(result, Exception):
+            row["error"] = error_text(result)
+        else:
+            p20, median, p80 = np.percentile(result, [20, 50, 80])
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, reps=len(result),
+                       gbps=row["bytes"] / (median * 1e-3) / 1e9)
+        rows.append(row)
+    copy_gbps = rows[0]["gbps"]
+    batchnorm_ms = {r["pass"]: r.get("median_ms") for r in rows if r["impl"] == "batchnorm"}
+    for row in rows:
+        if "median_ms" in row:
+            row["frac_of_copy"] = row["gbps"] / copy_gbps
+            if batchnorm_ms.get(row["pass"]):
+                row["speedup_vs_batchnorm"] = batchnorm_ms[row["pass"]] / row["median_ms"]
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+META_COLUMNS = ["device_name", "torch_version", "cuda_version", "cudnn_version", "triton_version",
+                "num_threads", "git_commit", "timestamp", "malloc_env"]
+COLUMNS = META_COLUMNS + ["impl", "backend_used", "pass", "shape", "dtype", "layout", "median_ms",
+                          "p20_ms", "p80_ms", "reps", "bytes", "gbps", "frac_of_copy",
+                          "speedup_vs_batchnorm", "other_load", "error"]
+
+
+def fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_csv(path: Path, rows, meta) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: fmt(v) for k, v in {**meta, **row}.items()})
+
+
+def summary_markdown(rows, meta, wall_s) -> str:
+    impls = list(dict.fromkeys(r["impl"] for r in rows if r["pass"] != "copy"))
+    cases = list(dict.fromkeys((r["shape"], r["dtype"], r["layout"]) for r in rows))
+    by_key = {(r["shape"], r["dtype"], r["layout"], r["impl"], r["pass"]): r for r in rows}
+
+    def cell(row):
+        if "median_ms" not in row:
+            return "failed" if row.get("error") else ""
+        speedup = row.get("speedup_vs_batchnorm")
+        return f"{row['median_ms']:.3g} ms ({speedup:.2f}x, {100 * row['frac_of_copy']:.0f}%)" if speedup else \
+            f"{row['median_ms']:.3g} ms ({100 * row['frac_of_copy']:.0f}%)"
+
+    def gbps(case, impl):
+        return f"{by_key[(*case, impl, 'copy')].get('gbps', float('nan')):.1f}"
+
+    lines = [
+        f"# batchless_norm training benchmark: {meta['device_name']}",
+        "",
+        f"torch {meta['torch_version']}, CUDA {meta['cuda_version'] or '-'}, cuDNN {meta['cudnn_version'] or '-'}, "
+        f"triton {meta['triton_version'] or '-'}, {meta['num_threads']} threads, commit {meta['git_commit'] or '-'}, "
+        f"{meta['timestamp']}, run took {wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}.",
+        "",
+        "Forward+backward median time per implementation; in brackets the speedup over batchnorm and the "
+        "share of the copy bandwidth (bytes model: 5 x size of x; copy GB/s measured in the same run). "
+        "Other load: cores kept busy by other processes during the case (timings with much above 0 are noisy).",
+        "",
+        "| shape | dtype | layout | " + " | ".join(impls) + " | copy GB/s (alloc+copy) | other load |",
+        "|---|---|---|" + "---|" * len(impls) + "---|---|",
+    ]
+    for case in cases:
+        cells = [cell(by_key.get((*case, impl, "fwd+bwd"), {})) for impl in impls]
+        copies = f"{gbps(case, 'copy')} ({gbps(case, 'alloc+copy')})"
+        load = by_key[(*case, "copy", "copy")].get("other_load", "")
+        lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} |")
+    errors = {(r["impl"], r["error"]) for r in rows if r.get("error")}
+    lines += [""] + [f"- {impl} failed: {error}" for impl, error in sorted(errors)]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="wider sweep of shapes, float16 too")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>)")
+    parser.add_argument("--shapes", nargs="+", help="shapes such as 256x64x32x32 32x256")
+    parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--budget", type=float, help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device here")
+    device = torch.device(args.device)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES[(device.type, args.full)]
+    dtypes = [getattr(torch, d) for d in (args.dtypes or DTYPES[args.full])]
+    budget = args.budget or (0.2 if device.type == "cuda" else 0.5)
+    meta = machine_info(device)
+    out = args.out or BENCH_DIR / "results" / meta["slug"]
+    out.mkdir(parents=True, exist_ok=True)
+    cache_bytes = last_level_cache_bytes(device)
+    torch.manual_seed(0)
+    print(f"{meta['device_name']}: backends {bk.available_backends(device)}, {meta['num_threads']} threads", flush=True)
+
+    start, rows = time.perf_counter(), []
+    for shape, dtype in itertools.product(shapes, dtypes):
+        for layout in [l for l in args.layouts if len(shape) == 4 or l == "contiguous"]:
+            case_start, busy_before = time.perf_counter(), busy_seconds()
+            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget)
+            load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
+            for row in case_rows:
+                row["other_load"] = round(load, 2) if load is not None else ""
+            rows += case_rows
+            times = ", ".join(f"{r['impl']} {r['median_ms']:.3g}" for r in case_rows
+                              if r["pass"] == "fwd+bwd" and "median_ms" in r)
+            print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
+                  f"fwd+bwd ms {times}; copy {case_rows[0]['gbps']:.1f} GB/s; other load {fmt(load)}", flush=True)
+    wall_s = time.perf_counter() - start
+
+    write_csv(out / "results.csv", rows, meta)
+    summary = summary_markdown(rows, meta, wall_s)
+    (out / "summary.md").write_text(summary)
+    print("\n" + summary)
+    try:
+        from plot import plot  # bench/ is on sys.path when run as a script
+    except ImportError as exc:
+        print(f"no plot: {exc}")
+    else:
+        plot(out / "results.csv")
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Bar charts of a results.csv written by bench_batchless.py: forward+backward time per impl and
+case (log scale, with the time a copy of the same bytes would take), and its share of the copy
+bandwidth. Writes fwd_bwd.png next to the CSV.
+
+    python bench/plot.py bench/results/<device-slug>/results.csv
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+
+def plot(csv_path, png_path=None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return None
+    csv_path = Path(csv_path)
+    png_path = Path(png_path) if png_path else csv_path.with_name("fwd_bwd.png")
+    with csv_path.open() as f:
+        rows = list(csv.DictReader(f))
+    timed = [r for r in rows if r["pass"] == "fwd+bwd" and r["median_ms"]]
+    if not timed:
+        print(f"{csv_path} has no forward+backward timings: no plot")
+        return None
+
+    def case(r):
+        return r["shape"], r["dtype"], r["layout"]
+
+    cases = list(dict.fromkeys(case(r) for r in timed))
+    impls = list(dict.fromkeys(r["impl"] for r in timed))
+    by_key = {(case(r), r["impl"]): r for r in timed}
+    copy_gbps = {case(r): float(r["gbps"]) for r in rows if r["impl"] == "copy"}
+
+    fig, (ax_time, ax_bw) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(cases) + 2), 9), sharex=True)
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        xs, times, fracs = [], [], []
+        for k, c in enumerate(cases):
+            if (c, impl) in by_key:
+                r = by_key[(c, impl)]
+                xs.append(k + (i - (len(impls) - 1) / 2) * width)
+                times.append(float(r["median_ms"]))
+                fracs.append(100 * float(r["frac_of_copy"]))
+        ax_time.bar(xs, times, width, label=impl, color=f"C{i}")
+        ax_bw.bar(xs, fracs, width, color=f"C{i}")
+    # The floor: fwd+bwd bytes moved at the copy bandwidth of the same run.
+    floor = [float(next(by_key[(c, i)] for i in impls if (c, i) in by_key)["bytes"]) / copy_gbps[c] / 1e6
+             for c in cases]
+    ax_time.hlines(floor, [k - 0.45 for k in range(len(cases))], [k + 0.45 for k in range(len(cases))],
+                   colors="black", linestyles="dashed", label="bytes at copy bandwidth")
+    ax_time.set_yscale("log")
+    ax_time.set_ylabel("fwd+bwd median time (ms, log)")
+    ax_time.legend(fontsize="small", ncol=len(impls) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax_bw.axhline(100, color="black", linestyle="dashed", linewidth=1)
+    ax_bw.set_ylabel("% of copy bandwidth")
+    ax_bw.set_xticks(range(len(cases)), ["\n".join(c) for c in cases], fontsize="small")
+    first = rows[0]
+    fig.suptitle(f"batchless_norm training fwd+bwd: {first['device_name']}, {first['num_threads']} threads, "
+                      f"torch {first['torch_version']}")
+    for ax in (ax_time, ax_bw):
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    print(f"plot: {png_path}")
+    return png_path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    plot(sys.argv[1])
