@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs
 from .backends import kernel_ops, resolve_backend
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std
@@ -64,10 +64,24 @@ def batchless_norm(
     y, s1, s2 = forward_op(x, mean.detach().to(acc), rstd, weight, bias, need_nll)
     if not need_nll:
         return y, None
-    return y, nll_from_sums(s1, s2, x, mean, std_param, parametrization, eps, gauge)
+    if x.numel() == 0:
+        return y, reference.empty_batch_nll(mean.to(acc), std_param.to(acc))
+    count = x.numel() // x.shape[1]  # elements per channel
+    if _HAS_FUSED_NLL.get(x.device.type, False):
+        nll = torch.ops.batchless_kernels.batchless_nll(
+            s1, s2, mean, std_param, count, parametrization, eps, gauge
+        )
+    else:
+        nll = nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
+    return y, nll
 
 
-def nll_from_sums(s1, s2, x, mean, std_param, parametrization, eps, gauge):
+# Devices whose compiled library has the one-loop NLL op; elsewhere nll_from_sums composes it from
+# tensor ops. Looked up once: the dispatcher query cannot be traced by torch.compile.
+_HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     """The NLL term from the forward's per-channel sums S1 = sum xhat0, S2 = sum xhat0^2, taken at
     (mu0, r0) = the detached values of (mean, r). With d = mu0 - mu, the NLL's sum of squares is
         sum_i ((x_i - mu) r)^2 = (r/r0)^2 S2 + 2 r^2 d / r0 S1 + n (r d)^2,
@@ -76,9 +90,7 @@ def nll_from_sums(s1, s2, x, mean, std_param, parametrization, eps, gauge):
     acc = s1.dtype
     mu = mean.to(acc)
     p = std_param.to(acc)
-    if x.numel() == 0:
-        return reference.empty_batch_nll(mu, p)
-    n = x.numel() // x.shape[1]  # elements per channel
+    n = count
     r, log_sigma = rstd_and_log_std(p, parametrization, eps)
     r0 = r.detach()
     inv_r0 = torch.where(r0 != 0, r0.reciprocal(), torch.zeros_like(r0))  # r0 = 0 makes S1 = S2 = 0

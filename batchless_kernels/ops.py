@@ -19,6 +19,8 @@ except ImportError as error:  # not built, or built against another torch
 
 FORWARD_OP = "batchless_kernels::batchless_norm_forward"
 BACKWARD_OP = "batchless_kernels::batchless_norm_backward"
+NLL_OP = "batchless_kernels::batchless_nll"
+NLL_BACKWARD_OP = "batchless_kernels::batchless_nll_backward"
 
 
 def extension_loaded() -> bool:
@@ -115,7 +117,43 @@ def _differentiable_backward(grad_y, x, mean, rstd, weight, mask):
     return dx, dw, db
 
 
+def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
+    _check_same_device(NLL_OP, s1=s1, s2=s2, mean=mean, std_param=std_param)
+    return s1.new_empty(())
+
+
+def _nll_backward_fake(grad_nll, s1, s2, mean, std_param, count, parametrization, eps):
+    _check_same_device(NLL_BACKWARD_OP, grad_nll=grad_nll, s1=s1, s2=s2, mean=mean, std_param=std_param)
+    return torch.empty_like(mean), torch.empty_like(std_param)
+
+
+def _nll_setup_context(ctx, inputs, output):
+    s1, s2, mean, std_param, count, parametrization, eps, gauge = inputs
+    ctx.save_for_backward(s1, s2, mean, std_param)
+    ctx.args = (count, parametrization, eps, gauge)
+
+
+def _nll_backward(ctx, grad_nll):
+    s1, s2, mean, std_param = ctx.saved_tensors
+    count, parametrization, eps, gauge = ctx.args
+    if torch.is_grad_enabled():  # create_graph=True: differentiate the composite formulation
+        from .functional import nll_from_sums
+
+        wanted = [t for t, need in zip((mean, std_param), ctx.needs_input_grad[2:4]) if need]
+        value = nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
+        grads = iter(torch.autograd.grad(value, wanted, grad_nll, create_graph=True))
+        dmean, dparam = (next(grads) if need else None for need in ctx.needs_input_grad[2:4])
+    else:
+        dmean, dparam = torch.ops.batchless_kernels.batchless_nll_backward(
+            grad_nll, s1, s2, mean, std_param, count, parametrization, eps
+        )
+    return None, None, dmean, dparam, None, None, None, None
+
+
 if extension_loaded():
+    torch.library.register_fake(NLL_OP)(_nll_fake)
+    torch.library.register_fake(NLL_BACKWARD_OP)(_nll_backward_fake)
+    torch.library.register_autograd(NLL_OP, _nll_backward, setup_context=_nll_setup_context)
     torch.library.register_fake(FORWARD_OP)(_forward_fake)
     torch.library.register_fake(BACKWARD_OP)(_backward_fake)
     torch.library.register_autograd(

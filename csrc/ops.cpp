@@ -30,3 +30,20 @@ TORCH_LIBRARY(batchless_kernels, m) {
       "batchless_norm_backward(Tensor grad_y, Tensor? x, Tensor mean, Tensor rstd, Tensor? weight, "
       "bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
+
+TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {
+  // The layer's NLL term from the forward's sums (PAPER.md, mean reduction over the C channels
+  // and the `count` elements per channel):
+  //   nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2)
+  // sigma_c comes from std_param by `parametrization` ("abs", "log", "inv") and eps. A 0-dim
+  // tensor in s1's dtype. Its gradients for mean and std_param come from nll_backward.
+  m.def(
+      "batchless_nll(Tensor s1, Tensor s2, Tensor mean, Tensor std_param, SymInt count, "
+      "str parametrization, float eps, bool gauge) -> Tensor");
+  // grad_nll times (dnll/dmean, dnll/dstd_param), in the dtypes of mean and std_param:
+  //   dnll/dmean_c = -r_c s1_c / (C count)
+  //   dnll/dp_c    = (dlog sigma_c/dp + (s2_c / (count r_c)) dr_c/dp) / C
+  m.def(
+      "batchless_nll_backward(Tensor grad_nll, Tensor s1, Tensor s2, Tensor mean, Tensor std_param, "
+      "SymInt count, str parametrization, float eps) -> (Tensor dmean, Tensor dstd_param)");
+}

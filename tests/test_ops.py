@@ -330,3 +330,71 @@ def test_double_backward_through_output(case):
         return  # refusing double backward is acceptable
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+# ------------------------------------------------------------------------------------------------
+# The NLL op: one loop over channels, checked against the composite formulation and PAPER.md
+# ------------------------------------------------------------------------------------------------
+
+
+def _nll_inputs(device, parametrization, dtype, channels=7, count=13):
+    """Sums of a real xhat, so s2 >= 0 and s1^2 <= count * s2 as for real data."""
+    from batchless_kernels.parametrization import rstd_and_log_std
+
+    x = torch.randn(count, channels, dtype=dtype, device=device) * 1.7 + 0.4
+    mean = torch.randn(channels, dtype=dtype, device=device)
+    std_param = torch.rand(channels, dtype=dtype, device=device) + 0.3
+    if parametrization == "inv":
+        std_param[0] = 0.0  # r = 0: xhat = 0, the division-free branch
+        std_param[1] = -std_param[1]  # a signed r
+    r, _ = rstd_and_log_std(std_param, parametrization, 1e-5)
+    xhat = (x - mean) * r
+    return xhat.sum(0), xhat.square().sum(0), mean, std_param, count
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@pytest.mark.parametrize("gauge", [True, False])
+def test_opcheck_nll(device, parametrization, gauge):
+    s1, s2, mean, std_param, count = _nll_inputs(device, parametrization, torch.float32)
+    mean.requires_grad_()
+    std_param.requires_grad_()
+    torch.library.opcheck(torch.ops.batchless_kernels.batchless_nll.default,
+                          (s1, s2, mean, std_param, count, parametrization, 1e-5, gauge))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@pytest.mark.parametrize("gauge", [True, False])
+@pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32])
+def test_nll_op_matches_composite(device, parametrization, gauge, param_dtype):
+    """The fused NLL op and functional.nll_from_sums (the composite used where no fused NLL kernel
+    exists) agree in value and in the gradients for mean and std_param."""
+    from batchless_kernels.functional import nll_from_sums
+
+    s1, s2, mean, std_param, count = _nll_inputs(device, parametrization, torch.float64)
+    mean, std_param = (t.to(param_dtype).requires_grad_() for t in (mean, std_param))
+    args = (s1, s2, count, mean, std_param, parametrization, 1e-5, gauge)
+    fused = torch.ops.batchless_kernels.batchless_nll(s1, s2, mean, std_param, count, parametrization, 1e-5, gauge)
+    composite = nll_from_sums(*args)
+    assert fused.dtype == composite.dtype == torch.float64
+    tol = dict(rtol=1e-12, atol=1e-12) if param_dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fused, composite, **tol)
+    for got, want in zip(torch.autograd.grad(fused, (mean, std_param)),
+                         torch.autograd.grad(composite, (mean, std_param))):
+        assert got.dtype == param_dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@needs_ops
+def test_nll_op_rejects_bad_input():
+    s1, s2, mean, std_param, count = _nll_inputs("cpu", "log", torch.float32)
+    nll = torch.ops.batchless_kernels.batchless_nll
+    with pytest.raises(RuntimeError, match="parametrization"):
+        nll(s1, s2, mean, std_param, count, "sqrt", 1e-5, True)
+    with pytest.raises(RuntimeError, match="shape"):
+        nll(s1[:3], s2, mean, std_param, count, "log", 1e-5, True)
+    with pytest.raises(RuntimeError, match="count"):
+        nll(s1, s2, mean, std_param, 0, "log", 1e-5, True)

@@ -39,6 +39,8 @@ constexpr int64_t kTaskElements = 16384;
 constexpr int64_t kMinRows = 128;
 // Channels-last: channels one task handles at most, so its partial-sum row stays in L1.
 constexpr int64_t kMaxTaskChannels = 2048;
+// Channels-first: planes (one n, one c) of at least this many elements get a partial sum each.
+constexpr int64_t kMinPlane = 64;
 
 template <typename F>
 void dispatch_bool(bool value, F&& f) {
@@ -117,22 +119,27 @@ Tensor channel_param(const c10::optional<Tensor>& t, int64_t C, at::ScalarType a
   return at::full({C}, fill, at::TensorOptions().dtype(acc));
 }
 
-// Cuts a channels-first (N, C, S) tensor into tasks of one channel each: a block of n and a
-// block of s. Task t covers (nb, c, sb) with t = (nb * C + c) * num_sb + sb.
+// Cuts a channels-first (N, C, S) tensor into segments of one channel each: a block of n and a
+// block of s, indexed t = (nb * C + c) * num_sb + sb. Planes of at least kMinPlane elements get a
+// segment each (n_block = 1), which makes t memory order: a thread walks contiguous memory, and the
+// partial sums (one per segment) stay under 2/kMinPlane of x. Smaller planes are grouped over n.
 struct ChannelsFirstTiling {
   int64_t n_block, s_block, num_nb, num_sb;
   ChannelsFirstTiling(int64_t N, int64_t S, int64_t chunk) {
-    if (S >= kTaskElements) {
-      n_block = 1;
-      s_block = std::max<int64_t>(chunk, kTaskElements / chunk * chunk);
-    } else {
-      s_block = S;
-      n_block = std::min<int64_t>(N, std::max<int64_t>(1, kTaskElements / std::max<int64_t>(S, 1)));
+    n_block = 1;
+    s_block = S;
+    if (S > kTaskElements) {
+      s_block = kTaskElements / chunk * chunk;
+    } else if (S < kMinPlane) {
+      n_block = std::min<int64_t>(N, std::max<int64_t>(1, kTaskElements / S));
     }
     num_nb = (N + n_block - 1) / n_block;
     num_sb = (S + s_block - 1) / s_block;
   }
   int64_t num_tasks(int64_t C) const { return num_nb * C * num_sb; }
+  // Segments per thread at least, so that a thread gets kTaskElements or more and tiny inputs
+  // run inline on the calling thread.
+  int64_t grain() const { return std::max<int64_t>(1, kTaskElements / (n_block * s_block)); }
 };
 
 // Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels.
@@ -152,7 +159,8 @@ template <typename opmath_t, int K>
 void reduce_partials(const Geometry& g, const std::array<const opmath_t*, K>& partials,
                      const std::array<opmath_t*, K>& out, int64_t num_blocks_outer,
                      int64_t num_blocks_inner) {
-  at::parallel_for(0, g.C, 64, [&](int64_t c0, int64_t c1) {
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_blocks_outer * num_blocks_inner));
+  at::parallel_for(0, g.C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int k = 0; k < K; ++k) {
         opmath_t total = 0;
@@ -185,7 +193,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     opmath_t* p = partials.data_ptr<opmath_t>();
     opmath_t* p0 = p;
     opmath_t* p1 = p + (reduce ? tasks : 1);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, t.grain(), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t sb = task % t.num_sb;
         const int64_t c = (task / t.num_sb) % g.C;

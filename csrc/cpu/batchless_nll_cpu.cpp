@@ -1,0 +1,136 @@
+// The NLL term and its gradients from the per-channel sums s1, s2 (schemas in csrc/ops.cpp):
+// O(C) scalar work, done in one loop instead of a chain of small tensor ops.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+namespace batchless_kernels {
+namespace {
+
+using at::Tensor;
+
+enum class Parametrization { kAbs, kLog, kInv };
+
+Parametrization parse_parametrization(c10::string_view name) {
+  if (name == "abs") return Parametrization::kAbs;
+  if (name == "log") return Parametrization::kLog;
+  if (name == "inv") return Parametrization::kInv;
+  TORCH_CHECK(false, "batchless_nll: parametrization must be 'abs', 'log' or 'inv', got '",
+              std::string(name), "'");
+}
+
+// r = 1/sigma, log sigma and their derivatives in p, per PAPER.md's parametrization table.
+template <typename acc_t>
+struct Sigma {
+  acc_t r, log_sigma, dr_dp, dlog_sigma_dp;
+  Sigma(acc_t p, Parametrization kind, acc_t eps) {
+    const acc_t sign = p > 0 ? acc_t(1) : (p < 0 ? acc_t(-1) : acc_t(0));  // d|p|/dp, 0 at 0
+    switch (kind) {
+      case Parametrization::kAbs: {
+        const acc_t sigma = std::abs(p) + eps;
+        r = acc_t(1) / sigma;
+        log_sigma = std::log(sigma);
+        dr_dp = -sign * r * r;
+        dlog_sigma_dp = sign * r;
+        break;
+      }
+      case Parametrization::kLog:
+        r = std::exp(-p);
+        log_sigma = p;
+        dr_dp = -r;
+        dlog_sigma_dp = acc_t(1);
+        break;
+      case Parametrization::kInv: {
+        const acc_t a = std::abs(p) + eps;
+        r = p;
+        log_sigma = -std::log(a);
+        dr_dp = acc_t(1);
+        dlog_sigma_dp = -sign / a;
+        break;
+      }
+    }
+  }
+};
+
+void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
+                    int64_t count, double eps) {
+  const int64_t C = mean.numel();
+  TORCH_CHECK(s1.dim() == 1 && s2.dim() == 1 && mean.dim() == 1 && std_param.dim() == 1 &&
+                  s1.numel() == C && s2.numel() == C && std_param.numel() == C,
+              "batchless_nll: s1, s2, mean, std_param must all have shape (C,), got ", s1.sizes(),
+              ", ", s2.sizes(), ", ", mean.sizes(), ", ", std_param.sizes());
+  TORCH_CHECK(s1.scalar_type() == s2.scalar_type() &&
+                  (s1.scalar_type() == at::kFloat || s1.scalar_type() == at::kDouble),
+              "batchless_nll: s1 and s2 must both be float32 or float64");
+  TORCH_CHECK(count > 0 && C > 0, "batchless_nll: needs count > 0 and C > 0 (an empty input has no NLL "
+              "to compute), got count=", count, ", C=", C);
+  TORCH_CHECK(eps > 0, "batchless_nll: eps must be positive, got ", eps);
+}
+
+Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
+               int64_t count, c10::string_view parametrization, double eps, bool gauge) {
+  check_nll_args(s1, s2, mean, std_param, count, eps);
+  const auto kind = parse_parametrization(parametrization);
+  Tensor out = at::empty({}, s1.options());
+  AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "batchless_nll", [&] {
+    const Tensor s2c = s2.contiguous();
+    const Tensor pc = std_param.to(s1.scalar_type()).contiguous();
+    const scalar_t* s2p = s2c.const_data_ptr<scalar_t>();
+    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
+    const int64_t C = pc.numel();
+    scalar_t log_total = 0, data_total = 0;
+    for (int64_t c = 0; c < C; ++c) {
+      log_total += Sigma<scalar_t>(pp[c], kind, scalar_t(eps)).log_sigma;
+      data_total += s2p[c];
+    }
+    const scalar_t mean_log = log_total / C;
+    const scalar_t data = data_total / (scalar_t(2) * scalar_t(count) * C);
+    // With the gauge, mean_log cancels in value (it stays in the gradient through nll_backward).
+    out.fill_(gauge ? data - scalar_t(0.5) : mean_log + data);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor& s1,
+                                            const Tensor& s2, const Tensor& mean,
+                                            const Tensor& std_param, int64_t count,
+                                            c10::string_view parametrization, double eps) {
+  check_nll_args(s1, s2, mean, std_param, count, eps);
+  const auto kind = parse_parametrization(parametrization);
+  const auto acc = s1.scalar_type();
+  Tensor dmean = at::empty({mean.numel()}, s1.options());
+  Tensor dparam = at::empty({std_param.numel()}, s1.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "batchless_nll_backward", [&] {
+    const Tensor s1c = s1.contiguous(), s2c = s2.contiguous();
+    const Tensor pc = std_param.to(acc).contiguous();
+    const scalar_t* s1p = s1c.const_data_ptr<scalar_t>();
+    const scalar_t* s2p = s2c.const_data_ptr<scalar_t>();
+    const scalar_t* pp = pc.const_data_ptr<scalar_t>();
+    scalar_t* dm = dmean.data_ptr<scalar_t>();
+    scalar_t* dp = dparam.data_ptr<scalar_t>();
+    const int64_t C = pc.numel();
+    const scalar_t g = grad_nll.item().to<scalar_t>() / C;
+    const scalar_t n = scalar_t(count);
+    for (int64_t c = 0; c < C; ++c) {
+      const Sigma<scalar_t> s(pp[c], kind, scalar_t(eps));
+      // s2 / (n r): r = 0 (inv with p = 0) makes xhat = 0, hence s2 = 0 and no data term.
+      const scalar_t data_per_r = s.r != 0 ? s2p[c] / (n * s.r) : scalar_t(0);
+      dm[c] = -g * s.r * s1p[c] / n;
+      dp[c] = g * (s.dlog_sigma_dp + data_per_r * s.dr_dp);
+    }
+  });
+  return {dmean.to(mean.scalar_type()), dparam.to(std_param.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchless_kernels, CPU, m) {
+  m.impl("batchless_nll", &nll_cpu);
+  m.impl("batchless_nll_backward", &nll_backward_cpu);
+}
+
+}  // namespace batchless_kernels
