@@ -3,7 +3,7 @@
 
 Environment switches:
   BATCHLESS_BUILD_CUDA=1|0   force the CUDA sources on or off (default: auto-detect)
-  BATCHLESS_CPU_ISA=avx2|default   vector ISA of the CPU kernels (default: avx2 when this CPU has it)
+  BATCHLESS_CPU_ISA=avx512|avx2|default   vector ISA of the CPU kernels (default: the widest this CPU has)
 
 Install with `pip install --no-build-isolation -e .` so the extension compiles against the torch
 already installed (build isolation would fetch and compile against another torch).
@@ -44,9 +44,12 @@ def _cpu_has(*features):
 def _cpu_isa_flags():
     """at::vec picks its vector width from CPU_CAPABILITY macros; set them for this machine."""
     isa = os.environ.get("BATCHLESS_CPU_ISA", "auto").strip().lower()
-    if isa not in ("auto", "avx2", "default"):
-        raise ValueError(f"BATCHLESS_CPU_ISA must be auto, avx2 or default, got {isa!r}")
+    if isa not in ("auto", "avx512", "avx2", "default"):
+        raise ValueError(f"BATCHLESS_CPU_ISA must be auto, avx512, avx2 or default, got {isa!r}")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if isa == "avx512" or (isa == "auto" and x86 and _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq")):
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if isa == "avx2" or (isa == "auto" and x86 and _cpu_has("avx2", "fma", "f16c")):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return ["-DCPU_CAPABILITY=DEFAULT"]
