@@ -42,6 +42,8 @@ constexpr int64_t kMaxTaskChannels = 2048;
 // Channels-first: planes (one n, one c) of at least this many elements get a partial sum each.
 constexpr int64_t kMinPlane = 64;
 
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 template <typename F>
 void dispatch_bool(bool value, F&& f) {
   if (value) {
@@ -120,26 +122,27 @@ Tensor channel_param(const c10::optional<Tensor>& t, int64_t C, at::ScalarType a
 }
 
 // Cuts a channels-first (N, C, S) tensor into segments of one channel each: a block of n and a
-// block of s, indexed t = (nb * C + c) * num_sb + sb. Planes of at least kMinPlane elements get a
-// segment each (n_block = 1), which makes t memory order: a thread walks contiguous memory, and the
-// partial sums (one per segment) stay under 2/kMinPlane of x. Smaller planes are grouped over n.
+// block of s, with partial sums in slots t = (nb * C + c) * num_sb + sb.
+//   Planes (one n, one c) of kMinPlane elements or more: a segment per plane, or per kTaskElements
+//   of a larger plane (n_block = 1). Slot order is then memory order: a thread walks contiguous
+//   memory, and the partials stay under 2/kMinPlane of x.
+//   Smaller planes: a task takes n_block whole samples, contiguous, and adds each plane's sums to
+//   the slot of its channel; n_block * S >= kMinPlane bounds the partials alike.
 struct ChannelsFirstTiling {
   int64_t n_block, s_block, num_nb, num_sb;
-  ChannelsFirstTiling(int64_t N, int64_t S, int64_t chunk) {
+  ChannelsFirstTiling(int64_t N, int64_t C, int64_t S, int64_t chunk) {
     n_block = 1;
     s_block = S;
     if (S > kTaskElements) {
       s_block = kTaskElements / chunk * chunk;
     } else if (S < kMinPlane) {
-      n_block = std::min<int64_t>(N, std::max<int64_t>(1, kTaskElements / S));
+      n_block = std::min(N, std::max(ceil_div(kMinPlane, S), ceil_div(kTaskElements, C * S)));
     }
-    num_nb = (N + n_block - 1) / n_block;
-    num_sb = (S + s_block - 1) / s_block;
+    num_nb = ceil_div(N, n_block);
+    num_sb = ceil_div(S, s_block);
   }
-  int64_t num_tasks(int64_t C) const { return num_nb * C * num_sb; }
-  // Segments per thread at least, so that a thread gets kTaskElements or more and tiny inputs
-  // run inline on the calling thread.
-  int64_t grain() const { return std::max<int64_t>(1, kTaskElements / (n_block * s_block)); }
+  bool small_planes() const { return n_block > 1; }
+  int64_t num_slots(int64_t C) const { return num_nb * C * num_sb; }
 };
 
 // Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels.
@@ -154,23 +157,18 @@ struct ChannelsLastTiling {
   }
 };
 
-// Sums the per-task partials of K statistics into per-channel totals, in a fixed order.
+// Sums the partials of K statistics, laid out (num_outer, C, num_inner), into per-channel totals
+// in a fixed order.
 template <typename opmath_t, int K>
-void reduce_partials(const Geometry& g, const std::array<const opmath_t*, K>& partials,
-                     const std::array<opmath_t*, K>& out, int64_t num_blocks_outer,
-                     int64_t num_blocks_inner) {
-  const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_blocks_outer * num_blocks_inner));
-  at::parallel_for(0, g.C, grain, [&](int64_t c0, int64_t c1) {
+void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
+                     const std::array<opmath_t*, K>& out, int64_t num_outer, int64_t num_inner) {
+  const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_outer * num_inner));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int k = 0; k < K; ++k) {
         opmath_t total = 0;
-        if (g.layout == Layout::kChannelsFirst) {
-          for (int64_t nb = 0; nb < num_blocks_outer; ++nb)
-            for (int64_t sb = 0; sb < num_blocks_inner; ++sb)
-              total += partials[k][(nb * g.C + c) * num_blocks_inner + sb];
-        } else {
-          for (int64_t rb = 0; rb < num_blocks_outer; ++rb) total += partials[k][rb * g.C + c];
-        }
+        for (int64_t o = 0; o < num_outer; ++o)
+          for (int64_t i = 0; i < num_inner; ++i) total += partials[k][(o * C + c) * num_inner + i];
         out[k][c] = total;
       }
     }
@@ -179,7 +177,7 @@ void reduce_partials(const Geometry& g, const std::array<const opmath_t*, K>& pa
 
 // Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
 // the partials into out0, out1 (C,) when `reduce` is set.
-//   channels-first body(n0, n1, c, s0, s1, p0, p1): p0, p1 point at this task's scalar slots;
+//   channels-first body(n0, n1, c, s0, s1, p0, p1): sums of its segment into *p0, *p1;
 //   channels-last  body(r0, r1, c0, c1, p0, p1): p0, p1 point at this task's (C,) partial rows,
 //                  zeroed, indexed by absolute channel.
 template <typename opmath_t, typename FirstBody, typename LastBody>
@@ -187,23 +185,40 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
                const FirstBody& first_body, const LastBody& last_body) {
   const auto acc = c10::CppTypeToScalarType<opmath_t>::value;
   if (g.layout == Layout::kChannelsFirst) {
-    const ChannelsFirstTiling t(g.N, g.S, chunk);
-    const int64_t tasks = t.num_tasks(g.C);
-    Tensor partials = at::empty({2, reduce ? tasks : 1}, at::TensorOptions().dtype(acc));
-    opmath_t* p = partials.data_ptr<opmath_t>();
-    opmath_t* p0 = p;
-    opmath_t* p1 = p + (reduce ? tasks : 1);
-    at::parallel_for(0, tasks, t.grain(), [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t sb = task % t.num_sb;
-        const int64_t c = (task / t.num_sb) % g.C;
-        const int64_t nb = task / (t.num_sb * g.C);
-        const int64_t slot = reduce ? task : 0;  // unused when not reducing
-        first_body(nb * t.n_block, std::min(g.N, (nb + 1) * t.n_block), c, sb * t.s_block,
-                   std::min(g.S, (sb + 1) * t.s_block), p0 + slot, p1 + slot);
-      }
-    });
-    if (reduce) reduce_partials<opmath_t, 2>(g, {p0, p1}, {out0, out1}, t.num_nb, t.num_sb);
+    const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
+    const int64_t slots = reduce ? t.num_slots(g.C) : 1;
+    Tensor partials = at::zeros({2, slots}, at::TensorOptions().dtype(acc));
+    opmath_t* p0 = partials.data_ptr<opmath_t>();
+    opmath_t* p1 = p0 + slots;
+    if (t.small_planes()) {
+      const int64_t grain = std::max<int64_t>(1, kTaskElements / (t.n_block * g.C * g.S));
+      at::parallel_for(0, t.num_nb, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t nb = begin; nb < end; ++nb) {
+          for (int64_t n = nb * t.n_block; n < std::min(g.N, (nb + 1) * t.n_block); ++n) {
+            for (int64_t c = 0; c < g.C; ++c) {
+              opmath_t plane0 = 0, plane1 = 0;
+              first_body(n, n + 1, c, 0, g.S, &plane0, &plane1);
+              if (reduce) {
+                p0[nb * g.C + c] += plane0;
+                p1[nb * g.C + c] += plane1;
+              }
+            }
+          }
+        }
+      });
+    } else {
+      const int64_t grain = std::max<int64_t>(1, kTaskElements / t.s_block);
+      at::parallel_for(0, t.num_slots(g.C), grain, [&](int64_t begin, int64_t end) {
+        for (int64_t slot = begin; slot < end; ++slot) {
+          const int64_t sb = slot % t.num_sb;
+          const int64_t c = (slot / t.num_sb) % g.C;
+          const int64_t n = slot / (t.num_sb * g.C);
+          const int64_t own = reduce ? slot : 0;  // one scratch slot when not reducing
+          first_body(n, n + 1, c, sb * t.s_block, std::min(g.S, (sb + 1) * t.s_block), p0 + own, p1 + own);
+        }
+      });
+    }
+    if (reduce) reduce_partials<opmath_t, 2>(g.C, {p0, p1}, {out0, out1}, t.num_nb, t.num_sb);
   } else {
     const int64_t M = g.N * g.S;
     const ChannelsLastTiling t(M, g.C);
@@ -219,7 +234,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
                   std::min(g.C, (cb + 1) * t.c_block), p + row, p + plane + row);
       }
     });
-    if (reduce) reduce_partials<opmath_t, 2>(g, {p, p + plane}, {out0, out1}, t.num_rb, 1);
+    if (reduce) reduce_partials<opmath_t, 2>(g.C, {p, p + plane}, {out0, out1}, t.num_rb, 1);
   }
 }
 
