@@ -18,10 +18,11 @@ else
     "$_python" -m venv "$_root/.venv"
   fi
   BATCHLESS_PYTHON="$_root/.venv/bin/python"
-  if ! "$BATCHLESS_PYTHON" -c "import torch, ninja, pytest, numpy" 2>/dev/null; then
-    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0} and the tools into .venv"
+  # triton (the local 3.8.0 wheel) lets the tests run the triton backend under its interpreter.
+  if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy" 2>/dev/null; then
+    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, triton and the tools into .venv"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
-    "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" \
+    "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" triton==3.8.0 \
       ninja numpy pytest pytest-benchmark matplotlib
   fi
 fi

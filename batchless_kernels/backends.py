@@ -11,9 +11,11 @@ import os
 import torch
 
 from . import ops
+from . import triton as triton_backend
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 ENV_VAR = "BATCHLESS_BACKEND"
+# The triton backend runs CPU tensors only under Triton's interpreter, for tests: never auto there.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
 
 
@@ -36,7 +38,7 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
             return "batchless_kernels._C was built without CUDA kernels"
         return None
     if backend == "triton":
-        return "the triton backend is not part of this build yet"
+        return triton_backend.unavailable_reason(device_type)
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
@@ -48,10 +50,12 @@ def _device_types(device) -> list[str]:
 
 def available_backends(device=None) -> list[str]:
     """Backends that can run here: for `device` (str, torch.device) or, when None, for any device
-    of this machine. Ordered as ``auto`` prefers them."""
+    of this machine. Ordered as ``auto`` prefers them, then those it never picks there (triton on
+    CPU tensors under the interpreter)."""
     names: list[str] = []
     for device_type in _device_types(device):
-        for name in AUTO_ORDER.get(device_type, ("reference",)):
+        preferred = AUTO_ORDER.get(device_type, ("reference",))
+        for name in preferred + tuple(b for b in BACKENDS[1:] if b not in preferred):
             if name not in names and unavailable_reason(name, device_type) is None:
                 names.append(name)
     return names
@@ -87,4 +91,6 @@ def kernel_ops(backend: str):
             torch.ops.batchless_kernels.batchless_norm_forward.default,
             torch.ops.batchless_kernels.batchless_norm_backward.default,
         )
+    if backend == "triton":
+        return triton_backend.kernel_ops()
     raise ValueError(f"backend {backend!r} has no compiled ops")

@@ -106,7 +106,8 @@ Layout choose_layout(const Tensor& t) {
   const bool contiguous = t.is_contiguous();
   if (contiguous && spatial_size(t) > 1) return Layout::kChannelsFirst;
   if (contiguous || channels_innermost(t)) return Layout::kChannelsLast;  // (N, C) is channels-last
-  return Layout::kChannelsFirst;  // after a copy to contiguous
+  // Other strides are copied to contiguous first: (N, C, S), or (N, C) channels-last when S = 1.
+  return spatial_size(t) > 1 ? Layout::kChannelsFirst : Layout::kChannelsLast;
 }
 
 Tensor to_layout(const Tensor& t, Layout layout) {

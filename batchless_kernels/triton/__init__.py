@@ -1,0 +1,34 @@
+"""The triton backend: fused Triton kernels (norm.py), imported on first use.
+
+It runs CUDA tensors, and CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set before
+import), which is how machines without a GPU test it; it is never chosen by ``auto`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+
+def unavailable_reason(device_type: str) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if device_type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    if device_type == "cpu":
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return None
+        return "the triton backend runs CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1)"
+    return f"the triton backend does not run {device_type} tensors"
+
+
+def kernel_ops():
+    """(forward_op, backward_op) with the signatures of the compiled ops (csrc/ops.cpp)."""
+    from . import norm  # noqa: F401  (registers batchless_kernels::triton_forward/backward)
+
+    return (
+        torch.ops.batchless_kernels.triton_forward.default,
+        torch.ops.batchless_kernels.triton_backward.default,
+    )

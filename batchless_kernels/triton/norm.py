@@ -1,0 +1,353 @@
+"""Triton kernels of batchless normalization: fused forward (y and the per-channel sums S1, S2) and
+backward (dx, dweight, dbias), their launchers, and their registration as custom ops with the
+autograd and fake kernels shared with the compiled backends (batchless_kernels/ops.py).
+
+Layouts, without copies (as the C++ CPU kernels, see csrc/cpu/batchless_norm_cpu.cpp):
+  channels-first  x viewed as (N * C, S): one row per (n, c) plane;
+  channels-last   x viewed as (M, C), channels innermost (channels_last, 2-D, transposed (N, L, C)).
+Reductions are deterministic: each program writes its partial sums to its own slot and torch sums
+the slots in a fixed order (no atomics). Offsets are 64-bit. Accumulation is fp32 (fp64 for fp64).
+
+Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
+before import), which is how CI tests them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import ops
+from .._checks import accumulation_dtype
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# The interpreter converts fp32 to bf16 by truncation; the GPU rounds to nearest even.
+_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _store(ptr, value, mask):
+    """Stores value in ptr's dtype, rounding to nearest even as the GPU does (by hand for bf16 under
+    the interpreter)."""
+    if ptr.dtype.element_ty == tl.bfloat16 and _ROUND_BF16_BY_HAND:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forward_rows_kernel(
+    X,  # (N * C, S) planes of x, row-major
+    Y,  # (N * C, S) output, same layout
+    MEAN, RSTD, W, B,  # (C,) per-channel parameters
+    PS1, PS2,  # (N * C, num_sb) partial sums, one slot per (plane, program along S)
+    P, C, S, num_sb,
+    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+):
+    # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
+    # their elements.
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sb = tl.program_id(1)
+    pmask = planes < P
+    c = planes % C
+    mean = tl.load(MEAN + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(RSTD + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    if HAS_W:
+        w = tl.load(W + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    if HAS_B:
+        b = tl.load(B + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        offs = sb.to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
+        mask = pmask[:, None] & (offs < S)[None, :]
+        ptrs = planes[:, None] * S + offs[None, :]
+        x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        y = xhat
+        if HAS_W:
+            y = y * w
+        if HAS_B:
+            y = y + b
+        _store(Y + ptrs, y, mask)
+        if STATS:
+            acc1 += xhat
+            acc2 += xhat * xhat
+    if STATS:
+        tl.store(PS1 + planes * num_sb + sb, tl.sum(acc1, axis=1), mask=pmask)
+        tl.store(PS2 + planes * num_sb + sb, tl.sum(acc2, axis=1), mask=pmask)
+
+
+@triton.jit
+def _forward_columns_kernel(
+    X,  # (M, C) x with channels innermost
+    Y,  # (M, C) output, same layout
+    MEAN, RSTD, W, B,  # (C,) per-channel parameters
+    PS1, PS2,  # (num_mb, C) partial sums, one row per row-block
+    M, C,
+    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC) if HAS_W else 1.0
+    b = tl.load(B + cols, mask=cmask, other=0.0).to(ACC) if HAS_B else 0.0
+    acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for start in range(0, ROWS_PER_PROG, BLOCK_M):
+        rows = mb.to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
+        if HAS_W:
+            y = xhat * w[None, :]
+        else:
+            y = xhat
+        if HAS_B:
+            y = y + b[None, :]
+        _store(Y + offs, y, mask)
+        if STATS:
+            acc1 += xhat
+            acc2 += xhat * xhat
+    if STATS:
+        tl.store(PS1 + mb * C + cols, tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(PS2 + mb * C + cols, tl.sum(acc2, axis=0), mask=cmask)
+
+
+@triton.jit
+def _backward_rows_kernel(
+    G,  # (N * C, S) grad_y planes
+    X,  # (N * C, S) x planes (read only for dweight)
+    DX,  # (N * C, S) output
+    MEAN, RSTD, W,  # (C,)
+    PW, PB,  # (N * C, num_sb) partial sums of dweight, dbias
+    P, C, S, num_sb,
+    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_W: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+):
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    sb = tl.program_id(1)
+    pmask = planes < P
+    c = planes % C
+    mean = tl.load(MEAN + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    rstd = tl.load(RSTD + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    if HAS_W:
+        scale = tl.load(W + c, mask=pmask, other=0.0).to(ACC)[:, None] * rstd
+    else:
+        scale = rstd
+    accw = tl.zeros([BLOCK_P, BLOCK_S], ACC)
+    accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
+    for start in range(0, S_PER_PROG, BLOCK_S):
+        offs = sb.to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
+        mask = pmask[:, None] & (offs < S)[None, :]
+        ptrs = planes[:, None] * S + offs[None, :]
+        g = tl.load(G + ptrs, mask=mask, other=0.0).to(ACC)
+        if NEED_DX:
+            _store(DX + ptrs, g * scale, mask)
+        if NEED_DW:
+            x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
+            accw += tl.where(mask, g * ((x - mean) * rstd), 0.0)
+        if NEED_DB:
+            accb += g
+    if NEED_DW:
+        tl.store(PW + planes * num_sb + sb, tl.sum(accw, axis=1), mask=pmask)
+    if NEED_DB:
+        tl.store(PB + planes * num_sb + sb, tl.sum(accb, axis=1), mask=pmask)
+
+
+@triton.jit
+def _backward_columns_kernel(
+    G,  # (M, C) grad_y, channels innermost
+    X,  # (M, C) x (read only for dweight)
+    DX,  # (M, C) output
+    MEAN, RSTD, W,  # (C,)
+    PW, PB,  # (num_mb, C) partial sums of dweight, dbias
+    M, C,
+    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
+    NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
+    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
+    if HAS_W:
+        scale = tl.load(W + cols, mask=cmask, other=0.0).to(ACC) * rstd
+    else:
+        scale = rstd
+    accw = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
+    for start in range(0, ROWS_PER_PROG, BLOCK_M):
+        rows = mb.to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & cmask[None, :]
+        offs = rows[:, None] * C + cols[None, :]
+        g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
+        if NEED_DX:
+            _store(DX + offs, g * scale[None, :], mask)
+        if NEED_DW:
+            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            accw += tl.where(mask, g * ((x - mean[None, :]) * rstd[None, :]), 0.0)
+        if NEED_DB:
+            accb += g
+    if NEED_DW:
+        tl.store(PW + mb * C + cols, tl.sum(accw, axis=0), mask=cmask)
+    if NEED_DB:
+        tl.store(PB + mb * C + cols, tl.sum(accb, axis=0), mask=cmask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch geometry: a documented heuristic (no autotuning yet; GPU tuning awaits a GPU session).
+# ------------------------------------------------------------------------------------------------
+
+# Elements one program handles at most (the same under the interpreter, so that CI exercises the
+# GPU's geometry, split planes and multi-block partials included).
+_ELEMENTS_PER_PROGRAM = 1 << 13
+
+
+def _rows_geometry(P: int, S: int):
+    """(BLOCK_P, BLOCK_S, S_PER_PROG, num_pb, num_sb) for P channels-first planes of S elements:
+    small planes are packed BLOCK_P to a program, large ones split along S."""
+    block_s = min(triton.next_power_of_2(max(S, 1)), 1024)
+    block_p = min(triton.next_power_of_2(max(P, 1)), max(1, 4096 // block_s))
+    s_per_prog = block_s * max(1, min(triton.cdiv(S, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
+    return block_p, block_s, s_per_prog, triton.cdiv(P, block_p), triton.cdiv(S, s_per_prog)
+
+
+def _columns_geometry(M: int, C: int):
+    """(BLOCK_M, BLOCK_C, ROWS_PER_PROG, num_mb) for channels-last (M, C)."""
+    block_c = min(triton.next_power_of_2(max(C, 1)), 128)
+    block_m = max(1, min(triton.next_power_of_2(max(M, 1)), 4096 // block_c))
+    rows_per_prog = block_m * max(1, min(triton.cdiv(M, block_m), _ELEMENTS_PER_PROGRAM // (block_m * block_c)))
+    return block_m, block_c, rows_per_prog, triton.cdiv(M, rows_per_prog)
+
+
+def _channels_innermost(t: torch.Tensor) -> bool:
+    return t.movedim(1, -1).is_contiguous()
+
+
+def _channels_first(t: torch.Tensor) -> bool:
+    """The layout to compute a non-empty t in, as the C++ kernels choose it (choose_layout)."""
+    spatial = t.numel() // (t.shape[0] * t.shape[1])  # (N, C) planes of 1 element: channels-last
+    return spatial > 1 and (t.is_contiguous() or not _channels_innermost(t))
+
+
+def _to_layout(t: torch.Tensor, channels_first: bool) -> torch.Tensor:
+    if channels_first:
+        return t.contiguous()
+    return t if _channels_innermost(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def _param(t, channels, acc, fill, device):
+    return t if t is not None else torch.full((channels,), fill, dtype=acc, device=device)
+
+
+def _sum_partials(partials: torch.Tensor, channels: int, channels_first: bool) -> torch.Tensor:
+    """Per-channel totals of the per-program partials, in a fixed order."""
+    if channels_first:  # (N * C, num_sb)
+        return partials.view(-1, channels, partials.shape[-1]).sum(dim=(0, 2))
+    return partials.sum(dim=0)  # (num_mb, C)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers, registered as custom ops with the schemas of csrc/ops.cpp
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("batchless_kernels::triton_forward", mutates_args=())
+def triton_forward(
+    x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, compute_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(x.dtype)
+    channels = x.shape[1]
+    y = ops.output_like(x)
+    if x.numel() == 0:
+        n = channels if compute_stats else 0
+        return y, x.new_zeros((n,), dtype=acc), x.new_zeros((n,), dtype=acc)
+    first = _channels_first(x)
+    xin = _to_layout(x, first)
+    yout = y if y.stride() == xin.stride() else torch.empty_like(xin)
+    w = _param(weight, channels, acc, 1.0, x.device)
+    b = _param(bias, channels, acc, 0.0, x.device)
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, STATS=compute_stats,
+                 ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    if first:
+        planes, spatial = x.shape[0] * channels, xin.numel() // (x.shape[0] * channels)
+        block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
+        ps = torch.empty((2, planes, num_sb) if compute_stats else (2, 1, 1), dtype=acc, device=x.device)
+        _forward_rows_kernel[(num_pb, num_sb)](
+            xin, yout, mean, rstd, w, b, ps[0], ps[1], planes, channels, spatial, num_sb,
+            S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
+    else:
+        rows = xin.numel() // channels
+        block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
+        ps = torch.empty((2, num_mb, channels) if compute_stats else (2, 1, 1), dtype=acc, device=x.device)
+        _forward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
+            xin, yout, mean, rstd, w, b, ps[0], ps[1], rows, channels,
+            ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)
+    if yout is not y:
+        y.copy_(yout)
+    if not compute_stats:
+        return y, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
+    return y, _sum_partials(ps[0], channels, first), _sum_partials(ps[1], channels, first)
+
+
+@torch.library.custom_op("batchless_kernels::triton_backward", mutates_args=())
+def triton_backward(
+    grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+    weight: torch.Tensor | None, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = accumulation_dtype(grad_y.dtype)
+    channels = grad_y.shape[1]
+    need_dx, need_dw, need_db = output_mask
+    if need_dw and x is None:
+        raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
+    reference = x if x is not None else grad_y
+    dx = ops.output_like(reference) if need_dx else grad_y.new_empty((0,))
+    zeros = lambda need: grad_y.new_zeros((channels if need else 0,), dtype=acc)  # noqa: E731
+    if grad_y.numel() == 0 or not any(output_mask):
+        return dx, zeros(need_dw), zeros(need_db)
+    first = _channels_first(reference)
+    g = _to_layout(grad_y, first)
+    xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
+    dx_out = dx if (not need_dx or dx.stride() == g.stride()) else torch.empty_like(g)
+    w = _param(weight, channels, acc, 1.0, grad_y.device)
+    flags = dict(HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+                 ACC=tl.float64 if acc == torch.float64 else tl.float32)
+    dx_arg = dx_out if need_dx else g
+    if first:
+        planes, spatial = grad_y.shape[0] * channels, g.numel() // (grad_y.shape[0] * channels)
+        block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
+        ps = torch.empty((2, planes, num_sb), dtype=acc, device=g.device)
+        _backward_rows_kernel[(num_pb, num_sb)](
+            g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], planes, channels, spatial, num_sb,
+            S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
+    else:
+        rows = g.numel() // channels
+        block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
+        ps = torch.empty((2, num_mb, channels), dtype=acc, device=g.device)
+        _backward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
+            g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], rows, channels,
+            ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)
+    if need_dx and dx_out is not dx:
+        dx.copy_(dx_out)
+    dw = _sum_partials(ps[0], channels, first) if need_dw else zeros(False)
+    db = _sum_partials(ps[1], channels, first) if need_db else zeros(False)
+    return dx, dw, db
+
+
+triton_forward.register_fake(ops._forward_fake)
+triton_backward.register_fake(ops._backward_fake)
+triton_forward.register_autograd(ops.make_backward(triton_backward), setup_context=ops._setup_context)
