@@ -41,3 +41,35 @@ def test_opcheck_triton_backward(mask, shape, layout):
     _, backward = _ops()
     grad_y = torch.randn_like(x)
     torch.library.opcheck(backward, (grad_y, x if mask[1] else None, mean, torch.exp(-std_param), weight, mask))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["channels_last_2d", "contiguous"])
+def test_triton_beyond_2_pow_31_elements(layout):
+    """64-bit offsets: a bf16 input of more than 2^31 elements (4.3 GB). y is checked at the far end,
+    the sums against a chunked float64 computation."""
+    import batchless_kernels as bk
+
+    if not any(c.device == "cuda" for c in TRITON_CASES):
+        pytest.skip("needs the triton backend on a GPU")
+    channels = 64
+    count = 2**31 // channels + 3  # elements per channel
+    if layout == "contiguous":
+        x = torch.randn(1, channels, count, device="cuda", dtype=torch.bfloat16)
+        flat = x[0].t()  # (count, C) view for the checks
+    else:
+        flat = torch.randn(count, channels, device="cuda", dtype=torch.bfloat16)
+        x = flat
+    mean = torch.randn(channels, device="cuda") * 0.1
+    std_param = torch.rand(channels, device="cuda") * 0.2
+    with torch.no_grad():
+        y, nll = bk.batchless_norm(x, mean, std_param, backend="triton", need_nll=True)
+    rstd = torch.exp(-std_param.double())
+    y_flat = y[0].t() if layout == "contiguous" else y
+    tail = (flat[-1000:].double() - mean.double()) * rstd
+    torch.testing.assert_close(y_flat[-1000:].double(), tail.to(torch.bfloat16).double(), rtol=0, atol=0.02)
+    s2 = torch.zeros(channels, dtype=torch.float64, device="cuda")
+    for chunk in flat.split(1 << 24):
+        s2 += ((chunk.double() - mean.double()) * rstd).square().sum(0)
+    expected = (s2 / count).mean() / 2 - 0.5  # gauged NLL
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-4, atol=1e-5)
