@@ -43,6 +43,32 @@ def _store(ptr, value, mask):
 
 
 @triton.jit
+def _load_channel(PTR, c, mask, ACC: tl.constexpr):
+    return tl.load(PTR + c, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _plane_block(P, C, BLOCK_P: tl.constexpr):
+    """This program's BLOCK_P consecutive planes (64-bit), their mask and their channels."""
+    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    return planes, planes < P, planes % C
+
+
+@triton.jit
+def _plane_tile(planes, pmask, S, start, S_PER_PROG: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the [BLOCK_P, BLOCK_S] tile at `start` of this program's share of S."""
+    offs = tl.program_id(1).to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
+    return planes[:, None] * S + offs[None, :], pmask[:, None] & (offs < S)[None, :]
+
+
+@triton.jit
+def _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Offsets and mask of the [BLOCK_M, BLOCK_C] tile at `start` of this program's rows."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
+    return rows[:, None] * C + cols[None, :], (rows < M)[:, None] & cmask[None, :]
+
+
+@triton.jit
 def _forward_rows_kernel(
     X,  # (N * C, S) planes of x, row-major
     Y,  # (N * C, S) output, same layout
@@ -54,22 +80,18 @@ def _forward_rows_kernel(
 ):
     # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
     # their elements.
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
-    pmask = planes < P
-    c = planes % C
-    mean = tl.load(MEAN + c, mask=pmask, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(RSTD + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
+    rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
     if HAS_W:
-        w = tl.load(W + c, mask=pmask, other=0.0).to(ACC)[:, None]
+        w = _load_channel(W, c, pmask, ACC)[:, None]
     if HAS_B:
-        b = tl.load(B + c, mask=pmask, other=0.0).to(ACC)[:, None]
+        b = _load_channel(B, c, pmask, ACC)[:, None]
     acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, S_PER_PROG, BLOCK_S):
-        offs = sb.to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
-        mask = pmask[:, None] & (offs < S)[None, :]
-        ptrs = planes[:, None] * S + offs[None, :]
+        ptrs, mask = _plane_tile(planes, pmask, S, start, S_PER_PROG, BLOCK_S)
         x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         y = xhat
@@ -99,16 +121,16 @@ def _forward_columns_kernel(
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
-    w = tl.load(W + cols, mask=cmask, other=0.0).to(ACC) if HAS_W else 1.0
-    b = tl.load(B + cols, mask=cmask, other=0.0).to(ACC) if HAS_B else 0.0
+    mean = _load_channel(MEAN, cols, cmask, ACC)
+    rstd = _load_channel(RSTD, cols, cmask, ACC)
+    if HAS_W:
+        w = _load_channel(W, cols, cmask, ACC)
+    if HAS_B:
+        b = _load_channel(B, cols, cmask, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, ROWS_PER_PROG, BLOCK_M):
-        rows = mb.to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        offs, mask = _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG, BLOCK_M)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         if HAS_W:
@@ -137,22 +159,18 @@ def _backward_rows_kernel(
     S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_W: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
-    planes = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
-    pmask = planes < P
-    c = planes % C
-    mean = tl.load(MEAN + c, mask=pmask, other=0.0).to(ACC)[:, None]
-    rstd = tl.load(RSTD + c, mask=pmask, other=0.0).to(ACC)[:, None]
+    mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
+    rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
     if HAS_W:
-        scale = tl.load(W + c, mask=pmask, other=0.0).to(ACC)[:, None] * rstd
+        scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
     else:
         scale = rstd
     accw = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, S_PER_PROG, BLOCK_S):
-        offs = sb.to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
-        mask = pmask[:, None] & (offs < S)[None, :]
-        ptrs = planes[:, None] * S + offs[None, :]
+        ptrs, mask = _plane_tile(planes, pmask, S, start, S_PER_PROG, BLOCK_S)
         g = tl.load(G + ptrs, mask=mask, other=0.0).to(ACC)
         if NEED_DX:
             _store(DX + ptrs, g * scale, mask)
@@ -181,18 +199,16 @@ def _backward_columns_kernel(
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    mean = tl.load(MEAN + cols, mask=cmask, other=0.0).to(ACC)
-    rstd = tl.load(RSTD + cols, mask=cmask, other=0.0).to(ACC)
+    mean = _load_channel(MEAN, cols, cmask, ACC)
+    rstd = _load_channel(RSTD, cols, cmask, ACC)
     if HAS_W:
-        scale = tl.load(W + cols, mask=cmask, other=0.0).to(ACC) * rstd
+        scale = _load_channel(W, cols, cmask, ACC) * rstd
     else:
         scale = rstd
     accw = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, ROWS_PER_PROG, BLOCK_M):
-        rows = mb.to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & cmask[None, :]
-        offs = rows[:, None] * C + cols[None, :]
+        offs, mask = _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG, BLOCK_M)
         g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
         if NEED_DX:
             _store(DX + offs, g * scale[None, :], mask)
