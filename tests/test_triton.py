@@ -73,3 +73,50 @@ def test_triton_beyond_2_pow_31_elements(layout):
         s2 += ((chunk.double() - mean.double()) * rstd).square().sum(0)
     expected = (s2 / count).mean() / 2 - 0.5  # gauged NLL
     torch.testing.assert_close(nll.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def _loss(backend):
+    import batchless_kernels as bk
+
+    def loss(x, mean, std_param, weight, bias):
+        y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, backend=backend)
+        return y.square().mean() + nll
+
+    return loss
+
+
+def test_triton_under_torch_compile():
+    """fullgraph=True: the triton ops are opaque custom ops with fake kernels, no graph break."""
+    inputs = [t.requires_grad_() for t in make_case((4, 3, 5, 6), "channels_last", torch.float32, _device(), "log", True)]
+    eager = _loss("triton")(*inputs)
+    compiled = torch.compile(_loss("triton"), fullgraph=True)(*inputs)
+    torch.testing.assert_close(compiled, eager)
+    for got, want in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+def test_triton_in_a_cuda_graph():
+    """Forward and backward capture in a CUDA graph (no host syncs, no allocations outside the pool)
+    and replay to the eager result."""
+    if not any(c.device == "cuda" for c in TRITON_CASES):
+        pytest.skip("needs the triton backend on a GPU")
+    inputs = [t.requires_grad_() for t in make_case((8, 16, 7, 7), "contiguous", torch.float32, "cuda", "log", True)]
+    step = _loss("triton")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up: compiles the kernels outside the capture
+        for _ in range(2):
+            torch.autograd.grad(step(*inputs), inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step(*inputs)
+        grads = torch.autograd.grad(loss, inputs)
+    with torch.no_grad():
+        inputs[0].copy_(torch.randn_like(inputs[0]))
+    graph.replay()
+    eager = step(*inputs)
+    torch.testing.assert_close(loss, eager)
+    for got, want in zip(grads, torch.autograd.grad(eager, inputs)):
+        torch.testing.assert_close(got, want)
