@@ -72,11 +72,11 @@ def _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG: tl.constexpr, BLOCK_M:
 def _forward_rows_kernel(
     X,  # (N * C, S) planes of x, row-major
     Y,  # (N * C, S) output, same layout
-    MEAN, RSTD, W, B,  # (C,) per-channel parameters
+    MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (N * C, num_sb) partial sums, one slot per (plane, program along S)
     P, C, S, num_sb,
     S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+    STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
     # their elements.
@@ -84,22 +84,15 @@ def _forward_rows_kernel(
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
-    if HAS_W:
-        w = _load_channel(W, c, pmask, ACC)[:, None]
-    if HAS_B:
-        b = _load_channel(B, c, pmask, ACC)[:, None]
+    w = _load_channel(W, c, pmask, ACC)[:, None]
+    b = _load_channel(B, c, pmask, ACC)[:, None]
     acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, S_PER_PROG, BLOCK_S):
         ptrs, mask = _plane_tile(planes, pmask, S, start, S_PER_PROG, BLOCK_S)
         x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        y = xhat
-        if HAS_W:
-            y = y * w
-        if HAS_B:
-            y = y + b
-        _store(Y + ptrs, y, mask)
+        _store(Y + ptrs, xhat * w + b, mask)
         if STATS:
             acc1 += xhat
             acc2 += xhat * xhat
@@ -112,34 +105,26 @@ def _forward_rows_kernel(
 def _forward_columns_kernel(
     X,  # (M, C) x with channels innermost
     Y,  # (M, C) output, same layout
-    MEAN, RSTD, W, B,  # (C,) per-channel parameters
+    MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (num_mb, C) partial sums, one row per row-block
     M, C,
     ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    HAS_W: tl.constexpr, HAS_B: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+    STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
-    if HAS_W:
-        w = _load_channel(W, cols, cmask, ACC)
-    if HAS_B:
-        b = _load_channel(B, cols, cmask, ACC)
+    w = _load_channel(W, cols, cmask, ACC)
+    b = _load_channel(B, cols, cmask, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, ROWS_PER_PROG, BLOCK_M):
         offs, mask = _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG, BLOCK_M)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
-        if HAS_W:
-            y = xhat * w[None, :]
-        else:
-            y = xhat
-        if HAS_B:
-            y = y + b[None, :]
-        _store(Y + offs, y, mask)
+        _store(Y + offs, xhat * w[None, :] + b[None, :], mask)
         if STATS:
             acc1 += xhat
             acc2 += xhat * xhat
@@ -153,20 +138,17 @@ def _backward_rows_kernel(
     G,  # (N * C, S) grad_y planes
     X,  # (N * C, S) x planes (read only for dweight)
     DX,  # (N * C, S) output
-    MEAN, RSTD, W,  # (C,)
+    MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (N * C, num_sb) partial sums of dweight, dbias
     P, C, S, num_sb,
-    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, HAS_W: tl.constexpr,
+    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
-    if HAS_W:
-        scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
-    else:
-        scale = rstd
+    scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
     accw = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, S_PER_PROG, BLOCK_S):
@@ -190,10 +172,10 @@ def _backward_columns_kernel(
     G,  # (M, C) grad_y, channels innermost
     X,  # (M, C) x (read only for dweight)
     DX,  # (M, C) output
-    MEAN, RSTD, W,  # (C,)
+    MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (num_mb, C) partial sums of dweight, dbias
     M, C,
-    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_W: tl.constexpr,
+    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     mb = tl.program_id(0)
@@ -201,10 +183,7 @@ def _backward_columns_kernel(
     cmask = cols < C
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
-    if HAS_W:
-        scale = _load_channel(W, cols, cmask, ACC) * rstd
-    else:
-        scale = rstd
+    scale = _load_channel(W, cols, cmask, ACC) * rstd
     accw = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, ROWS_PER_PROG, BLOCK_M):
@@ -297,7 +276,7 @@ def triton_forward(
     yout = y if y.stride() == xin.stride() else torch.empty_like(xin)
     w = _param(weight, channels, acc, 1.0, x.device)
     b = _param(bias, channels, acc, 0.0, x.device)
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, STATS=compute_stats,
+    flags = dict(STATS=compute_stats,
                  ACC=tl.float64 if acc == torch.float64 else tl.float32)
     if first:
         planes, spatial = x.shape[0] * channels, xin.numel() // (x.shape[0] * channels)
@@ -340,7 +319,7 @@ def triton_backward(
     xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
     dx_out = dx if (not need_dx or dx.stride() == g.stride()) else torch.empty_like(g)
     w = _param(weight, channels, acc, 1.0, grad_y.device)
-    flags = dict(HAS_W=weight is not None, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+    flags = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
                  ACC=tl.float64 if acc == torch.float64 else tl.float32)
     dx_arg = dx_out if need_dx else g
     if first:
