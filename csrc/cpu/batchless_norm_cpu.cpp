@@ -20,6 +20,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "batchless_host.h"
+
 #include <algorithm>
 #include <array>
 #include <tuple>
@@ -86,41 +88,8 @@ struct Chunk {
   }
 };
 
-enum class Layout { kChannelsFirst, kChannelsLast };
-
-struct Geometry {
-  Layout layout;
-  int64_t N, C, S;  // x viewed as (N, C, S); channels-last kernels see rows M = N * S
-};
-
-bool channels_innermost(const Tensor& t) { return t.movedim(1, -1).is_contiguous(); }
-
-int64_t spatial_size(const Tensor& t) {
-  int64_t s = 1;
-  for (int64_t d = 2; d < t.dim(); ++d) s *= t.size(d);
-  return s;
-}
-
-// The layout to compute in for t: no copy when t is contiguous or channels-innermost.
-Layout choose_layout(const Tensor& t) {
-  const bool contiguous = t.is_contiguous();
-  if (contiguous && spatial_size(t) > 1) return Layout::kChannelsFirst;
-  if (contiguous || channels_innermost(t)) return Layout::kChannelsLast;  // (N, C) is channels-last
-  // Other strides are copied to contiguous first: (N, C, S), or (N, C) channels-last when S = 1.
-  return spatial_size(t) > 1 ? Layout::kChannelsFirst : Layout::kChannelsLast;
-}
-
-Tensor to_layout(const Tensor& t, Layout layout) {
-  if (layout == Layout::kChannelsFirst) return t.contiguous();
-  if (channels_innermost(t)) return t;
-  return t.movedim(1, -1).contiguous().movedim(-1, 1);
-}
-
-// Per-channel parameters in the accumulation dtype, contiguous; absent ones become 1 / 0.
-Tensor channel_param(const c10::optional<Tensor>& t, int64_t C, at::ScalarType acc, double fill) {
-  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
-  return at::full({C}, fill, at::TensorOptions().dtype(acc));
-}
+using host::Geometry;
+using host::Layout;
 
 // Cuts a channels-first (N, C, S) tensor into segments of one channel each: a block of n and a
 // block of s, with partial sums in slots t = (nb * C + c) * num_sb + sb.
@@ -328,68 +297,21 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   run_tiled<opmath_t>(g, K, kStats, o1, o2, first, last);
 }
 
-void check_channel_tensor(const Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "batchless_norm: ", name, " must have shape (", C,
-              ",), got ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "batchless_norm: ", name,
-              " must have a floating dtype, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "batchless_norm: ", name, " must be a CPU tensor, got ",
-              t.device());
-}
-
-void check_x(const Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() >= 2, "batchless_norm: ", name, " must have shape (N, C, *), got ",
-              x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), "batchless_norm: ", name, " must be a CPU tensor, got ",
-              x.device());
-  const auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16,
-              "batchless_norm: ", name, " must be float16, bfloat16, float32 or float64, got ", st);
-}
-
-at::ScalarType accumulation_type(at::ScalarType st) {
-  return st == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& mean,
                                                const Tensor& rstd,
                                                const c10::optional<Tensor>& weight,
                                                const c10::optional<Tensor>& bias,
                                                bool compute_stats) {
-  check_x(x, "x");
-  const int64_t C = x.size(1);
-  check_channel_tensor(mean, "mean", C);
-  check_channel_tensor(rstd, "rstd", C);
-  if (weight.has_value() && weight->defined()) check_channel_tensor(*weight, "weight", C);
-  if (bias.has_value() && bias->defined()) check_channel_tensor(*bias, "bias", C);
-
-  const auto acc = accumulation_type(x.scalar_type());
-  const auto acc_opts = x.options().dtype(acc);
-  Tensor s1 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor s2 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  // y takes x's strides when x is contiguous or channels-innermost, else it is contiguous.
-  const bool dense = x.is_contiguous() || channels_innermost(x);
-  Tensor y = dense ? at::empty_like(x) : at::empty(x.sizes(), x.options());
-  if (x.numel() == 0) return {y, s1, s2};
-
-  const Layout layout = choose_layout(x);
-  const Tensor xin = to_layout(x, layout);
-  const Geometry g{layout, x.size(0), C, spatial_size(x)};
-  const Tensor m = channel_param(mean, C, acc, 0.0);
-  const Tensor r = channel_param(rstd, C, acc, 1.0);
-  const Tensor w = channel_param(weight, C, acc, 1.0);
-  const Tensor b = channel_param(bias, C, acc, 0.0);
-  // y matches xin's layout (both dense, same strides), written in place through its pointer.
-  Tensor yout = y.strides() == xin.strides() ? y : at::empty_like(xin);
-
+  auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CPU);
+  if (plan.empty) return plan.finish();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_forward", [&] {
     dispatch_bool(compute_stats, [&](auto stats) {
-      forward_kernel<scalar_t, decltype(stats)::value>(g, xin.const_data_ptr<scalar_t>(),
-                                                       yout.data_ptr<scalar_t>(), m, r, w, b, s1, s2);
+      forward_kernel<scalar_t, decltype(stats)::value>(
+          plan.geometry, plan.x.const_data_ptr<scalar_t>(), plan.y_buffer.data_ptr<scalar_t>(),
+          plan.mean, plan.rstd, plan.weight, plan.bias, plan.s1, plan.s2);
     });
   });
-  if (!yout.is_same(y)) y.copy_(yout);
-  return {y, s1, s2};
+  return plan.finish();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -495,57 +417,22 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
                                                 const Tensor& mean, const Tensor& rstd,
                                                 const c10::optional<Tensor>& weight,
                                                 std::array<bool, 3> output_mask) {
-  check_x(grad_y, "grad_y");
-  const int64_t C = grad_y.size(1);
-  const bool has_x = x_opt.has_value() && x_opt->defined();
-  if (has_x) {
-    check_x(*x_opt, "x");
-    TORCH_CHECK(x_opt->sizes() == grad_y.sizes(), "batchless_norm_backward: grad_y has shape ",
-                grad_y.sizes(), " but x has shape ", x_opt->sizes());
-    TORCH_CHECK(x_opt->scalar_type() == grad_y.scalar_type(), "batchless_norm_backward: grad_y has dtype ",
-                grad_y.scalar_type(), " but x has dtype ", x_opt->scalar_type());
-  }
-  TORCH_CHECK(!output_mask[1] || has_x, "batchless_norm_backward: dweight needs x");
-  check_channel_tensor(mean, "mean", C);
-  check_channel_tensor(rstd, "rstd", C);
-  if (weight.has_value() && weight->defined()) check_channel_tensor(*weight, "weight", C);
-
-  const auto acc = accumulation_type(grad_y.scalar_type());
-  const auto acc_opts = grad_y.options().dtype(acc);
-  const Tensor& reference = has_x ? *x_opt : grad_y;
-  const bool dense = reference.is_contiguous() || channels_innermost(reference);
-  Tensor dx = !output_mask[0]
-                  ? at::empty({0}, grad_y.options())
-                  : (dense ? at::empty_like(reference) : at::empty(reference.sizes(), grad_y.options()));
-  Tensor dw = output_mask[1] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  Tensor db = output_mask[2] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  if (grad_y.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2])) {
-    return {dx, dw, db};
-  }
-
-  const Layout layout = choose_layout(reference);
-  const Tensor g_in = to_layout(grad_y, layout);
-  const Tensor x_in = output_mask[1] ? to_layout(*x_opt, layout) : Tensor();
-  const Geometry g{layout, grad_y.size(0), C, spatial_size(grad_y)};
-  const Tensor m = channel_param(mean, C, acc, 0.0);
-  const Tensor r = channel_param(rstd, C, acc, 1.0);
-  const Tensor w = channel_param(weight, C, acc, 1.0);
-  Tensor dx_out = (!output_mask[0] || dx.strides() == g_in.strides()) ? dx : at::empty_like(g_in);
-
+  auto plan = host::plan_backward(grad_y, x_opt, mean, rstd, weight, output_mask, c10::DeviceType::CPU);
+  if (plan.empty) return plan.finish();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "batchless_backward", [&] {
-    const scalar_t* xp = output_mask[1] ? x_in.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dxp = output_mask[0] ? dx_out.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* xp = output_mask[1] ? plan.x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = output_mask[0] ? plan.dx_buffer.data_ptr<scalar_t>() : nullptr;
     dispatch_bool(output_mask[0], [&](auto kdx) {
       dispatch_bool(output_mask[1], [&](auto kdw) {
         dispatch_bool(output_mask[2], [&](auto kdb) {
           backward_kernel<scalar_t, decltype(kdx)::value, decltype(kdw)::value, decltype(kdb)::value>(
-              g, g_in.const_data_ptr<scalar_t>(), xp, dxp, m, r, w, dw, db);
+              plan.geometry, plan.grad_y.const_data_ptr<scalar_t>(), xp, dxp, plan.mean, plan.rstd,
+              plan.weight, plan.dweight, plan.dbias);
         });
       });
     });
   });
-  if (output_mask[0] && !dx_out.is_same(dx)) dx.copy_(dx_out);
-  return {dx, dw, db};
+  return plan.finish();
 }
 
 }  // namespace
