@@ -1,0 +1,179 @@
+"""Batch Renormalization (Ioffe, NeurIPS 2017): the baseline of PAPER.md, in plain PyTorch.
+
+Training, with the batch statistics mu_B, sigma_B = sqrt(var_B + eps) (biased variance) over every
+dim but 1, and the moving statistics mu, sigma:
+
+    r    = clip(sg(sigma_B / sigma), 1 / rmax_t, rmax_t)
+    d    = clip(sg((mu_B - mu) / sigma), -dmax_t, dmax_t)
+    xhat = (x - mu_B) / sigma_B * r + d,        y = gamma * xhat + beta
+
+Gradients flow through mu_B and sigma_B (as in BN), not through r and d. Then, as in the paper,
+mu += momentum * (mu_B - mu) and sigma += momentum * (sigma_B - sigma). Evaluation uses the moving
+statistics: y = gamma * (x - mu) / sigma + beta, the function training converges to when r and d
+are not clipped. rmax_t, dmax_t are 1 and 0 (plain BN) for the first ``warmup_steps`` training
+steps, then grow linearly to rmax, dmax over ``relax_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ._checks import accumulation_dtype
+from .parametrization import check_eps
+
+
+def _check_nonneg_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
+def _check_float(name: str, value, low: float, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+        raise ValueError(f"{name} must be a finite float {bounds}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+class _BatchRenorm(nn.Module):
+    """Batch Renormalization over dim 1, modeled on nn.BatchNorm*d.
+
+    Buffers: ``running_mean`` (mu), ``running_std`` (sigma, the moving average of sqrt(var_B + eps):
+    it already includes eps, so eval divides by it directly; unlike nn.BatchNorm there is no
+    running_var and no unbiased correction), ``num_batches_tracked`` (the training step counter
+    that drives the rmax/dmax schedule).
+
+    A training batch with one value per channel (e.g. a (1, C) input) does not raise, unlike
+    nn.BatchNorm: there x - mu_B = 0 and var_B = 0, so the output is gamma * d + beta (the moving
+    statistics' normalization, clipped by dmax_t) and sigma moves toward sqrt(eps). That is what the
+    formulas give; it is allowed so that small-batch comparisons can run, not recommended.
+    An empty batch (N = 0) is normalized with the moving statistics and updates nothing.
+    """
+
+    _accepted_dims: tuple[int, ...] = ()
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        affine: bool = True,
+        rmax: float = 3.0,
+        dmax: float = 5.0,
+        warmup_steps: int = 0,
+        relax_steps: int = 0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        factory_kwargs = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = check_eps(eps)
+        self.momentum = _check_float("momentum", momentum, 0.0, 1.0)
+        self.affine = bool(affine)
+        self.rmax = _check_float("rmax", rmax, 1.0)
+        self.dmax = _check_float("dmax", dmax, 0.0)
+        self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
+        self.relax_steps = _check_nonneg_int("relax_steps", relax_steps)
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
+        self.register_buffer("running_std", torch.ones(num_features, **factory_kwargs))
+        self.register_buffer(
+            "num_batches_tracked",
+            torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+        )
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        self.running_mean.zero_()
+        self.running_std.fill_(1.0)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def current_limits(self) -> tuple[float, float]:
+        """(rmax_t, dmax_t) for the next training step, from num_batches_tracked: (1, 0) during the
+        warmup, then linear in the step up to (rmax, dmax) after relax_steps more steps."""
+        step = int(self.num_batches_tracked)
+        if step < self.warmup_steps:
+            return 1.0, 0.0
+        progress = 1.0 if self.relax_steps == 0 else min(1.0, (step - self.warmup_steps) / self.relax_steps)
+        return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() not in self._accepted_dims:
+            expected = " or ".join(f"{d}D" for d in self._accepted_dims)
+            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected {self.num_features} channels in dim 1 of the input, got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        acc = accumulation_dtype(x.dtype)
+        view = (1, self.num_features) + (1,) * (x.dim() - 2)
+        xf = x.to(acc)
+        run_mu = self.running_mean.to(acc)
+        run_sigma = self.running_std.to(acc)
+        if self.training and x.numel() > 0:
+            dims = [0] + list(range(2, x.dim()))
+            var_b, mu_b = torch.var_mean(xf, dims, correction=0)
+            sigma_b = torch.sqrt(var_b + self.eps)
+            rmax, dmax = self.current_limits()
+            with torch.no_grad():  # the stop-gradients: r and d are constants for autograd
+                r = (sigma_b / run_sigma).clamp(1.0 / rmax, rmax)
+                d = ((mu_b - run_mu) / run_sigma).clamp(-dmax, dmax)
+            xhat = (xf - mu_b.view(view)) * (r / sigma_b).view(view) + d.view(view)
+            with torch.no_grad():
+                self.running_mean.add_(self.momentum * (mu_b - run_mu))
+                self.running_std.add_(self.momentum * (sigma_b - run_sigma))
+                self.num_batches_tracked.add_(1)
+        else:
+            xhat = (xf - run_mu.view(view)) / run_sigma.view(view)
+        if self.weight is not None:
+            xhat = xhat * self.weight.to(acc).view(view) + self.bias.to(acc).view(view)
+        return xhat.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+            f"rmax={self.rmax}, dmax={self.dmax}, warmup_steps={self.warmup_steps}, "
+            f"relax_steps={self.relax_steps}"
+        )
+
+
+class BatchRenorm1d(_BatchRenorm):
+    """For (N, C) or (N, C, L) inputs, where nn.BatchNorm1d is used."""
+
+    _accepted_dims = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    """For (N, C, H, W) inputs, where nn.BatchNorm2d is used."""
+
+    _accepted_dims = (4,)
+
+
+class BatchRenorm3d(_BatchRenorm):
+    """For (N, C, D, H, W) inputs, where nn.BatchNorm3d is used."""
+
+    _accepted_dims = (5,)
