@@ -67,7 +67,7 @@ def _extension():
             "BATCHLESS_BUILD_CUDA=1 but CUDA cannot be built here: "
             f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}"
         )
-    cxx = ["-O3", "-std=c++17", "-fopenmp", *_cpu_isa_flags()]
+    cxx = ["-O3", "-fopenmp", *_cpu_isa_flags()]
     kwargs = dict(
         name="batchless_kernels._C",
         extra_compile_args={"cxx": cxx},
@@ -75,7 +75,7 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
     )
     if build_cuda:
-        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+        kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         kwargs["define_macros"] = [("BATCHLESS_WITH_CUDA", "1")]
         return CUDAExtension(sources=cpp_sources + cuda_sources, **kwargs)
     return CppExtension(sources=cpp_sources, **kwargs)

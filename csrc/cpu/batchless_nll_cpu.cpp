@@ -4,6 +4,8 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "batchless_nll.h"
+
 #include <cmath>
 #include <string>
 #include <tuple>
@@ -13,63 +15,10 @@ namespace {
 
 using at::Tensor;
 
-enum class Parametrization { kAbs, kLog, kInv };
-
-Parametrization parse_parametrization(c10::string_view name) {
-  if (name == "abs") return Parametrization::kAbs;
-  if (name == "log") return Parametrization::kLog;
-  if (name == "inv") return Parametrization::kInv;
-  TORCH_CHECK(false, "batchless_nll: parametrization must be 'abs', 'log' or 'inv', got '",
-              std::string(name), "'");
-}
-
-// r = 1/sigma, log sigma and their derivatives in p, per PAPER.md's parametrization table.
-template <typename acc_t>
-struct Sigma {
-  acc_t r, log_sigma, dr_dp, dlog_sigma_dp;
-  Sigma(acc_t p, Parametrization kind, acc_t eps) {
-    const acc_t sign = p > 0 ? acc_t(1) : (p < 0 ? acc_t(-1) : acc_t(0));  // d|p|/dp, 0 at 0
-    switch (kind) {
-      case Parametrization::kAbs: {
-        const acc_t sigma = std::abs(p) + eps;
-        r = acc_t(1) / sigma;
-        log_sigma = std::log(sigma);
-        dr_dp = -sign * r * r;
-        dlog_sigma_dp = sign * r;
-        break;
-      }
-      case Parametrization::kLog:
-        r = std::exp(-p);
-        log_sigma = p;
-        dr_dp = -r;
-        dlog_sigma_dp = acc_t(1);
-        break;
-      case Parametrization::kInv: {
-        const acc_t a = std::abs(p) + eps;
-        r = p;
-        log_sigma = -std::log(a);
-        dr_dp = acc_t(1);
-        dlog_sigma_dp = -sign / a;
-        break;
-      }
-    }
-  }
-};
-
-void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
-                    int64_t count, double eps) {
-  const int64_t C = mean.numel();
-  TORCH_CHECK(s1.dim() == 1 && s2.dim() == 1 && mean.dim() == 1 && std_param.dim() == 1 &&
-                  s1.numel() == C && s2.numel() == C && std_param.numel() == C,
-              "batchless_nll: s1, s2, mean, std_param must all have shape (C,), got ", s1.sizes(),
-              ", ", s2.sizes(), ", ", mean.sizes(), ", ", std_param.sizes());
-  TORCH_CHECK(s1.scalar_type() == s2.scalar_type() &&
-                  (s1.scalar_type() == at::kFloat || s1.scalar_type() == at::kDouble),
-              "batchless_nll: s1 and s2 must both be float32 or float64");
-  TORCH_CHECK(count > 0 && C > 0, "batchless_nll: needs count > 0 and C > 0 (an empty input has no NLL "
-              "to compute), got count=", count, ", C=", C);
-  TORCH_CHECK(eps > 0, "batchless_nll: eps must be positive, got ", eps);
-}
+using nll::check_nll_args;
+using nll::parse_parametrization;
+using nll::Parametrization;
+using nll::Sigma;
 
 Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
                int64_t count, c10::string_view parametrization, double eps, bool gauge) {

@@ -1,0 +1,464 @@
+// Fused CUDA kernels of batchless normalization (schemas in csrc/ops.cpp; host-side preparation in
+// csrc/batchless_host.h, shared with the CPU kernels).
+//
+// Forward reads x once and writes y once, with s1 = sum xhat and s2 = sum xhat^2 per channel on the
+// way. Backward reads grad_y (and x, only when dweight is wanted) once and writes dx once, with
+// dweight = sum grad_y * xhat and dbias = sum grad_y on the way.
+//
+// Work is cut into tiles, one thread block each:
+//   channels-first (N, C, S): a tile is one channel c, a block of samples n and a segment of the
+//     plane; the block's threads cover `rows` planes at a time, `cols` vectors of each.
+//   channels-last (M, C): a tile is a block of rows and a block of channels; each thread owns V
+//     consecutive channels and walks rows.
+// Tiles are sized from the multiprocessor count (about kWaves waves of resident blocks). Each tile
+// writes its partial sums to its own slot, and a second kernel sums the slots per channel in a
+// fixed order: no float atomics, the same bits on every run on a given GPU.
+//
+// Memory access: V elements (up to 16 bytes) per load and store when the inner extent and every
+// pointer allow it, else narrower; offsets are 64-bit.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+#include <tuple>
+#include <type_traits>
+
+#include "batchless_host.h"
+#include "cuda/block_reduce.cuh"
+
+namespace batchless_kernels {
+namespace {
+
+using at::Tensor;
+using host::Geometry;
+using host::Layout;
+
+constexpr int kThreads = 256;
+// Resident blocks of kThreads per multiprocessor at full occupancy (2048 threads on sm_80/sm_90).
+constexpr int kBlocksPerSm = 2048 / kThreads;
+// Tiles per launch: this many waves of resident blocks, so the last wave's tail stays short.
+constexpr int kWaves = 4;
+// Elements per tile at least, so that a tile amortizes its reduction.
+constexpr int64_t kMinTileElements = 4096;
+// Channels-last: rows per tile at least, which bounds the partial sums to 1/kMinRows of x.
+constexpr int64_t kMinRows = 32;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// V elements moved by one load or store instruction.
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+template <int V, typename T>
+__device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, V>*>(p);
+}
+
+template <int V, typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+}
+
+// Per-channel parameters (C,) in the accumulation dtype; the op's plan fills absent ones.
+template <typename acc_t>
+struct Params {
+  const acc_t* mean;
+  const acc_t* rstd;
+  const acc_t* weight;
+  const acc_t* bias;  // unused by backward
+};
+
+// The parameters of P channels: P = V consecutive channels (channels-last), or P = 1 channel that
+// every lane shares (channels-first).
+template <typename acc_t, int P>
+struct Lanes {
+  acc_t m[P], r[P], w[P], b[P];
+  __device__ __forceinline__ Lanes(const Params<acc_t>& p, int64_t c) {
+#pragma unroll
+    for (int k = 0; k < P; ++k) {
+      m[k] = p.mean[c + k];
+      r[k] = p.rstd[c + k];
+      w[k] = p.weight[c + k];
+      b[k] = p.bias != nullptr ? p.bias[c + k] : acc_t(0);
+    }
+  }
+};
+
+// Forward at offset i: y = xhat * w + b with xhat = (x - m) * r; a0 += xhat, a1 += xhat^2.
+template <typename scalar_t, bool kStats>
+struct ForwardOp {
+  using scalar_type = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x;
+  scalar_t* y;
+
+  __device__ __forceinline__ bool reduce() const { return kStats; }
+
+  template <int V, int P>
+  __device__ __forceinline__ void operator()(int64_t i, const Lanes<acc_t, P>& p, acc_t (&a0)[V],
+                                             acc_t (&a1)[V]) const {
+    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> yv;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int k = P == 1 ? 0 : v;
+      const acc_t h = (static_cast<acc_t>(xv.v[v]) - p.m[k]) * p.r[k];
+      if constexpr (kStats) {
+        a0[v] += h;
+        a1[v] += h * h;
+      }
+      yv.v[v] = static_cast<scalar_t>(h * p.w[k] + p.b[k]);
+    }
+    store_pack<V>(y + i, yv);
+  }
+};
+
+// Backward at offset i: dx = g * w * r; a0 += g * xhat (dweight, reads x), a1 += g (dbias).
+template <typename scalar_t, bool kDx, bool kDw>
+struct BackwardOp {
+  using scalar_type = scalar_t;
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* grad_y;
+  const scalar_t* x;  // null unless kDw
+  scalar_t* dx;       // null unless kDx
+  bool want_dbias;
+
+  __device__ __forceinline__ bool reduce() const { return kDw || want_dbias; }
+
+  template <int V, int P>
+  __device__ __forceinline__ void operator()(int64_t i, const Lanes<acc_t, P>& p, acc_t (&a0)[V],
+                                             acc_t (&a1)[V]) const {
+    const Pack<scalar_t, V> gv = load_pack<V>(grad_y + i);
+    Pack<scalar_t, V> xv;
+    if constexpr (kDw) xv = load_pack<V>(x + i);
+    Pack<scalar_t, V> dxv;
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int k = P == 1 ? 0 : v;
+      const acc_t g = static_cast<acc_t>(gv.v[v]);
+      if constexpr (kDx) dxv.v[v] = static_cast<scalar_t>(g * (p.w[k] * p.r[k]));
+      if constexpr (kDw) a0[v] += g * ((static_cast<acc_t>(xv.v[v]) - p.m[k]) * p.r[k]);
+      a1[v] += g;
+    }
+    if constexpr (kDx) store_pack<V>(dx + i, dxv);
+  }
+};
+
+// Channels-first tile `blockIdx.x` = (nb, c, sb): samples [nb * n_block, +n_block), plane segment
+// [sb * s_block, +s_block) of channel c. Its sums go to slot blockIdx.x of part0/part1, laid out
+// (num_nb, C, num_sb). S and s_block are multiples of V.
+template <typename Op, int V>
+__global__ void __launch_bounds__(kThreads)
+    channels_first_kernel(Op op, Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
+                          int64_t n_block, int64_t s_block, int64_t num_sb,
+                          typename Op::acc_t* part0, typename Op::acc_t* part1) {
+  using acc_t = typename Op::acc_t;
+  const int64_t tile = blockIdx.x;
+  const int64_t sb = tile % num_sb;
+  const int64_t c = (tile / num_sb) % C;
+  const int64_t n0 = tile / (num_sb * C) * n_block;
+  const int64_t n1 = std::min(N, n0 + n_block);
+  const int64_t s0 = sb * s_block;
+  const int len = static_cast<int>((std::min(S, s0 + s_block) - s0) / V);  // vectors per segment
+  const int cols = len < kThreads ? len : kThreads;
+  const int rows = kThreads / cols;  // planes the block covers at once
+  const int row = threadIdx.x / cols, col = threadIdx.x % cols;
+
+  const Lanes<acc_t, 1> p(params, c);
+  acc_t a0[V], a1[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
+  if (row < rows) {
+    for (int64_t n = n0 + row; n < n1; n += rows) {
+      const int64_t base = (n * C + c) * S + s0;
+      for (int j = col; j < len; j += cols) op.template operator()<V, 1>(base + int64_t(j) * V, p, a0, a1);
+    }
+  }
+  if (!op.reduce()) return;
+  acc_t t0 = 0, t1 = 0;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    t0 += a0[v];
+    t1 += a1[v];
+  }
+  __shared__ acc_t scratch[kThreads / 32];
+  t0 = block_sum<kThreads>(t0, scratch);
+  t1 = block_sum<kThreads>(t1, scratch);
+  if (threadIdx.x == 0) {
+    part0[tile] = t0;
+    part1[tile] = t1;
+  }
+}
+
+// Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
+// [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
+// c_block are multiples of V, and c_block <= kThreads * V.
+template <typename Op, int V>
+__global__ void __launch_bounds__(kThreads)
+    channels_last_kernel(Op op, Params<typename Op::acc_t> params, int64_t M, int64_t C,
+                         int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
+                         typename Op::acc_t* part1) {
+  using acc_t = typename Op::acc_t;
+  const int64_t rb = blockIdx.x;
+  const int64_t r0 = rb * r_block, r1 = std::min(M, r0 + r_block);
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * c_block;
+  const int c_len = static_cast<int>(std::min(C - c0, c_block));
+  const int cols = c_len / V;
+  const int rows = kThreads / cols;  // rows the block covers at once
+  const int row = threadIdx.x / cols, col = threadIdx.x % cols;
+  const bool active = row < rows;
+  const int64_t c = c0 + int64_t(col) * V;
+
+  acc_t a0[V], a1[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
+  if (active) {
+    const Lanes<acc_t, V> p(params, c);
+    for (int64_t r = r0 + row; r < r1; r += rows) op.template operator()<V, V>(r * C + c, p, a0, a1);
+  }
+  if (!op.reduce()) return;
+  // Sum the rows' accumulators per channel in row order, through shared memory.
+  extern __shared__ unsigned char shared_raw[];
+  acc_t* sh0 = reinterpret_cast<acc_t*>(shared_raw);  // (rows, c_len)
+  acc_t* sh1 = sh0 + rows * c_len;
+  if (active) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      sh0[row * c_len + col * V + v] = a0[v];
+      sh1[row * c_len + col * V + v] = a1[v];
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < c_len; j += kThreads) {
+    acc_t t0 = 0, t1 = 0;
+    for (int k = 0; k < rows; ++k) {
+      t0 += sh0[k * c_len + j];
+      t1 += sh1[k * c_len + j];
+    }
+    part0[rb * C + c0 + j] = t0;
+    part1[rb * C + c0 + j] = t1;
+  }
+}
+
+// Per-channel totals of partials laid out (num_outer, C, num_inner), in a fixed order: a block
+// takes 32 channels; its kLanes lanes per channel sum every kLanes-th partial, then lane 0 adds
+// the lanes' sums in order. out0 / out1 may be null (statistic not wanted).
+constexpr int kReduceChannels = 32;
+constexpr int kReduceLanes = 16;
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
+    reduce_partials_kernel(const acc_t* __restrict__ part0, const acc_t* __restrict__ part1,
+                           int64_t C, int64_t num_outer, int64_t num_inner, acc_t* out0,
+                           acc_t* out1) {
+  __shared__ acc_t sums[2][kReduceLanes][kReduceChannels + 1];
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceChannels + threadIdx.x;
+  acc_t t0 = 0, t1 = 0;
+  if (c < C) {
+    const int64_t total = num_outer * num_inner;
+    for (int64_t k = threadIdx.y; k < total; k += kReduceLanes) {
+      const int64_t index = (k / num_inner * C + c) * num_inner + k % num_inner;
+      t0 += part0[index];
+      t1 += part1[index];
+    }
+  }
+  sums[0][threadIdx.y][threadIdx.x] = t0;
+  sums[1][threadIdx.y][threadIdx.x] = t1;
+  __syncthreads();
+  if (threadIdx.y != 0 || c >= C) return;
+  for (int k = 1; k < kReduceLanes; ++k) {
+    t0 += sums[0][k][threadIdx.x];
+    t1 += sums[1][k][threadIdx.x];
+  }
+  if (out0 != nullptr) out0[c] = t0;
+  if (out1 != nullptr) out1[c] = t1;
+}
+
+// The widest V (elements per access, up to 16 bytes) that divides the inner extent and keeps every
+// pointer aligned.
+int vector_width(int64_t inner, int64_t elem_size, std::initializer_list<const void*> pointers) {
+  int v = static_cast<int>(16 / elem_size);
+  for (; v > 1; v /= 2) {
+    bool ok = inner % v == 0;
+    for (const void* p : pointers) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (v * elem_size) == 0;
+    if (ok) break;
+  }
+  return v;
+}
+
+template <int kMaxV, typename F>
+void dispatch_width(int v, const F& f) {
+  switch (v) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: if constexpr (kMaxV >= 2) return f(std::integral_constant<int, 2>{}); break;
+    case 4: if constexpr (kMaxV >= 4) return f(std::integral_constant<int, 4>{}); break;
+    case 8: if constexpr (kMaxV >= 8) return f(std::integral_constant<int, 8>{}); break;
+  }
+  TORCH_CHECK(false, "batchless_norm (cuda): unsupported vector width ", v);
+}
+
+template <typename F>
+void dispatch_bool(bool value, const F& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+int64_t target_tiles() {
+  return int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSm * kWaves;
+}
+
+// Runs op over the geometry; when op reduces, its two sums per channel go to out0 / out1 (either
+// may be null). `pointers` are the tensors op reads and writes, for the vector width.
+template <typename Op>
+void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& params, bool reduce,
+            typename Op::acc_t* out0, typename Op::acc_t* out1, int64_t elem_size,
+            std::initializer_list<const void*> pointers, const at::TensorOptions& acc_opts) {
+  using acc_t = typename Op::acc_t;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t tiles_wanted = target_tiles();
+  const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
+  Tensor partials;
+  int64_t num_outer = 0, num_inner = 0;
+
+  if (g.layout == Layout::kChannelsFirst) {
+    const int v = vector_width(g.S, elem_size, pointers);
+    int64_t n_block = 1, s_block = g.S, num_sb = 1;
+    if (g.S >= per_tile) {  // large planes: split each along S
+      num_sb = ceil_div(g.S, per_tile);
+      s_block = ceil_div(ceil_div(g.S, num_sb), v) * v;
+      num_sb = ceil_div(g.S, s_block);
+    } else {  // small planes: several samples of one channel per tile
+      n_block = std::min(g.N, std::max<int64_t>(1, per_tile / g.S));
+    }
+    const int64_t num_nb = ceil_div(g.N, n_block);
+    const int64_t tiles = num_nb * g.C * num_sb;
+    TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
+    if (reduce) partials = at::empty({2, tiles}, acc_opts);
+    acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+    acc_t* p1 = reduce ? p0 + tiles : nullptr;
+    dispatch_width<8>(v, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      if constexpr (V * sizeof(typename Op::scalar_type) <= 16) {
+        channels_first_kernel<Op, V><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+            op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    num_outer = num_nb;
+    num_inner = num_sb;
+  } else {
+    const int64_t M = g.N * g.S;
+    const int v = vector_width(g.C, elem_size, pointers);
+    const int64_t c_block = std::min<int64_t>(g.C, int64_t(kThreads) * v);
+    const int64_t num_cb = ceil_div(g.C, c_block);
+    TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
+    const int64_t min_rows = std::max(kMinRows, ceil_div(kMinTileElements, c_block));
+    const int64_t r_block = std::max(min_rows, ceil_div(M, std::max<int64_t>(1, tiles_wanted / num_cb)));
+    const int64_t num_rb = ceil_div(M, r_block);
+    TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
+    if (reduce) partials = at::empty({2, num_rb, g.C}, acc_opts);
+    acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+    acc_t* p1 = reduce ? p0 + num_rb * g.C : nullptr;
+    const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
+    dispatch_width<8>(v, [&](auto width) {
+      constexpr int V = decltype(width)::value;
+      if constexpr (V * sizeof(typename Op::scalar_type) <= 16) {
+        const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
+        channels_last_kernel<Op, V><<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block,
+                                                                       c_block, p0, p1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
+    });
+    num_outer = num_rb;
+    num_inner = 1;
+  }
+  if (!reduce) return;
+  const dim3 block(kReduceChannels, kReduceLanes);
+  const auto blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
+  reduce_partials_kernel<acc_t><<<blocks, block, 0, stream>>>(
+      partials.const_data_ptr<acc_t>(), partials.const_data_ptr<acc_t>() + partials.numel() / 2,
+      g.C, num_outer, num_inner, out0, out1);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename acc_t>
+Params<acc_t> params_of(const Tensor& mean, const Tensor& rstd, const Tensor& weight,
+                        const Tensor* bias) {
+  return {mean.const_data_ptr<acc_t>(), rstd.const_data_ptr<acc_t>(), weight.const_data_ptr<acc_t>(),
+          bias != nullptr ? bias->const_data_ptr<acc_t>() : nullptr};
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const Tensor& mean,
+                                                const Tensor& rstd,
+                                                const c10::optional<Tensor>& weight,
+                                                const c10::optional<Tensor>& bias,
+                                                bool compute_stats) {
+  TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CUDA);
+  if (plan.empty) return plan.finish();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias);
+    const scalar_t* xp = plan.x.const_data_ptr<scalar_t>();
+    scalar_t* yp = plan.y_buffer.data_ptr<scalar_t>();
+    dispatch_bool(compute_stats, [&](auto stats) {
+      using Op = ForwardOp<scalar_t, decltype(stats)::value>;
+      launch(plan.geometry, Op{xp, yp}, params, compute_stats,
+             compute_stats ? plan.s1.data_ptr<acc_t>() : nullptr,
+             compute_stats ? plan.s2.data_ptr<acc_t>() : nullptr, sizeof(scalar_t), {xp, yp},
+             plan.s1.options());
+    });
+  });
+  return plan.finish();
+}
+
+std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
+                                                 const c10::optional<Tensor>& x_opt,
+                                                 const Tensor& mean, const Tensor& rstd,
+                                                 const c10::optional<Tensor>& weight,
+                                                 std::array<bool, 3> output_mask) {
+  TORCH_CHECK(grad_y.is_cuda(), "batchless_norm: grad_y must be a CUDA tensor, got ", grad_y.device());
+  const c10::cuda::CUDAGuard guard(grad_y.device());
+  auto plan = host::plan_backward(grad_y, x_opt, mean, rstd, weight, output_mask, c10::DeviceType::CUDA);
+  if (plan.empty) return plan.finish();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "batchless_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, nullptr);
+    const scalar_t* gp = plan.grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* xp = output_mask[1] ? plan.x.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = output_mask[0] ? plan.dx_buffer.data_ptr<scalar_t>() : nullptr;
+    const bool reduce = output_mask[1] || output_mask[2];
+    dispatch_bool(output_mask[0], [&](auto kdx) {
+      dispatch_bool(output_mask[1], [&](auto kdw) {
+        using Op = BackwardOp<scalar_t, decltype(kdx)::value, decltype(kdw)::value>;
+        launch(plan.geometry, Op{gp, xp, dxp, output_mask[2]}, params, reduce,
+               output_mask[1] ? plan.dweight.data_ptr<acc_t>() : nullptr,
+               output_mask[2] ? plan.dbias.data_ptr<acc_t>() : nullptr, sizeof(scalar_t),
+               {gp, xp, dxp}, plan.dweight.options());
+      });
+    });
+  });
+  return plan.finish();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
+  m.impl("batchless_norm_forward", &forward_cuda);
+  m.impl("batchless_norm_backward", &backward_cuda);
+}
+
+}  // namespace batchless_kernels
