@@ -3,11 +3,18 @@
     y, nll = batchless_kernels.batchless_norm(x, mean, std_param, weight, bias)
     layer = batchless_kernels.BatchlessNorm2d(64)      # where nn.BatchNorm2d(64) was
     loss = task_loss + batchless_kernels.nll_loss(model)
+
+Training toolkit: convert_batchnorm (migrate a BN model), init_from_data (data-dependent init),
+fuse_for_inference (fold into conv/linear), BatchRenorm1d/2d/3d (the baseline).
 """
 
 from . import reference
 from .backends import BACKENDS, available_backends
+from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
+from .data_init import init_from_data
 from .functional import batchless_norm
+from .inference import ChannelAffine, fuse_for_inference
+from .migration import BatchlessNormNd, convert_batchnorm
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, nll_loss
 from .parametrization import PARAMETRIZATIONS
 
@@ -19,8 +26,16 @@ __all__ = [
     "BatchlessNorm1d",
     "BatchlessNorm2d",
     "BatchlessNorm3d",
+    "BatchlessNormNd",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+    "ChannelAffine",
     "available_backends",
     "batchless_norm",
+    "convert_batchnorm",
+    "fuse_for_inference",
+    "init_from_data",
     "nll_loss",
     "reference",
 ]

@@ -1,0 +1,187 @@
+"""init_from_data: data-dependent initialization of every Batchless layer's mean and std (PAPER.md,
+"Initialization").
+
+Each layer gets mu = the per-channel mean of its input and sigma = sqrt(var + eps) (the per-channel
+biased variance, over instances and positions; eps keeps constant channels finite), accumulated over
+the batches in float64 (Chan's parallel merge of per-batch means and squared deviations: memory
+stays one batch).
+
+Order. A layer's input depends on the layers before it, so layers are done in dependency order:
+- preserve_function=False: one pass over the data per layer, in execution order ("strata" of one
+  layer). In a pass the target is the first not-yet-initialized layer that runs; the forward stops
+  (an internal exception) as soon as another uninitialized layer is reached, so the target only sees
+  inputs computed by initialized layers, and each pass costs a partial forward.
+- preserve_function=True: weight and bias are adjusted so that every layer computes the same
+  function as before; no layer's input changes, so one pass initializes every layer at once.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from .modules import _BatchlessNorm
+from .parametrization import param_from_std, rstd_and_log_std
+
+
+class _StopForward(BaseException):
+    """Raised by a hook to end a forward early. A BaseException so that a model's own
+    ``except Exception`` cannot swallow it."""
+
+
+class _ChannelStats:
+    """Streaming per-channel mean and sum of squared deviations in float64 (Chan et al.)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        if n == 0:
+            return
+        dims = [0] + list(range(2, x.dim()))
+        xd = x.detach().to(torch.float64)
+        mean = xd.mean(dims)
+        m2 = (xd - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().sum(dims)
+        if self.mean is None:
+            self.count, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta.square() * (self.count * n / total)
+        self.count = total
+
+    def mean_std(self, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean, (self.m2 / self.count + eps).sqrt()
+
+
+def _model_input(batch, index: int):
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    raise TypeError(
+        f"data: batch {index} must be a tensor or a tuple/list whose first element is the input "
+        f"tensor, got {type(batch).__name__}"
+    )
+
+
+def _batches(data, max_batches):
+    """A re-iterable of model inputs (at most max_batches)."""
+    if isinstance(data, torch.Tensor):
+        return [data]
+    try:
+        iterator = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"data must be a tensor or an iterable of batches, got {type(data).__name__}"
+        ) from None
+    if iterator is data:
+        # A one-shot iterator (e.g. a generator) cannot be re-run per pass: keep its batches.
+        return list(itertools.islice(iterator, max_batches))
+    return data
+
+
+def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, preserve_function: bool) -> None:
+    """Writes mu, sigma into `layer`; with preserve_function, gamma' = gamma * r_old * sigma and
+    beta' = beta + gamma * r_old * (mu - mu_old) keep y = (x - mu) / sigma * gamma' + beta' unchanged."""
+    if preserve_function:
+        r_old, _ = rstd_and_log_std(layer.std_param.detach().to(torch.float64), layer.parametrization, layer.eps)
+        scale = layer.weight.detach().to(torch.float64) * r_old
+        shift = scale * (mean - layer.mean.detach().to(torch.float64))
+        layer.bias.add_(shift.to(layer.bias.dtype))
+        layer.weight.copy_(scale * std)
+    layer.mean.copy_(mean)
+    layer.std_param.copy_(param_from_std(std, layer.parametrization, layer.eps))
+
+
+def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, max_batches: int | None = None,
+                   train_mode: bool = False):
+    """Sets mean and std of every BatchlessNorm layer of `model` to the per-channel mean and std of the
+    input it sees on `data`, layer after layer in dependency order (module docstring); returns `model`.
+
+    data: one batch (a tensor), or an iterable of batches, each a tensor or a tuple/list whose first
+        element is the input (a DataLoader works). Inputs are moved to the model's device. A one-shot
+        iterator is materialized (up to max_batches batches); pass a re-iterable to keep memory at one
+        batch.
+    preserve_function: also adjust weight and bias so that the model's function is unchanged (needs
+        affine layers); then one pass over the data suffices.
+    max_batches: use at most this many batches per pass.
+    train_mode: run the model in training mode (e.g. with dropout active); default eval mode. The
+        modules' train/eval flags are restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches <= 0):
+        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if not isinstance(preserve_function, bool):
+        raise TypeError(f"preserve_function must be a bool, got {type(preserve_function).__name__}")
+    names = {m: n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, _BatchlessNorm)}
+    if preserve_function:
+        no_affine = [n for m, n in names.items() if not m.affine]
+        if no_affine:
+            raise ValueError(f"preserve_function=True needs affine layers; affine=False in {no_affine}")
+    batches = _batches(data, max_batches)
+    if not names:
+        return model
+    param = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = None if param is None else param.device
+
+    remaining = list(names)  # in registration order; the execution order decides
+    flags = {m: m.training for m in model.modules()}
+    model.train(train_mode)
+    try:
+        with torch.no_grad():
+            while remaining:
+                done = _one_pass(model, batches, max_batches, device, remaining, preserve_function, names)
+                remaining = [m for m in remaining if m not in done]
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    return model
+
+
+def _one_pass(model, batches, max_batches, device, remaining, preserve_function, names):
+    """One pass over the data; initializes and returns the layers of this stratum."""
+    stats: dict[nn.Module, _ChannelStats] = {}
+    target: list[nn.Module] = []  # the stratum's layer (preserve_function=False)
+
+    def pre_hook(layer, args):
+        x = args[0]
+        if not preserve_function:
+            if not target:
+                target.append(layer)
+            elif layer is not target[0]:
+                raise _StopForward
+        stats.setdefault(layer, _ChannelStats()).add(x)
+
+    handles = [m.register_forward_pre_hook(pre_hook) for m in remaining]
+    seen = 0
+    try:
+        for i, batch in enumerate(itertools.islice(batches, max_batches)):
+            x = _model_input(batch, i)
+            if device is not None:
+                x = x.to(device, non_blocking=True)
+            seen += 1
+            try:
+                model(x)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if seen == 0:
+        raise ValueError("data is empty: no batch to take statistics from")
+    ready = [m for m in remaining if m in stats and stats[m].count > 0]
+    if not ready or (preserve_function and len(ready) < len(remaining)):
+        missing = [names[m] for m in remaining if m not in ready]
+        raise ValueError(f"BatchlessNorm layers {missing} never saw data (no element reached them)")
+    for layer in ready:
+        _set_layer(layer, *stats[layer].mean_std(layer.eps), preserve_function)
+    return set(ready)

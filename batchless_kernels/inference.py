@@ -1,0 +1,131 @@
+"""fuse_for_inference: batchless normalization as the per-channel affine map it is at inference
+(PAPER.md: y = x * a + b with a = gamma / sigma, b = beta - mu * gamma / sigma), folded into the
+preceding convolution or linear layer where there is one."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .modules import _BatchlessNorm
+from .parametrization import rstd_and_log_std
+
+_FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
+              nn.Linear)
+
+
+class ChannelAffine(nn.Module):
+    """y = x * scale + shift per channel (dim 1): an inference-time Batchless layer. Like the layer,
+    it returns x's dtype and memory format (computing in the buffers' dtype when it is wider)."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
+            raise TypeError("scale and shift must be tensors")
+        if scale.dim() != 1 or scale.shape != shift.shape:
+            raise ValueError(
+                f"scale and shift must be (C,) tensors of one shape, got {tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", shift.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 2 or x.shape[1] != self.scale.shape[0]:
+            raise ValueError(
+                f"expected an (N, {self.scale.shape[0]}, *) input, got shape {tuple(x.shape)}"
+            )
+        view = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(view), x, self.scale.view(view)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.scale.shape[0]}"
+
+
+def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) in float64 with layer(x) = x * a + b per channel."""
+    p = layer.std_param.detach().to(torch.float64)
+    r, _ = rstd_and_log_std(p, layer.parametrization, layer.eps)
+    a = r if layer.weight is None else r * layer.weight.detach().to(torch.float64)
+    b = -layer.mean.detach().to(torch.float64) * a
+    if layer.bias is not None:
+        b = b + layer.bias.detach().to(torch.float64)
+    return a, b
+
+
+def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
+    """Whether `layer` can be folded into `prev`: a plain conv/linear (not a subclass with its own
+    forward, not used elsewhere in the model) whose output channels are the layer's channels."""
+    base = next((cls for cls in _FOLD_INTO if isinstance(prev, cls)), None)
+    if base is None or type(prev).forward is not base.forward or uses[id(prev)] > 1:
+        return False
+    if prev._forward_hooks or prev._forward_pre_hooks or nn.parameter.is_lazy(prev.weight):
+        return False
+    out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
+    return out == layer.num_features
+
+
+def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
+    """prev(x) * a + b as prev's own weight and bias (per output channel)."""
+    weight = prev.weight.detach().to(torch.float64)
+    if isinstance(prev, nn.modules.conv._ConvTransposeNd):
+        # weight is (in, out / groups, *k): output channel g * out/groups + j is weight[group g rows, j]
+        g = prev.groups
+        grouped = weight.reshape(g, weight.shape[0] // g, weight.shape[1], *weight.shape[2:])
+        scale = a.view(g, 1, weight.shape[1], *([1] * (weight.dim() - 2)))
+        new_weight = (grouped * scale).reshape(weight.shape)
+    else:
+        new_weight = weight * a.view((-1,) + (1,) * (weight.dim() - 1))
+    bias = b if prev.bias is None else prev.bias.detach().to(torch.float64) * a + b
+    with torch.no_grad():
+        prev.weight.copy_(new_weight)
+        if prev.bias is None:
+            prev.bias = nn.Parameter(bias.to(device=prev.weight.device, dtype=prev.weight.dtype),
+                                     requires_grad=prev.weight.requires_grad)
+        else:
+            prev.bias.copy_(bias)
+
+
+def fuse_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of `model` (the input is not changed) without Batchless layers, same outputs up to float
+    rounding (train and eval alike; the copy computes no NLL).
+
+    Rule: inside an nn.Sequential, a Batchless layer that directly follows (as the next child) a
+    Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many output channels is folded into that
+    layer's weight and bias, and replaced by nn.Identity (indices, hence state_dict keys, are kept).
+    A Linear is assumed to see (N, in_features) inputs, the case where BatchlessNorm1d's channels are
+    its output features. Conv/linear modules used more than once, with hooks, or subclasses with
+    their own forward are not folded. Every other Batchless layer becomes a ChannelAffine.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = copy.deepcopy(model)
+    uses: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        uses[id(m)] = uses.get(id(m), 0) + 1
+    affines: dict[int, nn.Module] = {}  # one ChannelAffine per (possibly shared) Batchless layer
+
+    def as_affine(layer: _BatchlessNorm) -> nn.Module:
+        if id(layer) not in affines:
+            a, b = _affine_of(layer)
+            dtype = layer.mean.dtype
+            affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype))
+        return affines[id(layer)]
+
+    folded: set[int] = set()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for prev_name, name in zip(names, names[1:]):
+            prev, layer = seq._modules[prev_name], seq._modules[name]
+            if isinstance(layer, _BatchlessNorm) and id(prev) not in folded and _foldable(prev, layer, uses):
+                _fold(prev, *_affine_of(layer))
+                folded.add(id(prev))
+                seq._modules[name] = nn.Identity()
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, _BatchlessNorm):
+                parent._modules[name] = as_affine(child)
+    if isinstance(model, _BatchlessNorm):
+        return as_affine(model)
+    return model

@@ -1,0 +1,125 @@
+"""convert_batchnorm: migrate a trained BN (or Batch Renormalization) network to batchless normalization.
+
+PAPER.md, "Migrating": mu = running_mean, sigma = sqrt(running_var + eps), gamma and beta copied. The
+converted network then computes, in train and eval mode alike, the function the BN network computed
+in eval mode, and training continues from there (add ``nll_loss(model)`` to the loss).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
+from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, _BatchlessNorm
+from .parametrization import param_from_std
+
+
+class BatchlessNormNd(_BatchlessNorm):
+    """For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank) converts
+    to, since its rank is only known at run time."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+
+# Checked in order: SyncBatchNorm derives from neither BatchNorm1d/2d/3d, Lazy* derive from them.
+_TARGETS = (
+    (nn.SyncBatchNorm, BatchlessNormNd),
+    (nn.BatchNorm1d, BatchlessNorm1d),
+    (nn.BatchNorm2d, BatchlessNorm2d),
+    (nn.BatchNorm3d, BatchlessNorm3d),
+    (BatchRenorm1d, BatchlessNorm1d),
+    (BatchRenorm2d, BatchlessNorm2d),
+    (BatchRenorm3d, BatchlessNorm3d),
+)
+# Keyword arguments of the Batchless layers that describe the new layer (the rest come from the BN).
+_LAYER_KWARGS = ("parametrization", "nll_weight", "gauge", "backend", "eps")
+
+
+def _target_class(module: nn.Module):
+    for source, target in _TARGETS:
+        if isinstance(module, source):
+            return target
+    return None
+
+
+def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str) -> _BatchlessNorm:
+    """One BN/BRN layer -> the Batchless layer with the same eval-mode function."""
+    if isinstance(bn, _BatchRenorm):
+        # running_std is the moving average of sqrt(var_B + eps): it already includes eps
+        stats = (bn.running_mean, bn.running_std)
+    elif bn.running_mean is not None and bn.running_var is not None:
+        stats = (bn.running_mean, (bn.running_var.to(torch.float64) + bn.eps).sqrt())
+    else:
+        stats = None
+    like = bn.weight if bn.weight is not None else (stats[0] if stats is not None else None)
+    factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
+    kwargs = {"eps": bn.eps, **layer_kwargs}
+    new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)
+    with torch.no_grad():
+        if stats is None:
+            warnings.warn(
+                f"module {name!r} ({type(bn).__name__}) has no running statistics "
+                "(track_running_stats=False): its Batchless layer starts at mean 0, std 1; "
+                "run batchless_kernels.init_from_data(model, data) to set them from data",
+                stacklevel=3,
+            )
+        elif new.mean.device.type != "meta":  # meta tensors have no values to copy
+            mean, std = stats
+            new.mean.copy_(mean)
+            new.std_param.copy_(param_from_std(std.to(torch.float64), new.parametrization, new.eps))
+        if bn.affine:
+            new.weight.copy_(bn.weight)
+            new.bias.copy_(bn.bias)
+            new.weight.requires_grad_(bn.weight.requires_grad)
+            new.bias.requires_grad_(bn.bias.requires_grad)
+    new.train(bn.training)
+    return new
+
+
+def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
+    """Replaces every nn.BatchNorm1d/2d/3d, nn.SyncBatchNorm and BatchRenorm1d/2d/3d of `module` by
+    the Batchless layer that computes the BN layer's eval-mode function; returns `module`, changed
+    in place (like nn.SyncBatchNorm.convert_sync_batchnorm), or the new layer when `module` is itself
+    a BN layer.
+
+    mean = running_mean, sigma = sqrt(running_var + eps) (BRN: running_std), weight and bias copied
+    with their requires_grad; device, dtype, eps and the training flag kept. BatchNorm*d maps to
+    BatchlessNorm*d; SyncBatchNorm (any input rank) to BatchlessNormNd. A layer without running
+    statistics (track_running_stats=False) starts at mean 0, std 1, with a warning.
+
+    layer_kwargs: options of the new layers: parametrization, nll_weight, gauge, backend, and eps
+    (default: each BN's own eps; it enters only the std parametrization, sigma keeps BN's eps).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    unknown = sorted(set(layer_kwargs) - set(_LAYER_KWARGS))
+    if unknown:
+        raise TypeError(f"convert_batchnorm got unexpected layer_kwargs {unknown}; accepted: {_LAYER_KWARGS}")
+    BatchlessNorm1d(1, **layer_kwargs)  # validates the values now, even for a model without BN
+    memo: dict[int, nn.Module] = {}  # a BN shared by several parents becomes one shared layer
+
+    def convert(m: nn.Module, name: str) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        if isinstance(m, nn.modules.batchnorm._LazyNormBase):  # becomes BatchNorm*d at its first forward
+            raise ValueError(f"module {name or type(m).__name__!r} is a lazy BN layer that has not seen "
+                             "an input yet: run a forward first")
+        target = _target_class(m)
+        if target is not None:
+            memo[id(m)] = _convert_layer(m, target, layer_kwargs, name or type(m).__name__)
+            return memo[id(m)]
+        memo[id(m)] = m
+        for child_name, child in list(m.named_children()):
+            new = convert(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(m, child_name, new)
+        return m
+
+    return convert(module, "")

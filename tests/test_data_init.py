@@ -1,0 +1,266 @@
+"""init_from_data: each Batchless layer's mean and std become the statistics of the input it sees, in
+dependency order, streamed over batches; preserve_function keeps the model's function."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchless_kernels as bk
+from batchless_kernels.modules import _BatchlessNorm
+from conftest import make_x
+
+PARAMETRIZATIONS = ("abs", "log", "inv")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Residual(nn.Module):
+    def __init__(self, c, parametrization):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), bk.BatchlessNorm2d(c, parametrization=parametrization),
+                                  nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+        self.norm = bk.BatchlessNorm2d(c, parametrization=parametrization)
+
+    def forward(self, x):
+        return self.norm(x + self.body(x))
+
+
+def cnn(parametrization="log", affine=True):
+    kw = {"parametrization": parametrization, "affine": affine}
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3), bk.BatchlessNorm2d(6, **kw), nn.ReLU(),
+        Residual(6, parametrization), nn.Dropout(0.5),
+        nn.Conv2d(6, 5, 3, stride=2), bk.BatchlessNorm2d(5, **kw), nn.Tanh(),
+        nn.Flatten(), nn.Linear(5 * 3 * 3, 7), bk.BatchlessNorm1d(7, **kw),
+    )
+
+
+def batchless_layers(model):
+    return [m for m in model.modules() if isinstance(m, _BatchlessNorm)]
+
+
+def input_stats(model, batches):
+    """Per layer: (mean, std) of its input over every batch, from the concatenated inputs, in float64."""
+    inputs = {m: [] for m in batchless_layers(model)}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs[m].append(a[0].double())) for m in inputs]
+    with torch.no_grad():
+        model.eval()
+        for x in batches:
+            model(x)
+    for h in hooks:
+        h.remove()
+    out = {}
+    for m, xs in inputs.items():
+        x = torch.cat([t.movedim(1, -1).reshape(-1, t.shape[1]) for t in xs])
+        out[m] = (x.mean(0), (x.var(0, unbiased=False) + m.eps).sqrt())
+    return out
+
+
+def data(batches=3, n=8, scale=3.0, offset=2.0):
+    """Inputs far from standard, of different batch sizes."""
+    return [make_x((n + i, 3, 9, 9)) * scale + offset for i in range(batches)]
+
+
+def assert_params_are_input_stats(model, batches, rtol=1e-5):
+    stats = input_stats(model, batches)
+    for i, (m, (mean, std)) in enumerate(stats.items()):
+        torch.testing.assert_close(m.mean.detach().double(), mean, rtol=rtol, atol=rtol * std.max().item(),
+                                   msg=lambda s: f"layer {i} mean: {s}")
+        torch.testing.assert_close(m.std.double(), std, rtol=rtol, atol=0, msg=lambda s: f"layer {i} std: {s}")
+
+
+def as_form(batches, form):
+    if form == "tensor":
+        return batches[0]
+    if form == "list":
+        return batches
+    if form == "tuples":
+        return [(x, torch.zeros(len(x))) for x in batches]
+    if form == "generator":
+        return (x for x in batches)
+    if form == "dataloader":
+        dataset = torch.utils.data.TensorDataset(torch.cat(batches), torch.zeros(sum(map(len, batches))))
+        return torch.utils.data.DataLoader(dataset, batch_size=len(batches[0]))
+    raise ValueError(form)
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("form", ["tensor", "list", "tuples", "generator", "dataloader"])
+def test_layers_get_their_input_statistics_in_dependency_order(parametrization, form):
+    """After init, each layer's mean/std are the statistics of its input *in the initialized model*:
+    only true if every layer was done after the layers that feed it."""
+    model = cnn(parametrization)
+    batches = data()
+    init_batches = [batches[0]] if form == "tensor" else batches
+    if form == "dataloader":
+        init_batches = [torch.cat(batches)[i:i + 8] for i in range(0, sum(map(len, batches)), 8)]
+    before = copy.deepcopy(model)
+    assert bk.init_from_data(model, as_form(batches, form)) is model
+    assert_params_are_input_stats(model, init_batches)
+    # weight and bias untouched; the statistics are not those of the uninitialized model
+    for old, new in zip(batchless_layers(before), batchless_layers(model)):
+        torch.testing.assert_close(new.weight, old.weight)
+        torch.testing.assert_close(new.bias, old.bias)
+    first_changed = [not torch.allclose(m.mean, s[0].float(), rtol=1e-3, atol=1e-3)
+                     for m, s in zip(batchless_layers(model), input_stats(before, init_batches).values())]
+    assert first_changed[0] is False and any(first_changed[1:])
+
+
+def test_normalized_outputs_and_zero_nll_after_init():
+    model = cnn()
+    x = data(batches=1, n=32)[0]
+    bk.init_from_data(model, x)
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, y: outputs.__setitem__(m, y)) for m in batchless_layers(model)]
+    model.eval()
+    model(x)
+    for h in hooks:
+        h.remove()
+    for y in outputs.values():
+        y = y.detach().movedim(1, -1).reshape(-1, y.shape[1]).double()
+        torch.testing.assert_close(y.mean(0), torch.zeros(y.shape[1], dtype=torch.float64), atol=1e-5, rtol=0)
+        torch.testing.assert_close(y.std(0, unbiased=False), torch.ones(y.shape[1], dtype=torch.float64),
+                                   atol=1e-3, rtol=0)
+    assert abs(bk.nll_loss(model).item()) < 1e-3  # the gauge's zero: the learned Gaussians fit
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_preserve_function(parametrization, channels_last):
+    model = cnn(parametrization)
+    for m in batchless_layers(model):  # a non-trivial starting point
+        with torch.no_grad():
+            m.mean.normal_()
+            m.std_param.copy_(bk.parametrization.param_from_std(torch.rand(m.num_features) + 0.5,
+                                                                parametrization, m.eps))
+            m.weight.normal_()
+            m.bias.normal_()
+    batches = data()
+    if channels_last:
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    probe = data(batches=1)[0]
+    model.eval()
+    expected = model(probe)
+    calls = count_calls(model[0])
+    bk.init_from_data(model, batches, preserve_function=True)
+    assert calls() == len(batches)  # one pass: the function never changes, nor any layer's input
+    torch.testing.assert_close(model(probe), expected, rtol=1e-5, atol=1e-5)
+    assert_params_are_input_stats(model, batches)
+
+
+def test_preserve_function_needs_affine():
+    with pytest.raises(ValueError, match="affine"):
+        bk.init_from_data(cnn(affine=False), data(1)[0], preserve_function=True)
+
+
+def count_calls(module):
+    n = [0]
+    module.register_forward_pre_hook(lambda m, a: n.__setitem__(0, n[0] + 1))
+    return lambda: n[0]
+
+
+def test_one_pass_per_layer_and_partial_forwards():
+    model = cnn()
+    first, last = count_calls(model[0]), count_calls(model[-2])
+    batches = data(batches=2)
+    bk.init_from_data(model, batches)
+    layers = len(batchless_layers(model))
+    assert first() == layers * len(batches)
+    # the Linear before the last layer runs in the last two passes only: a forward stops at the
+    # first uninitialized layer after the target
+    assert last() == 2 * len(batches)
+
+
+@pytest.mark.parametrize("max_batches", [1, 2])
+def test_max_batches(max_batches):
+    model = cnn()
+    batches = data(batches=3)
+    bk.init_from_data(model, batches, max_batches=max_batches)
+    assert_params_are_input_stats(model, batches[:max_batches])
+
+
+def test_streaming_is_exact_far_from_zero():
+    """Chan's merge in float64: a large offset and tiny spread lose nothing across batches."""
+    layer = bk.BatchlessNorm1d(4)
+    batches = [torch.randn(n, 4, dtype=torch.float64) * 1e-2 + 1e4 for n in (3, 17, 1, 40)]
+    bk.init_from_data(layer.double(), batches)
+    x = torch.cat(batches)
+    torch.testing.assert_close(layer.mean.detach(), x.mean(0), rtol=1e-14, atol=0)
+    torch.testing.assert_close(layer.std, (x.var(0, unbiased=False) + layer.eps).sqrt(), rtol=1e-9, atol=0)
+
+
+def test_training_flags_restored_and_train_mode():
+    model = cnn()
+    model.train()
+    model[3].eval()
+    flags = [m.training for m in model.modules()]
+    bk.init_from_data(model, data(1)[0])
+    assert [m.training for m in model.modules()] == flags
+    # dropout is off by default (eval mode) and on with train_mode=True: different statistics after it
+    a, b = cnn(), cnn()
+    b.load_state_dict(a.state_dict())
+    x = data(1)[0]
+    bk.init_from_data(a, x)
+    bk.init_from_data(b, x, train_mode=True)
+    assert torch.allclose(a[1].mean, b[1].mean)  # before the dropout
+    assert not torch.allclose(a[6].std, b[6].std)
+
+
+def test_model_without_batchless_layers():
+    model = nn.Linear(2, 2)
+    assert bk.init_from_data(model, torch.randn(3, 2)) is model
+
+
+def test_unreached_layer_named():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used = bk.BatchlessNorm1d(2)
+            self.unused = bk.BatchlessNorm1d(2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = Model()
+    with pytest.raises(ValueError, match="unused"):
+        bk.init_from_data(model, torch.randn(3, 2))
+    with pytest.raises(ValueError, match="unused"):
+        bk.init_from_data(model, torch.randn(3, 2), preserve_function=True)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    ([], ValueError, "data is empty"),
+    ((x for x in []), ValueError, "data is empty"),
+    (3, TypeError, "data must be"),
+    ([{"x": torch.randn(2, 2)}], TypeError, "batch 0"),
+    ([("label", torch.randn(2, 2))], TypeError, "batch 0"),
+])
+def test_bad_data(bad, error, match):
+    with pytest.raises(error, match=match):
+        bk.init_from_data(nn.Sequential(bk.BatchlessNorm1d(2)), bad)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"max_batches": 0}, ValueError, "max_batches"),
+    ({"max_batches": 1.5}, ValueError, "max_batches"),
+    ({"preserve_function": 1}, TypeError, "preserve_function"),
+])
+def test_bad_options(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bk.init_from_data(nn.Sequential(bk.BatchlessNorm1d(2)), torch.randn(3, 2), **kwargs)
+
+
+def test_bad_model():
+    with pytest.raises(TypeError, match="model"):
+        bk.init_from_data("model", torch.randn(3, 2))

@@ -1,0 +1,191 @@
+"""fuse_for_inference: Batchless layers folded into the conv/linear before them, or turned into
+ChannelAffine; same outputs, input model untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchless_kernels as bk
+from batchless_kernels.modules import _BatchlessNorm
+from batchless_kernels.parametrization import param_from_std
+from conftest import make_x
+
+PARAMETRIZATIONS = ("abs", "log", "inv")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomize(model, data):
+    """Statistics from the data (so that activations stay O(1)), then perturbed, with random affine."""
+    bk.init_from_data(model, data)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, _BatchlessNorm):
+                m.mean.add_(torch.randn_like(m.mean) * 0.1 * m.std)
+                std = m.std.double() * torch.exp(torch.randn(m.num_features, dtype=torch.float64) * 0.2)
+                m.std_param.copy_(param_from_std(std, m.parametrization, m.eps))
+                if m.affine:
+                    m.weight.normal_(1.0, 0.5)
+                    m.bias.normal_(0.0, 0.5)
+    return model
+
+
+class Branch(nn.Module):
+    """A Batchless layer outside any Sequential: becomes a ChannelAffine."""
+
+    def __init__(self, c, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+        self.norm = bk.BatchlessNorm2d(c, **kw)
+
+    def forward(self, x):
+        return x + self.norm(self.conv(x))
+
+
+def conv_model(**kw):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), bk.BatchlessNorm2d(8, **kw), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 8, 3, groups=2, bias=False, padding_mode="reflect", padding=1),
+                      bk.BatchlessNorm2d(8, **kw)),
+        nn.ReLU(), bk.BatchlessNorm2d(8, **kw),  # follows a ReLU: affine map
+        Branch(8, **kw),
+        nn.ConvTranspose2d(8, 6, 3, stride=2, groups=2, output_padding=1), bk.BatchlessNorm2d(6, **kw),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Linear(24, 5), bk.BatchlessNorm1d(5, **kw),
+    )
+
+
+def fused_outputs_match(model, x, rtol, atol=None):
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    fused = bk.fuse_for_inference(model)
+    with torch.no_grad():
+        expected, actual = model(x), fused(x)
+    assert actual.dtype == expected.dtype
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=(rtol if atol is None else atol) * scale)
+    # the input model is untouched
+    assert model.state_dict().keys() == before.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not any(isinstance(m, _BatchlessNorm) for m in fused.modules())
+    return fused
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_conv_model(parametrization, affine, channels_last):
+    model = conv_model(parametrization=parametrization, affine=affine)
+    data = make_x((6, 3, 7, 7)) * 2 + 1
+    randomize(model, data)
+    x = make_x((4, 3, 7, 7)) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    fused = fused_outputs_match(model, x, rtol=1e-5)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("ChannelAffine") == 2 and kinds.count("Identity") == 4
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[3][1], nn.Identity)
+    assert fused[3][0].bias is not None and fused[3][0].bias.shape == (8,)  # created by the fold
+    assert isinstance(fused[5], bk.ChannelAffine) and isinstance(fused[6].norm, bk.ChannelAffine)
+    assert fused.state_dict()["0.weight"].shape == model.state_dict()["0.weight"].shape
+
+
+@pytest.mark.parametrize("conv, norm, shape", [
+    (nn.Conv1d(4, 6, 3), bk.BatchlessNorm1d, (3, 4, 9)),
+    (nn.Conv3d(4, 6, 3, groups=2), bk.BatchlessNorm3d, (2, 4, 5, 4, 5)),
+    (nn.ConvTranspose1d(4, 6, 3, groups=2, bias=False), bk.BatchlessNorm1d, (3, 4, 9)),
+    (nn.ConvTranspose3d(4, 6, 2, stride=2), bk.BatchlessNorm3d, (2, 4, 3, 2, 3)),
+    (nn.Linear(4, 6, bias=False), bk.BatchlessNorm1d, (5, 4)),
+    (nn.Linear(4, 6), bk.BatchlessNormNd, (5, 4)),
+], ids=["conv1d", "conv3d-groups", "convT1d-groups", "convT3d", "linear-nobias", "linear-Nd"])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_each_foldable_layer(conv, norm, shape, parametrization):
+    model = nn.Sequential(conv, norm(6, parametrization=parametrization))
+    randomize(model, make_x(shape) * 3 - 1)
+    fused = fused_outputs_match(model, make_x(shape) * 3 - 1, rtol=1e-5)
+    assert isinstance(fused[1], nn.Identity) and type(fused[0]) is type(conv)
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-12), (torch.bfloat16, 3e-2)], ids=["float64", "bfloat16"])
+def test_dtypes(dtype, rtol):
+    model = conv_model().to(dtype)
+    randomize(model, make_x((6, 3, 7, 7), dtype=dtype))
+    fused = fused_outputs_match(model, make_x((4, 3, 7, 7), dtype=dtype), rtol=rtol)
+    assert all(t.dtype == dtype for t in fused.state_dict().values())
+
+
+def test_not_folded_when_unsafe():
+    shared = nn.Linear(3, 3)
+
+    class MyConv(nn.Conv1d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    hooked = nn.Linear(3, 3)
+    hooked.register_forward_hook(lambda m, a, y: y + 1)
+    model = nn.Sequential(
+        shared, bk.BatchlessNorm1d(3), shared,  # used twice: folding would change the second use
+        hooked, bk.BatchlessNorm1d(3),          # a hook sees the unnormalized output
+        nn.Unflatten(1, (3, 1)), MyConv(3, 3, 1), bk.BatchlessNorm1d(3),  # its own forward
+    )
+    randomize(model, torch.randn(8, 3))
+    fused = fused_outputs_match(model, torch.randn(5, 3), rtol=1e-5)
+    assert [type(m).__name__ for m in fused] == [
+        "Linear", "ChannelAffine", "Linear", "Linear", "ChannelAffine", "Unflatten", "MyConv", "ChannelAffine"]
+    assert fused[0] is fused[2]
+
+
+def test_linear_on_sequences_not_folded():
+    """Linear on (N, L, in) and BatchlessNorm1d(L): the channels are not the Linear's features."""
+    model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(5))
+    randomize(model, torch.randn(6, 5, 3))
+    fused = fused_outputs_match(model, torch.randn(2, 5, 3), rtol=1e-5)
+    assert isinstance(fused[1], bk.ChannelAffine)
+
+
+def test_shared_norm_folded_once_and_affine_elsewhere():
+    norm = bk.BatchlessNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), norm, nn.Tanh(), norm)
+    randomize(model, torch.randn(8, 3))
+    fused = fused_outputs_match(model, torch.randn(5, 3), rtol=1e-5)
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], bk.ChannelAffine)
+
+
+def test_root_layer():
+    layer = bk.BatchlessNorm3d(2, parametrization="inv")
+    randomize(layer, torch.randn(3, 2, 2, 3, 2))
+    fused = fused_outputs_match(layer, torch.randn(3, 2, 2, 3, 2), rtol=1e-6)
+    assert isinstance(fused, bk.ChannelAffine)
+    assert fused.state_dict().keys() == {"scale", "shift"}
+
+
+def test_channel_affine():
+    m = bk.ChannelAffine(torch.tensor([2.0, 3.0]), torch.tensor([1.0, -1.0]))
+    x = torch.randn(3, 2, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = m(x)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y[:, 1], 3 * x[:, 1] - 1)
+    assert m(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"\(N, 2, \*\)"):
+        m(torch.randn(3, 4))
+    with pytest.raises(ValueError, match="scale and shift"):
+        bk.ChannelAffine(torch.ones(2), torch.ones(3))
+    with pytest.raises(TypeError, match="scale and shift"):
+        bk.ChannelAffine([1.0], [2.0])
+
+
+def test_bad_model():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        bk.fuse_for_inference(None)

@@ -1,0 +1,220 @@
+"""convert_batchnorm: a BN / SyncBN / Batch Renormalization network becomes a Batchless one computing
+the BN network's eval-mode function (PAPER.md, "Migrating")."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import batchless_kernels as bk
+from conftest import make_x
+
+PARAMETRIZATIONS = ("abs", "log", "inv")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Block(nn.Module):
+    """ResNet basic block: conv-BN-ReLU-conv-BN plus a (possibly downsampling) shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+def resnet(dtype=torch.float32):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        Block(8, 8, 1), Block(8, 12, 2), Block(12, 12, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10), nn.BatchNorm1d(10),
+    ).to(dtype)
+
+
+def trained_stats(model, shape, dtype=torch.float32, steps=4):
+    """Running statistics from training-mode forwards, and non-trivial affine parameters."""
+    model.train()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = None  # cumulative average: the statistics of all the batches
+                if m.affine:
+                    m.weight.copy_(torch.randn_like(m.weight) * 0.3 + 1)
+                    m.bias.copy_(torch.randn_like(m.bias) * 0.3)
+        for _ in range(steps):
+            model(make_x(shape, dtype=dtype) * 2 + 1)
+    return model.eval()
+
+
+def max_rel_diff(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["float32", "float64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_resnet_eval_function_kept(parametrization, dtype, tol, channels_last):
+    bn_model = trained_stats(resnet(dtype), (16, 3, 12, 12), dtype)
+    converted = bk.convert_batchnorm(copy.deepcopy(bn_model), parametrization=parametrization)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in converted.modules())
+    assert sum(isinstance(m, bk.BatchlessNorm2d) for m in converted.modules()) == 8
+    assert isinstance(converted[-1], bk.BatchlessNorm1d) and not converted.training
+    x = make_x((5, 3, 12, 12), dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = bn_model(x)
+        assert max_rel_diff(converted(x), expected) <= tol
+        # batchless layers compute the same function in training mode, BN layers do not
+        assert max_rel_diff(converted.train()(x), expected) <= tol
+        assert max_rel_diff(bn_model.train()(x), expected) > 1e-2
+
+
+BN_CASES = [
+    (nn.BatchNorm1d, bk.BatchlessNorm1d, (6, 5)),
+    (nn.BatchNorm1d, bk.BatchlessNorm1d, (6, 5, 7)),
+    (nn.BatchNorm2d, bk.BatchlessNorm2d, (4, 5, 3, 5)),
+    (nn.BatchNorm3d, bk.BatchlessNorm3d, (2, 5, 3, 2, 3)),
+    (bk.BatchRenorm1d, bk.BatchlessNorm1d, (6, 5)),
+    (bk.BatchRenorm2d, bk.BatchlessNorm2d, (4, 5, 3, 5)),
+    (bk.BatchRenorm3d, bk.BatchlessNorm3d, (2, 5, 3, 2, 3)),
+    (nn.SyncBatchNorm, bk.BatchlessNormNd, (6, 5)),
+    (nn.SyncBatchNorm, bk.BatchlessNormNd, (4, 5, 3, 5)),
+    (nn.SyncBatchNorm, bk.BatchlessNormNd, (2, 5, 3, 2, 3)),
+]
+
+
+@pytest.mark.parametrize("source, target, shape", BN_CASES,
+                         ids=[f"{s.__name__}-{len(sh)}d" for s, _, sh in BN_CASES])
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_each_layer_kind(source, target, shape, parametrization, affine):
+    bn = source(5, eps=1e-3, affine=affine)
+    trained_stats(bn, shape)
+    bn.train()  # the training flag is kept
+    new = bk.convert_batchnorm(bn, parametrization=parametrization, nll_weight=0.5, gauge=False)
+    assert type(new) is target and new is not bn
+    assert new.training and new.eps == 1e-3 and new.affine == affine
+    assert (new.parametrization, new.nll_weight, new.gauge) == (parametrization, 0.5, False)
+    if hasattr(bn, "running_std"):  # BatchRenorm
+        mean, std = bn.running_mean, bn.running_std
+    else:
+        mean, std = bn.running_mean, (bn.running_var + bn.eps).sqrt()
+    torch.testing.assert_close(new.mean.detach(), mean)
+    torch.testing.assert_close(new.std, std, rtol=1e-6, atol=0)
+    if affine:
+        torch.testing.assert_close(new.weight.detach(), bn.weight.detach())
+        torch.testing.assert_close(new.bias.detach(), bn.bias.detach())
+    else:
+        assert new.weight is None and new.bias is None
+    x = make_x(shape) * 2 + 1
+    with torch.no_grad():
+        assert max_rel_diff(new(x), bn.eval()(x)) <= 1e-5
+
+
+def test_sync_batchnorm_layer_accepts_every_rank():
+    layer = bk.convert_batchnorm(nn.SyncBatchNorm(3))
+    for shape in [(2, 3), (2, 3, 4), (2, 3, 2, 2), (2, 3, 2, 2, 2), (2, 3, 1, 2, 1, 2)]:
+        assert layer(torch.randn(shape)).shape == shape
+    with pytest.raises(ValueError, match="at least 2D"):
+        layer(torch.randn(3))
+    y = layer(torch.randn(4, 3, 2))
+    assert layer.nll is not None and y.requires_grad
+    assert bk.nll_loss(layer).requires_grad  # nll_loss and every isinstance check see it
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
+def test_dtype_kept(dtype):
+    model = nn.Sequential(nn.Linear(4, 3).to(dtype), nn.BatchNorm1d(3, dtype=dtype))
+    trained_stats(model, (8, 4), dtype)
+    converted = bk.convert_batchnorm(copy.deepcopy(model))
+    assert all(p.dtype == dtype for p in converted.parameters())
+    x = make_x((5, 4), dtype=dtype)
+    with torch.no_grad():
+        assert max_rel_diff(converted(x), model(x)) <= (1e-12 if dtype == torch.float64 else 2e-2)
+
+
+def test_meta_device_kept():
+    layer = bk.convert_batchnorm(nn.BatchNorm2d(3, device="meta"))
+    assert all(p.device.type == "meta" for p in layer.parameters())
+
+
+def test_requires_grad_and_sharing_kept():
+    shared = nn.BatchNorm1d(3)
+    shared.weight.requires_grad_(False)
+    model = nn.Sequential(nn.Linear(3, 3), shared, nn.Sequential(shared))
+    model = bk.convert_batchnorm(model)
+    assert model[1] is model[2][0]
+    assert not model[1].weight.requires_grad and model[1].bias.requires_grad
+    assert model[1].mean.requires_grad and model[1].std_param.requires_grad
+
+
+def test_without_running_stats_warns_and_starts_standard():
+    model = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.warns(UserWarning, match="init_from_data"):
+        converted = bk.convert_batchnorm(model, parametrization="inv")
+    layer = converted[1]
+    torch.testing.assert_close(layer.mean.detach(), torch.zeros(3))
+    torch.testing.assert_close(layer.std, torch.ones(3))
+    # the module stays a BN-free model that trains: the NLL reaches mean and std_param
+    loss = converted(torch.randn(4, 2, 3, 3)).square().mean() + bk.nll_loss(converted)
+    loss.backward()
+    assert layer.mean.grad.abs().sum() > 0 and layer.std_param.grad.abs().sum() > 0
+
+
+def test_eps_override_keeps_function():
+    bn = trained_stats(nn.BatchNorm1d(4, eps=1e-5), (16, 4))
+    new = bk.convert_batchnorm(bn, eps=1e-3, parametrization="abs")
+    assert new.eps == 1e-3
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        assert max_rel_diff(new(x), bn(x)) <= 1e-5  # sigma = sqrt(var + the BN's eps) still
+
+
+def test_lazy_layers():
+    lazy = nn.Sequential(nn.LazyLinear(3), nn.LazyBatchNorm1d())
+    with pytest.raises(ValueError, match="lazy"):
+        bk.convert_batchnorm(lazy)
+    lazy(torch.randn(4, 5))  # materialized: converts
+    assert isinstance(bk.convert_batchnorm(lazy)[1], bk.BatchlessNorm1d)
+
+
+def test_model_without_batchnorm_unchanged():
+    model = nn.Sequential(nn.Linear(2, 2), bk.BatchlessNorm1d(2))
+    assert bk.convert_batchnorm(model) is model and isinstance(model[1], bk.BatchlessNorm1d)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"parametrization": "exp"}, ValueError, "parametrization"),
+    ({"nll_weight": -1.0}, ValueError, "nll_weight"),
+    ({"backend": "gpu"}, ValueError, "backend"),
+    ({"momentum": 0.1}, TypeError, "momentum"),
+    ({"num_features": 3}, TypeError, "num_features"),
+])
+def test_bad_layer_kwargs(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        bk.convert_batchnorm(nn.Sequential(nn.Linear(2, 2)), **kwargs)
+
+
+def test_bad_module():
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        bk.convert_batchnorm(lambda x: x)
