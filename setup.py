@@ -12,13 +12,21 @@ already installed (build isolation would fetch and compile against another torch
 import glob
 import os
 import platform
+import site
+import sys
 
-from setuptools import find_packages, setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+# torch guesses CUDA_HOME from the nvcc on PATH; the toolkit's standard place is a better guess.
+if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch
+from setuptools import find_packages, setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# Architectures compiled for when no GPU is here to ask (CI, build machines): A100 and H100/H200.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
 
 
 def _env_flag(name):
@@ -55,6 +63,18 @@ def _cpu_isa_flags():
     return ["-DCPU_CAPABILITY=DEFAULT"]
 
 
+def _nvidia_include_dirs():
+    """Headers of the pip-installed CUDA libraries (nvidia/cu13/include...): ATen's CUDA headers
+    include cusparse.h and cublas headers that live only there when CUDA comes from wheels."""
+    roots = site.getsitepackages() + [site.getusersitepackages()] + sys.path
+    found = []
+    for root in roots:
+        for path in sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))):
+            if os.path.isdir(path) and path not in found:
+                found.append(path)
+    return found
+
+
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -75,6 +95,10 @@ def _extension():
         include_dirs=[os.path.join(ROOT, "csrc")],
     )
     if build_cuda:
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            print(f"[setup.py] no GPU to query: compiling for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCHS}")
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCHS
+        kwargs["include_dirs"] += _nvidia_include_dirs()
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         kwargs["define_macros"] = [("BATCHLESS_WITH_CUDA", "1")]
         return CUDAExtension(sources=cpp_sources + cuda_sources, **kwargs)

@@ -4,23 +4,25 @@
 #     uses that torch and builds against it;
 #   - otherwise it creates .venv/ and installs torch there (BATCHLESS_TORCH, default the local
 #     CPU wheel torch==2.13.0; use torch==2.14.1 for the CUDA build).
-# Set BATCHLESS_VENV=1 to always use .venv/.
+# Set BATCHLESS_VENV=1 to always use a venv, and BATCHLESS_VENV_DIR to name another one than .venv
+# (.ci/cuda_build.sh keeps the CUDA build of torch in .venv-cuda).
 set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _python="${PYTHON:-python3}"
+_venv="$_root/${BATCHLESS_VENV_DIR:-.venv}"
 
 if [[ "${BATCHLESS_VENV:-0}" != "1" ]] && "$_python" -c "import torch" 2>/dev/null; then
   BATCHLESS_PYTHON="$(command -v "$_python")"
   echo "[setup] using the installed torch $("$_python" -c 'import torch; print(torch.__version__)') of $BATCHLESS_PYTHON"
 else
-  if [[ ! -x "$_root/.venv/bin/python" ]]; then
-    echo "[setup] creating $_root/.venv"
-    "$_python" -m venv "$_root/.venv"
+  if [[ ! -x "$_venv/bin/python" ]]; then
+    echo "[setup] creating $_venv"
+    "$_python" -m venv "$_venv"
   fi
-  BATCHLESS_PYTHON="$_root/.venv/bin/python"
+  BATCHLESS_PYTHON="$_venv/bin/python"
   # triton (the local 3.8.0 wheel) lets the tests run the triton backend under its interpreter.
   if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy" 2>/dev/null; then
-    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, triton and the tools into .venv"
+    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, triton and the tools into $_venv"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
     "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" triton==3.8.0 \
       ninja numpy pytest pytest-benchmark matplotlib
