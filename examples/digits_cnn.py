@@ -1,0 +1,219 @@
+"""A small CNN on scikit-learn's bundled handwritten digits, for every normalization and batch size:
+the paper's CIFAR-10 experiment (v2) scaled down to a data set that ships with a package.
+
+Data: sklearn.datasets.load_digits (1797 8x8 grey images, 10 classes; bundled, no download; needs
+scikit-learn), pixels scaled to [0, 1], split once (stratified, fixed seed) into 1437 training and
+360 validation images.
+
+Network (`_common.DigitsCNN`, the pattern of the paper's CIFAR network): conv(32, 3x3) -> LeakyReLU
+-> norm -> dropout 0.25 -> maxpool 2; conv(64, 3x3) -> LeakyReLU -> norm -> dropout -> maxpool 2;
+dense(64) -> LeakyReLU -> norm -> dropout; dense(10) (cross-entropy on the logits). PyTorch's default
+initialization. Adam, the same learning rate for every cell; the BLN variants add bk.nll_loss(model)
+to the loss, and their mean/std are first set by bk.init_from_data on --init-samples (256) training
+images (the paper's data-dependent initialization; --bln-init default keeps mean 0, std 1).
+
+Every cell trains for the same number of epochs (examples seen), reshuffled each epoch; the last
+incomplete batch of an epoch is dropped when it has a single image (BatchNorm cannot take it). BN is
+skipped at batch size 1; BRN runs there (no error) but its one-instance batch statistics are degenerate
+for the dense layer. After every epoch the model is evaluated (eval mode) on the validation set;
+reported per cell: the best validation loss and the best validation accuracy over the epochs
+(as the paper), mean ± std over --seeds seeds, and the final ones in results.json/csv.
+
+Default run: about 5 minutes on 2 CPU cores. `--full`: batch sizes 1 to 1024 (powers of 4 and 1024),
+5 seeds, 30 epochs. `--smoke`: a seconds-long plumbing check.
+Outputs in examples/results/digits_cnn/: results.md, results.json, results.csv, metrics.png,
+curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
+
+NAME = "digits_cnn"
+
+
+def evaluate(model, x, y, chunk: int = 512):
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    model.train()
+    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
+
+
+def run_one(job: dict) -> dict:
+    a = job["args"]
+    norm, bs, seed = job["norm"], job["batch_size"], job["seed"]
+    device = torch.device(a["device"])
+    x_tr, y_tr, x_va, y_va = (t.to(device) for t in job["data"])
+    n_tr = len(x_tr)
+    steps_per_epoch = n_tr // bs + (1 if n_tr % bs > 1 else 0)
+    total_steps = steps_per_epoch * a["epochs"]
+    C.set_seed(seed)
+    model = C.DigitsCNN(norm, c1=a["c1"], c2=a["c2"], hidden=a["hidden"], dropout=a["dropout"],
+                        momentum=a["momentum"], brn_warmup_steps=total_steps // 20,
+                        brn_relax_steps=total_steps // 4).to(device)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    if C.is_batchless(norm) and a["bln_init"] == "data":
+        sample = x_tr[torch.randperm(n_tr, generator=gen)[: a["init_samples"]].to(device)]
+        C.bk.init_from_data(model, sample)
+    opt = C.make_adam(model.parameters(), lr=a["lr"])
+
+    curve, diverged = [], False
+    t0 = time.time()
+    model.train()
+    for epoch in range(a["epochs"]):
+        order = torch.randperm(n_tr, generator=gen).to(device)
+        tr_sum, tr_n = 0.0, 0
+        for i in range(0, n_tr, bs):
+            idx = order[i:i + bs]
+            if len(idx) < 2 and bs > 1:
+                continue
+            out = model(x_tr[idx])
+            task = F.cross_entropy(out, y_tr[idx])
+            loss = C.total_loss(model, task, norm)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tr_sum += task.item() * len(idx)
+            tr_n += len(idx)
+        train_loss = tr_sum / max(tr_n, 1)
+        val_loss, val_acc = evaluate(model, x_va, y_va)
+        curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc})
+        if not math.isfinite(train_loss) or not math.isfinite(val_loss):
+            diverged = True
+            break
+    finite = [c for c in curve if math.isfinite(c["val_loss"])]
+    return {
+        "norm": norm, "batch_size": bs, "seed": seed, "steps": total_steps,
+        "best_val_loss": min(c["val_loss"] for c in finite) if finite else float("nan"),
+        "best_val_acc": max(c["val_acc"] for c in finite) if finite else float("nan"),
+        "best_epoch": min(finite, key=lambda c: c["val_loss"])["epoch"] if finite else None,
+        "final_val_loss": curve[-1]["val_loss"], "final_val_acc": curve[-1]["val_acc"],
+        "diverged": diverged, "train_time_s": round(time.time() - t0, 2), "curve": curve,
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--norms", default=",".join(C.NORMS), help="comma-separated, from " + ",".join(C.NORMS))
+    p.add_argument("--batch-sizes", default="1,4,16,64,256")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per cell")
+    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=4, help="epochs, every cell")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (every cell)")
+    p.add_argument("--c1", type=int, default=32)
+    p.add_argument("--c2", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--dropout", type=float, default=0.25)
+    p.add_argument("--momentum", type=float, default=0.1, help="BN/BRN running-statistics momentum")
+    p.add_argument("--bln-init", choices=("data", "default"), default="data",
+                   help="BLN mean/std: bk.init_from_data on --init-samples training images, or 0 and 1")
+    p.add_argument("--init-samples", type=int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
+    p.add_argument("--out", default=None, help="output folder (default examples/results/digits_cnn)")
+    p.add_argument("--full", action="store_true", help="batch sizes 1..1024, 5 seeds, 30 epochs")
+    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.full:
+        args.batch_sizes, args.seeds, args.epochs = "1,4,16,64,256,1024", 5, 30
+    if args.smoke:
+        args.batch_sizes, args.seeds, args.epochs = "2,64", 1, 1
+        args.c1, args.c2, args.hidden, args.init_samples = 4, 8, 8, 32
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    norms = [n for n in args.norms.split(",") if n]
+    for n in norms:
+        if n not in C.NORMS:
+            raise SystemExit(f"unknown norm {n!r}; one of {list(C.NORMS)}")
+    C.check_toolkit(need_brn="brn" in norms,
+                    need_init=args.bln_init == "data" and any(map(C.is_batchless, norms)))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    device = C.pick_device(args.device)
+    workers = 1 if args.smoke else (args.workers or C.default_workers(device))
+    seeds = list(range(args.seed0, args.seed0 + args.seeds))
+    outdir = C.results_dir(NAME, args.out)
+
+    x_tr, y_tr, x_va, y_va = C.load_digits_tensors(args.val_fraction, args.split_seed)
+    if args.smoke:
+        x_tr, y_tr, x_va, y_va = x_tr[:128], y_tr[:128], x_va[:64], y_va[:64]
+    a = {**vars(args), "device": str(device)}
+    data = (x_tr, y_tr, x_va, y_va)
+    jobs = [{"args": a, "data": data, "norm": n, "batch_size": b, "seed": s}
+            for b in batch_sizes for n in norms for s in seeds if not (n == "bn" and b == 1)]
+    t0 = time.time()
+    records = C.run_jobs(run_one, jobs, workers, NAME, quiet=args.quiet)
+    wall = time.time() - t0
+
+    meta = {"script": NAME, "args": vars(args), "seeds": seeds, "norms": norms, "batch_sizes": batch_sizes,
+            "n_train": len(x_tr), "n_val": len(x_va), "env": C.env_info(device, workers), "wall_time_s": wall}
+    md = render_markdown(records, norms, batch_sizes, args, meta)
+    C.write_results(outdir, markdown=md, meta=meta, records=records)
+    plots(outdir, records, norms, batch_sizes, seeds)
+    if not args.quiet:
+        print(md)
+        print(f"results in {outdir}", file=sys.stderr)
+    return {"records": records, "meta": meta, "markdown": md, "outdir": str(outdir)}
+
+
+def render_markdown(records, norms, batch_sizes, args, meta) -> str:
+    init = (f"bk.init_from_data on {args.init_samples} training images" if args.bln_init == "data"
+            else "mean 0, std 1")
+    head = (f"sklearn digits ({meta['n_train']} training / {meta['n_val']} validation 8x8 images), "
+            f"CNN conv{args.c1}-conv{args.c2}-dense{args.hidden}, {args.epochs} epochs per cell, Adam lr "
+            f"{args.lr:g}, BLN init: {init}; {len(meta['seeds'])} seeds per cell (mean ± std over seeds).\n")
+    return "".join([
+        "# Digits CNN\n", head, C.meta_markdown(meta),
+        "\n## Best validation loss over the epochs (lower is better; bold: best mean per batch size)\n\n",
+        C.pivot_table(records, "best_val_loss", norms, batch_sizes, bold_best="min"),
+        "\n## Best validation accuracy over the epochs (bold: best mean per batch size)\n\n",
+        C.pivot_table(records, "best_val_acc", norms, batch_sizes, bold_best="max"),
+    ])
+
+
+def plots(outdir, records, norms, batch_sizes, seeds) -> None:
+    C.plot_metrics_vs_batch(
+        outdir / "metrics.png", records, norms, batch_sizes,
+        [("best_val_loss", "best validation loss", True), ("best_val_acc", "best validation accuracy", False)],
+        "Digits CNN: mean over seeds, bars min..max")
+    plt = C.plt_module()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(3.4 * len(batch_sizes), 3.0), squeeze=False)
+    for ax, bs in zip(axes[0], batch_sizes):
+        for norm in norms:
+            rs = [r for r in records if r["norm"] == norm and r["batch_size"] == bs]
+            if not rs:
+                continue
+            n_ep = min(len(r["curve"]) for r in rs)
+            ep = list(range(1, n_ep + 1))
+            mean = [sum(r["curve"][e]["val_loss"] for r in rs) / len(rs) for e in range(n_ep)]
+            ax.plot(ep, mean, label=norm, color=C.NORM_STYLE[norm]["color"],
+                    marker=C.NORM_STYLE[norm]["marker"], ms=3, lw=1)
+        ax.set_yscale("log"); ax.set_title(f"batch size {bs}"); ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (mean over seeds)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(outdir / "curves.png", dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
