@@ -6,6 +6,9 @@ works through the reference backend (see backends.py).
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 from ._checks import accumulation_dtype
@@ -30,6 +33,17 @@ def extension_loaded() -> bool:
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the loaded library registered a kernel of op_name for dispatch_key (CPU, CUDA)."""
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(op_name, dispatch_key)
+
+
+POISON_ENV = "BATCHLESS_POISON_OUTPUTS"
+
+
+def poisoned(t: torch.Tensor) -> torch.Tensor:
+    """Tests set BATCHLESS_POISON_OUTPUTS=1: fresh outputs then start as NaN, so that an element a
+    kernel fails to write shows (csrc/batchless_host.h does the same for the C++ kernels)."""
+    if os.environ.get(POISON_ENV) == "1" and t.numel() > 0:
+        t.fill_(math.nan)
+    return t
 
 
 def output_like(x: torch.Tensor) -> torch.Tensor:

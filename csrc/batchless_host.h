@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 
 #include <array>
+#include <cstdlib>
+#include <limits>
 #include <tuple>
 
 namespace batchless_kernels {
@@ -51,11 +53,19 @@ inline at::ScalarType accumulation_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// Tests set BATCHLESS_POISON_OUTPUTS=1: fresh outputs then start as NaN, so that an element a
+// kernel fails to write shows (at::empty would often hand back zeros or a previous result).
+inline Tensor poisoned(Tensor t) {
+  const char* flag = std::getenv("BATCHLESS_POISON_OUTPUTS");
+  if (flag != nullptr && flag[0] == '1' && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 // The output every backend allocates (ops.output_like on the Python side): x's strides when x is
 // dense in a layout the kernels read, else contiguous.
 inline Tensor output_like(const Tensor& x) {
   const bool dense = x.is_contiguous() || channels_innermost(x);
-  return dense ? at::empty_like(x) : at::empty(x.sizes(), x.options());
+  return poisoned(dense ? at::empty_like(x) : at::empty(x.sizes(), x.options()));
 }
 
 inline void check_x(const Tensor& x, const char* name, c10::DeviceType device) {
@@ -112,16 +122,21 @@ inline ForwardPlan plan_forward(const Tensor& x, const Tensor& mean, const Tenso
   const int64_t C = x.size(1);
   const auto acc = accumulation_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
-  plan.s1 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  plan.s2 = compute_stats ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  plan.y = output_like(x);
   plan.empty = x.numel() == 0;
+  // Every kernel writes every channel's sums; an empty input sums to zero.
+  const auto sums = [&] {
+    if (!compute_stats) return at::empty({0}, acc_opts);
+    return plan.empty ? at::zeros({C}, acc_opts) : poisoned(at::empty({C}, acc_opts));
+  };
+  plan.s1 = sums();
+  plan.s2 = sums();
+  plan.y = output_like(x);
   if (plan.empty) return plan;
   const Layout layout = choose_layout(x);
   plan.geometry = Geometry{layout, x.size(0), C, spatial_size(x)};
   plan.x = to_layout(x, layout);
   // The kernel writes through a pointer with x's strides: y itself when the strides agree.
-  plan.y_buffer = plan.y.strides() == plan.x.strides() ? plan.y : at::empty_like(plan.x);
+  plan.y_buffer = plan.y.strides() == plan.x.strides() ? plan.y : poisoned(at::empty_like(plan.x));
   plan.mean = channel_param(mean, x, acc, 0.0);
   plan.rstd = channel_param(rstd, x, acc, 1.0);
   plan.weight = channel_param(weight, x, acc, 1.0);
@@ -172,10 +187,15 @@ inline BackwardPlan plan_backward(const Tensor& grad_y, const c10::optional<Tens
   const auto acc_opts = grad_y.options().dtype(acc);
   // dx takes x's layout (the layout autograd expects for x's gradient), else grad_y's.
   const Tensor& reference = has_x ? *x_opt : grad_y;
-  plan.dx = output_mask[0] ? output_like(reference) : at::empty({0}, grad_y.options());
-  plan.dweight = output_mask[1] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
-  plan.dbias = output_mask[2] ? at::zeros({C}, acc_opts) : at::empty({0}, acc_opts);
   plan.empty = grad_y.numel() == 0 || !(output_mask[0] || output_mask[1] || output_mask[2]);
+  // Every kernel writes every channel's sums; an empty input sums to zero.
+  const auto sums = [&](bool wanted) {
+    if (!wanted) return at::empty({0}, acc_opts);
+    return plan.empty ? at::zeros({C}, acc_opts) : poisoned(at::empty({C}, acc_opts));
+  };
+  plan.dx = output_mask[0] ? output_like(reference) : at::empty({0}, grad_y.options());
+  plan.dweight = sums(output_mask[1]);
+  plan.dbias = sums(output_mask[2]);
   if (plan.empty) return plan;
   const Layout layout = choose_layout(reference);
   plan.geometry = Geometry{layout, grad_y.size(0), C, spatial_size(grad_y)};
@@ -183,7 +203,7 @@ inline BackwardPlan plan_backward(const Tensor& grad_y, const c10::optional<Tens
   if (output_mask[1]) plan.x = to_layout(*x_opt, layout);
   plan.dx_buffer = (!output_mask[0] || plan.dx.strides() == plan.grad_y.strides())
                        ? plan.dx
-                       : at::empty_like(plan.grad_y);
+                       : poisoned(at::empty_like(plan.grad_y));
   plan.mean = channel_param(mean, grad_y, acc, 0.0);
   plan.rstd = channel_param(rstd, grad_y, acc, 1.0);
   plan.weight = channel_param(weight, grad_y, acc, 1.0);

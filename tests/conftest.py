@@ -22,6 +22,10 @@ import torch
 if importlib.util.find_spec("triton") is not None and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every kernel's fresh outputs start as NaN in tests, so that an element a kernel fails to write
+# shows (batchless_kernels.ops.poisoned, csrc/batchless_host.h).
+os.environ["BATCHLESS_POISON_OUTPUTS"] = "1"
+
 import pytest  # noqa: E402
 
 import batchless_kernels as bk  # noqa: E402

@@ -267,13 +267,13 @@ def triton_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(x.dtype)
     channels = x.shape[1]
-    y = ops.output_like(x)
+    y = ops.poisoned(ops.output_like(x))
     if x.numel() == 0:
         n = channels if compute_stats else 0
         return y, x.new_zeros((n,), dtype=acc), x.new_zeros((n,), dtype=acc)
     first = _channels_first(x)
     xin = _to_layout(x, first)
-    yout = y if y.stride() == xin.stride() else torch.empty_like(xin)
+    yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
     w = _param(weight, channels, acc, 1.0, x.device)
     b = _param(bias, channels, acc, 0.0, x.device)
     flags = dict(STATS=compute_stats,
@@ -281,14 +281,14 @@ def triton_forward(
     if first:
         planes, spatial = x.shape[0] * channels, xin.numel() // (x.shape[0] * channels)
         block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
-        ps = torch.empty((2, planes, num_sb) if compute_stats else (2, 1, 1), dtype=acc, device=x.device)
+        ps = ops.poisoned(torch.empty((2, planes, num_sb) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
         _forward_rows_kernel[(num_pb, num_sb)](
             xin, yout, mean, rstd, w, b, ps[0], ps[1], planes, channels, spatial, num_sb,
             S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
     else:
         rows = xin.numel() // channels
         block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
-        ps = torch.empty((2, num_mb, channels) if compute_stats else (2, 1, 1), dtype=acc, device=x.device)
+        ps = ops.poisoned(torch.empty((2, num_mb, channels) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
         _forward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
             xin, yout, mean, rstd, w, b, ps[0], ps[1], rows, channels,
             ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)
@@ -310,14 +310,14 @@ def triton_backward(
     if need_dw and x is None:
         raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
     reference = x if x is not None else grad_y
-    dx = ops.output_like(reference) if need_dx else grad_y.new_empty((0,))
+    dx = ops.poisoned(ops.output_like(reference)) if need_dx else grad_y.new_empty((0,))
     zeros = lambda need: grad_y.new_zeros((channels if need else 0,), dtype=acc)  # noqa: E731
     if grad_y.numel() == 0 or not any(output_mask):
         return dx, zeros(need_dw), zeros(need_db)
     first = _channels_first(reference)
     g = _to_layout(grad_y, first)
     xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
-    dx_out = dx if (not need_dx or dx.stride() == g.stride()) else torch.empty_like(g)
+    dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
     w = _param(weight, channels, acc, 1.0, grad_y.device)
     flags = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
                  ACC=tl.float64 if acc == torch.float64 else tl.float32)
@@ -325,14 +325,14 @@ def triton_backward(
     if first:
         planes, spatial = grad_y.shape[0] * channels, g.numel() // (grad_y.shape[0] * channels)
         block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
-        ps = torch.empty((2, planes, num_sb), dtype=acc, device=g.device)
+        ps = ops.poisoned(torch.empty((2, planes, num_sb), dtype=acc, device=g.device))
         _backward_rows_kernel[(num_pb, num_sb)](
             g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], planes, channels, spatial, num_sb,
             S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
     else:
         rows = g.numel() // channels
         block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
-        ps = torch.empty((2, num_mb, channels), dtype=acc, device=g.device)
+        ps = ops.poisoned(torch.empty((2, num_mb, channels), dtype=acc, device=g.device))
         _backward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
             g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], rows, channels,
             ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)

@@ -345,7 +345,7 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     const int64_t num_nb = ceil_div(g.N, n_block);
     const int64_t tiles = num_nb * g.C * num_sb;
     TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
-    if (reduce) partials = at::empty({2, tiles}, acc_opts);
+    if (reduce) partials = host::poisoned(at::empty({2, tiles}, acc_opts));
     acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
     acc_t* p1 = reduce ? p0 + tiles : nullptr;
     dispatch_width<8>(v, [&](auto width) {
@@ -368,7 +368,7 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     const int64_t r_block = std::max(min_rows, ceil_div(M, std::max<int64_t>(1, tiles_wanted / num_cb)));
     const int64_t num_rb = ceil_div(M, r_block);
     TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
-    if (reduce) partials = at::empty({2, num_rb, g.C}, acc_opts);
+    if (reduce) partials = host::poisoned(at::empty({2, num_rb, g.C}, acc_opts));
     acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
     acc_t* p1 = reduce ? p0 + num_rb * g.C : nullptr;
     const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
