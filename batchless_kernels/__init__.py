@@ -14,8 +14,8 @@ from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d
 from .data_init import init_from_data
 from .functional import batchless_norm
 from .inference import ChannelAffine, fuse_for_inference
-from .migration import BatchlessNormNd, convert_batchnorm
-from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, nll_loss
+from .migration import convert_batchnorm
+from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, nll_loss
 from .parametrization import PARAMETRIZATIONS
 
 __version__ = "0.1.0"

@@ -13,19 +13,8 @@ import torch
 from torch import nn
 
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
-from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, _BatchlessNorm
+from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
 from .parametrization import param_from_std
-
-
-class BatchlessNormNd(_BatchlessNorm):
-    """For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank) converts
-    to, since its rank is only known at run time."""
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
 
 
 # Checked in order: SyncBatchNorm derives from neither BatchNorm1d/2d/3d, Lazy* derive from them.

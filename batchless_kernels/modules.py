@@ -129,6 +129,17 @@ class BatchlessNorm3d(_BatchlessNorm):
     _accepted_dims = (5,)
 
 
+class BatchlessNormNd(_BatchlessNorm):
+    """For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank)
+    converts to, since its rank is only known at run time."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+
 def nll_loss(model: nn.Module) -> torch.Tensor:
     """Sum over the BatchlessNorm layers of `model` of nll_weight times the NLL of their latest
     forward; a zero tensor when there is none. ``loss = task_loss + nll_loss(model)``."""

@@ -129,6 +129,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # ------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core
+    machine). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def seed_from(text: str) -> int:
     return zlib.crc32(text.encode())
 

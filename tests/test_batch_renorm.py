@@ -14,13 +14,7 @@ CLASSES = {2: bk.BatchRenorm1d, 3: bk.BatchRenorm1d, 4: bk.BatchRenorm2d, 5: bk.
 SHAPES = [(6, 3), (5, 4, 7), (3, 5, 4, 3), (2, 3, 3, 4, 5)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dims(x):

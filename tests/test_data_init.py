@@ -16,13 +16,7 @@ from conftest import make_x
 PARAMETRIZATIONS = ("abs", "log", "inv")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronization (10-100x slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Residual(nn.Module):
