@@ -336,6 +336,16 @@ def scale_of(t) -> float:
     return max(1.0, t.detach().abs().max().item()) if t.numel() else 1.0
 
 
+def loss_of(backend):
+    """A scalar loss of batchless_norm's outputs (task part and NLL), for compile / graph tests."""
+
+    def loss(x, mean, std_param, weight, bias):
+        y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, backend=backend)
+        return y.square().mean() + nll
+
+    return loss
+
+
 def assert_close_scaled(actual, expected, atol, rtol, what=""):
     """assert_close in float64 with atol relative to the expected tensor's scale (max(1, max|e|)):
     sums over many elements have absolute errors that grow with their magnitude."""

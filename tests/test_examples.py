@@ -1,0 +1,77 @@
+"""Smoke tests of the example scripts (examples/): each runs its `--smoke` setting (seconds) in this
+process and writes its outputs to a temporary folder. The experiments themselves are not run here."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _script(name: str):
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def _check_outputs(out: Path, records_len: int | None = None) -> dict:
+    assert (out / "results.md").read_text().startswith("# ")
+    payload = json.loads((out / "results.json").read_text())
+    assert {"meta", "records"} <= set(payload)
+    meta = payload["meta"]
+    assert meta["env"]["torch"] and meta["env"]["device"] and meta["seeds"]
+    if records_len is not None:
+        assert len(payload["records"]) == records_len
+    assert (out / "results.csv").exists()
+    return payload
+
+
+def test_spirals_smoke(tmp_path):
+    res = _script("spirals").main(["--smoke", "--quiet", "--out", str(tmp_path)])
+    # 6 norms x batch sizes (1, 8) x 1 seed, BN skipped at batch size 1
+    payload = _check_outputs(tmp_path, records_len=11)
+    for r in payload["records"]:
+        assert {"norm", "batch_size", "seed", "val_loss", "val_acc", "conv_batches", "fluctuation"} <= set(r)
+    assert not any(r["norm"] == "bn" and r["batch_size"] == 1 for r in payload["records"])
+    md = res["markdown"]
+    for section in ("Validation loss", "Batches to convergence", "Fluctuation"):
+        assert section in md
+    assert "| bln_inv |" in md
+
+
+def test_spirals_convergence_metric():
+    spirals = _script("spirals")
+    # running median of 3: 5 (batch 3), 5, 4, 3, 2 (batch 7, the last new low), then 2 flat
+    losses = [5, 5, 5, 4, 3, 2, 2, 2, 2.0, 2, 2, 2]
+    assert spirals.batches_to_convergence(losses, window=3, tol=0.01) == 7
+    import torch
+
+    same = torch.full((4, 3, 2), 0.5)
+    assert spirals.fluctuation(same) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_digits_cnn_smoke(tmp_path):
+    pytest.importorskip("sklearn")
+    _script("digits_cnn").main(["--smoke", "--quiet", "--out", str(tmp_path)])
+    payload = _check_outputs(tmp_path, records_len=12)  # 6 norms x batch sizes (2, 64) x 1 seed
+    for r in payload["records"]:
+        assert {"best_val_loss", "best_val_acc", "curve", "epochs"} <= set(r)
+
+
+def test_microbatch_smoke(tmp_path):
+    res = _script("microbatch").main(["--smoke", "--quiet", "--out", str(tmp_path)])
+    payload = _check_outputs(tmp_path)
+    grads = {(r["norm"], r["dtype"]): r for r in payload["records"]}
+    # batchless: micro-batches of 4 accumulate to the batch-16 gradient; BatchNorm: they do not
+    assert grads["bln_log", "float64"]["m4"] < 1e-10
+    assert grads["bn", "float64"]["m4"] > 1e-3
+    assert str(grads["bn", "float64"]["m1"]).startswith("error")
+    assert res["trajectories"]["bln_log"]["4"]["param_rel_diff"] < 1e-10
+    assert {r["micro"] for r in payload["memory"]} == {16, 1, 4}
