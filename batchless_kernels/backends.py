@@ -1,7 +1,9 @@
 """Which backend runs a call: names, availability, and how ``auto`` chooses.
 
 ``auto`` takes the first available backend in the order of AUTO_ORDER for the tensor's device
-(fastest first); the environment variable BATCHLESS_BACKEND overrides ``auto``.
+(fastest first). On a GPU where both cuda and triton run, the measured table of gpu_choice.py
+picks between them per layout, dtype and size, where it has data. The environment variable
+BATCHLESS_BACKEND overrides ``auto``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import os
 
 import torch
 
-from . import ops
+from . import gpu_choice, ops
 from . import triton as triton_backend
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
@@ -61,9 +63,9 @@ def available_backends(device=None) -> list[str]:
     return names
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend for a call on `device`; raises RuntimeError saying why when the
-    requested one cannot run there."""
+def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:
+    """The concrete backend for a call on `device` (with input `x`, when given, for the measured
+    GPU choice); raises RuntimeError saying why when the requested one cannot run there."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     if backend not in BACKENDS:
@@ -74,10 +76,12 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("reference",)):
-            if unavailable_reason(name, device.type) is None:
-                return name
-        return "reference"
+        usable = [n for n in AUTO_ORDER.get(device.type, ()) if unavailable_reason(n, device.type) is None]
+        if x is not None and all(n in usable for n in gpu_choice.GPU_BACKENDS):
+            measured = gpu_choice.preferred(x)
+            if measured is not None:
+                return measured
+        return usable[0] if usable else "reference"
     reason = unavailable_reason(backend, device.type)
     if reason is not None:
         raise RuntimeError(f"{source} asks for {backend!r}, which cannot run here: {reason}")

@@ -51,7 +51,7 @@ def batchless_norm(
         raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
     if need_nll is None:
         need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, x)
     if name == "reference":
         return reference.batchless_norm(
             x, mean, std_param, weight, bias,

@@ -458,6 +458,10 @@ def main(argv=None) -> None:
     else:
         plot(out / "results.csv")
     print(f"results in {out}")
+    if device.type == "cuda" and all(b in bk.available_backends(device) for b in ("cuda", "triton")):
+        from derive_gpu_choice import main as derive_gpu_choice  # auto's cuda/triton table
+
+        derive_gpu_choice([str(out / "results.csv")])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""Which GPU backend ``auto`` runs (cuda or triton), from measured data.
+
+``bench/derive_gpu_choice.py`` turns a benchmark run (``bench/results/<gpu>/results.csv``) into
+``gpu_choice.json`` next to this file: for each GPU, and each (kernel layout, dtype, size class),
+the backend whose forward+backward was faster there. Lookups use the running GPU's entry, else
+the entry of any measured GPU (the ranking of two memory-bound kernels rarely flips between
+GPUs of one generation). Without a table, or for a case it does not cover, ``auto`` keeps the
+static order of backends.AUTO_ORDER.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import torch
+
+TABLE_PATH = Path(__file__).with_name("gpu_choice.json")
+GPU_BACKENDS = ("cuda", "triton")
+# Inputs below this many elements are "small": launch overhead, not bandwidth, decides there.
+SMALL_ELEMENTS = 1 << 20
+
+
+def kernel_layout(shape, contiguous: bool) -> str:
+    """The layout the kernels compute in (csrc/batchless_host.h choose_layout): channels_first for
+    contiguous inputs with spatial dims, channels_last otherwise (channels_last, 2-D, transposed)."""
+    spatial = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return "channels_first" if contiguous and spatial > 1 else "channels_last"
+
+
+def case_key(shape, dtype: str, contiguous: bool) -> str:
+    size = "small" if math.prod(shape) < SMALL_ELEMENTS else "large"
+    return f"{kernel_layout(shape, contiguous)}/{dtype}/{size}"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_PATH)) -> dict:
+    """{gpu name: {case key: backend}}; empty when no GPU has been measured."""
+    try:
+        with open(path) as f:
+            return json.load(f).get("devices", {})
+    except FileNotFoundError:
+        return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def preferred(x: torch.Tensor, table: dict | None = None) -> str | None:
+    """The measured-faster GPU backend for x, or None when the table has no entry for its case."""
+    table = load_table() if table is None else table
+    if not table:
+        return None
+    key = case_key(tuple(x.shape), str(x.dtype).removeprefix("torch."), x.is_contiguous())
+    name = _device_name(x.device)
+    for entries in ([table[name]] if name in table else []) + list(table.values()):
+        choice = entries.get(key)
+        if choice in GPU_BACKENDS:
+            return choice
+    return None
