@@ -344,6 +344,8 @@ def fmt_mean_std(values, digits: int = 3) -> str:
     if not vals:
         return "n/a"
     m, s = mean_std(vals)
+    if s <= 1e-9 * abs(m):  # identical values up to float rounding
+        s = 0.0
     if not math.isfinite(m):
         return "diverged" if any(not math.isfinite(float(x)) for x in vals) else "nan"
     return f"{fmt_num(m, digits)} ± {fmt_num(s, 2)}"

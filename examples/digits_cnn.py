@@ -5,22 +5,25 @@ Data: sklearn.datasets.load_digits (1797 8x8 grey images, 10 classes; bundled, n
 scikit-learn), pixels scaled to [0, 1], split once (stratified, fixed seed) into 1437 training and
 360 validation images.
 
-Network (`_common.DigitsCNN`, the pattern of the paper's CIFAR network): conv(32, 3x3) -> LeakyReLU
--> norm -> dropout 0.25 -> maxpool 2; conv(64, 3x3) -> LeakyReLU -> norm -> dropout -> maxpool 2;
+Network (`_common.DigitsCNN`, the pattern of the paper's CIFAR network): conv(16, 3x3) -> LeakyReLU
+-> norm -> dropout 0.25 -> maxpool 2; conv(32, 3x3) -> LeakyReLU -> norm -> dropout -> maxpool 2;
 dense(64) -> LeakyReLU -> norm -> dropout; dense(10) (cross-entropy on the logits). PyTorch's default
 initialization. Adam, the same learning rate for every cell; the BLN variants add bk.nll_loss(model)
 to the loss, and their mean/std are first set by bk.init_from_data on --init-samples (256) training
 images (the paper's data-dependent initialization; --bln-init default keeps mean 0, std 1).
 
-Every cell trains for the same number of epochs (examples seen), reshuffled each epoch; the last
-incomplete batch of an epoch is dropped when it has a single image (BatchNorm cannot take it). BN is
+Every cell trains for --epochs epochs (default 2), reshuffled each epoch, or for more epochs where
+those make fewer than --min-steps optimizer steps (default 120: the large batches, e.g. 27 epochs at
+batch size 256), so that every batch size gets a fair number of updates; the epochs each cell ran
+are in results.json/csv. The last incomplete batch of an epoch is dropped when it has a single image
+(BatchNorm cannot take it). BN is
 skipped at batch size 1; BRN runs there (no error) but its one-instance batch statistics are degenerate
 for the dense layer. After every epoch the model is evaluated (eval mode) on the validation set;
 reported per cell: the best validation loss and the best validation accuracy over the epochs
 (as the paper), mean ± std over --seeds seeds, and the final ones in results.json/csv.
 
 Default run: about 5 minutes on 2 CPU cores. `--full`: batch sizes 1 to 1024 (powers of 4 and 1024),
-5 seeds, 30 epochs. `--smoke`: a seconds-long plumbing check.
+5 seeds, 30 epochs, at least 600 steps, the CNN at 32/64 channels. `--smoke`: a seconds-long plumbing check.
 Outputs in examples/results/digits_cnn/: results.md, results.json, results.csv, metrics.png,
 curves.png.
 """
@@ -57,7 +60,8 @@ def run_one(job: dict) -> dict:
     x_tr, y_tr, x_va, y_va = (t.to(device) for t in job["data"])
     n_tr = len(x_tr)
     steps_per_epoch = n_tr // bs + (1 if n_tr % bs > 1 else 0)
-    total_steps = steps_per_epoch * a["epochs"]
+    epochs = max(a["epochs"], -(-a["min_steps"] // steps_per_epoch))
+    total_steps = steps_per_epoch * epochs
     C.set_seed(seed)
     model = C.DigitsCNN(norm, c1=a["c1"], c2=a["c2"], hidden=a["hidden"], dropout=a["dropout"],
                         momentum=a["momentum"], brn_warmup_steps=total_steps // 20,
@@ -71,7 +75,7 @@ def run_one(job: dict) -> dict:
     curve, diverged = [], False
     t0 = time.time()
     model.train()
-    for epoch in range(a["epochs"]):
+    for epoch in range(epochs):
         order = torch.randperm(n_tr, generator=gen).to(device)
         tr_sum, tr_n = 0.0, 0
         for i in range(0, n_tr, bs):
@@ -94,7 +98,7 @@ def run_one(job: dict) -> dict:
             break
     finite = [c for c in curve if math.isfinite(c["val_loss"])]
     return {
-        "norm": norm, "batch_size": bs, "seed": seed, "steps": total_steps,
+        "norm": norm, "batch_size": bs, "seed": seed, "epochs": epochs, "steps": total_steps,
         "best_val_loss": min(c["val_loss"] for c in finite) if finite else float("nan"),
         "best_val_acc": max(c["val_acc"] for c in finite) if finite else float("nan"),
         "best_epoch": min(finite, key=lambda c: c["val_loss"])["epoch"] if finite else None,
@@ -110,10 +114,12 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default="1,4,16,64,256")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4, help="epochs, every cell")
+    p.add_argument("--epochs", type=int, default=2, help="epochs, every cell (see --min-steps)")
+    p.add_argument("--min-steps", type=int, default=120,
+                   help="cells whose epochs make fewer steps train for more epochs, up to this many steps")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (every cell)")
-    p.add_argument("--c1", type=int, default=32)
-    p.add_argument("--c2", type=int, default=64)
+    p.add_argument("--c1", type=int, default=16)
+    p.add_argument("--c2", type=int, default=32)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.25)
     p.add_argument("--momentum", type=float, default=0.1, help="BN/BRN running-statistics momentum")
@@ -125,14 +131,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
     p.add_argument("--out", default=None, help="output folder (default examples/results/digits_cnn)")
-    p.add_argument("--full", action="store_true", help="batch sizes 1..1024, 5 seeds, 30 epochs")
+    p.add_argument("--full", action="store_true",
+                   help="batch sizes 1..1024, 5 seeds, 30 epochs, min 600 steps, 32/64 channels")
     p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
     if args.full:
-        args.batch_sizes, args.seeds, args.epochs = "1,4,16,64,256,1024", 5, 30
+        args.batch_sizes, args.seeds, args.epochs, args.min_steps = "1,4,16,64,256,1024", 5, 30, 600
+        args.c1, args.c2 = 32, 64
     if args.smoke:
-        args.batch_sizes, args.seeds, args.epochs = "2,64", 1, 1
+        args.batch_sizes, args.seeds, args.epochs, args.min_steps = "2,64", 1, 1, 2
         args.c1, args.c2, args.hidden, args.init_samples = 4, 8, 8, 32
     return args
 
@@ -177,7 +185,8 @@ def render_markdown(records, norms, batch_sizes, args, meta) -> str:
     init = (f"bk.init_from_data on {args.init_samples} training images" if args.bln_init == "data"
             else "mean 0, std 1")
     head = (f"sklearn digits ({meta['n_train']} training / {meta['n_val']} validation 8x8 images), "
-            f"CNN conv{args.c1}-conv{args.c2}-dense{args.hidden}, {args.epochs} epochs per cell, Adam lr "
+            f"CNN conv{args.c1}-conv{args.c2}-dense{args.hidden}, {args.epochs} epochs per cell or more "
+            f"for at least {args.min_steps} steps, Adam lr "
             f"{args.lr:g}, BLN init: {init}; {len(meta['seeds'])} seeds per cell (mean ± std over seeds).\n")
     return "".join([
         "# Digits CNN\n", head, C.meta_markdown(meta),
