@@ -51,14 +51,19 @@ def _device_name(device: torch.device) -> str:
 
 
 def preferred(x: torch.Tensor, table: dict | None = None) -> str | None:
-    """The measured-faster GPU backend for x, or None when the table has no entry for its case."""
-    table = load_table() if table is None else table
+    """The measured-faster GPU backend for x, or None when the table has no entry for its case.
+    Traceable by torch.compile (dict lookups only; the GPU's name is not asked for while compiling,
+    so any measured GPU's entry serves)."""
+    table = _TABLE if table is None else table
     if not table:
         return None
     key = case_key(tuple(x.shape), str(x.dtype).removeprefix("torch."), x.is_contiguous())
-    name = _device_name(x.device)
+    name = None if torch.compiler.is_compiling() else _device_name(x.device)
     for entries in ([table[name]] if name in table else []) + list(table.values()):
         choice = entries.get(key)
         if choice in GPU_BACKENDS:
             return choice
     return None
+
+
+_TABLE = load_table()  # read once, at import: lookups must stay traceable

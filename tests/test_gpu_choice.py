@@ -87,3 +87,13 @@ def test_preferred_looks_up_this_gpu_then_any(monkeypatch):
 
 def test_missing_table_means_no_preference(tmp_path):
     assert gpu_choice.load_table(str(tmp_path / "absent.json")) == {}
+
+
+def test_preferred_traces_under_torch_compile():
+    table = {"H100": {"channels_first/float32/small": "triton"}}
+
+    def pick(x):
+        return x + 1 if gpu_choice.preferred(x, table) == "triton" else x - 1
+
+    x = torch.zeros(2, 3, 4)
+    torch.testing.assert_close(torch.compile(pick, fullgraph=True)(x), x + 1)
