@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# For a session lent a GPU (device tool): one call per stage, each under the 10-minute limit.
+#   bash .ci/gpu_session.sh test    build, the whole test suite, compute-sanitizer memcheck/racecheck
+#   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh) and auto's cuda/triton table
+# Logs and results go to $OUT (default /tmp/gpu_out) for the device tool to bring back.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu_out}"
+mkdir -p "$OUT"
+source .ci/setup_env.sh 2>&1 | tee "$OUT/setup.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/setup.log"
+case "${1:-test}" in
+  test)
+    "$BATCHLESS_PYTHON" -m pytest tests -q -ra -x --durations=15 2>&1 | tail -80 > "$OUT/tests.log" || true
+    for tool in memcheck racecheck; do
+      compute-sanitizer --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
+        > "$OUT/sanitizer-$tool.log" 2>&1 && echo "$tool: clean" || echo "$tool: FAILED (see log)"
+      tail -5 "$OUT/sanitizer-$tool.log"
+    done
+    tail -15 "$OUT/tests.log"
+    ;;
+  bench)
+    bash bench/run.sh "${@:2}" 2>&1 | tail -60 > "$OUT/bench.log"
+    tail -40 "$OUT/bench.log"
+    dir=$(ls -td bench/results/*/ | head -n 1)
+    cp "$dir"/results.csv "$dir"/summary.md "$OUT/" && cp "$dir"/*.png "$OUT/" 2>/dev/null || true
+    cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null || true
+    ;;
+  *) echo "usage: $0 test|bench [bench args]" >&2; exit 2 ;;
+esac
