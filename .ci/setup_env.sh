@@ -20,12 +20,13 @@ else
     "$_python" -m venv "$_venv"
   fi
   BATCHLESS_PYTHON="$_venv/bin/python"
-  # triton (the local 3.8.0 wheel) lets the tests run the triton backend under its interpreter.
-  if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy" 2>/dev/null; then
+  # triton (the local 3.8.0 wheel) lets the tests run the triton backend under its interpreter;
+  # scikit-learn ships the handwritten digits of examples/digits_cnn.py.
+  if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy, sklearn, matplotlib" 2>/dev/null; then
     echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, triton and the tools into $_venv"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
     "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" triton==3.8.0 \
-      ninja numpy pytest pytest-benchmark matplotlib
+      ninja numpy pytest pytest-benchmark matplotlib scikit-learn
   fi
 fi
 export BATCHLESS_PYTHON
