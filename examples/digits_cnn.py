@@ -12,8 +12,8 @@ initialization. Adam, the same learning rate for every cell; the BLN variants ad
 to the loss, and their mean/std are first set by bk.init_from_data on --init-samples (256) training
 images (the paper's data-dependent initialization; --bln-init default keeps mean 0, std 1).
 
-Every cell trains for --epochs epochs (default 2), reshuffled each epoch, or for more epochs where
-those make fewer than --min-steps optimizer steps (default 120: the large batches, e.g. 27 epochs at
+Every cell trains for --epochs epochs (default 4), reshuffled each epoch, or for more epochs where
+those make fewer than --min-steps optimizer steps (default 250: the large batches, e.g. 45 epochs at
 batch size 256), so that every batch size gets a fair number of updates; the epochs each cell ran
 are in results.json/csv. The last incomplete batch of an epoch is dropped when it has a single image
 (BatchNorm cannot take it). BN is
@@ -112,10 +112,10 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--norms", default=",".join(C.NORMS), help="comma-separated, from " + ",".join(C.NORMS))
     p.add_argument("--batch-sizes", default="1,4,16,64,256")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per cell")
+    p.add_argument("--seeds", type=int, default=5, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2, help="epochs, every cell (see --min-steps)")
-    p.add_argument("--min-steps", type=int, default=120,
+    p.add_argument("--epochs", type=int, default=4, help="epochs, every cell (see --min-steps)")
+    p.add_argument("--min-steps", type=int, default=250,
                    help="cells whose epochs make fewer steps train for more epochs, up to this many steps")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (every cell)")
     p.add_argument("--c1", type=int, default=16)

@@ -3,8 +3,9 @@ with accumulated gradients gives the same gradients (and so the same training) a
 in one go, with activation memory that scales with the micro-batch; with BatchNorm it does not.
 
 Model: the digits CNN of `_common.DigitsCNN` without dropout (so that every pass is deterministic),
-on --image-size x --image-size images: sklearn's digits upsampled (bilinear) from 8x8 when
-scikit-learn is installed, else random images and labels (results.json says which).
+its BLN layers initialized by bk.init_from_data on a batch of other images, on --image-size x --image-size
+images: sklearn's digits upsampled (bilinear) from 8x8 when scikit-learn is installed, else random
+images and labels (results.json says which).
 
 1. Gradients. For each normalization, a copy of the same initial model computes the gradient of
    loss = cross-entropy (mean over the batch) [+ bk.nll_loss(model) for BLN] on one batch of 256,
@@ -76,11 +77,15 @@ def load_images(n: int, image_size: int, seed: int):
     return x, y, source
 
 
-def build(norm: str, a: dict, dtype, device) -> torch.nn.Module:
+def build(norm: str, a: dict, dtype, device, x_init=None) -> torch.nn.Module:
+    """The initial model; BLN layers get bk.init_from_data on `x_init`."""
     C.set_seed(a["seed"])
     model = C.DigitsCNN(norm, c1=a["c1"], c2=a["c2"], hidden=a["hidden"], dropout=0.0,
                         image_size=a["image_size"], momentum=0.1)
-    return model.to(device=device, dtype=dtype).train()
+    model = model.to(device=device, dtype=dtype)
+    if C.is_batchless(norm) and x_init is not None:
+        C.bk.init_from_data(model, x_init.to(device=device, dtype=dtype))
+    return model.train()
 
 
 def accumulate(model, norm: str, x, y, micro: int, memory: dict | None = None) -> float:
@@ -132,8 +137,8 @@ def max_rel_diff(a, b) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def gradient_check(norm, a, x, y, micros, dtype, device) -> dict:
-    base = build(norm, a, dtype, device)
+def gradient_check(norm, a, x, y, micros, dtype, device, x_init) -> dict:
+    base = build(norm, a, dtype, device, x_init)
     xd, yd = x.to(device=device, dtype=dtype), y.to(device)
     full_model = copy.deepcopy(base)
     accumulate(full_model, norm, xd, yd, len(xd))
@@ -149,9 +154,9 @@ def gradient_check(norm, a, x, y, micros, dtype, device) -> dict:
     return out
 
 
-def trajectories(norm, a, x, y, micros, device) -> dict:
+def trajectories(norm, a, x, y, micros, device, x_init) -> dict:
     """Per micro-batch size (and 'full'): per-step losses and the final parameters' difference."""
-    base = build(norm, a, torch.float64, device)
+    base = build(norm, a, torch.float64, device, x_init)
     batch = a["batch"]
     xd, yd = x.to(device=device, dtype=torch.float64), y.to(device)
     result, final = {}, {}
@@ -178,7 +183,7 @@ def trajectories(norm, a, x, y, micros, device) -> dict:
 
 
 def memory_in_process(norm, a, x, y, micro, device) -> dict:
-    model = build(norm, a, torch.float32, device)
+    model = build(norm, a, torch.float32, device, x[:8])
     xd, yd = x.to(device), y.to(device)
     mem = {"param_ptrs": {p.data_ptr() for p in model.parameters()}}
     res = {}
@@ -217,7 +222,7 @@ def rss_child(spec: str) -> None:
     torch.set_num_threads(1)
     a, norm, micro = cfg["args"], cfg["norm"], cfg["micro"]
     x, y, _ = load_images(a["batch"], a["image_size"], a["seed"])
-    model = build(norm, a, torch.float32, torch.device("cpu"))
+    model = build(norm, a, torch.float32, torch.device("cpu"), x[:8])  # small: keep the peak low
     # warm up the code paths on a micro-batch of 2, then take the baseline peak
     accumulate(copy.deepcopy(model), norm, x[:2], y[:2], 2)
     before = peak_rss_mb()
@@ -286,12 +291,14 @@ def main(argv=None) -> dict:
     for m in micros:
         if args.batch % m:
             raise SystemExit(f"micro-batch {m} does not divide the batch {args.batch}")
-    C.check_toolkit(need_brn="brn" in norms)
+    C.check_toolkit(need_brn="brn" in norms, need_init=any(map(C.is_batchless, norms)))
     device = C.pick_device(args.device)
     torch.set_num_threads(1 if device.type == "cpu" else torch.get_num_threads())
     outdir = C.results_dir(NAME, args.out)
     a = {k: v for k, v in vars(args).items() if k != "rss_child"}
-    x, y, source = load_images(args.batch * max(args.train_steps, 1), args.image_size, args.seed)
+    # the training batches, then one more batch for the data-dependent init of the BLN layers
+    x, y, source = load_images(args.batch * (max(args.train_steps, 1) + 1), args.image_size, args.seed)
+    x_init = x[-args.batch:]
     seeds = list(range(args.seed, args.seed + args.seeds))
 
     t0 = time.time()
@@ -302,13 +309,13 @@ def main(argv=None) -> dict:
         for seed in seeds:
             for dtype in (torch.float64, torch.float32):
                 diffs = gradient_check(norm, {**a, "seed": seed}, x[:args.batch], y[:args.batch], micros,
-                                       dtype, device)
+                                       dtype, device, x_init)
                 grad_records.append({"norm": norm, "seed": seed, "dtype": str(dtype).replace("torch.", ""),
                                      **{f"m{m}": diffs[m] for m in micros}})
                 bar.update(1)
     traj = {}
     for norm in norms:
-        traj[norm] = trajectories(norm, a, x, y, micros, device)
+        traj[norm] = trajectories(norm, a, x, y, micros, device, x_init)
         bar.update(1)
     mem_records = []
     for norm in mem_norms:

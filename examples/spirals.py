@@ -363,7 +363,10 @@ def plots(outdir, records, norms, batch_sizes, data, grids, args) -> None:
             if gp is not None:
                 ax.imshow(gp[:, 1].reshape(k, k).numpy(), origin="lower", extent=(-1.2, 1.2, -1.2, 1.2),
                           cmap="coolwarm", vmin=0, vmax=1)
-                ax.scatter(x_va[:200, 0], x_va[:200, 1], c=y_va[:200], s=1, cmap="coolwarm", alpha=0.4)
+                ax.scatter(x_va[::5, 0], x_va[::5, 1], c=y_va[::5], s=1.5, cmap="coolwarm", vmin=-0.5,
+                           vmax=1.5, edgecolors="none")
+            else:
+                ax.text(0, 0, "not run", ha="center", va="center")
             ax.set_title(norm if i == 0 else "")
         for ax in axes[i]:
             ax.set_xticks([]); ax.set_yticks([]); ax.set_xlim(-1.2, 1.2); ax.set_ylim(-1.2, 1.2)
