@@ -10,12 +10,14 @@
 //     plane; the block's threads cover `rows` planes at a time, `cols` vectors of each.
 //   channels-last (M, C): a tile is a block of rows and a block of channels; each thread owns V
 //     consecutive channels and walks rows.
-// Tiles are sized from the multiprocessor count (about kWaves waves of resident blocks). Each tile
-// writes its partial sums to its own slot, and a second kernel sums the slots per channel in a
-// fixed order: no float atomics, the same bits on every run on a given GPU.
+// Tiles are sized from the multiprocessor count and the kernel's occupancy. Each tile writes its
+// partial sums to its own slot, and a second kernel sums the slots per channel in a fixed order:
+// no float atomics, the same bits on every run on a given GPU for inputs of the same shape and
+// the same pointer alignment (the vector width V, which groups the sums, depends on both).
 //
 // Memory access: V elements (up to 16 bytes) per load and store when the inner extent and every
-// pointer allow it, else narrower; offsets are 64-bit.
+// pointer allow it, else narrower; each thread issues kUnroll independent loads before using
+// them, so that enough bytes are in flight; offsets are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,14 +43,15 @@ using host::Geometry;
 using host::Layout;
 
 constexpr int kThreads = 256;
-// Resident blocks of kThreads per multiprocessor at full occupancy (2048 threads on sm_80/sm_90).
-constexpr int kBlocksPerSm = 2048 / kThreads;
-// Tiles per launch: this many waves of resident blocks, so the last wave's tail stays short.
+// Independent vector loads a thread issues before using them (memory-level parallelism).
+constexpr int kUnroll = 4;
+// Channels-first tiles per launch: this many waves of resident blocks, so the tail stays short.
 constexpr int kWaves = 4;
 // Elements per tile at least, so that a tile amortizes its reduction.
 constexpr int64_t kMinTileElements = 4096;
-// Channels-last: rows per tile at least, which bounds the partial sums to 1/kMinRows of x.
-constexpr int64_t kMinRows = 32;
+// Channels-last: a block spans one warp of V-wide channel vectors (32 * V channels, coalesced
+// rows of up to 512 bytes) and walks rows; about one wave of blocks keeps the partial sums small.
+constexpr int kWarp = 32;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -63,9 +66,21 @@ __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
   return *reinterpret_cast<const Pack<T, V>*>(p);
 }
 
+// Stores through a plain vector type: nvcc split struct stores into scalar ones on some paths.
 template <int V, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
-  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  constexpr int kBytes = sizeof(T) * V;
+  if constexpr (kBytes == 16) {
+    uint4 u;
+    __builtin_memcpy(&u, &pack, 16);
+    __stwb(reinterpret_cast<uint4*>(p), u);
+  } else if constexpr (kBytes == 8) {
+    uint2 u;
+    __builtin_memcpy(&u, &pack, 8);
+    __stwb(reinterpret_cast<uint2*>(p), u);
+  } else {
+    *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  }
 }
 
 // Per-channel parameters (C,) in the accumulation dtype; the op's plan fills absent ones.
@@ -93,25 +108,35 @@ struct Lanes {
   }
 };
 
+// The ops read their inputs with load() and consume them with apply(), so that a thread can issue
+// several loads before the first apply.
+
 // Forward at offset i: y = xhat * w + b with xhat = (x - m) * r; a0 += xhat, a1 += xhat^2.
 template <typename scalar_t, bool kStats>
 struct ForwardOp {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
+  template <int V>
+  struct In {
+    Pack<scalar_t, V> x;
+  };
+  static constexpr bool kReduce = kStats;
   const scalar_t* x;
   scalar_t* y;
 
-  __device__ __forceinline__ bool reduce() const { return kStats; }
+  template <int V>
+  __device__ __forceinline__ In<V> load(int64_t i) const {
+    return {load_pack<V>(x + i)};
+  }
 
   template <int V, int P>
-  __device__ __forceinline__ void operator()(int64_t i, const Lanes<acc_t, P>& p, acc_t (&a0)[V],
-                                             acc_t (&a1)[V]) const {
-    const Pack<scalar_t, V> xv = load_pack<V>(x + i);
+  __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
+                                        acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> yv;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int k = P == 1 ? 0 : v;
-      const acc_t h = (static_cast<acc_t>(xv.v[v]) - p.m[k]) * p.r[k];
+      const acc_t h = (static_cast<acc_t>(in.x.v[v]) - p.m[k]) * p.r[k];
       if constexpr (kStats) {
         a0[v] += h;
         a1[v] += h * h;
@@ -123,42 +148,68 @@ struct ForwardOp {
 };
 
 // Backward at offset i: dx = g * w * r; a0 += g * xhat (dweight, reads x), a1 += g (dbias).
-template <typename scalar_t, bool kDx, bool kDw>
+template <typename scalar_t, bool kDx, bool kDw, bool kDb>
 struct BackwardOp {
   using scalar_type = scalar_t;
   using acc_t = at::opmath_type<scalar_t>;
+  template <int V>
+  struct In {
+    Pack<scalar_t, V> g, x;
+  };
+  static constexpr bool kReduce = kDw || kDb;
   const scalar_t* grad_y;
   const scalar_t* x;  // null unless kDw
   scalar_t* dx;       // null unless kDx
-  bool want_dbias;
 
-  __device__ __forceinline__ bool reduce() const { return kDw || want_dbias; }
+  template <int V>
+  __device__ __forceinline__ In<V> load(int64_t i) const {
+    In<V> in;
+    in.g = load_pack<V>(grad_y + i);
+    if constexpr (kDw) in.x = load_pack<V>(x + i);
+    return in;
+  }
 
   template <int V, int P>
-  __device__ __forceinline__ void operator()(int64_t i, const Lanes<acc_t, P>& p, acc_t (&a0)[V],
-                                             acc_t (&a1)[V]) const {
-    const Pack<scalar_t, V> gv = load_pack<V>(grad_y + i);
-    Pack<scalar_t, V> xv;
-    if constexpr (kDw) xv = load_pack<V>(x + i);
+  __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
+                                        acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> dxv;
 #pragma unroll
     for (int v = 0; v < V; ++v) {
       const int k = P == 1 ? 0 : v;
-      const acc_t g = static_cast<acc_t>(gv.v[v]);
+      const acc_t g = static_cast<acc_t>(in.g.v[v]);
       if constexpr (kDx) dxv.v[v] = static_cast<scalar_t>(g * (p.w[k] * p.r[k]));
-      if constexpr (kDw) a0[v] += g * ((static_cast<acc_t>(xv.v[v]) - p.m[k]) * p.r[k]);
-      a1[v] += g;
+      if constexpr (kDw) a0[v] += g * ((static_cast<acc_t>(in.x.v[v]) - p.m[k]) * p.r[k]);
+      if constexpr (kDb) a1[v] += g;
     }
     if constexpr (kDx) store_pack<V>(dx + i, dxv);
   }
 };
+
+// Runs op at offsets first + k * stride for k in [0, count), kUnroll loads in flight at a time.
+template <int V, int P, typename Op>
+__device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t stride, int64_t count,
+                                            const Lanes<typename Op::acc_t, P>& p,
+                                            typename Op::acc_t (&a0)[V], typename Op::acc_t (&a1)[V]) {
+  int64_t k = 0;
+  for (; k + kUnroll <= count; k += kUnroll) {
+    typename Op::template In<V> in[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V>(first + (k + u) * stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) op.template apply<V, P>(first + (k + u) * stride, in[u], p, a0, a1);
+  }
+  for (; k < count; ++k) {
+    const auto in = op.template load<V>(first + k * stride);
+    op.template apply<V, P>(first + k * stride, in, p, a0, a1);
+  }
+}
 
 // Channels-first tile `blockIdx.x` = (nb, c, sb): samples [nb * n_block, +n_block), plane segment
 // [sb * s_block, +s_block) of channel c. Its sums go to slot blockIdx.x of part0/part1, laid out
 // (num_nb, C, num_sb). S and s_block are multiples of V.
 template <typename Op, int V>
 __global__ void __launch_bounds__(kThreads)
-    channels_first_kernel(Op op, Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
+    channels_first_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
                           int64_t n_block, int64_t s_block, int64_t num_sb,
                           typename Op::acc_t* part0, typename Op::acc_t* part1) {
   using acc_t = typename Op::acc_t;
@@ -177,13 +228,18 @@ __global__ void __launch_bounds__(kThreads)
   acc_t a0[V], a1[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
-  if (row < rows) {
-    for (int64_t n = n0 + row; n < n1; n += rows) {
-      const int64_t base = (n * C + c) * S + s0;
-      for (int j = col; j < len; j += cols) op.template operator()<V, 1>(base + int64_t(j) * V, p, a0, a1);
+  if (row < rows && n0 + row < n1) {
+    const int64_t first = ((n0 + row) * C + c) * S + s0 + int64_t(col) * V;
+    if (len <= kThreads) {  // one vector of each plane for this thread: walk the planes
+      run_strided<V, 1>(op, first, int64_t(rows) * C * S, (n1 - n0 - row + rows - 1) / rows, p, a0, a1);
+    } else {  // rows == 1: walk each plane's segment
+      for (int64_t n = n0; n < n1; ++n) {
+        run_strided<V, 1>(op, first + (n - n0) * C * S, int64_t(cols) * V, (len - col + cols - 1) / cols, p,
+                          a0, a1);
+      }
     }
   }
-  if (!op.reduce()) return;
+  if constexpr (!Op::kReduce) return;
   acc_t t0 = 0, t1 = 0;
 #pragma unroll
   for (int v = 0; v < V; ++v) {
@@ -201,10 +257,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
 // [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
-// c_block are multiples of V, and c_block <= kThreads * V.
+// c_block are multiples of V, and c_block <= kWarp * V <= kThreads * V.
 template <typename Op, int V>
 __global__ void __launch_bounds__(kThreads)
-    channels_last_kernel(Op op, Params<typename Op::acc_t> params, int64_t M, int64_t C,
+    channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
                          int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
                          typename Op::acc_t* part1) {
   using acc_t = typename Op::acc_t;
@@ -221,13 +277,13 @@ __global__ void __launch_bounds__(kThreads)
   acc_t a0[V], a1[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
-  if (active) {
+  if (active && r0 + row < r1) {
     const Lanes<acc_t, V> p(params, c);
-    for (int64_t r = r0 + row; r < r1; r += rows) op.template operator()<V, V>(r * C + c, p, a0, a1);
+    run_strided<V, V>(op, (r0 + row) * C + c, int64_t(rows) * C, (r1 - r0 - row + rows - 1) / rows, p, a0, a1);
   }
-  if (!op.reduce()) return;
+  if constexpr (!Op::kReduce) return;
   // Sum the rows' accumulators per channel in row order, through shared memory.
-  extern __shared__ unsigned char shared_raw[];
+  extern __shared__ __align__(16) unsigned char shared_raw[];
   acc_t* sh0 = reinterpret_cast<acc_t*>(shared_raw);  // (rows, c_len)
   acc_t* sh1 = sh0 + rows * c_len;
   if (active) {
@@ -250,8 +306,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Per-channel totals of partials laid out (num_outer, C, num_inner), in a fixed order: a block
-// takes 32 channels; its kLanes lanes per channel sum every kLanes-th partial, then lane 0 adds
-// the lanes' sums in order. out0 / out1 may be null (statistic not wanted).
+// takes 32 channels; its kReduceLanes lanes per channel sum every kReduceLanes-th partial, then
+// lane 0 adds the lanes' sums in order. out0 / out1 may be null (statistic not wanted).
 constexpr int kReduceChannels = 32;
 constexpr int kReduceLanes = 16;
 
@@ -264,11 +320,19 @@ __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceChannels + threadIdx.x;
   acc_t t0 = 0, t1 = 0;
   if (c < C) {
-    const int64_t total = num_outer * num_inner;
-    for (int64_t k = threadIdx.y; k < total; k += kReduceLanes) {
-      const int64_t index = (k / num_inner * C + c) * num_inner + k % num_inner;
-      t0 += part0[index];
-      t1 += part1[index];
+    // Partial k of channel c sits at (k / num_inner * C + c) * num_inner + k % num_inner.
+    int64_t o = threadIdx.y / num_inner, i = threadIdx.y % num_inner;
+    const int64_t step_o = kReduceLanes / num_inner, step_i = kReduceLanes % num_inner;
+    while (o < num_outer) {
+      const int64_t index = (o * C + c) * num_inner + i;
+      if (out0 != nullptr) t0 += part0[index];
+      if (out1 != nullptr) t1 += part1[index];
+      o += step_o;
+      i += step_i;
+      if (i >= num_inner) {
+        i -= num_inner;
+        ++o;
+      }
     }
   }
   sums[0][threadIdx.y][threadIdx.x] = t0;
@@ -315,82 +379,88 @@ void dispatch_bool(bool value, const F& f) {
   }
 }
 
-int64_t target_tiles() {
-  return int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kBlocksPerSm * kWaves;
+// Blocks of this kernel resident on the whole GPU at once (multiprocessors x occupancy).
+int64_t resident_blocks(const void* kernel, size_t shared_bytes) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
+  return int64_t(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }
 
 // Runs op over the geometry; when op reduces, its two sums per channel go to out0 / out1 (either
 // may be null). `pointers` are the tensors op reads and writes, for the vector width.
 template <typename Op>
-void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& params, bool reduce,
-            typename Op::acc_t* out0, typename Op::acc_t* out1, int64_t elem_size,
+void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& params,
+            typename Op::acc_t* out0, typename Op::acc_t* out1,
             std::initializer_list<const void*> pointers, const at::TensorOptions& acc_opts) {
   using acc_t = typename Op::acc_t;
+  using scalar_t = typename Op::scalar_type;
+  constexpr bool reduce = Op::kReduce;
   auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t tiles_wanted = target_tiles();
-  const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
   Tensor partials;
   int64_t num_outer = 0, num_inner = 0;
 
   if (g.layout == Layout::kChannelsFirst) {
-    const int v = vector_width(g.S, elem_size, pointers);
-    int64_t n_block = 1, s_block = g.S, num_sb = 1;
-    if (g.S >= per_tile) {  // large planes: split each along S
-      num_sb = ceil_div(g.S, per_tile);
-      s_block = ceil_div(ceil_div(g.S, num_sb), v) * v;
-      num_sb = ceil_div(g.S, s_block);
-    } else {  // small planes: several samples of one channel per tile
-      n_block = std::min(g.N, std::max<int64_t>(1, per_tile / g.S));
-    }
-    const int64_t num_nb = ceil_div(g.N, n_block);
-    const int64_t tiles = num_nb * g.C * num_sb;
-    TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
-    if (reduce) partials = host::poisoned(at::empty({2, tiles}, acc_opts));
-    acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
-    acc_t* p1 = reduce ? p0 + tiles : nullptr;
-    dispatch_width<8>(v, [&](auto width) {
+    const int v = vector_width(g.S, sizeof(scalar_t), pointers);
+    dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      if constexpr (V * sizeof(typename Op::scalar_type) <= 16) {
-        channels_first_kernel<Op, V><<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-            op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto kernel = channels_first_kernel<Op, V>;
+      const int64_t tiles_wanted = resident_blocks(reinterpret_cast<const void*>(kernel), 0) * kWaves;
+      const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
+      int64_t n_block = 1, s_block = g.S, num_sb = 1;
+      if (g.S >= per_tile) {  // large planes: split each along S
+        num_sb = ceil_div(g.S, per_tile);
+        s_block = ceil_div(ceil_div(g.S, num_sb), V) * V;
+        num_sb = ceil_div(g.S, s_block);
+      } else {  // small planes: several samples of one channel per tile, in even blocks
+        n_block = std::min(g.N, std::max<int64_t>(1, per_tile / g.S));
+        n_block = ceil_div(g.N, ceil_div(g.N, n_block));
       }
+      const int64_t num_nb = ceil_div(g.N, n_block);
+      const int64_t tiles = num_nb * g.C * num_sb;
+      TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
+      if (reduce) partials = host::poisoned(at::empty({2, tiles}, acc_opts));
+      acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+      kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+          op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, reduce ? p0 + tiles : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      num_outer = num_nb;
+      num_inner = num_sb;
     });
-    num_outer = num_nb;
-    num_inner = num_sb;
   } else {
     const int64_t M = g.N * g.S;
-    const int v = vector_width(g.C, elem_size, pointers);
-    const int64_t c_block = std::min<int64_t>(g.C, int64_t(kThreads) * v);
-    const int64_t num_cb = ceil_div(g.C, c_block);
-    TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
-    const int64_t min_rows = std::max(kMinRows, ceil_div(kMinTileElements, c_block));
-    const int64_t r_block = std::max(min_rows, ceil_div(M, std::max<int64_t>(1, tiles_wanted / num_cb)));
-    const int64_t num_rb = ceil_div(M, r_block);
-    TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
-    if (reduce) partials = host::poisoned(at::empty({2, num_rb, g.C}, acc_opts));
-    acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
-    acc_t* p1 = reduce ? p0 + num_rb * g.C : nullptr;
-    const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
-    dispatch_width<8>(v, [&](auto width) {
+    const int v = vector_width(g.C, sizeof(scalar_t), pointers);
+    dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      if constexpr (V * sizeof(typename Op::scalar_type) <= 16) {
-        const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
-        channels_last_kernel<Op, V><<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block,
-                                                                       c_block, p0, p1);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
+      const auto kernel = channels_last_kernel<Op, V>;
+      const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
+      const int64_t c_block = std::min<int64_t>(g.C, int64_t(kWarp) * V);
+      const int64_t num_cb = ceil_div(g.C, c_block);
+      TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
+      // About one wave of blocks, each walking at least a few rows per thread.
+      const int64_t rows_per_pass = kThreads / (c_block / V);
+      const int64_t wave = resident_blocks(reinterpret_cast<const void*>(kernel), shared);
+      const int64_t r_block = std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
+                                       std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));
+      const int64_t num_rb = ceil_div(M, r_block);
+      TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
+      if (reduce) partials = host::poisoned(at::empty({2, num_rb, g.C}, acc_opts));
+      acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+      const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
+      kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0,
+                                                 reduce ? p0 + num_rb * g.C : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      num_outer = num_rb;
+      num_inner = 1;
     });
-    num_outer = num_rb;
-    num_inner = 1;
   }
-  if (!reduce) return;
-  const dim3 block(kReduceChannels, kReduceLanes);
-  const auto blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
-  reduce_partials_kernel<acc_t><<<blocks, block, 0, stream>>>(
-      partials.const_data_ptr<acc_t>(), partials.const_data_ptr<acc_t>() + partials.numel() / 2,
-      g.C, num_outer, num_inner, out0, out1);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if constexpr (reduce) {
+    const dim3 block(kReduceChannels, kReduceLanes);
+    const auto blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
+    const acc_t* p0 = partials.const_data_ptr<acc_t>();
+    reduce_partials_kernel<acc_t><<<blocks, block, 0, stream>>>(
+        p0, p0 + partials.numel() / 2, g.C, num_outer, num_inner, out0, out1);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename acc_t>
@@ -416,10 +486,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const Tensor& m
     scalar_t* yp = plan.y_buffer.data_ptr<scalar_t>();
     dispatch_bool(compute_stats, [&](auto stats) {
       using Op = ForwardOp<scalar_t, decltype(stats)::value>;
-      launch(plan.geometry, Op{xp, yp}, params, compute_stats,
-             compute_stats ? plan.s1.data_ptr<acc_t>() : nullptr,
-             compute_stats ? plan.s2.data_ptr<acc_t>() : nullptr, sizeof(scalar_t), {xp, yp},
-             plan.s1.options());
+      launch(plan.geometry, Op{xp, yp}, params, compute_stats ? plan.s1.data_ptr<acc_t>() : nullptr,
+             compute_stats ? plan.s2.data_ptr<acc_t>() : nullptr, {xp, yp}, plan.s1.options());
     });
   });
   return plan.finish();
@@ -440,14 +508,17 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
     const scalar_t* gp = plan.grad_y.const_data_ptr<scalar_t>();
     const scalar_t* xp = output_mask[1] ? plan.x.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = output_mask[0] ? plan.dx_buffer.data_ptr<scalar_t>() : nullptr;
-    const bool reduce = output_mask[1] || output_mask[2];
     dispatch_bool(output_mask[0], [&](auto kdx) {
       dispatch_bool(output_mask[1], [&](auto kdw) {
-        using Op = BackwardOp<scalar_t, decltype(kdx)::value, decltype(kdw)::value>;
-        launch(plan.geometry, Op{gp, xp, dxp, output_mask[2]}, params, reduce,
-               output_mask[1] ? plan.dweight.data_ptr<acc_t>() : nullptr,
-               output_mask[2] ? plan.dbias.data_ptr<acc_t>() : nullptr, sizeof(scalar_t),
-               {gp, xp, dxp}, plan.dweight.options());
+        dispatch_bool(output_mask[2], [&](auto kdb) {
+          using Op = BackwardOp<scalar_t, decltype(kdx)::value, decltype(kdw)::value, decltype(kdb)::value>;
+          if constexpr (decltype(kdx)::value || Op::kReduce) {  // the plan returned early otherwise
+            launch(plan.geometry, Op{gp, xp, dxp}, params,
+                   output_mask[1] ? plan.dweight.data_ptr<acc_t>() : nullptr,
+                   output_mask[2] ? plan.dbias.data_ptr<acc_t>() : nullptr, {gp, xp, dxp},
+                   plan.dweight.options());
+          }
+        });
       });
     });
   });
