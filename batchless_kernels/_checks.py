@@ -12,6 +12,21 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: int | None = None) -> None:
+    """What a normalization layer checks of its input, as nn.BatchNorm*d does: a tensor of an
+    accepted rank (None: any rank >= 2) and, when given, num_features channels in dim 1."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if accepted_dims is None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+    elif x.dim() not in accepted_dims:
+        expected = " or ".join(f"{d}D" for d in accepted_dims)
+        raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+    if num_features is not None and x.shape[1] != num_features:
+        raise ValueError(f"expected {num_features} channels in dim 1 of the input, got shape {tuple(x.shape)}")
+
+
 def check_inputs(x, mean, std_param, weight, bias) -> None:
     """Validates the tensors of batchless_norm; raises TypeError/ValueError naming the argument."""
     if not isinstance(x, torch.Tensor):

@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from ._checks import accumulation_dtype
+from ._checks import accumulation_dtype, check_layer_input
 from .parametrization import check_eps
 
 
@@ -117,15 +117,7 @@ class _BatchRenorm(nn.Module):
         return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in self._accepted_dims:
-            expected = " or ".join(f"{d}D" for d in self._accepted_dims)
-            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
-        if x.shape[1] != self.num_features:
-            raise ValueError(
-                f"expected {self.num_features} channels in dim 1 of the input, got shape {tuple(x.shape)}"
-            )
+        check_layer_input(x, self._accepted_dims, self.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from ._checks import check_layer_input
 from .backends import BACKENDS
 from .functional import batchless_norm
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
@@ -19,7 +20,7 @@ class _BatchlessNorm(nn.Module):
     NLL term in ``self.nll``; ``batchless_kernels.nll_loss(model)`` adds them up with nll_weight.
     """
 
-    _accepted_dims: tuple[int, ...] = ()
+    _accepted_dims: tuple[int, ...] | None = ()
 
     def __init__(
         self,
@@ -90,11 +91,7 @@ class _BatchlessNorm(nn.Module):
             return std_from_param(self.std_param, self.parametrization, self.eps)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() not in self._accepted_dims:
-            expected = " or ".join(f"{d}D" for d in self._accepted_dims)
-            raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
+        check_layer_input(x, self._accepted_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
@@ -133,11 +130,7 @@ class BatchlessNormNd(_BatchlessNorm):
     """For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank)
     converts to, since its rank is only known at run time."""
 
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+    _accepted_dims = None
 
 
 def nll_loss(model: nn.Module) -> torch.Tensor:
