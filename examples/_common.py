@@ -88,9 +88,28 @@ def git_commit() -> str | None:
         return None
 
 
+def git_dirty() -> list[str] | None:
+    """Files of the package (batchless_kernels/) with uncommitted changes when the run started."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "batchless_kernels"],
+            cwd=EXAMPLES_DIR.parent, capture_output=True, text=True, timeout=10,
+        )
+        return [ln[3:] for ln in out.stdout.splitlines()] if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 
@@ -106,6 +125,7 @@ def env_info(device: torch.device, workers: int) -> dict:
         "workers": workers,
         "backend_auto": bk.available_backends(device.type)[0] if bk.available_backends(device.type) else None,
         "git_commit": git_commit(),
+        "package_uncommitted_changes": git_dirty(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 
