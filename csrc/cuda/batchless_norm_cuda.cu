@@ -29,6 +29,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 
@@ -379,11 +381,23 @@ void dispatch_bool(bool value, const F& f) {
   }
 }
 
-// Blocks of this kernel resident on the whole GPU at once (multiprocessors x occupancy).
+// Blocks of this kernel resident on the whole current GPU at once (multiprocessors x occupancy).
+// Cached: the occupancy query costs microseconds, which small inputs would feel on every call.
 int64_t resident_blocks(const void* kernel, size_t shared_bytes) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
-  return int64_t(std::max(per_sm, 1)) * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  using Key = std::tuple<const void*, size_t, int>;
+  static std::mutex mutex;
+  static std::map<Key, int64_t> cache;
+  const int device = c10::cuda::current_device();
+  const Key key{kernel, shared_bytes, device};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    it = cache.emplace(key, int64_t(std::max(per_sm, 1)) * sms).first;
+  }
+  return it->second;
 }
 
 // Runs op over the geometry; when op reduces, its two sums per channel go to out0 / out1 (either
