@@ -36,7 +36,7 @@ Metrics per run (then mean ± std over --seeds seeds per cell):
 Default run: about 5 minutes on 2 CPU cores. `--full` runs the larger sweep (batch sizes 1 to 128 in
 powers of 2, 10 seeds, 50 epochs). `--smoke` is a seconds-long check of the plumbing.
 Outputs in examples/results/spirals/: results.md (tables), results.json and results.csv (every run,
-with seeds, torch version, device), metrics.png, data.png.
+with seeds, torch version, device), metrics.png, data.png, loss_curves.png.
 """
 
 from __future__ import annotations
