@@ -1,0 +1,128 @@
+// Autograd of batchless_norm_forward, for every device's kernels (CPU, CUDA), in C++: a Python
+// autograd registration costs ~40 us per call, more than the kernels themselves on small inputs.
+// (The triton backend's ops keep their Python autograd, batchless_kernels/ops.py make_backward,
+// which computes the same.)
+//
+// Forward: y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the NLL); mean and
+// rstd are constants of the op (the NLL op trains them).
+// Backward: the fused backward op; with create_graph (grad mode on in backward) the same formulas
+// in differentiable ATen ops, so that higher-order gradients flow.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+#include <vector>
+
+namespace batchless_kernels {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+    const c10::optional<Tensor>&, bool);
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&,
+    const c10::optional<Tensor>&, std::array<bool, 3>);
+
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("batchless_kernels::batchless_norm_forward", "")
+                             .typed<ForwardSignature>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("batchless_kernels::batchless_norm_backward", "")
+                             .typed<BackwardSignature>();
+  return op;
+}
+
+bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
+
+// The backward op's formulas in differentiable ATen ops (create_graph=True). Not fused.
+std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y, const Tensor& x,
+                                                           const Tensor& mean, const Tensor& rstd,
+                                                           const Tensor& weight,
+                                                           std::array<bool, 3> mask) {
+  const auto acc = grad_y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  std::vector<int64_t> view(grad_y.dim(), 1), dims{0};
+  view[1] = grad_y.size(1);
+  for (int64_t d = 2; d < grad_y.dim(); ++d) dims.push_back(d);
+  const Tensor g = grad_y.to(acc);
+  const Tensor r = rstd.to(acc).view(view);
+  Tensor dx, dw, db;
+  if (mask[0]) dx = (g * (weight.defined() ? r * weight.to(acc).view(view) : r)).to(grad_y.scalar_type());
+  if (mask[1]) dw = (g * ((x.to(acc) - mean.to(acc).view(view)) * r)).sum(dims);
+  if (mask[2]) db = g.sum(dims);
+  return {dx, dw, db};
+}
+
+class NormForward : public torch::autograd::Function<NormForward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
+                               const Tensor& rstd, const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, bool compute_stats) {
+    Tensor y, s1, s2;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(y, s1, s2) = forward_op().call(x, mean, rstd, weight, bias, compute_stats);
+    }
+    ctx->mark_non_differentiable({s1, s2});
+    const bool has_w = present(weight), has_b = present(bias);
+    // x is needed only for dweight (dx = grad_y * weight * rstd does not read it).
+    const bool keep_x = has_w && weight->requires_grad();
+    ctx->save_for_backward({keep_x ? x : Tensor(), mean, rstd, has_w ? *weight : Tensor()});
+    ctx->saved_data["has_bias"] = has_b;
+    ctx->saved_data["weight_dtype"] = has_w ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
+    ctx->saved_data["bias_dtype"] = has_b ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    return {y, s1, s2};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3];
+    const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
+    // Graph edges follow the tensor arguments present: x, mean, rstd, [weight], [bias].
+    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
+                                      has_b && ctx->needs_input_grad(has_w ? 4 : 3)};
+    const Tensor& grad_y = grads[0];
+    variable_list out(6);
+    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
+    Tensor dx, dw, db;
+    if (at::GradMode::is_enabled()) {
+      std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
+    } else {
+      std::tie(dx, dw, db) = backward_op().call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
+                                                mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
+                                                mask);
+    }
+    if (mask[0]) out[0] = dx;
+    if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+    if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor> forward_autograd(const Tensor& x, const Tensor& mean,
+                                                    const Tensor& rstd,
+                                                    const c10::optional<Tensor>& weight,
+                                                    const c10::optional<Tensor>& bias,
+                                                    bool compute_stats) {
+  auto out = NormForward::apply(x, mean, rstd, weight, bias, compute_stats);
+  return {out[0], out[1], out[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
+  m.impl("batchless_norm_forward", &forward_autograd);
+}
+
+}  // namespace batchless_kernels
