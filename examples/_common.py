@@ -2,8 +2,11 @@
 
 - seeding (`set_seed`), device choice (`pick_device`), environment record (`env_info`);
 - the normalizations compared (`NORMS`) and a factory that builds one layer of each (`make_norm`);
-- the task loss plus the NLL of the batchless layers (`total_loss`);
+- the task loss plus the NLL of the batchless layers (`total_loss`), one training step
+  (`train_step`), evaluation (`evaluate`), the BLN layers' data-dependent init (`init_bln`);
 - the small CNN used by digits_cnn.py and microbatch.py (`DigitsCNN`) and the digits data;
+- the options every script shares (`arg_parser`, `add_run_args`), the set-up of a
+  (norm x batch size x seed) sweep (`Sweep`), and the end of every run (`finish`);
 - a progress bar (tqdm when installed, else a small printer to stderr: no extra dependency);
 - a pool that runs independent jobs in worker processes (`run_jobs`);
 - markdown tables, mean +- std formatting, and writing results (markdown, JSON, CSV, plots).
@@ -11,6 +14,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import math
@@ -21,10 +25,12 @@ import random
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import batchless_kernels as bk
@@ -162,6 +168,36 @@ def total_loss(model: nn.Module, task_loss: torch.Tensor, norm: str) -> torch.Te
     return task_loss
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, norm: str, x: torch.Tensor,
+               y: torch.Tensor) -> float:
+    """One optimizer step on the batch (x, y) with the training loss (`total_loss` of the
+    cross-entropy); returns the batch's cross-entropy."""
+    task = F.cross_entropy(model(x), y)
+    loss = total_loss(model, task, norm)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return task.item()
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 512) -> tuple[float, float]:
+    """(cross-entropy, accuracy) of the model on (x, y) in eval mode, in chunks of `chunk` inputs;
+    leaves the model in training mode."""
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+    model.train()
+    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
+
+
+def init_bln(model: nn.Module, norm: str, a: dict, x: torch.Tensor, generator: torch.Generator) -> None:
+    """The paper's data-dependent initialization of the BLN layers, when `norm` is a BLN variant and
+    a["bln_init"] == "data": bk.init_from_data on a["init_samples"] rows of x drawn with `generator`."""
+    if is_batchless(norm) and a["bln_init"] == "data":
+        sample = x[torch.randperm(len(x), generator=generator)[: a["init_samples"]].to(x.device)]
+        bk.init_from_data(model, sample)
+
+
 def norm_params(model: nn.Module) -> set[int]:
     """ids of the parameters that belong to normalization layers (excluded from weight decay)."""
     ids = set()
@@ -232,6 +268,101 @@ def load_digits_tensors(val_fraction: float = 0.2, split_seed: int = 0):
     tr, va = torch.cat(train_idx), torch.cat(val_idx)
     tr = tr[torch.randperm(len(tr), generator=g)]
     return x[tr], y[tr], x[va], y[va]
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line and sweeps
+# ------------------------------------------------------------------------------------------------
+
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """The parser of a script whose docstring is `doc`, with its first option, --norms."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--norms", default=",".join(NORMS), help="comma-separated, from " + ",".join(NORMS))
+    return p
+
+
+def add_run_args(p: argparse.ArgumentParser, name: str, full_help: str, workers: bool = True) -> None:
+    """The options at the end of every script's list: --device, --workers (`workers`), --out, --full,
+    --smoke, --quiet."""
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    if workers:
+        p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
+    p.add_argument("--out", default=None, help=f"output folder (default examples/results/{name})")
+    p.add_argument("--full", action="store_true", help=full_help)
+    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check (tiny settings)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def parse_norms(spec: str) -> list[str]:
+    """The comma-separated normalizations of `spec`, each one of NORMS."""
+    norms = [n for n in spec.split(",") if n]
+    for n in norms:
+        if n not in NORMS:
+            raise SystemExit(f"unknown norm {n!r}; one of {list(NORMS)}")
+    return norms
+
+
+def parse_ints(spec: str) -> list[int]:
+    return [int(v) for v in spec.split(",") if v]
+
+
+@dataclass
+class Sweep:
+    """A sweep over (norm, batch size, seed) cells (args: --norms, --batch-sizes, --seeds, --seed0,
+    --device, --workers, --out, --smoke, --quiet, --bln-init), run in worker processes."""
+
+    name: str
+    args: argparse.Namespace
+    norms: list[str]
+    batch_sizes: list[int]
+    device: torch.device
+    workers: int
+    seeds: list[int]
+    outdir: Path
+
+    @classmethod
+    def from_args(cls, name: str, args: argparse.Namespace) -> "Sweep":
+        norms = parse_norms(args.norms)
+        check_toolkit(need_brn="brn" in norms,
+                      need_init=args.bln_init == "data" and any(map(is_batchless, norms)))
+        device = pick_device(args.device)
+        return cls(name, args, norms, parse_ints(args.batch_sizes), device,
+                   1 if args.smoke else (args.workers or default_workers(device)),
+                   list(range(args.seed0, args.seed0 + args.seeds)), results_dir(name, args.out))
+
+    def jobs(self, data) -> list[dict]:
+        """One job per cell and seed (batch sizes outermost, then norms, then seeds); BN is skipped
+        at batch size 1. A job: the options (device as a string), `data`, norm, batch_size, seed."""
+        a = {**vars(self.args), "device": str(self.device)}
+        return [{"args": a, "data": data, "norm": n, "batch_size": b, "seed": s}
+                for b in self.batch_sizes for n in self.norms for s in self.seeds
+                if not (n == "bn" and b == 1)]
+
+    def run(self, fn, jobs: list[dict]) -> tuple[list, float]:
+        """(fn(job) for every job, in order; the wall time in seconds)."""
+        t0 = time.time()
+        records = run_jobs(fn, jobs, self.workers, self.name, quiet=self.args.quiet)
+        return records, time.time() - t0
+
+    def meta(self, wall: float, **extra) -> dict:
+        """The run's record: script, options, seeds, norms, batch sizes, `extra`, environment, wall time."""
+        return {"script": self.name, "args": vars(self.args), "seeds": self.seeds, "norms": self.norms,
+                "batch_sizes": self.batch_sizes, **extra, "env": env_info(self.device, self.workers),
+                "wall_time_s": wall}
+
+
+def finish(outdir: Path, *, markdown: str, meta: dict, records: list[dict], plots, quiet: bool,
+           **write_kwargs) -> dict:
+    """The end of a run: `write_results`, then `plots()`, then (unless `quiet`) the tables on stdout;
+    returns {"records", "meta", "markdown", "outdir"}."""
+    write_results(outdir, markdown=markdown, meta=meta, records=records, **write_kwargs)
+    plots()
+    if not quiet:
+        print(markdown)
+        print(f"results in {outdir}", file=sys.stderr)
+    return {"records": records, "meta": meta, "markdown": markdown, "outdir": str(outdir)}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,7 +632,40 @@ def plot_metrics_vs_batch(path: Path, records: list[dict], norms: list[str], bat
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(title)
+    save_fig(fig, path, dpi=110, title=title)
+
+
+def save_fig(fig, path: Path, dpi: int = 100, title: str | None = None, ylabel: str | None = None) -> None:
+    """Saves and closes a figure: with `title` as its suptitle; with `ylabel`, the figure is a row of
+    panels (fig.axes) and the first one gets the y label and the legend."""
+    import matplotlib.pyplot as plt
+
+    if ylabel is not None:
+        fig.axes[0].set_ylabel(ylabel)
+        fig.axes[0].legend(fontsize=7)
+    if title is not None:
+        fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def plot_by_batch_size(batch_sizes: list[int], norms: list[str], curve, ylabel: str, path: Path, *,
+                       panel_size: tuple[float, float] = (3.6, 3.2), xlabel: str = "epoch",
+                       markers: bool = False) -> None:
+    """One panel per batch size, one line per normalization (log y): `curve(norm, batch_size)` gives
+    the line's (xs, ys), or None for no line; with `markers`, the norm's marker at each point."""
+    plt = plt_module()
+    if plt is None:
+        return
+    w, h = panel_size
+    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(w * len(batch_sizes), h), squeeze=False)
+    for ax, bs in zip(axes[0], batch_sizes):
+        for norm in norms:
+            line = curve(norm, bs)
+            if line is None:
+                continue
+            style = {"marker": NORM_STYLE[norm]["marker"], "ms": 3} if markers else {}
+            ax.plot(*line, label=norm, color=NORM_STYLE[norm]["color"], lw=1, **style)
+        ax.set_yscale("log"); ax.set_title(f"batch size {bs}"); ax.set_xlabel(xlabel); ax.grid(alpha=0.3)
+    save_fig(fig, path, ylabel=ylabel)

@@ -30,27 +30,17 @@ curves.png.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "digits_cnn"
-
-
-def evaluate(model, x, y, chunk: int = 512):
-    model.eval()
-    with torch.no_grad():
-        out = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
-    model.train()
-    return F.cross_entropy(out, y).item(), (out.argmax(1) == y).float().mean().item()
 
 
 def run_one(job: dict) -> dict:
@@ -67,9 +57,7 @@ def run_one(job: dict) -> dict:
                         momentum=a["momentum"], brn_warmup_steps=total_steps // 20,
                         brn_relax_steps=total_steps // 4).to(device)
     gen = torch.Generator().manual_seed(seed + 7919)
-    if C.is_batchless(norm) and a["bln_init"] == "data":
-        sample = x_tr[torch.randperm(n_tr, generator=gen)[: a["init_samples"]].to(device)]
-        C.bk.init_from_data(model, sample)
+    C.init_bln(model, norm, a, x_tr, gen)
     opt = C.make_adam(model.parameters(), lr=a["lr"])
 
     curve, diverged = [], False
@@ -82,16 +70,10 @@ def run_one(job: dict) -> dict:
             idx = order[i:i + bs]
             if len(idx) < 2 and bs > 1:
                 continue
-            out = model(x_tr[idx])
-            task = F.cross_entropy(out, y_tr[idx])
-            loss = C.total_loss(model, task, norm)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tr_sum += task.item() * len(idx)
+            tr_sum += C.train_step(model, opt, norm, x_tr[idx], y_tr[idx]) * len(idx)
             tr_n += len(idx)
         train_loss = tr_sum / max(tr_n, 1)
-        val_loss, val_acc = evaluate(model, x_va, y_va)
+        val_loss, val_acc = C.evaluate(model, x_va, y_va)
         curve.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "val_acc": val_acc})
         if not math.isfinite(train_loss) or not math.isfinite(val_loss):
             diverged = True
@@ -108,9 +90,7 @@ def run_one(job: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--norms", default=",".join(C.NORMS), help="comma-separated, from " + ",".join(C.NORMS))
+    p = C.arg_parser(__doc__)
     p.add_argument("--batch-sizes", default="1,4,16,64,256")
     p.add_argument("--seeds", type=int, default=5, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0)
@@ -128,13 +108,7 @@ def parse_args(argv=None):
     p.add_argument("--init-samples", type=int, default=256)
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
-    p.add_argument("--out", default=None, help="output folder (default examples/results/digits_cnn)")
-    p.add_argument("--full", action="store_true",
-                   help="batch sizes 1..1024, 5 seeds, 30 epochs, min 600 steps, 32/64 channels")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check")
-    p.add_argument("--quiet", action="store_true")
+    C.add_run_args(p, NAME, "batch sizes 1..1024, 5 seeds, 30 epochs, min 600 steps, 32/64 channels")
     args = p.parse_args(argv)
     if args.full:
         args.batch_sizes, args.seeds, args.epochs, args.min_steps = "1,4,16,64,256,1024", 5, 30, 600
@@ -147,38 +121,17 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    norms = [n for n in args.norms.split(",") if n]
-    for n in norms:
-        if n not in C.NORMS:
-            raise SystemExit(f"unknown norm {n!r}; one of {list(C.NORMS)}")
-    C.check_toolkit(need_brn="brn" in norms,
-                    need_init=args.bln_init == "data" and any(map(C.is_batchless, norms)))
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    device = C.pick_device(args.device)
-    workers = 1 if args.smoke else (args.workers or C.default_workers(device))
-    seeds = list(range(args.seed0, args.seed0 + args.seeds))
-    outdir = C.results_dir(NAME, args.out)
+    sw = C.Sweep.from_args(NAME, args)
 
     x_tr, y_tr, x_va, y_va = C.load_digits_tensors(args.val_fraction, args.split_seed)
     if args.smoke:
         x_tr, y_tr, x_va, y_va = x_tr[:128], y_tr[:128], x_va[:64], y_va[:64]
-    a = {**vars(args), "device": str(device)}
-    data = (x_tr, y_tr, x_va, y_va)
-    jobs = [{"args": a, "data": data, "norm": n, "batch_size": b, "seed": s}
-            for b in batch_sizes for n in norms for s in seeds if not (n == "bn" and b == 1)]
-    t0 = time.time()
-    records = C.run_jobs(run_one, jobs, workers, NAME, quiet=args.quiet)
-    wall = time.time() - t0
+    records, wall = sw.run(run_one, sw.jobs((x_tr, y_tr, x_va, y_va)))
 
-    meta = {"script": NAME, "args": vars(args), "seeds": seeds, "norms": norms, "batch_sizes": batch_sizes,
-            "n_train": len(x_tr), "n_val": len(x_va), "env": C.env_info(device, workers), "wall_time_s": wall}
-    md = render_markdown(records, norms, batch_sizes, args, meta)
-    C.write_results(outdir, markdown=md, meta=meta, records=records)
-    plots(outdir, records, norms, batch_sizes, seeds)
-    if not args.quiet:
-        print(md)
-        print(f"results in {outdir}", file=sys.stderr)
-    return {"records": records, "meta": meta, "markdown": md, "outdir": str(outdir)}
+    meta = sw.meta(wall, n_train=len(x_tr), n_val=len(x_va))
+    md = render_markdown(records, sw.norms, sw.batch_sizes, args, meta)
+    return C.finish(sw.outdir, markdown=md, meta=meta, records=records, quiet=args.quiet,
+                    plots=lambda: plots(sw.outdir, records, sw.norms, sw.batch_sizes))
 
 
 def render_markdown(records, norms, batch_sizes, args, meta) -> str:
@@ -197,31 +150,22 @@ def render_markdown(records, norms, batch_sizes, args, meta) -> str:
     ])
 
 
-def plots(outdir, records, norms, batch_sizes, seeds) -> None:
+def plots(outdir, records, norms, batch_sizes) -> None:
     C.plot_metrics_vs_batch(
         outdir / "metrics.png", records, norms, batch_sizes,
         [("best_val_loss", "best validation loss", True), ("best_val_acc", "best validation accuracy", False)],
         "Digits CNN: mean over seeds, bars min..max")
-    plt = C.plt_module()
-    if plt is None:
-        return
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(3.4 * len(batch_sizes), 3.0), squeeze=False)
-    for ax, bs in zip(axes[0], batch_sizes):
-        for norm in norms:
-            rs = [r for r in records if r["norm"] == norm and r["batch_size"] == bs]
-            if not rs:
-                continue
-            n_ep = min(len(r["curve"]) for r in rs)
-            ep = list(range(1, n_ep + 1))
-            mean = [sum(r["curve"][e]["val_loss"] for r in rs) / len(rs) for e in range(n_ep)]
-            ax.plot(ep, mean, label=norm, color=C.NORM_STYLE[norm]["color"],
-                    marker=C.NORM_STYLE[norm]["marker"], ms=3, lw=1)
-        ax.set_yscale("log"); ax.set_title(f"batch size {bs}"); ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("validation loss (mean over seeds)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(outdir / "curves.png", dpi=100)
-    plt.close(fig)
+
+    def val_curve(norm, bs):  # the validation loss per epoch, mean over seeds
+        rs = [r for r in records if r["norm"] == norm and r["batch_size"] == bs]
+        if not rs:
+            return None
+        n_ep = min(len(r["curve"]) for r in rs)
+        mean = [sum(r["curve"][e]["val_loss"] for r in rs) / len(rs) for e in range(n_ep)]
+        return list(range(1, n_ep + 1)), mean
+
+    C.plot_by_batch_size(batch_sizes, norms, val_curve, "validation loss (mean over seeds)",
+                         outdir / "curves.png", panel_size=(3.4, 3.0), markers=True)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 NAME = "microbatch"
-MAIN_NORMS = "none,bn,brn,bln,bln_log,bln_inv"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,9 +248,7 @@ def rss_in_subprocess(norm, a, micro) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--norms", default=MAIN_NORMS)
+    p = C.arg_parser(__doc__)
     p.add_argument("--micro", default="1,8,64", help="micro-batch sizes")
     p.add_argument("--batch", type=int, default=256, help="the (effective) batch size")
     p.add_argument("--image-size", type=int, default=16, help="images are upsampled to this (multiple of 4)")
@@ -265,11 +262,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-norms", default="bln_log,bn", help="norms whose memory is measured")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak RSS in a fresh process per configuration (CPU)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--out", default=None, help="output folder (default examples/results/microbatch)")
-    p.add_argument("--full", action="store_true", help="image size 32, 20 training steps, 3 seeds")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check")
-    p.add_argument("--quiet", action="store_true")
+    C.add_run_args(p, NAME, "image size 32, 20 training steps, 3 seeds", workers=False)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.full:
@@ -285,9 +278,9 @@ def main(argv=None) -> dict:
     if args.rss_child:
         rss_child(args.rss_child)
         return {}
-    norms = [n for n in args.norms.split(",") if n]
+    norms = C.parse_norms(args.norms)
     mem_norms = [n for n in args.memory_norms.split(",") if n and n in norms]
-    micros = [int(m) for m in args.micro.split(",") if m]
+    micros = C.parse_ints(args.micro)
     for m in micros:
         if args.batch % m:
             raise SystemExit(f"micro-batch {m} does not divide the batch {args.batch}")
@@ -331,20 +324,16 @@ def main(argv=None) -> dict:
     meta = {"script": NAME, "args": a, "seeds": seeds, "norms": norms, "micro": micros, "data": source,
             "env": C.env_info(device, 1), "wall_time_s": wall}
     md = render_markdown(grad_records, traj, mem_records, norms, micros, args, meta, device)
-    C.write_results(outdir, markdown=md, meta=meta, records=grad_records,
-                    extra={"trajectories": traj, "memory": mem_records},
-                    csv_fields=["norm", "seed", "dtype", *[f"m{m}" for m in micros]])
     with open(outdir / "memory.csv", "w") as f:
         keys = ["norm", "micro", "saved_mb", "rss_mb", "rss_base_mb", "cuda_mb", "error", "rss_error"]
         f.write(",".join(keys) + "\n")
         for r in mem_records:
             f.write(",".join(str(r.get(k, "")) for k in keys) + "\n")
-    plots(outdir, traj, mem_records, norms, micros, args)
-    if not args.quiet:
-        print(md)
-        print(f"results in {outdir}", file=sys.stderr)
-    return {"records": grad_records, "trajectories": traj, "memory": mem_records, "meta": meta,
-            "markdown": md, "outdir": str(outdir)}
+    res = C.finish(outdir, markdown=md, meta=meta, records=grad_records, quiet=args.quiet,
+                   plots=lambda: plots(outdir, traj, mem_records, norms, micros, args),
+                   extra={"trajectories": traj, "memory": mem_records},
+                   csv_fields=["norm", "seed", "dtype", *[f"m{m}" for m in micros]])
+    return {**res, "trajectories": traj, "memory": mem_records}
 
 
 def _cell(values) -> str:
@@ -418,11 +407,7 @@ def plots(outdir, traj, mem_records, norms, micros, args) -> None:
                 ax.plot(range(1, len(t["losses"]) + 1), t["losses"], style, marker="o", ms=3,
                         label="one go" if m == "full" else f"micro {m}")
         ax.set_title(norm); ax.set_xlabel("step"); ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("batch cross-entropy")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(outdir / "trajectories.png", dpi=100)
-    plt.close(fig)
+    C.save_fig(fig, outdir / "trajectories.png", ylabel="batch cross-entropy")
     if mem_records:
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for norm in sorted({r["norm"] for r in mem_records}):
@@ -435,9 +420,7 @@ def plots(outdir, traj, mem_records, norms, micros, args) -> None:
         ax.set_xscale("log", base=2); ax.set_yscale("log")
         ax.set_xlabel("micro-batch size"); ax.set_ylabel("MiB"); ax.grid(alpha=0.3); ax.legend(fontsize=7)
         ax.set_title(f"Memory of one step of batch {args.batch} (float32)")
-        fig.tight_layout()
-        fig.savefig(outdir / "memory.png", dpi=100)
-        plt.close(fig)
+        C.save_fig(fig, outdir / "memory.png")
 
 
 if __name__ == "__main__":

@@ -41,7 +41,6 @@ with seeds, torch version, device), metrics.png, data.png, loss_curves.png.
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import math
 import sys
@@ -153,10 +152,7 @@ def run_one(job: dict) -> dict:
     C.set_seed(seed)
     model = make_mlp(norm, a["width"], a["dropout"], a["isrlu_alpha"], momentum=a["momentum"],
                      brn_warmup_steps=steps // 20, brn_relax_steps=steps // 4).to(device)
-    if C.is_batchless(norm) and a["bln_init"] == "data":
-        g_init = torch.Generator().manual_seed(seed + 104729)
-        sample = x_tr[torch.randperm(n_tr, generator=g_init)[: a["init_samples"]].to(device)]
-        C.bk.init_from_data(model, sample)
+    C.init_bln(model, norm, a, x_tr, torch.Generator().manual_seed(seed + 104729))
     opt = C.make_adam(C.param_groups(model, a["weight_decay"]), lr=a["lr"], amsgrad=True)
     gen = torch.Generator().manual_seed(seed + 7919)
 
@@ -174,13 +170,7 @@ def run_one(job: dict) -> dict:
             pos = 0
         idx = order[pos:pos + bs].to(device)
         pos += bs
-        out = model(x_tr[idx])
-        task = F.cross_entropy(out, y_tr[idx])
-        loss = C.total_loss(model, task, norm)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lv = task.item()
+        lv = C.train_step(model, opt, norm, x_tr[idx], y_tr[idx])
         losses.append(lv)
         if not math.isfinite(lv):
             diverged = True
@@ -192,11 +182,7 @@ def run_one(job: dict) -> dict:
             model.train()
     train_time = time.time() - t0
 
-    model.eval()
-    with torch.no_grad():
-        out = model(x_va)
-        val_loss = F.cross_entropy(out, y_va).item()
-        val_acc = (out.argmax(1) == y_va).float().mean().item()
+    val_loss, val_acc = C.evaluate(model, x_va, y_va, chunk=len(x_va))
     window = max(5, round(a["conv_window"] * steps))
     rec = {
         "norm": norm, "batch_size": bs, "seed": seed, "steps": steps, "examples": steps * bs,
@@ -225,9 +211,7 @@ def run_one(job: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--norms", default=",".join(C.NORMS), help="comma-separated, from " + ",".join(C.NORMS))
+    p = C.arg_parser(__doc__)
     p.add_argument("--batch-sizes", default="1,4,16,64,128")
     p.add_argument("--seeds", type=int, default=3, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0, help="first seed (seeds seed0, seed0+1, ...)")
@@ -252,13 +236,7 @@ def parse_args(argv=None):
     p.add_argument("--snapshots", type=int, default=50, help="snapshots of the probe outputs (at most)")
     p.add_argument("--conv-window", type=float, default=0.05, help="running-median window, share of the run")
     p.add_argument("--conv-tol", type=float, default=0.01, help="relative improvement that counts as a new low")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
-    p.add_argument("--out", default=None, help="output folder (default examples/results/spirals)")
-    p.add_argument("--full", action="store_true",
-                   help="the full sweep: batch sizes 1..128 (powers of 2), 10 seeds, 50 epochs")
-    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check (tiny settings)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    C.add_run_args(p, NAME, "the full sweep: batch sizes 1..128 (powers of 2), 10 seeds, 50 epochs")
     args = p.parse_args(argv)
     if args.full:
         args.batch_sizes, args.seeds, args.epochs = "1,2,4,8,16,32,64,128", 10, 50
@@ -270,48 +248,30 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    norms = [n for n in args.norms.split(",") if n]
-    for n in norms:
-        if n not in C.NORMS:
-            raise SystemExit(f"unknown norm {n!r}; one of {list(C.NORMS)}")
-    C.check_toolkit(need_brn="brn" in norms, need_init=args.bln_init == "data")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b]
-    device = C.pick_device(args.device)
-    workers = args.workers or C.default_workers(device)
-    if args.smoke:
-        workers = 1
-    seeds = list(range(args.seed0, args.seed0 + args.seeds))
-    outdir = C.results_dir(NAME, args.out)
+    sw = C.Sweep.from_args(NAME, args)
+    norms, batch_sizes = sw.norms, sw.batch_sizes
 
     g = torch.Generator().manual_seed(args.data_seed)
     x_tr, y_tr = make_spirals(args.n_train, args.noise, args.turns, g)
     x_va, y_va = make_spirals(args.n_val, args.noise, args.turns, g)
     probes = probe_points(args.probe_grid)
     data = (x_tr, y_tr, x_va, y_va, probes)
-    a = {**vars(args), "device": str(device)}
 
-    jobs = [{"args": a, "data": data, "norm": n, "batch_size": b, "seed": s,
-             "keep_model": b == batch_sizes[0] or b == batch_sizes[-1]}
-            for b in batch_sizes for n in norms for s in seeds if not (n == "bn" and b == 1)]
-    t0 = time.time()
-    records = C.run_jobs(run_one, jobs, workers, NAME, quiet=args.quiet)
-    wall = time.time() - t0
+    jobs = sw.jobs(data)
+    for job in jobs:
+        job["keep_model"] = job["batch_size"] in (batch_sizes[0], batch_sizes[-1])
+    records, wall = sw.run(run_one, jobs)
 
     grids = {}
     for r in records:
         gp = r.pop("_grid_probs", None)
-        if gp is not None and r["seed"] == seeds[0]:
+        if gp is not None and r["seed"] == sw.seeds[0]:
             grids[r["norm"], r["batch_size"]] = gp
 
-    meta = {"script": NAME, "args": vars(args), "seeds": seeds, "norms": norms,
-            "batch_sizes": batch_sizes, "env": C.env_info(device, workers), "wall_time_s": wall}
+    meta = sw.meta(wall)
     md = render_markdown(records, norms, batch_sizes, args, meta)
-    C.write_results(outdir, markdown=md, meta=meta, records=records)
-    plots(outdir, records, norms, batch_sizes, data, grids, args)
-    if not args.quiet:
-        print(md)
-        print(f"results in {outdir}", file=sys.stderr)
-    return {"records": records, "meta": meta, "markdown": md, "outdir": str(outdir)}
+    return C.finish(sw.outdir, markdown=md, meta=meta, records=records, quiet=args.quiet,
+                    plots=lambda: plots(sw.outdir, records, norms, batch_sizes, data, grids, args))
 
 
 def render_markdown(records, norms, batch_sizes, args, meta) -> str:
@@ -370,25 +330,19 @@ def plots(outdir, records, norms, batch_sizes, data, grids, args) -> None:
             ax.set_title(norm if i == 0 else "")
         for ax in axes[i]:
             ax.set_xticks([]); ax.set_yticks([]); ax.set_xlim(-1.2, 1.2); ax.set_ylim(-1.2, 1.2)
-    fig.suptitle("Training data; P(class 1) at the probe grid at the end of training (first seed)")
-    fig.tight_layout()
-    fig.savefig(outdir / "data.png", dpi=100)
-    plt.close(fig)
+    C.save_fig(fig, outdir / "data.png",
+               title="Training data; P(class 1) at the probe grid at the end of training (first seed)")
 
-    fig, axes = plt.subplots(1, len(batch_sizes), figsize=(3.6 * len(batch_sizes), 3.2), squeeze=False)
-    for ax, bs in zip(axes[0], batch_sizes):
-        for norm in norms:
-            rs = [r for r in records if r["norm"] == norm and r["batch_size"] == bs and r["seed"] == records[0]["seed"]]
-            if rs and rs[0]["loss_curve"]:
-                r = rs[0]
-                xs = (np.arange(len(r["loss_curve"])) + 0.5) * r["loss_curve_every"] * bs / args.n_train
-                ax.plot(xs, r["loss_curve"], label=norm, color=C.NORM_STYLE[norm]["color"], lw=1)
-        ax.set_yscale("log"); ax.set_title(f"batch size {bs}"); ax.set_xlabel("epoch"); ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("training cross-entropy (binned mean)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(outdir / "loss_curves.png", dpi=100)
-    plt.close(fig)
+    def loss_curve(norm, bs):  # the first seed's binned training loss against epochs
+        rs = [r for r in records if r["norm"] == norm and r["batch_size"] == bs and r["seed"] == records[0]["seed"]]
+        if not (rs and rs[0]["loss_curve"]):
+            return None
+        r = rs[0]
+        xs = (np.arange(len(r["loss_curve"])) + 0.5) * r["loss_curve_every"] * bs / args.n_train
+        return xs, r["loss_curve"]
+
+    C.plot_by_batch_size(batch_sizes, norms, loss_curve, "training cross-entropy (binned mean)",
+                         outdir / "loss_curves.png")
 
 
 if __name__ == "__main__":
