@@ -101,3 +101,10 @@ def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     if gauge:
         nll = nll - log_sigma.detach().mean() - 0.5
     return nll
+
+
+if ops.extension_loaded():  # the differentiable twin of the NLL op, for its create_graph backward
+    torch.library.impl(ops.NLL_COMPOSITE_OP, "CompositeImplicitAutograd")(
+        lambda s1, s2, mean, std_param, count, parametrization, eps, gauge: nll_from_sums(
+            s1, s2, count, mean, std_param, parametrization, eps, gauge)
+    )

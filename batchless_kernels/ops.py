@@ -24,6 +24,7 @@ FORWARD_OP = "batchless_kernels::batchless_norm_forward"
 BACKWARD_OP = "batchless_kernels::batchless_norm_backward"
 NLL_OP = "batchless_kernels::batchless_nll"
 NLL_BACKWARD_OP = "batchless_kernels::batchless_nll_backward"
+NLL_COMPOSITE_OP = "batchless_kernels::batchless_nll_composite"
 
 
 def extension_loaded() -> bool:
@@ -142,33 +143,10 @@ def _nll_backward_fake(grad_nll, s1, s2, mean, std_param, count, parametrization
     return torch.empty_like(mean), torch.empty_like(std_param)
 
 
-def _nll_setup_context(ctx, inputs, output):
-    s1, s2, mean, std_param, count, parametrization, eps, gauge = inputs
-    ctx.save_for_backward(s1, s2, mean, std_param)
-    ctx.args = (count, parametrization, eps, gauge)
-
-
-def _nll_backward(ctx, grad_nll):
-    s1, s2, mean, std_param = ctx.saved_tensors
-    count, parametrization, eps, gauge = ctx.args
-    if torch.is_grad_enabled():  # create_graph=True: differentiate the composite formulation
-        from .functional import nll_from_sums
-
-        wanted = [t for t, need in zip((mean, std_param), ctx.needs_input_grad[2:4]) if need]
-        value = nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
-        grads = iter(torch.autograd.grad(value, wanted, grad_nll, create_graph=True))
-        dmean, dparam = (next(grads) if need else None for need in ctx.needs_input_grad[2:4])
-    else:
-        dmean, dparam = torch.ops.batchless_kernels.batchless_nll_backward(
-            grad_nll, s1, s2, mean, std_param, count, parametrization, eps
-        )
-    return None, None, dmean, dparam, None, None, None, None
-
-
 if extension_loaded():
     torch.library.register_fake(NLL_OP)(_nll_fake)
     torch.library.register_fake(NLL_BACKWARD_OP)(_nll_backward_fake)
-    torch.library.register_autograd(NLL_OP, _nll_backward, setup_context=_nll_setup_context)
     torch.library.register_fake(FORWARD_OP)(_forward_fake)
     torch.library.register_fake(BACKWARD_OP)(_backward_fake)
-    # FORWARD_OP's autograd is registered in C++ (csrc/autograd.cpp): ~40 us less per call.
+    # The autograd of FORWARD_OP and NLL_OP is registered in C++ (csrc/autograd.cpp), tens of
+    # microseconds less per call than a Python registration.

@@ -1,18 +1,21 @@
-// Autograd of batchless_norm_forward, for every device's kernels (CPU, CUDA), in C++: a Python
-// autograd registration costs ~40 us per call, more than the kernels themselves on small inputs.
-// (The triton backend's ops keep their Python autograd, batchless_kernels/ops.py make_backward,
-// which computes the same.)
+// Autograd of batchless_norm_forward and batchless_nll, for every device's kernels (CPU, CUDA), in
+// C++: a Python autograd registration costs tens of microseconds per call, more than the kernels
+// themselves on small inputs. (The triton backend's forward op keeps its Python autograd,
+// batchless_kernels/ops.py make_backward, which computes the same.)
 //
-// Forward: y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the NLL); mean and
-// rstd are constants of the op (the NLL op trains them).
-// Backward: the fused backward op; with create_graph (grad mode on in backward) the same formulas
-// in differentiable ATen ops, so that higher-order gradients flow.
+// batchless_norm_forward: y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the
+// NLL); mean and rstd are constants of the op (the NLL op trains them). Backward: the fused
+// backward op; with create_graph (grad mode on in backward) the same formulas in differentiable
+// ATen ops, so that higher-order gradients flow.
+// batchless_nll: gradient to mean and std_param by the nll_backward op; with create_graph, autograd
+// of batchless_nll_composite (the same value in differentiable ops).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <array>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -42,6 +45,17 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
                              .findSchemaOrThrow("batchless_kernels::batchless_norm_backward", "")
                              .typed<BackwardSignature>();
   return op;
+}
+
+using NllSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
+                            c10::string_view, double, bool);
+using NllBackwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                        const Tensor&, const Tensor&, c10::SymInt,
+                                                        c10::string_view, double);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
 bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
@@ -110,6 +124,61 @@ class NormForward : public torch::autograd::Function<NormForward> {
   }
 };
 
+class Nll : public torch::autograd::Function<Nll> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& s1, const Tensor& s2,
+                               const Tensor& mean, const Tensor& std_param, c10::SymInt count,
+                               c10::string_view parametrization, double eps, bool gauge) {
+    static const auto op = find_op<NllSignature>("batchless_kernels::batchless_nll");
+    Tensor value;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      value = op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
+    }
+    ctx->save_for_backward({s1, s2, mean, std_param});
+    ctx->saved_data["count"] = count;
+    ctx->saved_data["parametrization"] = std::string(parametrization);
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["gauge"] = gauge;
+    return {value};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = find_op<NllBackwardSignature>("batchless_kernels::batchless_nll_backward");
+    static const auto composite_op = find_op<NllSignature>("batchless_kernels::batchless_nll_composite");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &s1 = saved[0], &s2 = saved[1], &mean = saved[2], &std_param = saved[3];
+    const auto count = ctx->saved_data["count"].toSymInt();
+    const std::string parametrization = ctx->saved_data["parametrization"].toStringRef();
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool need_mean = ctx->needs_input_grad(2), need_param = ctx->needs_input_grad(3);
+    const Tensor& grad = grads[0];
+    variable_list out(8);
+    if (!grad.defined() || !(need_mean || need_param)) return out;
+    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the composite value
+      const Tensor value = composite_op.call(s1, s2, mean, std_param, count, parametrization, eps,
+                                             ctx->saved_data["gauge"].toBool());
+      variable_list wanted;
+      if (need_mean) wanted.push_back(mean);
+      if (need_param) wanted.push_back(std_param);
+      const auto g = torch::autograd::grad({value}, wanted, {grad}, /*retain_graph=*/true,
+                                           /*create_graph=*/true);
+      if (need_mean) out[2] = g[0];
+      if (need_param) out[3] = g.back();
+    } else {
+      auto [dmean, dparam] = backward_op.call(grad, s1, s2, mean, std_param, count, parametrization, eps);
+      if (need_mean) out[2] = dmean;
+      if (need_param) out[3] = dparam;
+    }
+    return out;
+  }
+};
+
+Tensor nll_autograd(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
+                    c10::SymInt count, c10::string_view parametrization, double eps, bool gauge) {
+  return Nll::apply(s1, s2, mean, std_param, std::move(count), parametrization, eps, gauge)[0];
+}
+
 std::tuple<Tensor, Tensor, Tensor> forward_autograd(const Tensor& x, const Tensor& mean,
                                                     const Tensor& rstd,
                                                     const c10::optional<Tensor>& weight,
@@ -123,6 +192,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_autograd(const Tensor& x, const Tenso
 
 TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
   m.impl("batchless_norm_forward", &forward_autograd);
+  m.impl("batchless_nll", &nll_autograd);
 }
 
 }  // namespace batchless_kernels

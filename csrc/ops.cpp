@@ -46,4 +46,10 @@ TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {
   m.def(
       "batchless_nll_backward(Tensor grad_nll, Tensor s1, Tensor s2, Tensor mean, Tensor std_param, "
       "SymInt count, str parametrization, float eps) -> (Tensor dmean, Tensor dstd_param)");
+  // batchless_nll's value composed of differentiable tensor ops (implemented in Python,
+  // functional.nll_from_sums, for CompositeImplicitAutograd): what batchless_nll's backward
+  // differentiates under create_graph=True, for second derivatives.
+  m.def(
+      "batchless_nll_composite(Tensor s1, Tensor s2, Tensor mean, Tensor std_param, SymInt count, "
+      "str parametrization, float eps, bool gauge) -> Tensor");
 }
