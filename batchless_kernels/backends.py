@@ -8,6 +8,7 @@ BATCHLESS_BACKEND overrides ``auto``.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -63,6 +64,13 @@ def available_backends(device=None) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=None)
+def _auto_candidates(device_type: str) -> tuple[str, ...]:
+    """AUTO_ORDER's backends that can run on device_type. Availability is fixed once the package is
+    imported (the extension and triton load or not), so it is looked up once per device type."""
+    return tuple(n for n in AUTO_ORDER.get(device_type, ()) if unavailable_reason(n, device_type) is None)
+
+
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:
     """The concrete backend for a call on `device` (with input `x`, when given, for the measured
     GPU choice); raises RuntimeError saying why when the requested one cannot run there."""
@@ -76,7 +84,7 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
         if backend not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        usable = [n for n in AUTO_ORDER.get(device.type, ()) if unavailable_reason(n, device.type) is None]
+        usable = _auto_candidates(device.type)
         if x is not None and all(n in usable for n in gpu_choice.GPU_BACKENDS):
             measured = gpu_choice.preferred(x)
             if measured is not None:
