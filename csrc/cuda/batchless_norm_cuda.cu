@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <map>
+#include <utility>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -412,6 +413,18 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
   auto stream = at::cuda::getCurrentCUDAStream();
   Tensor partials;
   int64_t num_outer = 0, num_inner = 0;
+  // Where the tiles write their sums: (2, count) partial slots, or straight into out0 / out1 when
+  // there is one slot per channel and both are wanted (small inputs: no second kernel).
+  bool direct = false;
+  const auto slots = [&](int64_t count) -> std::pair<acc_t*, acc_t*> {
+    if (!reduce) return {nullptr, nullptr};
+    if (count == g.C && out0 != nullptr && out1 != nullptr) {
+      direct = true;
+      return {out0, out1};
+    }
+    partials = host::poisoned(at::empty({2, count}, acc_opts));
+    return {partials.data_ptr<acc_t>(), partials.data_ptr<acc_t>() + count};
+  };
 
   if (g.layout == Layout::kChannelsFirst) {
     const int v = vector_width(g.S, sizeof(scalar_t), pointers);
@@ -432,10 +445,9 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
       const int64_t num_nb = ceil_div(g.N, n_block);
       const int64_t tiles = num_nb * g.C * num_sb;
       TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
-      if (reduce) partials = host::poisoned(at::empty({2, tiles}, acc_opts));
-      acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+      const auto [p0, p1] = slots(tiles);
       kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-          op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, reduce ? p0 + tiles : nullptr);
+          op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       num_outer = num_nb;
       num_inner = num_sb;
@@ -457,17 +469,15 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
                                        std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));
       const int64_t num_rb = ceil_div(M, r_block);
       TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
-      if (reduce) partials = host::poisoned(at::empty({2, num_rb, g.C}, acc_opts));
-      acc_t* p0 = reduce ? partials.data_ptr<acc_t>() : nullptr;
+      const auto [p0, p1] = slots(num_rb * g.C);
       const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
-      kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0,
-                                                 reduce ? p0 + num_rb * g.C : nullptr);
+      kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0, p1);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       num_outer = num_rb;
       num_inner = 1;
     });
   }
-  if constexpr (reduce) {
+  if (reduce && !direct) {
     const dim3 block(kReduceChannels, kReduceLanes);
     const auto blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
     const acc_t* p0 = partials.const_data_ptr<acc_t>();
