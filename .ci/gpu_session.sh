@@ -7,13 +7,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_out}"
 mkdir -p "$OUT"
-source .ci/setup_env.sh 2>&1 | tee "$OUT/setup.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee -a "$OUT/setup.log"
+# Sourced, not piped (a pipeline would run it in a subshell and lose BATCHLESS_PYTHON).
+source .ci/setup_env.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+tail -n 3 "$OUT/setup.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee -a "$OUT/setup.log" || true
+sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
 case "${1:-test}" in
   test)
     "$BATCHLESS_PYTHON" -m pytest tests -q -ra -x --durations=15 2>&1 | tail -80 > "$OUT/tests.log" || true
     for tool in memcheck racecheck; do
-      compute-sanitizer --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
+      "$sanitizer" --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
         > "$OUT/sanitizer-$tool.log" 2>&1 && echo "$tool: clean" || echo "$tool: FAILED (see log)"
       tail -5 "$OUT/sanitizer-$tool.log"
     done
@@ -22,7 +25,7 @@ case "${1:-test}" in
   bench)
     bash bench/run.sh "${@:2}" 2>&1 | tail -60 > "$OUT/bench.log"
     tail -40 "$OUT/bench.log"
-    dir=$(ls -td bench/results/*/ | head -n 1)
+    dir=$(grep -o 'results in .*' "$OUT/bench.log" | tail -n 1 | cut -d' ' -f3)
     cp "$dir"/results.csv "$dir"/summary.md "$OUT/" && cp "$dir"/*.png "$OUT/" 2>/dev/null || true
     cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null || true
     ;;
