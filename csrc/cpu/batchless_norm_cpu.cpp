@@ -55,36 +55,54 @@ void dispatch_bool(bool value, F&& f) {
   }
 }
 
-// Loads and stores 2 * Vectorized<opmath_t>::size() elements of scalar_t as two opmath vectors.
+// Loads and stores chunks of kSize = 2 * Vectorized<opmath_t>::size() elements of scalar_t as two
+// opmath vectors; a chunk of n < kSize elements (a row's or plane's tail) uses masked accesses, and
+// the lanes beyond n load as zero.
 template <typename scalar_t>
 struct Chunk {
   using opmath_t = at::opmath_type<scalar_t>;
   using fVec = Vectorized<opmath_t>;
-  static constexpr int64_t kSize = 2 * fVec::size();
+  static constexpr int64_t kW = fVec::size();
+  static constexpr int64_t kSize = 2 * kW;
 
-  static std::pair<fVec, fVec> load(const scalar_t* p) {
+  static std::pair<fVec, fVec> load(const scalar_t* p, int64_t n = kSize) {
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      auto [a, b] = at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p));
+      const auto v = n == kSize ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
+      auto [a, b] = at::vec::convert_to_float<scalar_t>(v);
       return {a, b};
     } else {
-      return {fVec::loadu(p), fVec::loadu(p + fVec::size())};
+      return load_acc(p, n);
     }
   }
-  static void store(scalar_t* p, const fVec& a, const fVec& b) {
+  static void store(scalar_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      at::vec::convert_from_float<scalar_t>(a, b).store(p);
+      at::vec::convert_from_float<scalar_t>(a, b).store(p, n);
     } else {
-      a.store(p);
-      b.store(p + fVec::size());
+      store_acc(p, a, b, n);
     }
   }
-  // Sum of the lanes of a + b, in a fixed order.
+  // The same for arrays of opmath_t (per-channel parameters and partial sums).
+  static std::pair<fVec, fVec> load_acc(const opmath_t* p, int64_t n = kSize) {
+    if (n == kSize) return {fVec::loadu(p), fVec::loadu(p + kW)};
+    return {fVec::loadu(p, std::min(n, kW)), fVec::loadu(p + kW, std::max<int64_t>(n - kW, 0))};
+  }
+  static void store_acc(opmath_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
+    if (n == kSize) {
+      a.store(p);
+      b.store(p + kW);
+    } else {
+      a.store(p, std::min(n, kW));
+      if (n > kW) b.store(p + kW, n - kW);
+    }
+  }
+  // a, b with the lanes beyond the first n zeroed.
+  static std::pair<fVec, fVec> first_lanes(const fVec& a, const fVec& b, int64_t n) {
+    if (n == kSize) return {a, b};
+    return {fVec::set(fVec(0), a, std::min(n, kW)), fVec::set(fVec(0), b, std::max<int64_t>(n - kW, 0))};
+  }
+  // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
   static opmath_t hsum(const fVec& a, const fVec& b) {
-    alignas(64) opmath_t lanes[fVec::size()];
-    (a + b).store(lanes);
-    opmath_t s = 0;
-    for (int64_t i = 0; i < fVec::size(); ++i) s += lanes[i];
-    return s;
+    return at::vec::vec_reduce_all<opmath_t>([](const fVec& u, const fVec& v) { return u + v; }, a + b);
   }
 };
 
@@ -220,7 +238,6 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   using opmath_t = typename V::opmath_t;
   using fVec = typename V::fVec;
   constexpr int64_t K = V::kSize;
-  constexpr int64_t W = fVec::size();
   const opmath_t* m = mean.data_ptr<opmath_t>();
   const opmath_t* r = rstd.data_ptr<opmath_t>();
   const opmath_t* w = weight.data_ptr<opmath_t>();
@@ -231,35 +248,26 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
                    opmath_t* p2) {
     const fVec vm(m[c]), vr(r[c]), vw(w[c]), vb(b[c]);
     fVec a1(0), b1(0), a2(0), b2(0);
-    opmath_t t1 = 0, t2 = 0;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
       const scalar_t* xp = x + base;
       scalar_t* yp = y + base;
-      int64_t i = s0;
-      for (; i + K <= s1_; i += K) {
-        auto [xa, xb] = V::load(xp + i);
-        const fVec ha = (xa - vm) * vr, hb = (xb - vm) * vr;
+      for (int64_t i = s0; i < s1_; i += K) {
+        const int64_t len = std::min(K, s1_ - i);
+        auto [xa, xb] = V::load(xp + i, len);
+        auto [ha, hb] = V::first_lanes((xa - vm) * vr, (xb - vm) * vr, len);  // no padding in the sums
         if constexpr (kStats) {
           a1 = a1 + ha;
           b1 = b1 + hb;
           a2 = at::vec::fmadd(ha, ha, a2);
           b2 = at::vec::fmadd(hb, hb, b2);
         }
-        V::store(yp + i, at::vec::fmadd(ha, vw, vb), at::vec::fmadd(hb, vw, vb));
-      }
-      for (; i < s1_; ++i) {
-        const opmath_t h = (static_cast<opmath_t>(xp[i]) - m[c]) * r[c];
-        if constexpr (kStats) {
-          t1 += h;
-          t2 += h * h;
-        }
-        yp[i] = static_cast<scalar_t>(h * w[c] + b[c]);
+        V::store(yp + i, at::vec::fmadd(ha, vw, vb), at::vec::fmadd(hb, vw, vb), len);
       }
     }
     if constexpr (kStats) {
-      *p1 = V::hsum(a1, b1) + t1;
-      *p2 = V::hsum(a2, b2) + t2;
+      *p1 = V::hsum(a1, b1);
+      *p2 = V::hsum(a2, b2);
     }
   };
 
@@ -267,27 +275,21 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
     for (int64_t row = r0; row < r1; ++row) {
       const scalar_t* xp = x + row * C;
       scalar_t* yp = y + row * C;
-      int64_t c = c0;
-      for (; c + K <= c1; c += K) {
-        auto [xa, xb] = V::load(xp + c);
-        const fVec ha = (xa - fVec::loadu(m + c)) * fVec::loadu(r + c);
-        const fVec hb = (xb - fVec::loadu(m + c + W)) * fVec::loadu(r + c + W);
+      for (int64_t c = c0; c < c1; c += K) {
+        const int64_t len = std::min(K, c1 - c);  // beyond len: x, m, r, w, b all load as 0
+        auto [xa, xb] = V::load(xp + c, len);
+        auto [ma, mb] = V::load_acc(m + c, len);
+        auto [ra, rb] = V::load_acc(r + c, len);
+        const fVec ha = (xa - ma) * ra, hb = (xb - mb) * rb;
         if constexpr (kStats) {
-          (fVec::loadu(p1 + c) + ha).store(p1 + c);
-          (fVec::loadu(p1 + c + W) + hb).store(p1 + c + W);
-          at::vec::fmadd(ha, ha, fVec::loadu(p2 + c)).store(p2 + c);
-          at::vec::fmadd(hb, hb, fVec::loadu(p2 + c + W)).store(p2 + c + W);
+          auto [s1a, s1b] = V::load_acc(p1 + c, len);
+          auto [s2a, s2b] = V::load_acc(p2 + c, len);
+          V::store_acc(p1 + c, s1a + ha, s1b + hb, len);
+          V::store_acc(p2 + c, at::vec::fmadd(ha, ha, s2a), at::vec::fmadd(hb, hb, s2b), len);
         }
-        V::store(yp + c, at::vec::fmadd(ha, fVec::loadu(w + c), fVec::loadu(b + c)),
-                 at::vec::fmadd(hb, fVec::loadu(w + c + W), fVec::loadu(b + c + W)));
-      }
-      for (; c < c1; ++c) {
-        const opmath_t h = (static_cast<opmath_t>(xp[c]) - m[c]) * r[c];
-        if constexpr (kStats) {
-          p1[c] += h;
-          p2[c] += h * h;
-        }
-        yp[c] = static_cast<scalar_t>(h * w[c] + b[c]);
+        auto [wa, wb] = V::load_acc(w + c, len);
+        auto [ba, bb] = V::load_acc(b + c, len);
+        V::store(yp + c, at::vec::fmadd(ha, wa, ba), at::vec::fmadd(hb, wb, bb), len);
       }
     }
   };
@@ -326,7 +328,6 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   using opmath_t = typename V::opmath_t;
   using fVec = typename V::fVec;
   constexpr int64_t K = V::kSize;
-  constexpr int64_t W = fVec::size();
   constexpr bool kReduce = kDw || kDb;
   const opmath_t* m = mean.data_ptr<opmath_t>();
   const opmath_t* r = rstd.data_ptr<opmath_t>();
@@ -336,18 +337,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
                    opmath_t* pb) {
     const fVec vm(m[c]), vr(r[c]), vscale(w[c] * r[c]);
-    const opmath_t scale = w[c] * r[c];
     fVec aw(0), bw(0), ab(0), bb(0);
-    opmath_t tw = 0, tb = 0;
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
       const scalar_t* gp = gy + base;
-      int64_t i = s0;
-      for (; i + K <= s1_; i += K) {
-        auto [ga, gb] = V::load(gp + i);
-        if constexpr (kDx) V::store(dx + base + i, ga * vscale, gb * vscale);
+      for (int64_t i = s0; i < s1_; i += K) {
+        const int64_t len = std::min(K, s1_ - i);  // beyond len grad_y loads as 0: adds nothing
+        auto [ga, gb] = V::load(gp + i, len);
+        if constexpr (kDx) V::store(dx + base + i, ga * vscale, gb * vscale, len);
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(x + base + i);
+          auto [xa, xb] = V::load(x + base + i, len);
           aw = at::vec::fmadd(ga, (xa - vm) * vr, aw);
           bw = at::vec::fmadd(gb, (xb - vm) * vr, bw);
         }
@@ -356,45 +355,33 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
           bb = bb + gb;
         }
       }
-      for (; i < s1_; ++i) {
-        const opmath_t gv = static_cast<opmath_t>(gp[i]);
-        if constexpr (kDx) dx[base + i] = static_cast<scalar_t>(gv * scale);
-        if constexpr (kDw) tw += gv * ((static_cast<opmath_t>(x[base + i]) - m[c]) * r[c]);
-        if constexpr (kDb) tb += gv;
-      }
     }
-    if constexpr (kDw) *pw = V::hsum(aw, bw) + tw;
-    if constexpr (kDb) *pb = V::hsum(ab, bb) + tb;
+    if constexpr (kDw) *pw = V::hsum(aw, bw);
+    if constexpr (kDb) *pb = V::hsum(ab, bb);
   };
 
   auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
     for (int64_t row = r0; row < r1; ++row) {
       const int64_t base = row * C;
       const scalar_t* gp = gy + base;
-      int64_t c = c0;
-      for (; c + K <= c1; c += K) {
-        auto [ga, gb] = V::load(gp + c);
+      for (int64_t c = c0; c < c1; c += K) {
+        const int64_t len = std::min(K, c1 - c);  // beyond len: partial stores leave memory alone
+        auto [ga, gb] = V::load(gp + c, len);
+        auto [ra, rb] = V::load_acc(r + c, len);
         if constexpr (kDx) {
-          V::store(dx + base + c, ga * (fVec::loadu(w + c) * fVec::loadu(r + c)),
-                   gb * (fVec::loadu(w + c + W) * fVec::loadu(r + c + W)));
+          auto [wa, wb] = V::load_acc(w + c, len);
+          V::store(dx + base + c, ga * (wa * ra), gb * (wb * rb), len);
         }
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(x + base + c);
-          const fVec ha = (xa - fVec::loadu(m + c)) * fVec::loadu(r + c);
-          const fVec hb = (xb - fVec::loadu(m + c + W)) * fVec::loadu(r + c + W);
-          at::vec::fmadd(ga, ha, fVec::loadu(pw + c)).store(pw + c);
-          at::vec::fmadd(gb, hb, fVec::loadu(pw + c + W)).store(pw + c + W);
+          auto [xa, xb] = V::load(x + base + c, len);
+          auto [ma, mb] = V::load_acc(m + c, len);
+          auto [sa, sb] = V::load_acc(pw + c, len);
+          V::store_acc(pw + c, at::vec::fmadd(ga, (xa - ma) * ra, sa), at::vec::fmadd(gb, (xb - mb) * rb, sb), len);
         }
         if constexpr (kDb) {
-          (fVec::loadu(pb + c) + ga).store(pb + c);
-          (fVec::loadu(pb + c + W) + gb).store(pb + c + W);
+          auto [sa, sb] = V::load_acc(pb + c, len);
+          V::store_acc(pb + c, sa + ga, sb + gb, len);
         }
-      }
-      for (; c < c1; ++c) {
-        const opmath_t gv = static_cast<opmath_t>(gp[c]);
-        if constexpr (kDx) dx[base + c] = static_cast<scalar_t>(gv * (w[c] * r[c]));
-        if constexpr (kDw) pw[c] += gv * ((static_cast<opmath_t>(x[base + c]) - m[c]) * r[c]);
-        if constexpr (kDb) pb[c] += gv;
       }
     }
   };
@@ -419,6 +406,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
                                                 std::array<bool, 3> output_mask) {
   auto plan = host::plan_backward(grad_y, x_opt, mean, rstd, weight, output_mask, c10::DeviceType::CPU);
   if (plan.empty) return plan.finish();
+
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "batchless_backward", [&] {
     const scalar_t* xp = output_mask[1] ? plan.x.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dxp = output_mask[0] ? plan.dx_buffer.data_ptr<scalar_t>() : nullptr;
