@@ -125,3 +125,19 @@ def test_auto_picks_a_gpu_backend():
     assert expected in ("cuda", "triton")
     y, _ = bk.batchless_norm(x, p, p)
     torch.testing.assert_close(y, x)
+
+
+@pytest.mark.skipif(not any(c.name == "cuda" for c in GPU_BACKENDS), reason="needs the cuda backend")
+@pytest.mark.parametrize("shape, layout", [((16, 64, 32, 32), "contiguous"), ((4096, 512), "contiguous")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_bits_do_not_depend_on_alignment(shape, layout, dtype):
+    """The same values at a misaligned address (a view one element into a buffer) give the same bits:
+    the vector width that groups the sums depends on the shape only."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, "cuda", "log")
+    shifted = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(x.shape)
+    shifted.copy_(x)
+    assert shifted.data_ptr() % 16 != 0
+    case = next(c for c in GPU_BACKENDS if c.name == "cuda")
+    aligned, misaligned = (_step(case, (t, mean, std_param, weight, bias)) for t in (x, shifted))
+    for name in ("y", "nll", "x", "mean", "std_param", "weight", "bias"):
+        assert torch.equal(aligned[name], misaligned[name]), f"{name} depends on the alignment"

@@ -12,11 +12,12 @@
 //     consecutive channels and walks rows.
 // Tiles are sized from the multiprocessor count and the kernel's occupancy. Each tile writes its
 // partial sums to its own slot, and a second kernel sums the slots per channel in a fixed order:
-// no float atomics, the same bits on every run on a given GPU for inputs of the same shape and
-// the same pointer alignment (the vector width V, which groups the sums, depends on both).
+// no float atomics, the same bits on every run on a given GPU for inputs of the same shape (the
+// vector width V, which groups the sums, depends on the shape only; a misaligned pointer only
+// makes the accesses narrower).
 //
-// Memory access: V elements (up to 16 bytes) per load and store when the inner extent and every
-// pointer allow it, else narrower; each thread issues kUnroll independent loads before using
+// Memory access: V elements (up to 16 bytes) per load and store when the inner extent allows it and
+// every pointer is aligned to it; each thread issues kUnroll independent loads before using
 // them, so that enough bytes are in flight; offsets are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -64,16 +65,28 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-template <int V, typename T>
+// kAligned: p is aligned to the pack's size, so one instruction moves it; otherwise element by
+// element (the same V lanes, hence the same sums: only the speed depends on alignment).
+template <int V, bool kAligned, typename T>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  return *reinterpret_cast<const Pack<T, V>*>(p);
+  if constexpr (kAligned) {
+    return *reinterpret_cast<const Pack<T, V>*>(p);
+  } else {
+    Pack<T, V> pack;
+#pragma unroll
+    for (int v = 0; v < V; ++v) pack.v[v] = p[v];
+    return pack;
+  }
 }
 
 // Stores through a plain vector type: nvcc split struct stores into scalar ones on some paths.
-template <int V, typename T>
+template <int V, bool kAligned, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
   constexpr int kBytes = sizeof(T) * V;
-  if constexpr (kBytes == 16) {
+  if constexpr (!kAligned) {
+#pragma unroll
+    for (int v = 0; v < V; ++v) p[v] = pack.v[v];
+  } else if constexpr (kBytes == 16) {
     uint4 u;
     __builtin_memcpy(&u, &pack, 16);
     __stwb(reinterpret_cast<uint4*>(p), u);
@@ -127,12 +140,12 @@ struct ForwardOp {
   const scalar_t* x;
   scalar_t* y;
 
-  template <int V>
+  template <int V, bool A>
   __device__ __forceinline__ In<V> load(int64_t i) const {
-    return {load_pack<V>(x + i)};
+    return {load_pack<V, A>(x + i)};
   }
 
-  template <int V, int P>
+  template <int V, int P, bool A>
   __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
                                         acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> yv;
@@ -146,7 +159,7 @@ struct ForwardOp {
       }
       yv.v[v] = static_cast<scalar_t>(h * p.w[k] + p.b[k]);
     }
-    store_pack<V>(y + i, yv);
+    store_pack<V, A>(y + i, yv);
   }
 };
 
@@ -164,15 +177,15 @@ struct BackwardOp {
   const scalar_t* x;  // null unless kDw
   scalar_t* dx;       // null unless kDx
 
-  template <int V>
+  template <int V, bool A>
   __device__ __forceinline__ In<V> load(int64_t i) const {
     In<V> in;
-    in.g = load_pack<V>(grad_y + i);
-    if constexpr (kDw) in.x = load_pack<V>(x + i);
+    in.g = load_pack<V, A>(grad_y + i);
+    if constexpr (kDw) in.x = load_pack<V, A>(x + i);
     return in;
   }
 
-  template <int V, int P>
+  template <int V, int P, bool A>
   __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
                                         acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> dxv;
@@ -184,12 +197,12 @@ struct BackwardOp {
       if constexpr (kDw) a0[v] += g * ((static_cast<acc_t>(in.x.v[v]) - p.m[k]) * p.r[k]);
       if constexpr (kDb) a1[v] += g;
     }
-    if constexpr (kDx) store_pack<V>(dx + i, dxv);
+    if constexpr (kDx) store_pack<V, A>(dx + i, dxv);
   }
 };
 
 // Runs op at offsets first + k * stride for k in [0, count), kUnroll loads in flight at a time.
-template <int V, int P, typename Op>
+template <int V, int P, bool A, typename Op>
 __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t stride, int64_t count,
                                             const Lanes<typename Op::acc_t, P>& p,
                                             typename Op::acc_t (&a0)[V], typename Op::acc_t (&a1)[V]) {
@@ -197,20 +210,20 @@ __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t
   for (; k + kUnroll <= count; k += kUnroll) {
     typename Op::template In<V> in[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V>(first + (k + u) * stride);
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, A>(first + (k + u) * stride);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) op.template apply<V, P>(first + (k + u) * stride, in[u], p, a0, a1);
+    for (int u = 0; u < kUnroll; ++u) op.template apply<V, P, A>(first + (k + u) * stride, in[u], p, a0, a1);
   }
   for (; k < count; ++k) {
-    const auto in = op.template load<V>(first + k * stride);
-    op.template apply<V, P>(first + k * stride, in, p, a0, a1);
+    const auto in = op.template load<V, A>(first + k * stride);
+    op.template apply<V, P, A>(first + k * stride, in, p, a0, a1);
   }
 }
 
 // Channels-first tile `blockIdx.x` = (nb, c, sb): samples [nb * n_block, +n_block), plane segment
 // [sb * s_block, +s_block) of channel c. Its sums go to slot blockIdx.x of part0/part1, laid out
 // (num_nb, C, num_sb). S and s_block are multiples of V.
-template <typename Op, int V>
+template <typename Op, int V, bool A>
 __global__ void __launch_bounds__(kThreads)
     channels_first_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
                           int64_t n_block, int64_t s_block, int64_t num_sb,
@@ -234,10 +247,10 @@ __global__ void __launch_bounds__(kThreads)
   if (row < rows && n0 + row < n1) {
     const int64_t first = ((n0 + row) * C + c) * S + s0 + int64_t(col) * V;
     if (len <= kThreads) {  // one vector of each plane for this thread: walk the planes
-      run_strided<V, 1>(op, first, int64_t(rows) * C * S, (n1 - n0 - row + rows - 1) / rows, p, a0, a1);
+      run_strided<V, 1, A>(op, first, int64_t(rows) * C * S, (n1 - n0 - row + rows - 1) / rows, p, a0, a1);
     } else {  // rows == 1: walk each plane's segment
       for (int64_t n = n0; n < n1; ++n) {
-        run_strided<V, 1>(op, first + (n - n0) * C * S, int64_t(cols) * V, (len - col + cols - 1) / cols, p,
+        run_strided<V, 1, A>(op, first + (n - n0) * C * S, int64_t(cols) * V, (len - col + cols - 1) / cols, p,
                           a0, a1);
       }
     }
@@ -261,7 +274,7 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
 // [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
 // c_block are multiples of V, and c_block <= kWarp * V <= kThreads * V.
-template <typename Op, int V>
+template <typename Op, int V, bool A>
 __global__ void __launch_bounds__(kThreads)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
                          int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
@@ -282,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
   if (active && r0 + row < r1) {
     const Lanes<acc_t, V> p(params, c);
-    run_strided<V, V>(op, (r0 + row) * C + c, int64_t(rows) * C, (r1 - r0 - row + rows - 1) / rows, p, a0, a1);
+    run_strided<V, V, A>(op, (r0 + row) * C + c, int64_t(rows) * C, (r1 - r0 - row + rows - 1) / rows, p, a0, a1);
   }
   if constexpr (!Op::kReduce) return;
   // Sum the rows' accumulators per channel in row order, through shared memory.
@@ -350,16 +363,20 @@ __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
   if (out1 != nullptr) out1[c] = t1;
 }
 
-// The widest V (elements per access, up to 16 bytes) that divides the inner extent and keeps every
-// pointer aligned.
-int vector_width(int64_t inner, int64_t elem_size, std::initializer_list<const void*> pointers) {
+// The widest V (elements per access, up to 16 bytes) that divides the inner extent. It depends on
+// the shape only, so that the sums (grouped by V) have the same bits whatever the alignment.
+int vector_width(int64_t inner, int64_t elem_size) {
   int v = static_cast<int>(16 / elem_size);
-  for (; v > 1; v /= 2) {
-    bool ok = inner % v == 0;
-    for (const void* p : pointers) ok = ok && reinterpret_cast<std::uintptr_t>(p) % (v * elem_size) == 0;
-    if (ok) break;
-  }
+  while (v > 1 && inner % v != 0) v /= 2;
   return v;
+}
+
+// Whether every pointer is aligned to `bytes` (then V elements move in one instruction).
+bool aligned_to(int64_t bytes, std::initializer_list<const void*> pointers) {
+  for (const void* p : pointers) {
+    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) return false;
+  }
+  return true;
 }
 
 template <int kMaxV, typename F>
@@ -427,54 +444,61 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
   };
 
   if (g.layout == Layout::kChannelsFirst) {
-    const int v = vector_width(g.S, sizeof(scalar_t), pointers);
+    const int v = vector_width(g.S, sizeof(scalar_t));
     dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const auto kernel = channels_first_kernel<Op, V>;
-      const int64_t tiles_wanted = resident_blocks(reinterpret_cast<const void*>(kernel), 0) * kWaves;
-      const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
-      int64_t n_block = 1, s_block = g.S, num_sb = 1;
-      if (g.S >= per_tile) {  // large planes: split each along S
-        num_sb = ceil_div(g.S, per_tile);
-        s_block = ceil_div(ceil_div(g.S, num_sb), V) * V;
-        num_sb = ceil_div(g.S, s_block);
-      } else {  // small planes: several samples of one channel per tile, in even blocks
-        n_block = std::min(g.N, std::max<int64_t>(1, per_tile / g.S));
-        n_block = ceil_div(g.N, ceil_div(g.N, n_block));
-      }
-      const int64_t num_nb = ceil_div(g.N, n_block);
-      const int64_t tiles = num_nb * g.C * num_sb;
-      TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
-      const auto [p0, p1] = slots(tiles);
-      kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-          op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      num_outer = num_nb;
-      num_inner = num_sb;
+      dispatch_bool(aligned_to(V * sizeof(scalar_t), pointers), [&](auto is_aligned) {
+        const auto kernel = channels_first_kernel<Op, V, decltype(is_aligned)::value>;
+        // Tiles from the aligned variant's occupancy, so that alignment never changes the tiling.
+        const auto sized_by = channels_first_kernel<Op, V, true>;
+        const int64_t tiles_wanted = resident_blocks(reinterpret_cast<const void*>(sized_by), 0) * kWaves;
+        const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
+        int64_t n_block = 1, s_block = g.S, num_sb = 1;
+        if (g.S >= per_tile) {  // large planes: split each along S
+          num_sb = ceil_div(g.S, per_tile);
+          s_block = ceil_div(ceil_div(g.S, num_sb), V) * V;
+          num_sb = ceil_div(g.S, s_block);
+        } else {  // small planes: several samples of one channel per tile, in even blocks
+          n_block = std::min(g.N, std::max<int64_t>(1, per_tile / g.S));
+          n_block = ceil_div(g.N, ceil_div(g.N, n_block));
+        }
+        const int64_t num_nb = ceil_div(g.N, n_block);
+        const int64_t tiles = num_nb * g.C * num_sb;
+        TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
+        const auto [p0, p1] = slots(tiles);
+        kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
+            op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        num_outer = num_nb;
+        num_inner = num_sb;
+      });
     });
   } else {
     const int64_t M = g.N * g.S;
-    const int v = vector_width(g.C, sizeof(scalar_t), pointers);
+    const int v = vector_width(g.C, sizeof(scalar_t));
     dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      const auto kernel = channels_last_kernel<Op, V>;
-      const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
-      const int64_t c_block = std::min<int64_t>(g.C, int64_t(kWarp) * V);
-      const int64_t num_cb = ceil_div(g.C, c_block);
-      TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
-      // About one wave of blocks, each walking at least a few rows per thread.
-      const int64_t rows_per_pass = kThreads / (c_block / V);
-      const int64_t wave = resident_blocks(reinterpret_cast<const void*>(kernel), shared);
-      const int64_t r_block = std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
-                                       std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));
-      const int64_t num_rb = ceil_div(M, r_block);
-      TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
-      const auto [p0, p1] = slots(num_rb * g.C);
-      const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
-      kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0, p1);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      num_outer = num_rb;
-      num_inner = 1;
+      dispatch_bool(aligned_to(V * sizeof(scalar_t), pointers), [&](auto is_aligned) {
+        const auto kernel = channels_last_kernel<Op, V, decltype(is_aligned)::value>;
+        const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
+        const int64_t c_block = std::min<int64_t>(g.C, int64_t(kWarp) * V);
+        const int64_t num_cb = ceil_div(g.C, c_block);
+        TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
+        // About one wave of blocks, each walking at least a few rows per thread.
+        const int64_t rows_per_pass = kThreads / (c_block / V);
+        const auto sized_by = channels_last_kernel<Op, V, true>;  // as above: alignment-independent
+        const int64_t wave = resident_blocks(reinterpret_cast<const void*>(sized_by), shared);
+        const int64_t r_block = std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
+                                         std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));
+        const int64_t num_rb = ceil_div(M, r_block);
+        TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
+        const auto [p0, p1] = slots(num_rb * g.C);
+        const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
+        kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0, p1);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        num_outer = num_rb;
+        num_inner = 1;
+      });
     });
   }
   if (reduce && !direct) {
