@@ -84,7 +84,8 @@ struct Chunk {
   // The same for arrays of opmath_t (per-channel parameters and partial sums).
   static std::pair<fVec, fVec> load_acc(const opmath_t* p, int64_t n = kSize) {
     if (n == kSize) return {fVec::loadu(p), fVec::loadu(p + kW)};
-    return {fVec::loadu(p, std::min(n, kW)), fVec::loadu(p + kW, std::max<int64_t>(n - kW, 0))};
+    if (n <= kW) return {fVec::loadu(p, n), fVec(0)};
+    return {fVec::loadu(p), fVec::loadu(p + kW, n - kW)};
   }
   static void store_acc(opmath_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
     if (n == kSize) {
@@ -98,7 +99,8 @@ struct Chunk {
   // a, b with the lanes beyond the first n zeroed.
   static std::pair<fVec, fVec> first_lanes(const fVec& a, const fVec& b, int64_t n) {
     if (n == kSize) return {a, b};
-    return {fVec::set(fVec(0), a, std::min(n, kW)), fVec::set(fVec(0), b, std::max<int64_t>(n - kW, 0))};
+    if (n <= kW) return {fVec::set(fVec(0), a, n), fVec(0)};
+    return {a, fVec::set(fVec(0), b, n - kW)};
   }
   // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
   static opmath_t hsum(const fVec& a, const fVec& b) {
