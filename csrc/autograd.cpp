@@ -14,6 +14,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "batchless_host.h"
+
 #include <array>
 #include <string>
 #include <tuple>
@@ -26,6 +28,11 @@ using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
     const c10::optional<Tensor>&, bool);
@@ -33,30 +40,11 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor>(
     const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&,
     const c10::optional<Tensor>&, std::array<bool, 3>);
 
-const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("batchless_kernels::batchless_norm_forward", "")
-                             .typed<ForwardSignature>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("batchless_kernels::batchless_norm_backward", "")
-                             .typed<BackwardSignature>();
-  return op;
-}
-
 using NllSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::SymInt,
                             c10::string_view, double, bool);
 using NllBackwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                         const Tensor&, const Tensor&, c10::SymInt,
                                                         c10::string_view, double);
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
@@ -65,7 +53,7 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
                                                            const Tensor& mean, const Tensor& rstd,
                                                            const Tensor& weight,
                                                            std::array<bool, 3> mask) {
-  const auto acc = grad_y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = host::accumulation_type(grad_y.scalar_type());
   std::vector<int64_t> view(grad_y.dim(), 1), dims{0};
   view[1] = grad_y.size(1);
   for (int64_t d = 2; d < grad_y.dim(); ++d) dims.push_back(d);
@@ -83,10 +71,11 @@ class NormForward : public torch::autograd::Function<NormForward> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
                                const Tensor& rstd, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, bool compute_stats) {
+    static const auto op = find_op<ForwardSignature>("batchless_kernels::batchless_norm_forward");
     Tensor y, s1, s2;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(y, s1, s2) = forward_op().call(x, mean, rstd, weight, bias, compute_stats);
+      std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, compute_stats);
     }
     ctx->mark_non_differentiable({s1, s2});
     const bool has_w = present(weight), has_b = present(bias);
@@ -113,7 +102,8 @@ class NormForward : public torch::autograd::Function<NormForward> {
     if (at::GradMode::is_enabled()) {
       std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
     } else {
-      std::tie(dx, dw, db) = backward_op().call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
+      static const auto backward_op = find_op<BackwardSignature>("batchless_kernels::batchless_norm_backward");
+      std::tie(dx, dw, db) = backward_op.call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
                                                 mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
                                                 mask);
     }

@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace batchless_kernels {
 namespace host {
@@ -53,11 +54,27 @@ inline at::ScalarType accumulation_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Tests set BATCHLESS_POISON_OUTPUTS=1: fresh outputs then start as NaN, so that an element a
-// kernel fails to write shows (at::empty would often hand back zeros or a previous result).
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+void dispatch_bool(bool value, const F& f) {
+  if (value) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// Tests set BATCHLESS_POISON_OUTPUTS=1 (before the first op call): fresh outputs then start as NaN,
+// so that an element a kernel fails to write shows (at::empty would often hand back zeros or a
+// previous result). Read once, not on every call.
 inline Tensor poisoned(Tensor t) {
-  const char* flag = std::getenv("BATCHLESS_POISON_OUTPUTS");
-  if (flag != nullptr && flag[0] == '1' && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  static const bool enabled = [] {
+    const char* flag = std::getenv("BATCHLESS_POISON_OUTPUTS");
+    return flag != nullptr && flag[0] == '1';
+  }();
+  if (enabled && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 

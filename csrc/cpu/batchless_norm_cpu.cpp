@@ -44,16 +44,8 @@ constexpr int64_t kMaxTaskChannels = 2048;
 // Channels-first: planes (one n, one c) of at least this many elements get a partial sum each.
 constexpr int64_t kMinPlane = 64;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename F>
-void dispatch_bool(bool value, F&& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
+using host::ceil_div;
+using host::dispatch_bool;
 
 // Loads and stores chunks of kSize = 2 * Vectorized<opmath_t>::size() elements of scalar_t as two
 // opmath vectors; a chunk of n < kSize elements (a row's or plane's tail) uses masked accesses, and

@@ -57,7 +57,8 @@ constexpr int64_t kMinTileElements = 4096;
 // rows of up to 512 bytes) and walks rows; about one wave of blocks keeps the partial sums small.
 constexpr int kWarp = 32;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+using host::ceil_div;
+using host::dispatch_bool;
 
 // V elements moved by one load or store instruction.
 template <typename T, int V>
@@ -388,15 +389,6 @@ void dispatch_width(int v, const F& f) {
     case 8: if constexpr (kMaxV >= 8) return f(std::integral_constant<int, 8>{}); break;
   }
   TORCH_CHECK(false, "batchless_norm (cuda): unsupported vector width ", v);
-}
-
-template <typename F>
-void dispatch_bool(bool value, const F& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
 }
 
 // Blocks of this kernel resident on the whole current GPU at once (multiprocessors x occupancy).
