@@ -67,6 +67,9 @@ def _worker(rank, init_file, out_dir):
             ddp = nn.parallel.DistributedDataParallel(_model(dtype))
             results[name] = _train(ddp, dtype, rank, WORLD)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Both ranks done before either tears its gloo pairs down: a rank destroying the group while
+        # the other still talks to it aborts ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
