@@ -37,12 +37,14 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
 
 
 POISON_ENV = "BATCHLESS_POISON_OUTPUTS"
+# Read once at import, like csrc/batchless_host.h reads it once: tests set it before importing.
+_POISON = os.environ.get(POISON_ENV) == "1"
 
 
 def poisoned(t: torch.Tensor) -> torch.Tensor:
     """Tests set BATCHLESS_POISON_OUTPUTS=1: fresh outputs then start as NaN, so that an element a
     kernel fails to write shows (csrc/batchless_host.h does the same for the C++ kernels)."""
-    if os.environ.get(POISON_ENV) == "1" and t.numel() > 0:
+    if _POISON and t.numel() > 0:
         t.fill_(math.nan)
     return t
 
