@@ -15,6 +15,7 @@ before import), which is how CI tests them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -74,12 +75,13 @@ def _forward_rows_kernel(
     Y,  # (N * C, S) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (N * C, num_sb) partial sums, one slot per (plane, program along S)
-    P, C, S, num_sb,
-    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    P, C, S_VEC, num_sb,  # S = S_VEC * VEC elements per plane
+    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
     # their elements.
+    S = S_VEC * VEC
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
@@ -107,10 +109,11 @@ def _forward_columns_kernel(
     Y,  # (M, C) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (num_mb, C) partial sums, one row per row-block
-    M, C,
-    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C_VEC,  # C = C_VEC * VEC channels
+    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
+    C = C_VEC * VEC
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -140,10 +143,11 @@ def _backward_rows_kernel(
     DX,  # (N * C, S) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (N * C, num_sb) partial sums of dweight, dbias
-    P, C, S, num_sb,
-    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
+    P, C, S_VEC, num_sb,  # S = S_VEC * VEC elements per plane
+    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
+    S = S_VEC * VEC
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
@@ -174,10 +178,11 @@ def _backward_columns_kernel(
     DX,  # (M, C) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (num_mb, C) partial sums of dweight, dbias
-    M, C,
-    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    M, C_VEC,  # C = C_VEC * VEC channels
+    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
+    C = C_VEC * VEC
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -209,23 +214,88 @@ def _backward_columns_kernel(
 # Elements one program handles at most (the same under the interpreter, so that CI exercises the
 # GPU's geometry, split planes and multi-block partials included).
 _ELEMENTS_PER_PROGRAM = 1 << 13
+# Channels-last programs each write BLOCK_C partial pairs (8 bytes a channel) that a second pass
+# reads back: against ROWS_PER_PROG rows of x read and y written, 8 / (ROWS_PER_PROG * itemsize) of
+# the traffic (6% for bf16 at 64 rows). Large inputs therefore get about this many programs, with
+# more rows each (256 rows for (65536, 1024): 1.6% in bf16), which is still several waves on an H100.
+_PROGRAMS_OF_LARGE_INPUTS = 2048
+# Warps of a full tile (one loop iteration of a program), and elements a thread holds of it: with
+# vector accesses 16 keep the tile, its two accumulators and its addresses in registers; scalar
+# accesses (rows not divisible by 2) carry one 64-bit address per element, and only 8 fit.
+# bench/triton_codegen.py checks every variant for spills.
+_WARPS = 8
 
 
-def _rows_geometry(P: int, S: int):
-    """(BLOCK_P, BLOCK_S, S_PER_PROG, num_pb, num_sb) for P channels-first planes of S elements:
-    small planes are packed BLOCK_P to a program, large ones split along S."""
-    block_s = min(triton.next_power_of_2(max(S, 1)), 1024)
-    block_p = min(triton.next_power_of_2(max(P, 1)), max(1, 4096 // block_s))
-    s_per_prog = block_s * max(1, min(triton.cdiv(S, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
-    return block_p, block_s, s_per_prog, triton.cdiv(P, block_p), triton.cdiv(S, s_per_prog)
+def _tile_plan(vec: int) -> tuple[int, int]:
+    """(elements per full tile, elements per thread)."""
+    per_thread = 16 if vec > 1 else 8
+    return 32 * _WARPS * per_thread, per_thread
 
 
-def _columns_geometry(M: int, C: int):
-    """(BLOCK_M, BLOCK_C, ROWS_PER_PROG, num_mb) for channels-last (M, C)."""
-    block_c = min(triton.next_power_of_2(max(C, 1)), 128)
-    block_m = max(1, min(triton.next_power_of_2(max(M, 1)), 4096 // block_c))
-    rows_per_prog = block_m * max(1, min(triton.cdiv(M, block_m), _ELEMENTS_PER_PROGRAM // (block_m * block_c)))
-    return block_m, block_c, rows_per_prog, triton.cdiv(M, rows_per_prog)
+def _num_warps(tile: int, per_thread: int) -> int:
+    return max(1, min(_WARPS, tile // (32 * per_thread)))
+
+
+def _vector_width(n: int, dtype: torch.dtype) -> int:
+    """The largest power of two that divides n, up to 16 bytes of dtype. Kernels take n as
+    (n // VEC) * VEC: Triton learns divisibility from integer arguments only when it is by 16, and
+    without knowing that rows of n elements start VEC-aligned it emits scalar loads and stores
+    (e.g. for 14x14 planes)."""
+    return min(n & -n, max(1, 16 // dtype.itemsize))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How the kernels of one layout run over one shape: the grid, the integer arguments that follow
+    the tensors, the block constexprs, and the shape of one statistic's partial sums."""
+
+    channels_first: bool
+    grid: tuple[int, int]
+    sizes: tuple[int, ...]
+    meta: dict
+    slots: tuple[int, int]
+
+
+def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dtype: torch.dtype) -> Launch:
+    """The launch for a non-empty input of `numel` elements, (batch, channels, ...) of `dtype`.
+
+    Channels-first: P = batch * channels planes of S elements; small planes are packed BLOCK_P to a
+    program, large ones split along S. Channels-last: (M, C) rows, BLOCK_C channels wide."""
+    if channels_first:
+        planes = batch * channels
+        spatial = numel // planes
+        vec = _vector_width(spatial, dtype)
+        tile, per_thread = _tile_plan(vec)
+        block_s = min(triton.next_power_of_2(spatial), 1024)
+        block_p = min(triton.next_power_of_2(planes), max(1, tile // block_s))
+        s_per_prog = block_s * max(1, min(triton.cdiv(spatial, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
+        num_sb = triton.cdiv(spatial, s_per_prog)
+        return Launch(True, (triton.cdiv(planes, block_p), num_sb), (planes, channels, spatial // vec, num_sb),
+                      dict(S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, VEC=vec,
+                           num_warps=_num_warps(block_p * block_s, per_thread)), (planes, num_sb))
+    rows = numel // channels
+    vec = _vector_width(channels, dtype)
+    tile, per_thread = _tile_plan(vec)
+    block_c = min(triton.next_power_of_2(channels), 128)
+    block_m = max(1, min(triton.next_power_of_2(rows), tile // block_c))
+    column_blocks = triton.cdiv(channels, block_c)
+    tiles_per_prog = max(_ELEMENTS_PER_PROGRAM // (block_m * block_c),
+                         triton.cdiv(rows * column_blocks, block_m * _PROGRAMS_OF_LARGE_INPUTS))
+    rows_per_prog = block_m * max(1, min(triton.cdiv(rows, block_m), tiles_per_prog))
+    num_mb = triton.cdiv(rows, rows_per_prog)
+    return Launch(False, (num_mb, column_blocks), (rows, channels // vec),
+                  dict(ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec,
+                       num_warps=_num_warps(block_m * block_c, per_thread)), (num_mb, channels))
+
+
+# By channels_first: the kernels take the same tensors in both layouts, then Launch.sizes.
+FORWARD_KERNELS = {True: _forward_rows_kernel, False: _forward_columns_kernel}
+BACKWARD_KERNELS = {True: _backward_rows_kernel, False: _backward_columns_kernel}
+
+
+def accumulator(acc: torch.dtype):
+    """Triton's accumulation type for torch's."""
+    return tl.float64 if acc == torch.float64 else tl.float32
 
 
 def _channels_innermost(t: torch.Tensor) -> bool:
@@ -276,22 +346,11 @@ def triton_forward(
     yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
     w = _param(weight, channels, acc, 1.0, x.device)
     b = _param(bias, channels, acc, 0.0, x.device)
-    flags = dict(STATS=compute_stats,
-                 ACC=tl.float64 if acc == torch.float64 else tl.float32)
-    if first:
-        planes, spatial = x.shape[0] * channels, xin.numel() // (x.shape[0] * channels)
-        block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
-        ps = ops.poisoned(torch.empty((2, planes, num_sb) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
-        _forward_rows_kernel[(num_pb, num_sb)](
-            xin, yout, mean, rstd, w, b, ps[0], ps[1], planes, channels, spatial, num_sb,
-            S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
-    else:
-        rows = xin.numel() // channels
-        block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
-        ps = ops.poisoned(torch.empty((2, num_mb, channels) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
-        _forward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
-            xin, yout, mean, rstd, w, b, ps[0], ps[1], rows, channels,
-            ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)
+    launch = plan_launch(first, x.shape[0], channels, x.numel(), x.dtype)
+    ps = ops.poisoned(torch.empty((2, *launch.slots) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
+    FORWARD_KERNELS[first][launch.grid](
+        xin, yout, mean, rstd, w, b, ps[0], ps[1], *launch.sizes,
+        **launch.meta, STATS=compute_stats, ACC=accumulator(acc))
     if yout is not y:
         y.copy_(yout)
     if not compute_stats:
@@ -319,23 +378,11 @@ def triton_backward(
     xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
     dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
     w = _param(weight, channels, acc, 1.0, grad_y.device)
-    flags = dict(NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
-                 ACC=tl.float64 if acc == torch.float64 else tl.float32)
-    dx_arg = dx_out if need_dx else g
-    if first:
-        planes, spatial = grad_y.shape[0] * channels, g.numel() // (grad_y.shape[0] * channels)
-        block_p, block_s, s_per_prog, num_pb, num_sb = _rows_geometry(planes, spatial)
-        ps = ops.poisoned(torch.empty((2, planes, num_sb), dtype=acc, device=g.device))
-        _backward_rows_kernel[(num_pb, num_sb)](
-            g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], planes, channels, spatial, num_sb,
-            S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, **flags)
-    else:
-        rows = g.numel() // channels
-        block_m, block_c, rows_per_prog, num_mb = _columns_geometry(rows, channels)
-        ps = ops.poisoned(torch.empty((2, num_mb, channels), dtype=acc, device=g.device))
-        _backward_columns_kernel[(num_mb, triton.cdiv(channels, block_c))](
-            g, xin, dx_arg, mean, rstd, w, ps[0], ps[1], rows, channels,
-            ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, **flags)
+    launch = plan_launch(first, grad_y.shape[0], channels, grad_y.numel(), grad_y.dtype)
+    ps = ops.poisoned(torch.empty((2, *launch.slots), dtype=acc, device=g.device))
+    BACKWARD_KERNELS[first][launch.grid](
+        g, xin, dx_out if need_dx else g, mean, rstd, w, ps[0], ps[1], *launch.sizes,
+        **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, ACC=accumulator(acc))
     if need_dx and dx_out is not dx:
         dx.copy_(dx_out)
     dw = _sum_partials(ps[0], channels, first) if need_dw else zeros(False)

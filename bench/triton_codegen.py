@@ -1,0 +1,182 @@
+"""What the Triton kernels compile to for a GPU, on a machine without one.
+
+Every kernel variant that the triton backend launches for a set of shapes (the GPU benchmark's and
+odd ones) is compiled offline for sm_<arch>, through Triton's own specialization of the launch
+arguments (batchless_kernels.triton.norm.plan_launch, as a real launch). For each, ptxas gives the
+registers and spills, and the PTX gives the width of every global access to the activations (x, y,
+grad_y, dx). The parameters and partial sums are given the other float width in these compiles
+(float64 beside 16/32-bit activations, float32 beside float64 ones) so that their accesses are told
+apart by width.
+
+A variant passes when it does not spill and every activation access is as wide as the shape allows:
+min(16 bytes, VEC elements, the block's contiguous extent), VEC being the largest power of two that
+divides the contiguous row (planes of S elements, or rows of C channels).
+
+    python bench/triton_codegen.py [--arch 90] [--json FILE] [--quick]
+
+Exits 1 when a variant fails. tests/test_triton_codegen.py runs it in CI (no GPU there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+# Compile for real, not for the interpreter (set before Triton decorates the kernels).
+os.environ["TRITON_INTERPRET"] = "0"
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_batchless import GPU_TARGETS  # noqa: E402
+
+# Odd sizes: planes of 7x7 (odd S), 10 (S divisible by 2 only), 100 channels (by 4), 3 channels.
+ODD_SHAPES = [(8, 24, 7, 7), (6, 100, 10), (1000, 3), (7, 100)]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+QUICK_DTYPES = (torch.float32, torch.bfloat16)
+
+_ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+_WIDTH = re.compile(r"\.(?:v(\d))?\.?[bfsu](8|16|32|64)\b")
+
+
+class _OfflineDriver:
+    """Enough of a Triton driver for JITFunction.warmup to compile for `target` without a GPU."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+def _ptxas() -> str:
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    found = str(bundled) if bundled.exists() else shutil.which("ptxas")
+    if found is None:
+        raise RuntimeError("ptxas not found (neither in the triton wheel nor on PATH)")
+    return found
+
+
+def _resources(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill store bytes) from ptxas -v."""
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "k.ptx"
+        source.write_text(ptx)
+        done = subprocess.run([_ptxas(), f"-arch={arch}", "-v", str(source), "-o", str(Path(tmp) / "k.cubin")],
+                              capture_output=True, text=True)
+    log = done.stdout + done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"ptxas failed:\n{log}")
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", log))
+    return registers, spills
+
+
+def _access_widths(ptx: str, element_bits: int) -> dict[str, list[int]]:
+    """Widths in bytes of the global loads and stores whose element width is element_bits (16-bit
+    activations are packed by pairs into b32, so for them 16 and 32 count)."""
+    bits = {16: (16, 32), 32: (32,), 64: (64,)}[element_bits]
+    widths: dict[str, list[int]] = {"ld": [], "st": []}
+    for kind, suffix in _ACCESS.findall(ptx):
+        match = _WIDTH.search(suffix)
+        if match and int(match.group(2)) in bits:
+            widths[kind].append(int(match.group(1) or 1) * int(match.group(2)) // 8)
+    return widths
+
+
+def _cases(quick: bool):
+    """(shape, layout, dtype) the benchmark and the odd shapes run."""
+    for shape in [*GPU_TARGETS, *ODD_SHAPES]:
+        layouts = ["contiguous", "channels_last"] if len(shape) == 4 else ["rows" if len(shape) > 2 else "2d"]
+        for layout in layouts:
+            for dtype in (QUICK_DTYPES if quick else DTYPES):
+                yield shape, layout, dtype
+
+
+def inspect(arch: int = 90, quick: bool = False) -> list[dict]:
+    from batchless_kernels.triton import norm
+
+    driver.set_active(_OfflineDriver(GPUTarget("cuda", arch, 32)))
+    rows = []
+    for shape, layout, dtype in _cases(quick):
+        batch, channels = shape[0], shape[1]
+        numel = 1
+        for size in shape:
+            numel *= size
+        first = layout in ("contiguous", "rows")
+        launch = norm.plan_launch(first, batch, channels, numel, dtype)
+        side = torch.float32 if dtype == torch.float64 else torch.float64  # parameters, partials
+        acc = norm.accumulator(torch.float64 if dtype == torch.float64 else torch.float32)
+        data = torch.empty(64, dtype=dtype)
+        param = torch.empty(64, dtype=side)
+        contiguous_extent = launch.meta["BLOCK_S"] if first else launch.meta["BLOCK_C"]
+        expected = min(16, launch.meta["VEC"] * dtype.itemsize, contiguous_extent * dtype.itemsize)
+        variants = {
+            "fwd": (norm.FORWARD_KERNELS[first], (data, data, param, param, param, param, param, param),
+                    dict(STATS=True)),
+            "fwd-inference": (norm.FORWARD_KERNELS[first], (data, data, param, param, param, param, param, param),
+                              dict(STATS=False)),
+            "bwd": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param),
+                    dict(NEED_DX=True, NEED_DW=True, NEED_DB=True)),
+            "bwd-dx": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param),
+                       dict(NEED_DX=True, NEED_DW=False, NEED_DB=False)),
+        }
+        for name, (kernel, tensors, flags) in variants.items():
+            compiled = kernel.warmup(*tensors, *launch.sizes, **launch.meta, **flags, ACC=acc, grid=launch.grid)
+            ptx = compiled.asm["ptx"]
+            registers, spills = _resources(ptx)
+            widths = _access_widths(ptx, dtype.itemsize * 8)
+            narrow = [w for w in widths["ld"] + widths["st"] if w != expected]
+            rows.append(dict(
+                kernel=name, shape="x".join(map(str, shape)), layout=layout, dtype=str(dtype).removeprefix("torch."),
+                warps=compiled.metadata.num_warps, registers=registers, spill_bytes=spills,
+                vec=launch.meta["VEC"], expected_bytes=expected,
+                load_bytes=sorted(set(widths["ld"])), store_bytes=sorted(set(widths["st"])),
+                ok=spills == 0 and not narrow and bool(widths["ld"]) and bool(widths["st"]),
+            ))
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90: H100/H200)")
+    parser.add_argument("--json", type=Path, help="write the rows as JSON here too")
+    parser.add_argument("--quick", action="store_true", help="float32 and bfloat16 only")
+    args = parser.parse_args()
+    rows = inspect(args.arch, args.quick)
+    print(f"triton {triton.__version__}, sm_{args.arch}")
+    print(f"{'kernel':<14}{'shape':<18}{'layout':<14}{'dtype':<9}{'warps':>5}{'regs':>5}{'spill':>6}"
+          f"{'vec':>4}{'want':>5}  loads/stores (bytes)")
+    for r in rows:
+        print(f"{r['kernel']:<14}{r['shape']:<18}{r['layout']:<14}{r['dtype']:<9}{r['warps']:>5}{r['registers']:>5}"
+              f"{r['spill_bytes']:>6}{r['vec']:>4}{r['expected_bytes']:>5}  {r['load_bytes']}/{r['store_bytes']}"
+              f"{'' if r['ok'] else '  FAIL'}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    failed = sum(not r["ok"] for r in rows)
+    print(f"{len(rows) - failed} of {len(rows)} variants pass")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
