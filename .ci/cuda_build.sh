@@ -19,5 +19,22 @@ ops_cuda = [op for op in (ops.FORWARD_OP, ops.BACKWARD_OP, ops.NLL_OP, ops.NLL_B
 if ops_cuda:
     raise SystemExit(f"[cuda-build] no CUDA kernel registered for {ops_cuda}")
 print(f"[cuda-build] torch {torch.__version__} (CUDA {torch.version.cuda}): all 4 ops have CUDA kernels")
+
+# No kernel may spill to local memory: read from the built device code (cuobjdump ships with triton).
+import pathlib, re, shutil, subprocess
+import triton
+bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+cuobjdump = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
+if cuobjdump is None:
+    raise SystemExit("[cuda-build] cuobjdump not found (neither in the triton wheel nor on PATH)")
+(library,) = pathlib.Path(ops.__file__).parent.glob("_C*.so")
+usage = subprocess.run([cuobjdump, "--dump-resource-usage", str(library)], capture_output=True, text=True,
+                       check=True).stdout
+kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
+spilling = [name for name, _, local in kernels if int(local)]
+if not kernels or spilling:
+    raise SystemExit(f"[cuda-build] {len(kernels)} kernels found; using local memory: {spilling}")
+print(f"[cuda-build] {len(kernels)} kernel images, at most {max(int(r) for _, r, _ in kernels)} registers, "
+      "none uses local memory")
 PY
 exec "$BATCHLESS_PYTHON" -m pytest tests "$@"
