@@ -1,4 +1,4 @@
-"""Python side of the compiled ops (schemas in csrc/ops.cpp): fake kernels and autograd.
+"""Python side of the ops (schemas in csrc/ops.cpp, autograd in csrc/autograd.cpp): fake kernels.
 
 The ops are loaded from ``batchless_kernels._C`` when it was built; without it the package still
 works through the reference backend (see backends.py).
@@ -79,59 +79,6 @@ def _backward_fake(grad_y, x, mean, rstd, weight, output_mask):
     dx = output_like(x if x is not None else grad_y) if output_mask[0] else grad_y.new_empty((0,))
     dw = grad_y.new_empty((channels if output_mask[1] else 0,), dtype=acc)
     db = grad_y.new_empty((channels if output_mask[2] else 0,), dtype=acc)
-    return dx, dw, db
-
-
-def _setup_context(ctx, inputs, output):
-    x, mean, rstd, weight, bias, _ = inputs
-    _, s1, s2 = output
-    ctx.mark_non_differentiable(s1, s2)  # sg(x) in the NLL: the sums carry no gradient to x
-    # x is needed only for dweight (dx = grad_y * weight * rstd does not read it).
-    keep_x = weight is not None and ctx.needs_input_grad[3]
-    ctx.save_for_backward(x if keep_x else None, mean, rstd, weight)
-    ctx.weight_dtype = None if weight is None else weight.dtype
-    ctx.bias_dtype = None if bias is None else bias.dtype
-
-
-def make_backward(backward_op):
-    """Autograd backward of a forward op with the batchless_norm_forward signature, computed by
-    backward_op (batchless_norm_backward's signature): the triton backend's. (The C++ ops have the
-    same in C++, csrc/autograd.cpp.)"""
-
-    def backward(ctx, grad_y, _grad_s1, _grad_s2):
-        x, mean, rstd, weight = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        mask = [needs[0], needs[3] and weight is not None, needs[4] and ctx.bias_dtype is not None]
-        if grad_y is None or not any(mask):
-            return None, None, None, None, None, None
-        if torch.is_grad_enabled():  # create_graph=True: differentiable (unfused) torch ops
-            dx, dw, db = _differentiable_backward(grad_y, x, mean, rstd, weight, mask)
-        else:
-            dx, dw, db = backward_op(grad_y, x, mean, rstd, weight, mask)
-        return (
-            dx if mask[0] else None,
-            None,
-            None,
-            dw.to(ctx.weight_dtype) if mask[1] else None,
-            db.to(ctx.bias_dtype) if mask[2] else None,
-            None,
-        )
-
-    return backward
-
-
-def _differentiable_backward(grad_y, x, mean, rstd, weight, mask):
-    """The backward op's formulas in plain torch ops, so that higher-order gradients (a gradient
-    penalty, create_graph=True) flow through them. Not fused: used only when asked for."""
-    acc = accumulation_dtype(grad_y.dtype)
-    view = (1, grad_y.shape[1]) + (1,) * (grad_y.dim() - 2)
-    dims = [0] + list(range(2, grad_y.dim()))
-    g = grad_y.to(acc)
-    r = rstd.to(acc).view(view)
-    scale = r if weight is None else r * weight.to(acc).view(view)
-    dx = (g * scale).to(grad_y.dtype) if mask[0] else None
-    dw = (g * ((x.to(acc) - mean.to(acc).view(view)) * r)).sum(dims) if mask[1] else None
-    db = g.sum(dims) if mask[2] else None
     return dx, dw, db
 
 

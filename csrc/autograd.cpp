@@ -1,9 +1,8 @@
-// Autograd of batchless_norm_forward and batchless_nll, for every device's kernels (CPU, CUDA), in
-// C++: a Python autograd registration costs tens of microseconds per call, more than the kernels
-// themselves on small inputs. (The triton backend's forward op keeps its Python autograd,
-// batchless_kernels/ops.py make_backward, which computes the same.)
+// Autograd of the forward ops (batchless_norm_forward, triton_forward) and batchless_nll, for every
+// backend's kernels (CPU, CUDA, triton), in C++: a Python autograd registration costs tens of
+// microseconds per call, more than the kernels themselves on small inputs.
 //
-// batchless_norm_forward: y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the
+// batchless_norm_forward (triton_forward alike, with triton_backward): y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the
 // NLL); mean and rstd are constants of the op (the NLL op trains them). Backward: the fused
 // backward op; with create_graph (grad mode on in backward) the same formulas in differentiable
 // ATen ops, so that higher-order gradients flow.
@@ -66,12 +65,23 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
   return {dx, dw, db};
 }
 
-class NormForward : public torch::autograd::Function<NormForward> {
+// A forward op and the backward op that differentiates it (csrc/ops.cpp).
+struct CompiledKernels {
+  static constexpr const char* forward = "batchless_kernels::batchless_norm_forward";
+  static constexpr const char* backward = "batchless_kernels::batchless_norm_backward";
+};
+struct TritonKernels {
+  static constexpr const char* forward = "batchless_kernels::triton_forward";
+  static constexpr const char* backward = "batchless_kernels::triton_backward";
+};
+
+template <typename Kernels>
+class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
                                const Tensor& rstd, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, bool compute_stats) {
-    static const auto op = find_op<ForwardSignature>("batchless_kernels::batchless_norm_forward");
+    static const auto op = find_op<ForwardSignature>(Kernels::forward);
     Tensor y, s1, s2;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -102,7 +112,7 @@ class NormForward : public torch::autograd::Function<NormForward> {
     if (at::GradMode::is_enabled()) {
       std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
     } else {
-      static const auto backward_op = find_op<BackwardSignature>("batchless_kernels::batchless_norm_backward");
+      static const auto backward_op = find_op<BackwardSignature>(Kernels::backward);
       std::tie(dx, dw, db) = backward_op.call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
                                                 mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
                                                 mask);
@@ -169,19 +179,21 @@ Tensor nll_autograd(const Tensor& s1, const Tensor& s2, const Tensor& mean, cons
   return Nll::apply(s1, s2, mean, std_param, std::move(count), parametrization, eps, gauge)[0];
 }
 
+template <typename Kernels>
 std::tuple<Tensor, Tensor, Tensor> forward_autograd(const Tensor& x, const Tensor& mean,
                                                     const Tensor& rstd,
                                                     const c10::optional<Tensor>& weight,
                                                     const c10::optional<Tensor>& bias,
                                                     bool compute_stats) {
-  auto out = NormForward::apply(x, mean, rstd, weight, bias, compute_stats);
+  auto out = NormForward<Kernels>::apply(x, mean, rstd, weight, bias, compute_stats);
   return {out[0], out[1], out[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
-  m.impl("batchless_norm_forward", &forward_autograd);
+  m.impl("batchless_norm_forward", &forward_autograd<CompiledKernels>);
+  m.impl("triton_forward", &forward_autograd<TritonKernels>);
   m.impl("batchless_nll", &nll_autograd);
 }
 

@@ -1,8 +1,11 @@
 // Op schemas of batchless_kernels, defined once. Each backend registers its implementations
-// under its dispatch key (csrc/cpu for CPU; csrc/cuda for CUDA). Python adds the fake
-// (meta) kernels and autograd in batchless_kernels/ops.py.
+// under its dispatch key (csrc/cpu for CPU; csrc/cuda for CUDA; the triton backend from Python).
+// The autograd is in csrc/autograd.cpp; Python adds the fake (meta) kernels in
+// batchless_kernels/ops.py.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <string>
 
 // An empty Python module, so that `import batchless_kernels._C` loads this library and with it
 // the TORCH_LIBRARY registrations below.
@@ -13,22 +16,31 @@ PyObject* PyInit__C(void) {
 }
 }
 
+// Signatures shared by the compiled kernels' ops and the triton backend's.
+constexpr const char* kForwardSignature =
+    "(Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool compute_stats) "
+    "-> (Tensor y, Tensor s1, Tensor s2)";
+constexpr const char* kBackwardSignature =
+    "(Tensor grad_y, Tensor? x, Tensor mean, Tensor rstd, Tensor? weight, bool[3] output_mask) "
+    "-> (Tensor dx, Tensor dweight, Tensor dbias)";
+
 TORCH_LIBRARY(batchless_kernels, m) {
   // Fused training/inference forward, one pass over x:
   //   xhat = (x - mean) * rstd,  y = xhat * weight + bias  (same shape, dtype, layout as x)
   //   s1[c] = sum xhat, s2[c] = sum xhat^2 over every element of channel c, in the accumulation
   //   dtype (fp32, fp64 for fp64 x); empty tensors when compute_stats is false.
   // mean, rstd, weight, bias: (C,), any floating dtype. No gradient flows to mean or rstd.
-  m.def(
-      "batchless_norm_forward(Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
-      "bool compute_stats) -> (Tensor y, Tensor s1, Tensor s2)");
+  m.def((std::string("batchless_norm_forward") + kForwardSignature).c_str());
   // Fused backward, one pass over (grad_y, x):
   //   dx = grad_y * weight * rstd;  dweight[c] = sum grad_y * xhat;  dbias[c] = sum grad_y
   // output_mask selects (dx, dweight, dbias); unselected outputs are empty. x is needed only for
   // dweight. dweight and dbias are in the accumulation dtype.
-  m.def(
-      "batchless_norm_backward(Tensor grad_y, Tensor? x, Tensor mean, Tensor rstd, Tensor? weight, "
-      "bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  m.def((std::string("batchless_norm_backward") + kBackwardSignature).c_str());
+  // The same two ops for the triton backend, whose kernels are Python: batchless_kernels/triton/
+  // norm.py registers them for CUDA (and CPU under Triton's interpreter). They share the fake
+  // kernels and the autograd (csrc/autograd.cpp) of the two above.
+  m.def((std::string("triton_forward") + kForwardSignature).c_str());
+  m.def((std::string("triton_backward") + kBackwardSignature).c_str());
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {

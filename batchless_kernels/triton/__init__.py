@@ -15,6 +15,10 @@ import torch
 def unavailable_reason(device_type: str) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
+    from .. import ops
+
+    if not ops.extension_loaded():  # the ops' schemas and autograd live there (csrc/)
+        return ops.EXTENSION_ERROR
     if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device is available"
     if device_type == "cpu":
@@ -26,7 +30,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def kernel_ops():
     """(forward_op, backward_op) with the signatures of the compiled ops (csrc/ops.cpp)."""
-    from . import norm  # noqa: F401  (registers batchless_kernels::triton_forward/backward)
+    from . import norm  # noqa: F401  (registers the kernels of batchless_kernels::triton_forward/backward)
 
     return (
         torch.ops.batchless_kernels.triton_forward.default,

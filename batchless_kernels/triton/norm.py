@@ -326,11 +326,10 @@ def _sum_partials(partials: torch.Tensor, channels: int, channels_first: bool) -
 
 
 # ------------------------------------------------------------------------------------------------
-# Launchers, registered as custom ops with the schemas of csrc/ops.cpp
+# Launchers: the kernels of the ops batchless_kernels::triton_forward/backward (csrc/ops.cpp)
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("batchless_kernels::triton_forward", mutates_args=())
 def triton_forward(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
     bias: torch.Tensor | None, compute_stats: bool,
@@ -358,7 +357,6 @@ def triton_forward(
     return y, _sum_partials(ps[0], channels, first), _sum_partials(ps[1], channels, first)
 
 
-@torch.library.custom_op("batchless_kernels::triton_backward", mutates_args=())
 def triton_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, output_mask: list[bool],
@@ -390,6 +388,11 @@ def triton_backward(
     return dx, dw, db
 
 
-triton_forward.register_fake(ops._forward_fake)
-triton_backward.register_fake(ops._backward_fake)
-triton_forward.register_autograd(ops.make_backward(triton_backward), setup_context=ops._setup_context)
+# CUDA tensors, and CPU tensors under the interpreter. The fake kernels and the autograd
+# (csrc/autograd.cpp) are those of the compiled backends' ops.
+_LIBRARY = torch.library.Library("batchless_kernels", "IMPL")
+for _key in ("CUDA", "CPU") if INTERPRETED else ("CUDA",):
+    _LIBRARY.impl("triton_forward", triton_forward, _key)
+    _LIBRARY.impl("triton_backward", triton_backward, _key)
+torch.library.register_fake("batchless_kernels::triton_forward")(ops._forward_fake)
+torch.library.register_fake("batchless_kernels::triton_backward")(ops._backward_fake)
