@@ -390,9 +390,10 @@ def triton_backward(
 
 # CUDA tensors, and CPU tensors under the interpreter. The fake kernels and the autograd
 # (csrc/autograd.cpp) are those of the compiled backends' ops.
-_LIBRARY = torch.library.Library("batchless_kernels", "IMPL")
-for _key in ("CUDA", "CPU") if INTERPRETED else ("CUDA",):
-    _LIBRARY.impl("triton_forward", triton_forward, _key)
-    _LIBRARY.impl("triton_backward", triton_backward, _key)
-torch.library.register_fake("batchless_kernels::triton_forward")(ops._forward_fake)
-torch.library.register_fake("batchless_kernels::triton_backward")(ops._backward_fake)
+if ops.extension_loaded():  # which defines the ops (the kernels above compile without it)
+    _LIBRARY = torch.library.Library("batchless_kernels", "IMPL")
+    for _key in ("CUDA", "CPU") if INTERPRETED else ("CUDA",):
+        _LIBRARY.impl("triton_forward", triton_forward, _key)
+        _LIBRARY.impl("triton_backward", triton_backward, _key)
+    torch.library.register_fake("batchless_kernels::triton_forward")(ops._forward_fake)
+    torch.library.register_fake("batchless_kernels::triton_backward")(ops._backward_fake)
