@@ -8,7 +8,6 @@ BATCHLESS_BACKEND overrides ``auto``.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -59,16 +58,26 @@ def available_backends(device=None) -> list[str]:
     for device_type in _device_types(device):
         preferred = AUTO_ORDER.get(device_type, ("reference",))
         for name in preferred + tuple(b for b in BACKENDS[1:] if b not in preferred):
-            if name not in names and unavailable_reason(name, device_type) is None:
+            if name not in names and _reason(name, device_type) is None:
                 names.append(name)
     return names
 
 
-@functools.lru_cache(maxsize=None)
+# unavailable_reason for every backend on CPU and CUDA, looked up once at import: availability is
+# fixed once the package is imported (the extension and triton load or not), and torch.compile
+# cannot trace the lookups themselves (importlib, dispatcher queries; torch 2.11 breaks the graph
+# on them even under functools.lru_cache, whose cache Dynamo ignores).
+_REASONS = {(b, d): unavailable_reason(b, d) for b in BACKENDS[1:] for d in ("cpu", "cuda")}
+
+
+def _reason(backend: str, device_type: str) -> str | None:
+    key = (backend, device_type)
+    return _REASONS[key] if key in _REASONS else unavailable_reason(backend, device_type)
+
+
 def _auto_candidates(device_type: str) -> tuple[str, ...]:
-    """AUTO_ORDER's backends that can run on device_type. Availability is fixed once the package is
-    imported (the extension and triton load or not), so it is looked up once per device type."""
-    return tuple(n for n in AUTO_ORDER.get(device_type, ()) if unavailable_reason(n, device_type) is None)
+    """AUTO_ORDER's backends that can run on device_type."""
+    return tuple(n for n in AUTO_ORDER.get(device_type, ()) if _reason(n, device_type) is None)
 
 
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:
@@ -90,7 +99,7 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
             if measured is not None:
                 return measured
         return usable[0] if usable else "reference"
-    reason = unavailable_reason(backend, device.type)
+    reason = _reason(backend, device.type)
     if reason is not None:
         raise RuntimeError(f"{source} asks for {backend!r}, which cannot run here: {reason}")
     return backend
