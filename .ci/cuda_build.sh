@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# CI without a GPU: compiles csrc/cuda against the CUDA build of torch (2.14.1, in .venv-cuda) so
-# that a compile error fails CI, checks that the CUDA kernels registered, and runs the test suite on
-# that build (CPU tensors; the CUDA cases skip without a GPU), which also tests the newest torch.
-# Extra arguments go to pytest. Leaves the in-place extension built for .venv-cuda: the next
+# CI without a GPU: compiles csrc/cuda against a CUDA build of torch (default 2.14.1, the newest
+# supported, in .venv-cuda; .ci/run also runs it with 2.11, the oldest, which the GPU machines have)
+# so that a compile error fails CI, checks that the CUDA kernels registered and spill nothing, and
+# runs the test suite on that build (CPU tensors; the CUDA cases skip without a GPU).
+# BATCHLESS_TORCH, BATCHLESS_TRITON and BATCHLESS_VENV_DIR choose the versions and the venv.
+# Extra arguments go to pytest. Leaves the in-place extension built for that venv: the next
 # `bash tests/run.sh` with .venv rebuilds it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export BATCHLESS_VENV=1 BATCHLESS_VENV_DIR=.venv-cuda BATCHLESS_TORCH="${BATCHLESS_TORCH:-torch==2.14.1}"
+export BATCHLESS_VENV=1 BATCHLESS_VENV_DIR="${BATCHLESS_VENV_DIR:-.venv-cuda}"
+export BATCHLESS_TORCH="${BATCHLESS_TORCH:-torch==2.14.1}" BATCHLESS_TRITON="${BATCHLESS_TRITON:-triton==3.8.0}"
 export BATCHLESS_BUILD_CUDA=1
 # A build of the CPU kernels alone must not pass for this one.
 touch csrc/cuda/*.cu

@@ -3,7 +3,8 @@
 #   - where `python3` already has torch (the GPU machines: torch 2.11 preinstalled, offline), it
 #     uses that torch and builds against it;
 #   - otherwise it creates .venv/ and installs torch there (BATCHLESS_TORCH, default the local
-#     CPU wheel torch==2.13.0; use torch==2.14.1 for the CUDA build).
+#     CPU wheel torch==2.13.0; use torch==2.14.1 for the CUDA build) with BATCHLESS_TRITON (default
+#     the local triton==3.8.0; torch 2.11 wants triton==3.6.0).
 # Set BATCHLESS_VENV=1 to always use a venv, and BATCHLESS_VENV_DIR to name another one than .venv
 # (.ci/cuda_build.sh keeps the CUDA build of torch in .venv-cuda).
 set -euo pipefail
@@ -20,12 +21,12 @@ else
     "$_python" -m venv "$_venv"
   fi
   BATCHLESS_PYTHON="$_venv/bin/python"
-  # triton (the local 3.8.0 wheel) lets the tests run the triton backend under its interpreter;
+  # triton lets the tests run the triton backend under its interpreter;
   # scikit-learn ships the handwritten digits of examples/digits_cnn.py.
   if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy, sklearn, matplotlib" 2>/dev/null; then
-    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, triton and the tools into $_venv"
+    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, ${BATCHLESS_TRITON:-triton==3.8.0} and the tools into $_venv"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
-    "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" triton==3.8.0 \
+    "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" "${BATCHLESS_TRITON:-triton==3.8.0}" \
       ninja numpy pytest pytest-benchmark matplotlib scikit-learn
   fi
 fi
