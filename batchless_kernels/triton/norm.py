@@ -14,6 +14,7 @@ before import), which is how CI tests them.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -256,6 +257,7 @@ class Launch:
     slots: tuple[int, int]
 
 
+@functools.lru_cache(maxsize=256)  # per layer shape; computed in Python on every call otherwise
 def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dtype: torch.dtype) -> Launch:
     """The launch for a non-empty input of `numel` elements, (batch, channels, ...) of `dtype`.
 
@@ -318,11 +320,21 @@ def _param(t, channels, acc, fill, device):
     return t if t is not None else torch.full((channels,), fill, dtype=acc, device=device)
 
 
+def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> torch.Tensor:
+    """One statistic's per-program partial sums: a tensor of its own, so that where every channel
+    has a single program the totals are the partials themselves (no second pass, no aliasing)."""
+    return ops.poisoned(torch.empty(launch.slots if needed else (1, 1), dtype=acc, device=device))
+
+
 def _sum_partials(partials: torch.Tensor, channels: int, channels_first: bool) -> torch.Tensor:
     """Per-channel totals of the per-program partials, in a fixed order."""
     if channels_first:  # (N * C, num_sb)
+        if partials.shape == (channels, 1):
+            return partials.view(channels)
         return partials.view(-1, channels, partials.shape[-1]).sum(dim=(0, 2))
-    return partials.sum(dim=0)  # (num_mb, C)
+    if partials.shape[0] == 1:  # (num_mb, C)
+        return partials.view(channels)
+    return partials.sum(dim=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -346,15 +358,15 @@ def triton_forward(
     w = _param(weight, channels, acc, 1.0, x.device)
     b = _param(bias, channels, acc, 0.0, x.device)
     launch = plan_launch(first, x.shape[0], channels, x.numel(), x.dtype)
-    ps = ops.poisoned(torch.empty((2, *launch.slots) if compute_stats else (2, 1, 1), dtype=acc, device=x.device))
+    ps1, ps2 = (_partials(launch, acc, x.device, compute_stats) for _ in range(2))
     FORWARD_KERNELS[first][launch.grid](
-        xin, yout, mean, rstd, w, b, ps[0], ps[1], *launch.sizes,
+        xin, yout, mean, rstd, w, b, ps1, ps2, *launch.sizes,
         **launch.meta, STATS=compute_stats, ACC=accumulator(acc))
     if yout is not y:
         y.copy_(yout)
     if not compute_stats:
         return y, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    return y, _sum_partials(ps[0], channels, first), _sum_partials(ps[1], channels, first)
+    return y, _sum_partials(ps1, channels, first), _sum_partials(ps2, channels, first)
 
 
 def triton_backward(
@@ -377,14 +389,14 @@ def triton_backward(
     dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
     w = _param(weight, channels, acc, 1.0, grad_y.device)
     launch = plan_launch(first, grad_y.shape[0], channels, grad_y.numel(), grad_y.dtype)
-    ps = ops.poisoned(torch.empty((2, *launch.slots), dtype=acc, device=g.device))
+    pw, pb = _partials(launch, acc, g.device, need_dw), _partials(launch, acc, g.device, need_db)
     BACKWARD_KERNELS[first][launch.grid](
-        g, xin, dx_out if need_dx else g, mean, rstd, w, ps[0], ps[1], *launch.sizes,
+        g, xin, dx_out if need_dx else g, mean, rstd, w, pw, pb, *launch.sizes,
         **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, ACC=accumulator(acc))
     if need_dx and dx_out is not dx:
         dx.copy_(dx_out)
-    dw = _sum_partials(ps[0], channels, first) if need_dw else zeros(False)
-    db = _sum_partials(ps[1], channels, first) if need_db else zeros(False)
+    dw = _sum_partials(pw, channels, first) if need_dw else zeros(False)
+    db = _sum_partials(pb, channels, first) if need_db else zeros(False)
     return dx, dw, db
 
 
