@@ -3,7 +3,8 @@
 - every CUDA kernel registered for the four ops;
 - no kernel image uses local memory (register spills), from cuobjdump --dump-resource-usage;
 - every norm kernel instantiated for aligned data moves its V elements with one instruction: 16- and
-  8-byte packs must show as LDG.E.128 / LDG.E.64 loads and STG.E.128 / STG.E.64 stores in the SASS.
+  8-byte packs must show as LDG.E.128 / LDG.E.64 loads, and STG.E.128 / STG.E.64 stores where the
+  kernel writes an activation (y; dx when the backward computes it), in the SASS.
 
 cuobjdump ships with the triton wheel (or comes from PATH).
 """
@@ -22,8 +23,9 @@ import triton
 import batchless_kernels.ops as ops
 
 ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
-NORM_KERNEL = re.compile(r"channels_(?:first|last)_kernel<[^<]*(?:Forward|Backward)Op<(float|double|c10::Half|"
-                         r"c10::BFloat16)[^>]*>, (\d+), (true|false)>")
+# channels_{first,last}_kernel<ForwardOp<T, ...>, V, kAligned> or <BackwardOp<T, kDx, ...>, V, kAligned>
+NORM_KERNEL = re.compile(r"channels_(?:first|last)_kernel<[^<]*(Forward|Backward)Op<(float|double|c10::Half|"
+                         r"c10::BFloat16)(?:, (true|false))?[^>]*>, (\d+), (true|false)>")
 
 
 def fail(message: str) -> None:
@@ -60,13 +62,15 @@ def main() -> None:
     checked, narrow = 0, []
     for name, body in zip(demangled, bodies):
         match = NORM_KERNEL.search(name)
-        if not match or match.group(3) != "true":
+        if not match or match.group(5) != "true":
             continue
-        bits = ELEMENT_BYTES[match.group(1)] * int(match.group(2)) * 8
+        pass_, dtype, first_flag, vec = match.group(1), match.group(2), match.group(3), int(match.group(4))
+        bits = ELEMENT_BYTES[dtype] * vec * 8
         if bits not in (64, 128):
             continue
         checked += 1
-        if f"LDG.E.{bits}" not in body or f"STG.E.{bits}" not in body:
+        writes = pass_ == "Forward" or first_flag == "true"  # y, or dx when the backward computes it
+        if f"LDG.E.{bits}" not in body or (writes and f"STG.E.{bits}" not in body):
             narrow.append(name)
     if not checked or narrow:
         fail(f"{checked} aligned norm kernel images checked; without {len(narrow)} vector accesses: {narrow[:5]}")
