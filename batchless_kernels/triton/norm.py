@@ -82,7 +82,7 @@ def _forward_rows_kernel(
 ):
     # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
     # their elements.
-    S = S_VEC * VEC
+    S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
@@ -114,7 +114,7 @@ def _forward_columns_kernel(
     ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
-    C = C_VEC * VEC
+    C = tl.cast(C_VEC, tl.int64) * VEC
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -148,7 +148,7 @@ def _backward_rows_kernel(
     S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
-    S = S_VEC * VEC
+    S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
@@ -183,7 +183,7 @@ def _backward_columns_kernel(
     ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
-    C = C_VEC * VEC
+    C = tl.cast(C_VEC, tl.int64) * VEC
     mb = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -271,6 +271,8 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
         block_s = min(triton.next_power_of_2(spatial), 1024)
         block_p = min(triton.next_power_of_2(planes), max(1, tile // block_s))
         s_per_prog = block_s * max(1, min(triton.cdiv(spatial, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
+        # grid axis 1 holds at most 65535 programs: huge planes get longer shares
+        s_per_prog = max(s_per_prog, block_s * triton.cdiv(triton.cdiv(spatial, block_s), 65535))
         num_sb = triton.cdiv(spatial, s_per_prog)
         return Launch(True, (triton.cdiv(planes, block_p), num_sb), (planes, channels, spatial // vec, num_sb),
                       dict(S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, VEC=vec,
