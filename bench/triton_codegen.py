@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_batchless import GPU_TARGETS  # noqa: E402
+
+from batchless_kernels._checks import accumulation_dtype  # noqa: E402
 
 # Odd sizes: planes of 7x7 (odd S), 10 (S divisible by 2 only), 100 channels (by 4), 3 channels.
 ODD_SHAPES = [(8, 24, 7, 7), (6, 100, 10), (1000, 3), (7, 100)]
@@ -120,13 +123,11 @@ def inspect(arch: int = 90, quick: bool = False) -> list[dict]:
     rows = []
     for shape, layout, dtype in _cases(quick):
         batch, channels = shape[0], shape[1]
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         first = layout in ("contiguous", "rows")
         launch = norm.plan_launch(first, batch, channels, numel, dtype)
         side = torch.float32 if dtype == torch.float64 else torch.float64  # parameters, partials
-        acc = norm.accumulator(torch.float64 if dtype == torch.float64 else torch.float32)
+        acc = norm.accumulator(accumulation_dtype(dtype))
         data = torch.empty(64, dtype=dtype)
         param = torch.empty(64, dtype=side)
         contiguous_extent = launch.meta["BLOCK_S"] if first else launch.meta["BLOCK_C"]
