@@ -5,6 +5,7 @@ preceding convolution or linear layer where there is one."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -14,6 +15,22 @@ from .parametrization import rstd_and_log_std
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
               nn.Linear)
+_HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward hooks",
+          "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
+
+
+def _overrides_forward(module: nn.Module, base: type) -> bool:
+    return type(module).forward is not base.forward or "forward" in vars(module)  # class or instance
+
+
+def _own_behaviour(module: nn.Module, base: type) -> str | None:
+    """Why `module` may do more than `base.forward` (so that replacing it by a module computing
+    that, or folding anything into it, could change the model or drop a hook), or None: its class
+    or the instance overrides forward, or it has hooks (forward, backward, or their pre-hooks)."""
+    if _overrides_forward(module, base):
+        return f"it overrides {base.__name__}.forward"
+    hooks = [what for attr, what in _HOOKS.items() if getattr(module, attr)]
+    return f"it has {' and '.join(hooks)}" if hooks else None
 
 
 class ChannelAffine(nn.Module):
@@ -55,12 +72,10 @@ def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
-    """Whether `layer` can be folded into `prev`: a plain conv/linear (not a subclass with its own
-    forward, not used elsewhere in the model) whose output channels are the layer's channels."""
+    """Whether `layer` can be folded into `prev`: a plain conv/linear (no own forward, no hooks, not
+    used elsewhere in the model) whose output channels are the layer's channels."""
     base = next((cls for cls in _FOLD_INTO if isinstance(prev, cls)), None)
-    if base is None or type(prev).forward is not base.forward or uses[id(prev)] > 1:
-        return False
-    if prev._forward_hooks or prev._forward_pre_hooks or nn.parameter.is_lazy(prev.weight):
+    if base is None or _own_behaviour(prev, base) or uses[id(prev)] > 1 or nn.parameter.is_lazy(prev.weight):
         return False
     out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
     return out == layer.num_features
@@ -89,14 +104,19 @@ def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """A copy of `model` (the input is not changed) without Batchless layers, same outputs up to float
-    rounding (train and eval alike; the copy computes no NLL).
+    rounding (train and eval alike; the copy computes no NLL), except the layers kept below.
 
-    Rule: inside an nn.Sequential, a Batchless layer that directly follows (as the next child) a
-    Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many output channels is folded into that
-    layer's weight and bias, and replaced by nn.Identity (indices, hence state_dict keys, are kept).
-    A Linear is assumed to see (N, in_features) inputs, the case where BatchlessNorm1d's channels are
-    its output features. Conv/linear modules used more than once, with hooks, or subclasses with
-    their own forward are not folded. Every other Batchless layer becomes a ChannelAffine.
+    Rule: inside an nn.Sequential (not a subclass with its own forward), a Batchless layer that
+    directly follows (as the next child) a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many
+    output channels is folded into that layer's weight and bias, and replaced by nn.Identity (indices,
+    hence state_dict keys, are kept). A Linear is assumed to see (N, in_features) inputs, the case
+    where BatchlessNorm1d's channels are its output features. Conv/linear modules used more than once,
+    with hooks, or subclasses with their own forward are not folded. Every other Batchless layer
+    becomes a ChannelAffine.
+
+    Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
+    or their pre-hooks) or whose class or instance overrides forward, since their function is not the
+    affine map. Nothing is folded into the layer before them, and they still compute their NLL.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -104,6 +124,17 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     uses: dict[int, int] = {}
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    kept: set[int] = set()
+    for name, m in model.named_modules():
+        why = _own_behaviour(m, _BatchlessNorm) if isinstance(m, _BatchlessNorm) else None
+        if why:
+            warnings.warn(f"module {name or type(m).__name__!r} ({type(m).__name__}) is kept as it is, "
+                          f"not fused: {why}", stacklevel=2)
+            kept.add(id(m))
+
+    def fusable(m: nn.Module) -> bool:
+        return isinstance(m, _BatchlessNorm) and id(m) not in kept
+
     affines: dict[int, nn.Module] = {}  # one ChannelAffine per (possibly shared) Batchless layer
 
     def as_affine(layer: _BatchlessNorm) -> nn.Module:
@@ -114,18 +145,20 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         return affines[id(layer)]
 
     folded: set[int] = set()
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+    # a Sequential with its own forward may not run its children one after the other
+    for seq in [m for m in model.modules()
+                if isinstance(m, nn.Sequential) and not _overrides_forward(m, nn.Sequential)]:
         names = list(seq._modules)
         for prev_name, name in zip(names, names[1:]):
             prev, layer = seq._modules[prev_name], seq._modules[name]
-            if isinstance(layer, _BatchlessNorm) and id(prev) not in folded and _foldable(prev, layer, uses):
+            if fusable(layer) and id(prev) not in folded and _foldable(prev, layer, uses):
                 _fold(prev, *_affine_of(layer))
                 folded.add(id(prev))
                 seq._modules[name] = nn.Identity()
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
-            if isinstance(child, _BatchlessNorm):
+            if fusable(child):
                 parent._modules[name] = as_affine(child)
-    if isinstance(model, _BatchlessNorm):
+    if fusable(model):
         return as_affine(model)
     return model

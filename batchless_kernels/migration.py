@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
+from .inference import _own_behaviour
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
 from .parametrization import param_from_std
 
@@ -31,11 +32,9 @@ _TARGETS = (
 _LAYER_KWARGS = ("parametrization", "nll_weight", "gauge", "backend", "eps")
 
 
-def _target_class(module: nn.Module):
-    for source, target in _TARGETS:
-        if isinstance(module, source):
-            return target
-    return None
+def _match(module: nn.Module):
+    """(the BN class of _TARGETS that `module` is an instance of, its Batchless class), or None."""
+    return next(((source, target) for source, target in _TARGETS if isinstance(module, source)), None)
 
 
 def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str) -> _BatchlessNorm:
@@ -81,7 +80,16 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
     mean = running_mean, sigma = sqrt(running_var + eps) (BRN: running_std), weight and bias copied
     with their requires_grad; device, dtype, eps and the training flag kept. BatchNorm*d maps to
     BatchlessNorm*d; SyncBatchNorm (any input rank) to BatchlessNormNd. A layer without running
-    statistics (track_running_stats=False) starts at mean 0, std 1, with a warning.
+    statistics (track_running_stats=False) starts at mean 0, std 1, with a warning. Every slot that
+    holds a BN gets its layer: a BN registered several times (in one parent or several) becomes one
+    shared Batchless layer.
+
+    Not converted, left in place with a UserWarning naming each (qualified name and class): a BN
+    whose class (or the instance) overrides the forward of the class it matched above (e.g. a BN
+    followed by an activation in its forward, like timm's BatchNormAct2d; a subclass that only adds
+    attributes or methods is converted), and a BN with hooks (forward, backward, or their
+    pre-hooks), which a replacement would drop or show another module: remove them, convert, and
+    register them on the new layer if they still apply.
 
     layer_kwargs: options of the new layers: parametrization, nll_weight, gauge, backend, and eps
     (default: each BN's own eps; it enters only the std parametrization, sigma keeps BN's eps).
@@ -92,7 +100,7 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
     if unknown:
         raise TypeError(f"convert_batchnorm got unexpected layer_kwargs {unknown}; accepted: {_LAYER_KWARGS}")
     BatchlessNorm1d(1, **layer_kwargs)  # validates the values now, even for a model without BN
-    memo: dict[int, nn.Module] = {}  # a BN shared by several parents becomes one shared layer
+    memo: dict[int, nn.Module] = {}  # a BN in several slots (of one parent or several): one layer
 
     def convert(m: nn.Module, name: str) -> nn.Module:
         if id(m) in memo:
@@ -100,13 +108,18 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
         if isinstance(m, nn.modules.batchnorm._LazyNormBase):  # becomes BatchNorm*d at its first forward
             raise ValueError(f"module {name or type(m).__name__!r} is a lazy BN layer that has not seen "
                              "an input yet: run a forward first")
-        target = _target_class(m)
-        if target is not None:
-            memo[id(m)] = _convert_layer(m, target, layer_kwargs, name or type(m).__name__)
+        match = _match(m)
+        why = _own_behaviour(m, match[0]) if match else None
+        if match and not why:
+            memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__)
             return memo[id(m)]
+        if why:
+            warnings.warn(f"module {name or type(m).__name__!r} ({type(m).__name__}) is not converted: "
+                          f"{why}, which a Batchless layer would not keep", stacklevel=2)
         memo[id(m)] = m
-        for child_name, child in list(m.named_children()):
-            new = convert(child, f"{name}.{child_name}" if name else child_name)
+        # _modules, not named_children(): that skips a module's second slot in the same parent
+        for child_name, child in list(m._modules.items()):
+            new = child if child is None else convert(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
                 setattr(m, child_name, new)
         return m

@@ -4,6 +4,7 @@ ChannelAffine; same outputs, input model untouched."""
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -129,15 +130,18 @@ def test_not_folded_when_unsafe():
 
     hooked = nn.Linear(3, 3)
     hooked.register_forward_hook(lambda m, a, y: y + 1)
+    backward_hooked = nn.Linear(3, 3)
+    backward_hooked.register_full_backward_hook(lambda m, gin, gout: None)
     model = nn.Sequential(
         shared, bk.BatchlessNorm1d(3), shared,  # used twice: folding would change the second use
         hooked, bk.BatchlessNorm1d(3),          # a hook sees the unnormalized output
+        backward_hooked, bk.BatchlessNorm1d(3),  # a hook sees the gradient of the unnormalized output
         nn.Unflatten(1, (3, 1)), MyConv(3, 3, 1), bk.BatchlessNorm1d(3),  # its own forward
     )
     randomize(model, torch.randn(8, 3))
     fused = fused_outputs_match(model, torch.randn(5, 3), rtol=1e-5)
-    assert [type(m).__name__ for m in fused] == [
-        "Linear", "ChannelAffine", "Linear", "Linear", "ChannelAffine", "Unflatten", "MyConv", "ChannelAffine"]
+    assert [type(m).__name__ for m in fused] == ["Linear", "ChannelAffine", "Linear", "Linear", "ChannelAffine",
+                                                 "Linear", "ChannelAffine", "Unflatten", "MyConv", "ChannelAffine"]
     assert fused[0] is fused[2]
 
 
@@ -183,3 +187,71 @@ def test_channel_affine():
 def test_bad_model():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         bk.fuse_for_inference(None)
+
+
+class Tripled(bk.BatchlessNorm2d):
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+def hooked(register, hook):
+    def make(c):
+        layer = bk.BatchlessNorm2d(c)
+        getattr(layer, register)(hook)
+        return layer
+    return make
+
+
+def instance_forward(c):
+    layer = bk.BatchlessNorm2d(c)
+    layer.forward = types.MethodType(lambda self, x: _BatchlessNorm.forward(self, x) * 3, layer)
+    return layer
+
+
+KEPT = {  # how to make the layer, why it is kept
+    "forward-hook": (hooked("register_forward_hook", lambda m, args, y: y * 2), "it has forward hooks"),
+    "pre-hook": (hooked("register_forward_pre_hook", lambda m, args: (args[0] + 1,)), "it has forward pre-hooks"),
+    "backward-hook": (hooked("register_full_backward_hook", lambda m, gin, gout: None), "it has backward hooks"),
+    "subclass": (Tripled, "it overrides _BatchlessNorm.forward"),
+    "instance-forward": (instance_forward, "it overrides _BatchlessNorm.forward"),
+}
+
+
+@pytest.mark.parametrize("kind", KEPT)
+def test_layers_with_own_behaviour_kept(kind):
+    """Hooks and overridden forwards are not the affine map: such layers stay, after a conv (the fold
+    path), elsewhere (the ChannelAffine path) and as the model itself; plain layers are still fused."""
+    make, what = KEPT[kind]
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), make(4), nn.ReLU(), make(4),
+                          nn.Conv2d(4, 4, 1), bk.BatchlessNorm2d(4)).double()
+    randomize(model, make_x((6, 3, 5, 5), dtype=torch.float64))
+    kept = type(model[1])
+    with pytest.warns(UserWarning) as record:
+        fused = bk.fuse_for_inference(model)
+    assert sorted(str(w.message) for w in record) == [
+        f"module {name!r} ({kept.__name__}) is kept as it is, not fused: {what}" for name in ("1", "3")]
+    assert [type(m) for m in fused] == [nn.Conv2d, kept, nn.ReLU, kept, nn.Conv2d, nn.Identity]
+    assert torch.equal(fused[0].weight, model[0].weight)  # nothing folded into the conv before
+    with pytest.warns(UserWarning, match=f"module {kept.__name__!r} .*not fused: {what}"):
+        fused_layer = bk.fuse_for_inference(model[1])
+    assert type(fused_layer) is kept and fused_layer is not model[1]
+    x = make_x((4, 3, 5, 5), dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+        h = model[:1](x)
+        torch.testing.assert_close(fused_layer(h), model[1](h))
+
+
+def test_sequential_with_own_forward_not_folded():
+    class Taps(nn.Sequential):  # returns every child's output: the Linear's must stay unnormalized
+        def forward(self, x):
+            outs = []
+            for m in self:
+                x = m(x)
+                outs.append(x)
+            return torch.cat(outs, 1)
+
+    model = Taps(nn.Linear(3, 3), bk.BatchlessNorm1d(3))
+    randomize(model[1], torch.randn(8, 3))
+    fused = fused_outputs_match(model, torch.randn(5, 3), rtol=1e-5)
+    assert type(fused[0]) is nn.Linear and isinstance(fused[1], bk.ChannelAffine)

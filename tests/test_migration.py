@@ -212,3 +212,73 @@ def test_bad_layer_kwargs(kwargs, error, match):
 def test_bad_module():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         bk.convert_batchnorm(lambda x: x)
+
+
+def test_bn_registered_twice_becomes_one_layer():
+    """named_children() lists a module once per parent: every slot must still be converted."""
+    bn = nn.BatchNorm2d(3)
+    model = nn.Sequential(bn, nn.ReLU(), bn, nn.Sequential(bn))
+    trained_stats(model, (8, 3, 4, 4))
+    x = make_x((5, 3, 4, 4)) * 2 + 1
+    with torch.no_grad():
+        expected = model(x)
+        converted = bk.convert_batchnorm(model)
+        assert type(converted[0]) is bk.BatchlessNorm2d
+        assert converted[0] is converted[2] is converted[3][0]
+        torch.testing.assert_close(converted(x), expected)
+
+
+def subclasses(base):
+    class Act(base):  # a BN with an activation in its forward, as timm's BatchNormAct2d
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    class Tagged(base):  # only adds a method: converted
+        def tag(self):
+            return "tagged"
+
+    return Act, Tagged
+
+
+@pytest.mark.parametrize("base, target", [
+    (nn.BatchNorm2d, bk.BatchlessNorm2d),
+    (nn.SyncBatchNorm, bk.BatchlessNormNd),
+    (bk.BatchRenorm2d, bk.BatchlessNorm2d),
+], ids=["BatchNorm2d", "SyncBatchNorm", "BatchRenorm2d"])
+def test_bn_subclass_with_own_forward_kept(base, target):
+    Act, Tagged = subclasses(base)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), Tagged(4), nn.Sequential(Act(4)))
+    trained_stats(model, (8, 2, 3, 3))
+    x = make_x((5, 2, 3, 3)) * 2 + 1
+    with torch.no_grad():
+        expected = model(x)
+        act = model[2][0]
+        warned = rf"'2\.0' \(Act\) is not converted: it overrides {base.__name__}\.forward"
+        with pytest.warns(UserWarning, match=warned):
+            converted = bk.convert_batchnorm(model)
+        assert converted[2][0] is act and type(converted[1]) is target
+        y = converted(x)
+        torch.testing.assert_close(y, expected)
+        assert y.min() == 0  # the ReLU of Act's forward is kept
+    with pytest.warns(UserWarning, match=r"'Act' \(Act\) is not converted"):
+        assert bk.convert_batchnorm(act) is act  # a root layer likewise
+
+
+@pytest.mark.parametrize("install, what", [
+    (lambda m: m.register_forward_hook(lambda mod, args, y: y * 2), "forward hooks"),
+    (lambda m: m.register_forward_pre_hook(lambda mod, args: (args[0] + 1,)), "forward pre-hooks"),
+    (lambda m: m.register_full_backward_hook(lambda mod, gin, gout: None), "backward hooks"),
+    (lambda m: m.register_full_backward_pre_hook(lambda mod, gout: None), "backward pre-hooks"),
+    (lambda m: setattr(m, "forward", lambda x: nn.BatchNorm1d.forward(m, x) * 3), r"overrides BatchNorm1d\.forward"),
+], ids=["forward-hook", "forward-pre-hook", "backward-hook", "backward-pre-hook", "instance-forward"])
+def test_bn_with_hooks_kept(install, what):
+    bn = nn.BatchNorm1d(3)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Sequential(bn), nn.BatchNorm1d(3))
+    trained_stats(model, (8, 3))
+    install(bn)
+    x = make_x((5, 3)) * 2 + 1
+    expected = model(x)
+    with pytest.warns(UserWarning, match=rf"'1\.0' \(BatchNorm1d\) is not converted: .*{what}"):
+        bk.convert_batchnorm(model)
+    assert model[1][0] is bn and type(model[2]) is bk.BatchlessNorm1d
+    torch.testing.assert_close(model(x), expected)
