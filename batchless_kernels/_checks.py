@@ -12,9 +12,11 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: int | None = None) -> None:
+def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: int | None = None,
+                      layer: str = "the layer") -> None:
     """What a normalization layer checks of its input, as nn.BatchNorm*d does: a tensor of an
-    accepted rank (None: any rank >= 2) and, when given, num_features channels in dim 1."""
+    accepted rank (None: any rank >= 2) and, when given, num_features channels in dim 1 (the error
+    names the layer's num_features, not its parameters' shapes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     if accepted_dims is None:
@@ -24,7 +26,10 @@ def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: in
         expected = " or ".join(f"{d}D" for d in accepted_dims)
         raise ValueError(f"expected {expected} input (got {x.dim()}D input)")
     if num_features is not None and x.shape[1] != num_features:
-        raise ValueError(f"expected {num_features} channels in dim 1 of the input, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{layer} has num_features={num_features}: expected an input with {num_features} channels in "
+            f"dim 1, got {x.shape[1]} channels (input shape {tuple(x.shape)})"
+        )
 
 
 def check_inputs(x, mean, std_param, weight, bias) -> None:

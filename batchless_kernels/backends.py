@@ -115,3 +115,12 @@ def kernel_ops(backend: str):
     if backend == "triton":
         return triton_backend.kernel_ops()
     raise ValueError(f"backend {backend!r} has no compiled ops")
+
+
+def train_op(backend: str):
+    """The training op of a compiled backend: y and the NLL as one autograd node (csrc/ops.cpp)."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.batchless_kernels.batchless_norm_train.default
+    if backend == "triton":
+        return triton_backend.train_op()
+    raise ValueError(f"backend {backend!r} has no compiled ops")

@@ -117,7 +117,7 @@ class _BatchRenorm(nn.Module):
         return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        check_layer_input(x, self._accepted_dims, self.num_features)
+        check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

@@ -7,8 +7,8 @@ import torch
 
 from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs
-from .backends import kernel_ops, resolve_backend
-from .parametrization import check_eps, check_parametrization, rstd_and_log_std
+from .backends import kernel_ops, resolve_backend, train_op
+from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
 
 
 def batchless_norm(
@@ -58,22 +58,21 @@ def batchless_norm(
             parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
         )
 
-    forward_op, _ = kernel_ops(name)
     acc = accumulation_dtype(x.dtype)
+    if need_nll and _HAS_FUSED_NLL.get(x.device.type, False):
+        # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
+        # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
+        return train_op(name)(x, mean, std_param, weight, bias, parametrization, eps, gauge)
+    forward_op, _ = kernel_ops(name)
     rstd, _ = rstd_and_log_std(std_param.detach().to(acc), parametrization, eps)
     y, s1, s2 = forward_op(x, mean.detach().to(acc), rstd, weight, bias, need_nll)
     if not need_nll:
         return y, None
     if x.numel() == 0:
         return y, reference.empty_batch_nll(mean.to(acc), std_param.to(acc))
+    # No compiled NLL kernel for this device (an extension built without CUDA, triton on a GPU).
     count = x.numel() // x.shape[1]  # elements per channel
-    if _HAS_FUSED_NLL.get(x.device.type, False):
-        nll = torch.ops.batchless_kernels.batchless_nll(
-            s1, s2, mean, std_param, count, parametrization, eps, gauge
-        )
-    else:
-        nll = nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
-    return y, nll
+    return y, nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
 
 
 # Devices whose compiled library has the one-loop NLL op; elsewhere nll_from_sums composes it from
@@ -83,20 +82,22 @@ _HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", 
 
 def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     """The NLL term from the forward's per-channel sums S1 = sum xhat0, S2 = sum xhat0^2, taken at
-    (mu0, r0) = the detached values of (mean, r). With d = mu0 - mu, the NLL's sum of squares is
-        sum_i ((x_i - mu) r)^2 = (r/r0)^2 S2 + 2 r^2 d / r0 S1 + n (r d)^2,
+    (mu0, r0) = the detached values of (mean, r). With d = mu0 - mu and q = r / r0 (1 in value),
+    the NLL's sum of squares is
+        sum_i ((x_i - mu) r)^2 = q^2 S2 + 2 r0 q^2 d S1 + n (r0 q d)^2,
     which equals S2 in value and, differentiated by autograd in (mean, std_param), gives exactly
-    PAPER.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma)."""
+    PAPER.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma). q comes
+    from rstd_ratio, so that no step of the autograd overflows where the gradient is representable."""
     acc = s1.dtype
     mu = mean.to(acc)
     p = std_param.to(acc)
     n = count
-    r, log_sigma = rstd_and_log_std(p, parametrization, eps)
-    r0 = r.detach()
-    inv_r0 = torch.where(r0 != 0, r0.reciprocal(), torch.zeros_like(r0))  # r0 = 0 makes S1 = S2 = 0
+    r0 = rstd_and_log_std(p.detach(), parametrization, eps)[0]
+    log_sigma = rstd_and_log_std(p, parametrization, eps)[1]
+    q = rstd_ratio(p, p.detach(), parametrization, eps)
     d = mu.detach() - mu
-    ratio = r * inv_r0
-    sum_sq = ratio * ratio * s2 + 2 * (r * ratio) * d * s1 + n * (r * d).square()
+    rq = r0 * q  # = r in value; its gradient in p is r0 dq/dp, never -r^2 (abs)
+    sum_sq = q * q * s2 + 2 * (rq * q) * d * s1 + n * (rq * d).square()
     nll = (log_sigma + 0.5 * sum_sq / n).mean()
     if gauge:
         nll = nll - log_sigma.detach().mean() - 0.5

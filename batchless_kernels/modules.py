@@ -86,12 +86,14 @@ class _BatchlessNorm(nn.Module):
 
     @property
     def std(self) -> torch.Tensor:
-        """sigma per channel, from std_param (read-only, no gradient)."""
+        """sigma per channel, from std_param (read-only, no gradient): the standard deviation of the
+        NLL's Gaussian, positive. With parametrization="inv" it is 1/abs(std_param); a negative
+        std_param flips the sign of the output (r = std_param, PAPER.md), not of sigma."""
         with torch.no_grad():
             return std_from_param(self.std_param, self.parametrization, self.eps)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        check_layer_input(x, self._accepted_dims)
+        check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)

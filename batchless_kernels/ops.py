@@ -25,6 +25,8 @@ BACKWARD_OP = "batchless_kernels::batchless_norm_backward"
 NLL_OP = "batchless_kernels::batchless_nll"
 NLL_BACKWARD_OP = "batchless_kernels::batchless_nll_backward"
 NLL_COMPOSITE_OP = "batchless_kernels::batchless_nll_composite"
+TRAIN_OP = "batchless_kernels::batchless_norm_train"
+TRITON_TRAIN_OP = "batchless_kernels::triton_norm_train"
 
 
 def extension_loaded() -> bool:
@@ -82,6 +84,11 @@ def _backward_fake(grad_y, x, mean, rstd, weight, output_mask):
     return dx, dw, db
 
 
+def _train_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
+    _check_same_device(TRAIN_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    return output_like(x), x.new_empty((), dtype=accumulation_dtype(x.dtype))
+
+
 def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
     _check_same_device(NLL_OP, s1=s1, s2=s2, mean=mean, std_param=std_param)
     return s1.new_empty(())
@@ -97,5 +104,7 @@ if extension_loaded():
     torch.library.register_fake(NLL_BACKWARD_OP)(_nll_backward_fake)
     torch.library.register_fake(FORWARD_OP)(_forward_fake)
     torch.library.register_fake(BACKWARD_OP)(_backward_fake)
+    torch.library.register_fake(TRAIN_OP)(_train_fake)
+    torch.library.register_fake(TRITON_TRAIN_OP)(_train_fake)
     # The autograd of FORWARD_OP and NLL_OP is registered in C++ (csrc/autograd.cpp), tens of
     # microseconds less per call than a Python registration.

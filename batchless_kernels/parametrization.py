@@ -7,6 +7,13 @@ defines r = 1/sigma (used to normalize) and log sigma (used in the NLL) as funct
     abs    BLN      1 / (abs(p) + eps)     log(abs(p) + eps)
     log    BLNlog   exp(-p)                p
     inv    BLNinv   p (signed, as is)      -log(abs(p) + eps)
+
+With ``inv`` a negative p flips the sign of the normalized output (r = p, as the method defines
+it); sigma, the Gaussian's standard deviation, is then 1/abs(p) (``std_from_param``).
+
+Gradients in p are formed from d log r / dp and d log sigma / dp, never from dr/dp: for ``abs``,
+dr/dp = -r^2 overflows float32 once sigma < ~1e-19, although the NLL's gradient, of order r,
+is representable (``rstd_ratio`` and ``normalize`` below keep autograd on that path too).
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ def check_parametrization(parametrization: str) -> str:
 def check_eps(eps: float) -> float:
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and eps > 0):
+    # Comparisons, not math.isfinite: torch.compile traces them when eps is symbolic (dynamic=True).
+    if not 0 < eps < math.inf:  # also false for NaN
         raise ValueError(f"eps must be a positive finite float, got {eps}")
     return float(eps)
 
@@ -47,24 +55,54 @@ def rstd_and_log_std(p: torch.Tensor, parametrization: str, eps: float):
     raise AssertionError("unreachable")
 
 
+def rstd_ratio(p: torch.Tensor, p0: torch.Tensor, parametrization: str, eps: float) -> torch.Tensor:
+    """r(p) / r(p0), differentiable in p (p0 is a constant): 1 in value at p = p0, and its autograd
+    never forms dr/dp = -r^2 (abs), which overflows where the gradient itself does not. p0 = 0 with
+    inv (r0 = 0) gives 0: the sums that the ratio scales are then 0."""
+    if parametrization == "abs":
+        return (p0.abs() + eps) / (p.abs() + eps)
+    if parametrization == "log":
+        return torch.exp(p0 - p)
+    if parametrization == "inv":
+        return torch.where(p0 != 0, p / torch.where(p0 != 0, p0, torch.ones_like(p0)), torch.zeros_like(p))
+    check_parametrization(parametrization)
+    raise AssertionError("unreachable")
+
+
+def normalize(centered: torch.Tensor, p: torch.Tensor, parametrization: str, eps: float) -> torch.Tensor:
+    """centered * r(p) with p broadcast against centered, differentiable in both; divides by sigma
+    for abs, so that autograd does not form dr/dp = -r^2 (see the module docstring)."""
+    if parametrization == "abs":
+        return centered / (p.abs() + eps)
+    if parametrization == "log":
+        return centered * torch.exp(-p)
+    if parametrization == "inv":
+        return centered * p
+    check_parametrization(parametrization)
+    raise AssertionError("unreachable")
+
+
 def std_from_param(p: torch.Tensor, parametrization: str, eps: float) -> torch.Tensor:
-    """sigma as a tensor (for inspection; sigma = 1/r, so inv with p = 0 gives inf)."""
+    """sigma as a tensor, for inspection: 1/abs(r), so inv with p = 0 gives inf and a negative p
+    (which flips the output's sign) still gives a positive sigma."""
     if parametrization == "abs":
         return p.abs() + eps
     if parametrization == "log":
         return torch.exp(p)
     if parametrization == "inv":
-        return p.reciprocal()
+        return p.abs().reciprocal()
     check_parametrization(parametrization)
     raise AssertionError("unreachable")
 
 
 def param_from_std(std, parametrization: str, eps: float) -> torch.Tensor:
-    """Inverse of std_from_param: the raw parameter that gives the standard deviation ``std``.
+    """Inverse of std_from_param: the raw parameter that gives the standard deviation ``std``
+    (the positive one for inv).
 
-    ``std`` is a float or tensor of positive values; for ``abs`` it must exceed ``eps``.
+    ``std`` is a float (computed in float64) or a tensor of positive values (computed in its dtype);
+    for ``abs`` it must exceed ``eps``.
     """
-    std = torch.as_tensor(std)
+    std = std if isinstance(std, torch.Tensor) else torch.tensor(std, dtype=torch.float64)
     if not bool((std > 0).all()):
         raise ValueError("std must be positive to be expressed as a std_param")
     if parametrization == "abs":

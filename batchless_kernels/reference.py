@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import accumulation_dtype, check_inputs
-from .parametrization import check_eps, check_parametrization, rstd_and_log_std
+from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
 
 
 def batchless_norm(
@@ -54,7 +54,8 @@ def batchless_norm(
         return y, None
     if x.numel() == 0:
         return y, empty_batch_nll(mu, p)
-    xhat = (xf.detach() - mu.view(channel_view)) * r.view(channel_view)
+    # = (sg(x) - mu) * r; `normalize` keeps autograd off dr/dp, which overflows for tiny sigma (abs)
+    xhat = normalize(xf.detach() - mu.view(channel_view), p.view(channel_view), parametrization, eps)
     non_channel_dims = [0] + list(range(2, x.dim()))
     nll = (log_sigma + 0.5 * xhat.square().mean(non_channel_dims)).mean()
     if gauge:

@@ -1,19 +1,20 @@
-// Autograd of the forward ops (batchless_norm_forward, triton_forward) and batchless_nll, for every
-// backend's kernels (CPU, CUDA, triton), in C++: a Python autograd registration costs tens of
-// microseconds per call, more than the kernels themselves on small inputs.
+// Autograd of the forward ops (batchless_norm_forward, triton_forward), of the training ops that
+// add the NLL (batchless_norm_train, triton_norm_train) and of batchless_nll, for every backend's
+// kernels (CPU, CUDA, triton), in C++: a Python autograd registration costs tens of microseconds
+// per call, more than the kernels themselves on small inputs.
 //
-// batchless_norm_forward (triton_forward alike, with triton_backward): y carries gradient to x, weight, bias; s1, s2 carry none (sg(x) in the
-// NLL); mean and rstd are constants of the op (the NLL op trains them). Backward: the fused
-// backward op; with create_graph (grad mode on in backward) the same formulas in differentiable
-// ATen ops, so that higher-order gradients flow.
-// batchless_nll: gradient to mean and std_param by the nll_backward op; with create_graph, autograd
-// of batchless_nll_composite (the same value in differentiable ops).
+// y carries gradient to x, weight, bias; the sums s1, s2 carry none (sg(x) in the NLL); mean and
+// rstd enter y as constants (sg). The NLL carries gradient to mean and std_param only. Backward:
+// the fused backward ops; with create_graph (grad mode on in backward) the same formulas in
+// differentiable ATen ops (the NLL: autograd of batchless_nll_composite), so that higher-order
+// gradients flow.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "batchless_host.h"
+#include "batchless_nll.h"
 
 #include <array>
 #include <string>
@@ -57,15 +58,17 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
   view[1] = grad_y.size(1);
   for (int64_t d = 2; d < grad_y.dim(); ++d) dims.push_back(d);
   const Tensor g = grad_y.to(acc);
-  const Tensor r = rstd.to(acc).view(view);
+  const Tensor r = rstd.detach().to(acc).view(view);
   Tensor dx, dw, db;
   if (mask[0]) dx = (g * (weight.defined() ? r * weight.to(acc).view(view) : r)).to(grad_y.scalar_type());
-  if (mask[1]) dw = (g * ((x.to(acc) - mean.to(acc).view(view)) * r)).sum(dims);
+  // mean and rstd are constants of y (sg): no second-order path to them.
+  if (mask[1]) dw = (g * ((x.to(acc) - mean.detach().to(acc).view(view)) * r)).sum(dims);
   if (mask[2]) db = g.sum(dims);
   return {dx, dw, db};
 }
 
-// A forward op and the backward op that differentiates it (csrc/ops.cpp).
+// A forward op and the backward op t// A forward op, the backward op that differentiates it, and the training op made of the forward
+// op and batchless_nll (csrc/ops.cpp).
 struct CompiledKernels {
   static constexpr const char* forward = "batchless_kernels::batchless_norm_forward";
   static constexpr const char* backward = "batchless_kernels::batchless_norm_backward";
@@ -74,6 +77,69 @@ struct TritonKernels {
   static constexpr const char* forward = "batchless_kernels::triton_forward";
   static constexpr const char* backward = "batchless_kernels::triton_backward";
 };
+
+// What backward needs to know of weight and bias: present? and the dtypes to return grads in.
+void save_affine(AutogradContext* ctx, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
+  ctx->saved_data["has_bias"] = present(bias);
+  ctx->saved_data["weight_dtype"] = present(weight) ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
+  ctx->saved_data["bias_dtype"] = present(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+}
+
+// x, weight, bias gradients from grad_y into out[0], out[3], out[4]. Graph edges follow the tensor
+// arguments present: x at 0, [weight] at 3, [bias] after it.
+template <typename Kernels>
+void norm_grads(AutogradContext* ctx, const Tensor& grad_y, const Tensor& x, const Tensor& mean,
+                const Tensor& rstd, const Tensor& weight, variable_list& out) {
+  const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
+  const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
+                                    has_b && ctx->needs_input_grad(has_w ? 4 : 3)};
+  if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return;
+  Tensor dx, dw, db;
+  if (at::GradMode::is_enabled()) {
+    std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
+  } else {
+    static const auto backward_op = find_op<BackwardSignature>(Kernels::backward);
+    std::tie(dx, dw, db) = backward_op.call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
+                                              mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
+                                              mask);
+  }
+  if (mask[0]) out[0] = dx;
+  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+}
+
+// What the NLL's backward reads, saved by Nll and NormTrain.
+void save_nll(AutogradContext* ctx, c10::SymInt count, c10::string_view parametrization, double eps, bool gauge) {
+  ctx->saved_data["count"] = std::move(count);
+  ctx->saved_data["parametrization"] = std::string(parametrization);
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["gauge"] = gauge;
+}
+
+// grad_nll times (dnll/dmean, dnll/dstd_param); undefined where not wanted.
+std::tuple<Tensor, Tensor> nll_grads(AutogradContext* ctx, const Tensor& grad, const Tensor& s1, const Tensor& s2,
+                                     const Tensor& mean, const Tensor& std_param, bool need_mean, bool need_param) {
+  if (!grad.defined() || !(need_mean || need_param)) return {};
+  static const auto backward_op = find_op<NllBackwardSignature>("batchless_kernels::batchless_nll_backward");
+  static const auto composite_op = find_op<NllSignature>("batchless_kernels::batchless_nll_composite");
+  const auto count = ctx->saved_data["count"].toSymInt();
+  const std::string parametrization = ctx->saved_data["parametrization"].toStringRef();
+  const double eps = ctx->saved_data["eps"].toDouble();
+  Tensor dmean, dparam;
+  if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the composite value
+    const Tensor value = composite_op.call(s1, s2, mean, std_param, count, parametrization, eps,
+                                           ctx->saved_data["gauge"].toBool());
+    variable_list wanted;
+    if (need_mean) wanted.push_back(mean);
+    if (need_param) wanted.push_back(std_param);
+    const auto g = torch::autograd::grad({value}, wanted, {grad}, /*retain_graph=*/true, /*create_graph=*/true);
+    if (need_mean) dmean = g[0];
+    if (need_param) dparam = g.back();
+  } else {
+    std::tie(dmean, dparam) = backward_op.call(grad, s1, s2, mean, std_param, count, parametrization, eps);
+  }
+  return {need_mean ? dmean : Tensor(), need_param ? dparam : Tensor()};
+}
 
 template <typename Kernels>
 class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
@@ -88,41 +154,88 @@ class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
       std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, compute_stats);
     }
     ctx->mark_non_differentiable({s1, s2});
-    const bool has_w = present(weight), has_b = present(bias);
+    const bool has_w = present(weight);
     // x is needed only for dweight (dx = grad_y * weight * rstd does not read it).
     const bool keep_x = has_w && weight->requires_grad();
     ctx->save_for_backward({keep_x ? x : Tensor(), mean, rstd, has_w ? *weight : Tensor()});
-    ctx->saved_data["has_bias"] = has_b;
-    ctx->saved_data["weight_dtype"] = has_w ? static_cast<int64_t>(weight->scalar_type()) : int64_t(-1);
-    ctx->saved_data["bias_dtype"] = has_b ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
+    save_affine(ctx, weight, bias);
     return {y, s1, s2};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &mean = saved[1], &rstd = saved[2], &weight = saved[3];
-    const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
-    // Graph edges follow the tensor arguments present: x, mean, rstd, [weight], [bias].
-    const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
-                                      has_b && ctx->needs_input_grad(has_w ? 4 : 3)};
-    const Tensor& grad_y = grads[0];
     variable_list out(6);
-    if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return out;
-    Tensor dx, dw, db;
-    if (at::GradMode::is_enabled()) {
-      std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
-    } else {
-      static const auto backward_op = find_op<BackwardSignature>(Kernels::backward);
-      std::tie(dx, dw, db) = backward_op.call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
-                                                mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
-                                                mask);
-    }
-    if (mask[0]) out[0] = dx;
-    if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
-    if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+    norm_grads<Kernels>(ctx, grads[0], saved[0], saved[1], saved[2], saved[3], out);
     return out;
   }
 };
+
+// One node for a training step's layer: y and the NLL. Its backward runs once grad_y (and grad_nll)
+// have arrived, i.e. inside the layer's own backward (see batchless_norm_train in csrc/ops.cpp).
+template <typename Kernels>
+class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& mean,
+                               const Tensor& std_param, const c10::optional<Tensor>& weight,
+                               const c10::optional<Tensor>& bias, c10::string_view parametrization,
+                               double eps, bool gauge) {
+    static const auto op = find_op<ForwardSignature>(Kernels::forward);
+    static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
+    const bool empty = x.sym_numel() == 0;
+    const c10::SymInt count = empty ? c10::SymInt(0) : x.sym_numel() / x.sym_size(1);
+    Tensor y, s1, s2, rstd, nll;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      const auto acc = host::accumulation_type(x.scalar_type());
+      rstd = nll::rstd_of(std_param.to(acc), nll::parse_parametrization(parametrization), eps);
+      std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
+      // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
+      nll = empty ? at::zeros({}, s1.options()) : nll_op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
+    }
+    const bool has_w = present(weight);
+    const bool keep_x = has_w && weight->requires_grad();
+    ctx->save_for_backward({keep_x ? x : Tensor(), mean, rstd, has_w ? *weight : Tensor(), s1, s2, std_param});
+    save_affine(ctx, weight, bias);
+    save_nll(ctx, count, parametrization, eps, gauge);
+    ctx->saved_data["empty"] = empty;
+    // y depends on x, weight, bias only; the NLL on mean, std_param only (the stop-gradients).
+    if (!(x.requires_grad() || (has_w && weight->requires_grad()) || (present(bias) && bias->requires_grad()))) {
+      ctx->mark_non_differentiable({y});
+    }
+    if (!(mean.requires_grad() || std_param.requires_grad())) ctx->mark_non_differentiable({nll});
+    return {y, nll};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &mean = saved[1], &std_param = saved[6];
+    variable_list out(8);
+    norm_grads<Kernels>(ctx, grads[0], saved[0], mean, saved[2], saved[3], out);
+    const bool need_mean = ctx->needs_input_grad(1), need_param = ctx->needs_input_grad(2);
+    if (!grads[1].defined() || !(need_mean || need_param)) return out;
+    if (ctx->saved_data["empty"].toBool()) {
+      if (need_mean) out[1] = at::zeros_like(mean);
+      if (need_param) out[2] = at::zeros_like(std_param);
+      return out;
+    }
+    std::tie(out[1], out[2]) = nll_grads(ctx, grads[1], saved[4], saved[5], mean, std_param, need_mean, need_param);
+    return out;
+  }
+};
+
+// Below autograd (no gradient wanted, fake tensors): the same values without a node.
+template <typename Kernels>
+std::tuple<Tensor, Tensor> train_composite(const Tensor& x, const Tensor& mean, const Tensor& std_param,
+                                           const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                                           c10::string_view parametrization, double eps, bool gauge) {
+  static const auto op = find_op<ForwardSignature>(Kernels::forward);
+  static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
+  const auto acc = host::accumulation_type(x.scalar_type());
+  const Tensor rstd = nll::rstd_of(std_param.to(acc), nll::parse_parametrization(parametrization), eps);
+  auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
+  if (x.sym_numel() == 0) return {y, at::zeros({}, s1.options())};
+  return {y, nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1), parametrization, eps, gauge)};
+}
 
 class Nll : public torch::autograd::Function<Nll> {
  public:
@@ -136,40 +249,15 @@ class Nll : public torch::autograd::Function<Nll> {
       value = op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
     }
     ctx->save_for_backward({s1, s2, mean, std_param});
-    ctx->saved_data["count"] = count;
-    ctx->saved_data["parametrization"] = std::string(parametrization);
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["gauge"] = gauge;
+    save_nll(ctx, std::move(count), parametrization, eps, gauge);
     return {value};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto backward_op = find_op<NllBackwardSignature>("batchless_kernels::batchless_nll_backward");
-    static const auto composite_op = find_op<NllSignature>("batchless_kernels::batchless_nll_composite");
     const auto saved = ctx->get_saved_variables();
-    const Tensor &s1 = saved[0], &s2 = saved[1], &mean = saved[2], &std_param = saved[3];
-    const auto count = ctx->saved_data["count"].toSymInt();
-    const std::string parametrization = ctx->saved_data["parametrization"].toStringRef();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool need_mean = ctx->needs_input_grad(2), need_param = ctx->needs_input_grad(3);
-    const Tensor& grad = grads[0];
     variable_list out(8);
-    if (!grad.defined() || !(need_mean || need_param)) return out;
-    if (at::GradMode::is_enabled()) {  // create_graph=True: differentiate the composite value
-      const Tensor value = composite_op.call(s1, s2, mean, std_param, count, parametrization, eps,
-                                             ctx->saved_data["gauge"].toBool());
-      variable_list wanted;
-      if (need_mean) wanted.push_back(mean);
-      if (need_param) wanted.push_back(std_param);
-      const auto g = torch::autograd::grad({value}, wanted, {grad}, /*retain_graph=*/true,
-                                           /*create_graph=*/true);
-      if (need_mean) out[2] = g[0];
-      if (need_param) out[3] = g.back();
-    } else {
-      auto [dmean, dparam] = backward_op.call(grad, s1, s2, mean, std_param, count, parametrization, eps);
-      if (need_mean) out[2] = dmean;
-      if (need_param) out[3] = dparam;
-    }
+    std::tie(out[2], out[3]) = nll_grads(ctx, grads[0], saved[0], saved[1], saved[2], saved[3],
+                                         ctx->needs_input_grad(2), ctx->needs_input_grad(3));
     return out;
   }
 };
@@ -189,12 +277,26 @@ std::tuple<Tensor, Tensor, Tensor> forward_autograd(const Tensor& x, const Tenso
   return {out[0], out[1], out[2]};
 }
 
+template <typename Kernels>
+std::tuple<Tensor, Tensor> train_autograd(const Tensor& x, const Tensor& mean, const Tensor& std_param,
+                                          const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                                          c10::string_view parametrization, double eps, bool gauge) {
+  auto out = NormTrain<Kernels>::apply(x, mean, std_param, weight, bias, parametrization, eps, gauge);
+  return {out[0], out[1]};
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
   m.impl("batchless_norm_forward", &forward_autograd<CompiledKernels>);
   m.impl("triton_forward", &forward_autograd<TritonKernels>);
   m.impl("batchless_nll", &nll_autograd);
+  m.impl("batchless_norm_train", &train_autograd<CompiledKernels>);
+  m.impl("triton_norm_train", &train_autograd<TritonKernels>);
+}
+
+TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {
+  m.impl("batchless_norm_train", &train_composite<CompiledKernels>);
+  m.impl("triton_norm_train", &train_composite<TritonKernels>);
 }
 
 }  // namespace batchless_kernels

@@ -24,9 +24,11 @@ inline Parametrization parse_parametrization(c10::string_view name) {
 }
 
 // r = 1/sigma, log sigma and their derivatives in p, per PAPER.md's parametrization table.
+// d log|r| / dp rather than dr/dp: the NLL's data term needs (s2 / n) dlog|r|/dp, and dr/dp = -r^2
+// (abs) overflows float32 for sigma below ~1e-19 where the product is representable.
 template <typename acc_t>
 struct Sigma {
-  acc_t r = 0, log_sigma = 0, dr_dp = 0, dlog_sigma_dp = 0;
+  acc_t r = 0, log_sigma = 0, dlog_r_dp = 0, dlog_sigma_dp = 0;
   C10_HOST_DEVICE Sigma(acc_t p, Parametrization kind, acc_t eps) {
     const acc_t sign = p > 0 ? acc_t(1) : (p < 0 ? acc_t(-1) : acc_t(0));  // d|p|/dp, 0 at 0
     switch (kind) {
@@ -34,27 +36,42 @@ struct Sigma {
         const acc_t sigma = std::abs(p) + eps;
         r = acc_t(1) / sigma;
         log_sigma = std::log(sigma);
-        dr_dp = -sign * r * r;
         dlog_sigma_dp = sign * r;
+        dlog_r_dp = -dlog_sigma_dp;
         break;
       }
       case Parametrization::kLog:
         r = std::exp(-p);
         log_sigma = p;
-        dr_dp = -r;
+        dlog_r_dp = acc_t(-1);
         dlog_sigma_dp = acc_t(1);
         break;
       case Parametrization::kInv: {
         const acc_t a = std::abs(p) + eps;
         r = p;
         log_sigma = -std::log(a);
-        dr_dp = acc_t(1);
+        // p = 0 gives r = 0, hence xhat = 0 and s2 = 0: no data term (0 instead of 1/0).
+        dlog_r_dp = p != 0 ? acc_t(1) / p : acc_t(0);
         dlog_sigma_dp = -sign / a;
         break;
       }
     }
   }
 };
+
+// r = 1/sigma per channel as a tensor, by the same ops as parametrization.rstd_and_log_std (same
+// bits as the Python path).
+inline Tensor rstd_of(const Tensor& p, Parametrization kind, double eps) {
+  switch (kind) {
+    case Parametrization::kAbs:
+      return (p.abs() + eps).reciprocal();
+    case Parametrization::kLog:
+      return p.neg().exp();
+    case Parametrization::kInv:
+      break;
+  }
+  return p;
+}
 
 inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mean,
                            const Tensor& std_param, int64_t count, double eps) {

@@ -24,6 +24,10 @@ constexpr const char* kBackwardSignature =
     "(Tensor grad_y, Tensor? x, Tensor mean, Tensor rstd, Tensor? weight, bool[3] output_mask) "
     "-> (Tensor dx, Tensor dweight, Tensor dbias)";
 
+constexpr const char* kTrainSignature =
+    "(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, str parametrization, "
+    "float eps, bool gauge) -> (Tensor y, Tensor nll)";
+
 TORCH_LIBRARY(batchless_kernels, m) {
   // Fused training/inference forward, one pass over x:
   //   xhat = (x - mean) * rstd,  y = xhat * weight + bias  (same shape, dtype, layout as x)
@@ -41,6 +45,16 @@ TORCH_LIBRARY(batchless_kernels, m) {
   // kernels and the autograd (csrc/autograd.cpp) of the two above.
   m.def((std::string("triton_forward") + kForwardSignature).c_str());
   m.def((std::string("triton_backward") + kBackwardSignature).c_str());
+  // Training step of a layer: the forward op with its sums, then batchless_nll, as ONE autograd
+  // node (csrc/autograd.cpp) whose backward gives x, weight, bias their gradients from grad_y and
+  // mean, std_param theirs from grad_nll. The parameters' NLL gradients are thus computed in the
+  // layer's own backward, when grad_y arrives, not as soon as the loss starts its backward: engines
+  // that gather parameters around a layer's forward and backward (FSDP) or re-run the forward in
+  // the backward (checkpointing) see them, and no tensor of the layer is read outside that window.
+  //   y as batchless_norm_forward with rstd = r(std_param) by `parametrization`, `eps`;
+  //   nll as batchless_nll with count = elements per channel; 0 for an empty x.
+  m.def((std::string("batchless_norm_train") + kTrainSignature).c_str());
+  m.def((std::string("triton_norm_train") + kTrainSignature).c_str());
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {

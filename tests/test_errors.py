@@ -257,8 +257,13 @@ def test_module_input_errors():
         layer(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match=r"input must be a torch.Tensor"):
         layer([[1.0]])
-    with pytest.raises(ValueError, match=r"mean must have shape \(5,\)"):
-        layer(torch.randn(2, 5, 4, 4))  # channel mismatch with num_features
+    # A channel mismatch names the layer's num_features, as nn.BatchNorm does, not its parameters.
+    with pytest.raises(ValueError, match=r"BatchlessNorm2d has num_features=3: .* got 5 channels"):
+        layer(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match=r"BatchlessNorm1d has num_features=32: .* got 16 channels"):
+        bk.BatchlessNorm1d(32)(torch.randn(4, 16))
+    with pytest.raises(ValueError, match=r"BatchRenorm2d has num_features=3: .* got 5 channels"):
+        bk.BatchRenorm2d(3)(torch.randn(2, 5, 4, 4))
     with pytest.raises(TypeError, match=r"x must have a floating dtype"):
         layer(torch.ones(2, 3, 4, 4, dtype=torch.int64))
 

@@ -36,3 +36,9 @@ def kernel_ops():
         torch.ops.batchless_kernels.triton_forward.default,
         torch.ops.batchless_kernels.triton_backward.default,
     )
+
+
+def train_op():
+    """The training op (forward and NLL as one autograd node), as batchless_norm_train (csrc/ops.cpp)."""
+    kernel_ops()  # registers the kernels it calls
+    return torch.ops.batchless_kernels.triton_norm_train.default

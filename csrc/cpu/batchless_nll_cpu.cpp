@@ -66,10 +66,8 @@ std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor
     const scalar_t n = scalar_t(count);
     for (int64_t c = 0; c < C; ++c) {
       const Sigma<scalar_t> s(pp[c], kind, scalar_t(eps));
-      // s2 / (n r): r = 0 (inv with p = 0) makes xhat = 0, hence s2 = 0 and no data term.
-      const scalar_t data_per_r = s.r != 0 ? s2p[c] / (n * s.r) : scalar_t(0);
-      dm[c] = -g * s.r * s1p[c] / n;
-      dp[c] = g * (s.dlog_sigma_dp + data_per_r * s.dr_dp);
+      dm[c] = -g * s.r * (s1p[c] / n);
+      dp[c] = g * (s.dlog_sigma_dp + (s2p[c] / n) * s.dlog_r_dp);
     }
   });
   return {dmean.to(mean.scalar_type()), dparam.to(std_param.scalar_type())};

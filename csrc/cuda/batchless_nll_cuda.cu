@@ -52,10 +52,8 @@ __global__ void nll_backward_kernel(const acc_t* __restrict__ grad_nll, const ac
   if (c >= C) return;
   const acc_t g = *grad_nll / acc_t(C);
   const Sigma<acc_t> s(param[c], kind, eps);
-  // s2 / (n r): r = 0 (inv with p = 0) makes xhat = 0, hence s2 = 0 and no data term.
-  const acc_t data_per_r = s.r != acc_t(0) ? s2[c] / (count * s.r) : acc_t(0);
-  dmean[c] = -g * s.r * s1[c] / count;
-  dparam[c] = g * (s.dlog_sigma_dp + data_per_r * s.dr_dp);
+  dmean[c] = -g * s.r * (s1[c] / count);
+  dparam[c] = g * (s.dlog_sigma_dp + (s2[c] / count) * s.dlog_r_dp);
 }
 
 Tensor nll_cuda(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
