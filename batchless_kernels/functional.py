@@ -3,7 +3,11 @@ op, and turns its per-channel sums into the NLL term."""
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 import torch
+import torch.utils.checkpoint
 
 from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs
@@ -52,6 +56,12 @@ def batchless_norm(
     if need_nll is None:
         need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
     name = resolve_backend(backend, x.device, x)
+    if need_nll:
+        _warn_if_reentrant_checkpoint()
+    if name != "reference" and _under_functorch():
+        # torch.func (grad, vjp, jacrev, vmap) cannot see through the compiled ops' C++ autograd:
+        # run the executable spec, which it differentiates and batches exactly (per-sample gradients).
+        name = "reference"
     if name == "reference":
         return reference.batchless_norm(
             x, mean, std_param, weight, bias,
@@ -75,6 +85,31 @@ def batchless_norm(
     return y, nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
 
 
+def _under_functorch() -> bool:
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _warn_if_reentrant_checkpoint() -> None:
+    """torch.utils.checkpoint(use_reentrant=True) runs the forward under no_grad (no NLL), then
+    again inside the backward, where the NLL it computes reaches no loss: mean and std_param would
+    get no NLL gradient without a word. Looked for only inside a backward pass (one C call outside)."""
+    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+        return
+    code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code is not code:
+        frame = frame.f_back
+    if frame is not None:
+        warnings.warn(
+            "batchless_norm is being recomputed by torch.utils.checkpoint(use_reentrant=True), whose first "
+            "forward ran without gradients: the NLL term of this layer is not in the loss, so mean and "
+            "std_param get no NLL gradient. Use torch.utils.checkpoint(..., use_reentrant=False), which gives "
+            "the same gradients as no checkpointing.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 # Devices whose compiled library has the one-loop NLL op; elsewhere nll_from_sums composes it from
 # tensor ops. Looked up once: the dispatcher query cannot be traced by torch.compile.
 _HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
@@ -89,8 +124,10 @@ def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     PAPER.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma). q comes
     from rstd_ratio, so that no step of the autograd overflows where the gradient is representable."""
     acc = s1.dtype
-    mu = mean.to(acc)
-    p = std_param.to(acc)
+    # Copies: the NLL's backward runs as soon as the loss's does, and must not read the parameters'
+    # storage, which FSDP frees between a layer's forward and its backward.
+    mu = mean.to(acc, copy=True)
+    p = std_param.to(acc, copy=True)
     n = count
     r0 = rstd_and_log_std(p.detach(), parametrization, eps)[0]
     log_sigma = rstd_and_log_std(p, parametrization, eps)[1]

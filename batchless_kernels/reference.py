@@ -38,8 +38,10 @@ def batchless_norm(
     acc = accumulation_dtype(x.dtype)
     channel_view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
 
-    mu = mean.to(acc)
-    p = std_param.to(acc)
+    # Copies: the NLL's backward runs as soon as the loss's does, and must not read the parameters'
+    # storage, which FSDP frees between a layer's forward and its backward.
+    mu = mean.to(acc, copy=True)
+    p = std_param.to(acc, copy=True)
     r, log_sigma = rstd_and_log_std(p, parametrization, eps)
     xf = x.to(acc)
 

@@ -154,6 +154,7 @@ class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
       std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, compute_stats);
     }
     ctx->mark_non_differentiable({s1, s2});
+    ctx->set_materialize_grads(false);  // backward checks .defined(): no zero-filled grads to read
     const bool has_w = present(weight);
     // x is needed only for dweight (dx = grad_y * weight * rstd does not read it).
     const bool keep_x = has_w && weight->requires_grad();
@@ -198,6 +199,7 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
     save_affine(ctx, weight, bias);
     save_nll(ctx, count, parametrization, eps, gauge);
     ctx->saved_data["empty"] = empty;
+    ctx->set_materialize_grads(false);  // an unused y or NLL costs no backward work
     // y depends on x, weight, bias only; the NLL on mean, std_param only (the stop-gradients).
     if (!(x.requires_grad() || (has_w && weight->requires_grad()) || (present(bias) && bias->requires_grad()))) {
       ctx->mark_non_differentiable({y});
@@ -249,6 +251,7 @@ class Nll : public torch::autograd::Function<Nll> {
       value = op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
     }
     ctx->save_for_backward({s1, s2, mean, std_param});
+    ctx->set_materialize_grads(false);
     save_nll(ctx, std::move(count), parametrization, eps, gauge);
     return {value};
   }

@@ -1,7 +1,13 @@
-"""Data parallel training needs nothing beyond DDP's gradient all-reduce: 2 CPU processes (gloo), each
-with half of every batch, follow exactly the parameters of one process trained on whole batches. There
-is no SyncBatchNorm and no buffer: mean and sigma are ordinary parameters, and each layer's NLL term is
-a mean over elements, so the average of the halves' gradients is the whole batch's gradient."""
+"""Data parallel training needs nothing beyond the engines' gradient reduction: 2 CPU processes (gloo),
+each with a share of every batch, follow exactly the parameters of one process trained on whole
+batches. There is no SyncBatchNorm and no buffer: mean and sigma are ordinary parameters, and each
+layer's NLL term is a mean over elements, so the average of equal shares' gradients is the whole
+batch's gradient. Unequal shares (n_r of N instances) need each rank's loss scaled by world * n_r / N.
+
+Engines: DistributedDataParallel, and FSDP2 (`fully_shard`, default options: parameters gathered
+around each unit's forward and backward and freed in between) with one unit for the whole model or
+one per layer plus the root. FSDP needs the NLL's parameter gradients to be computed inside the
+layer's backward (batchless_norm_train, csrc/ops.cpp) or from copies (the reference backend)."""
 
 from __future__ import annotations
 
@@ -19,18 +25,34 @@ import batchless_kernels as bk
 
 WORLD = 2
 STEPS = 3
-BATCH = 8  # split in two halves of 4
+BATCH = 8
 DTYPES = {"float64": (torch.float64, 1e-12), "float32": (torch.float32, 1e-6)}
+BACKENDS = ("auto", "reference")
+# Engine -> the rank boundaries of each batch's shares.
+ENGINES = {"ddp": (0, 4, 8), "ddp-unequal": (0, 5, 8), "fsdp2-root": (0, 4, 8), "fsdp2-per-layer": (0, 4, 8)}
 
 
-def _model(dtype):
+def _model(dtype, backend="auto"):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), bk.BatchlessNorm2d(4), nn.ReLU(),
-        nn.Conv2d(4, 5, 3, stride=2), bk.BatchlessNorm2d(5, parametrization="abs"), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1), bk.BatchlessNorm2d(4, backend=backend), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, stride=2), bk.BatchlessNorm2d(5, parametrization="abs", backend=backend), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        nn.Linear(5, 3), bk.BatchlessNorm1d(3, parametrization="inv", nll_weight=0.5),
+        nn.Linear(5, 3), bk.BatchlessNorm1d(3, parametrization="inv", nll_weight=0.5, backend=backend),
     ).to(dtype)
+
+
+def _wrap(model, engine):
+    if engine.startswith("ddp"):
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    if engine == "fsdp2-per-layer":
+        for layer in model:
+            if any(True for _ in layer.parameters()):
+                fully_shard(layer)
+    fully_shard(model)
+    return model
 
 
 def _batch(step, dtype):
@@ -39,19 +61,23 @@ def _batch(step, dtype):
     return x.to(dtype), torch.randint(0, 3, (BATCH,), generator=g)
 
 
-def _train(model, dtype, rank=0, world=1):
-    """SGD on this rank's share of each batch; the parameters after every step."""
+def _train(model, dtype, bounds=(0, BATCH), rank=0):
+    """SGD on this rank's share of each batch (bounds[rank]:bounds[rank + 1]), its loss scaled by
+    world * n_r / N; the (whole) parameters after every step."""
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     inner = model.module if hasattr(model, "module") else model
+    world = len(bounds) - 1
+    share = slice(bounds[rank], bounds[rank + 1])
+    scale = world * (share.stop - share.start) / BATCH
     history = []
     for step in range(STEPS):
         x, target = _batch(step, dtype)
-        share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         loss = F.cross_entropy(model(x[share]), target[share]) + bk.nll_loss(model)
         opt.zero_grad()
-        loss.backward()
+        (loss * scale).backward()
         opt.step()
-        history.append([p.detach().clone() for p in inner.parameters()])
+        history.append([(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                        for p in inner.parameters()])
     return history
 
 
@@ -63,9 +89,11 @@ def _worker(rank, init_file, out_dir):
                             timeout=timedelta(seconds=60))
     try:
         results = {}
-        for name, (dtype, _) in DTYPES.items():
-            ddp = nn.parallel.DistributedDataParallel(_model(dtype))
-            results[name] = _train(ddp, dtype, rank, WORLD)
+        for engine, bounds in ENGINES.items():
+            for backend in BACKENDS:
+                for name, (dtype, _) in DTYPES.items():
+                    model = _wrap(_model(dtype, backend), engine)
+                    results[engine, backend, name] = _train(model, dtype, bounds, rank)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         # Both ranks done before either tears its gloo pairs down: a rank destroying the group while
         # the other still talks to it aborts ("terminate called without an active exception").
@@ -74,7 +102,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def test_ddp_equals_single_process_on_whole_batches():
+def test_data_parallel_equals_single_process_on_whole_batches():
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -84,25 +112,26 @@ def test_ddp_equals_single_process_on_whole_batches():
     with tempfile.TemporaryDirectory() as tmp:
         context = torch.multiprocessing.spawn(_worker, args=(os.path.join(tmp, "store"), tmp), nprocs=WORLD,
                                               join=False)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
                 for p in context.processes:
                     p.terminate()
-                pytest.fail("the DDP workers did not finish in 120 s")
+                pytest.fail("the data-parallel workers did not finish in 240 s")
         ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, (dtype, tol) in DTYPES.items():
-            single = _train(_model(dtype), dtype)
+        for (engine, backend, name), history in ranks[0].items():
+            dtype, tol = DTYPES[name]
+            single = _train(_model(dtype, backend), dtype)
             initial = list(_model(dtype).parameters())
             for step in range(STEPS):
                 for i, expected in enumerate(single[step]):
-                    what = f"{name} step {step} parameter {i}"
-                    assert torch.equal(ranks[0][name][step][i], ranks[1][name][step][i]), what
-                    torch.testing.assert_close(ranks[0][name][step][i], expected, rtol=tol, atol=tol,
+                    what = f"{engine} {backend} {name} step {step} parameter {i}"
+                    assert torch.equal(history[step][i], ranks[1][engine, backend, name][step][i]), what
+                    torch.testing.assert_close(history[step][i], expected, rtol=tol, atol=tol,
                                                msg=lambda m: f"{what}: {m}")
                     assert not torch.allclose(expected, initial[i]), f"{what} did not move"
     finally:

@@ -1,0 +1,150 @@
+"""Engines that transform or re-run a model's forward: torch.func (per-sample gradients, what
+differentially private training needs), torch.utils.checkpoint, and torch.compile under static,
+automatic-dynamic and dynamic shapes. Every backend must give the values of plain eager autograd."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, vjp, vmap
+from torch.utils.checkpoint import checkpoint
+
+import batchless_kernels as bk
+from conftest import ALL_BACKENDS, backend_params
+
+BACKENDS = backend_params(ALL_BACKENDS)
+
+
+def _mlp(backend, device, dtype=torch.float64):
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 4), bk.BatchlessNorm1d(4, backend=backend), nn.Tanh(),
+        nn.Linear(4, 5), bk.BatchlessNorm1d(5, parametrization="abs", nll_weight=0.5, backend=backend),
+        nn.Linear(5, 1), bk.BatchlessNorm1d(1, parametrization="inv", backend=backend),
+    ).to(device=device, dtype=dtype)
+    with torch.no_grad():  # away from the initial values, so that every NLL gradient is non-zero
+        for m in net.modules():
+            if isinstance(m, bk.BatchlessNorm1d):
+                m.mean.normal_(0, 0.5)
+                m.std_param.uniform_(0.5, 1.5)
+    return net
+
+
+def _sample_loss(net):
+    def loss(params, x):
+        out = functional_call(net, params, (x.unsqueeze(0),))
+        return out.square().sum() + bk.nll_loss(net)
+
+    return loss
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.func
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_per_sample_gradients_equal_a_loop(case):
+    """vmap(grad) over the samples of a batch (Opacus' functorch route, DP-SGD) equals one
+    grad per sample, for every parameter, the NLL's mean and std_param included."""
+    net = _mlp(case.name, case.device)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    xs = torch.randn(6, 3, dtype=torch.float64, device=case.device)
+    loss = _sample_loss(net)
+    batched = vmap(grad(loss), in_dims=(None, 0))(params, xs)
+    for i, x in enumerate(xs):
+        single = grad(loss)(params, x)
+        for name, g in single.items():
+            torch.testing.assert_close(batched[name][i], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    # ... and the loop equals plain autograd on each sample alone
+    eager = copy.deepcopy(net)
+    (eager(xs[:1]).square().sum() + bk.nll_loss(eager)).backward()
+    for name, p in eager.named_parameters():
+        assert torch.count_nonzero(p.grad) > 0, f"{name}: zero gradient, the check would be vacuous"
+        torch.testing.assert_close(batched[name][0], p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_vjp_and_jacrev_match_autograd(case):
+    x = torch.randn(5, 3, 4, dtype=torch.float64, device=case.device)
+    mean, std_param, weight, bias = (torch.randn(3, dtype=torch.float64, device=case.device) for _ in range(4))
+
+    def f(x, mean, std_param, weight, bias):
+        y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, backend=case.name, need_nll=True)
+        return y.sin().sum() + 2 * nll
+
+    inputs = (x, mean, std_param, weight, bias)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    expected = torch.autograd.grad(f(*leaves), leaves)
+    _, pullback = vjp(f, *inputs)
+    for got, want in zip(pullback(torch.ones((), dtype=torch.float64, device=case.device)), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(jacrev(f, argnums=(0, 1, 2, 3, 4))(*inputs), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert all(torch.count_nonzero(g) > 0 for g in expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.utils.checkpoint
+# ------------------------------------------------------------------------------------------------
+
+
+def _grads_with(net, x, run):
+    out = run(net, x)
+    (out.square().sum() + bk.nll_loss(net)).backward()
+    return {name: p.grad for name, p in net.named_parameters()}
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_non_reentrant_checkpoint_gives_the_same_gradients(case):
+    x = torch.randn(6, 3, dtype=torch.float64, device=case.device)
+    expected = _grads_with(_mlp(case.name, case.device), x, lambda net, x: net(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning on this supported path
+        got = _grads_with(_mlp(case.name, case.device), x, lambda net, x: checkpoint(net, x, use_reentrant=False))
+    for name, g in expected.items():
+        assert torch.count_nonzero(g) > 0, name
+        torch.testing.assert_close(got[name], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_reentrant_checkpoint_warns_that_the_nll_is_lost(case):
+    """use_reentrant=True runs the forward without gradients (no NLL), then again inside backward:
+    mean and std_param cannot get their NLL gradient. Said loudly, once per recomputed layer call."""
+    net = _mlp(case.name, case.device)
+    x = torch.randn(6, 3, dtype=torch.float64, device=case.device, requires_grad=True)
+    with pytest.warns(UserWarning, match=r"use_reentrant=True.*no NLL gradient.*use_reentrant=False"):
+        _grads_with(net, x, lambda net, x: checkpoint(net, x, use_reentrant=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.compile, static and dynamic shapes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dynamic", [False, None, True], ids=["static", "automatic", "dynamic"])
+def test_compiled_step_equals_eager_for_two_batch_sizes(case, dynamic):
+    """fullgraph=True: the argument checks trace (eps is symbolic under dynamic=True)."""
+    torch._dynamo.reset()
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bk.BatchlessNorm2d(4, backend=case.name), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 5 * 5, 2)).to(case.device)
+    eager = copy.deepcopy(net)
+
+    def step(model, x):
+        return F.mse_loss(model(x), torch.ones(x.shape[0], 2, device=x.device)) + bk.nll_loss(model)
+
+    compiled = torch.compile(step, dynamic=dynamic, fullgraph=True)
+    for batch in (3, 5):
+        x = torch.randn(batch, 3, 5, 5, device=case.device)
+        got, want = compiled(net, x), step(eager, x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        got.backward()
+        want.backward()
+        for (name, p), (_, q) in zip(net.named_parameters(), eager.named_parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
