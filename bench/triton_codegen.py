@@ -8,9 +8,12 @@ grad_y, dx). The parameters and partial sums are given the other float width in 
 (float64 beside 16/32-bit activations, float32 beside float64 ones) so that their accesses are told
 apart by width.
 
-A variant passes when it does not spill and every activation access is as wide as the shape allows:
+A variant passes when it does not spill, every activation access is as wide as the shape allows:
 min(16 bytes, VEC elements, the block's contiguous extent), VEC being the largest power of two that
-divides the contiguous row (planes of S elements, or rows of C channels).
+divides the contiguous row (planes of S elements, or rows of C channels), and every pointer offset
+is computed in 64 bits (in the TTIR: each tt.addptr offset is i64 and no 32-bit integer arithmetic
+feeds it), which inputs of 2**31+ elements need and the interpreter cannot show (numpy computes in
+int64 whatever the kernel says).
 
     python bench/triton_codegen.py [--arch 90] [--json FILE] [--quick]
 
@@ -48,6 +51,8 @@ ODD_SHAPES = [(8, 24, 7, 7), (6, 100, 10), (1000, 3), (7, 100)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 QUICK_DTYPES = (torch.float32, torch.bfloat16)
 
+_SSA = re.compile(r"^\s*(%[\w.$-]+)(?::\d+)? = \"?([\w.]+)\"?(.*)$")  # %name[:n] = op operands : types
+_ARITH_32 = re.compile(r"^arith\.(addi|subi|muli|divsi|divui|remsi|remui|shli)$")
 _ACCESS = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
 _WIDTH = re.compile(r"\.(?:v(\d))?\.?[bfsu](8|16|32|64)\b")
 
@@ -107,6 +112,39 @@ def _access_widths(ptx: str, element_bits: int) -> dict[str, list[int]]:
     return widths
 
 
+def narrow_offsets(ttir: str) -> list[str]:
+    """The 32-bit pointer offsets of a kernel's TTIR: each tt.addptr whose offset is not i64, or whose
+    offset is computed (back through its operands: splats, broadcasts, extensions, arithmetic) by an
+    i32 add, multiply, division or shift, which wraps before the extension to 64 bits (e.g. a plane
+    index pid * BLOCK_P in i32). Loop bounds are not followed (scf ops), nor values of other regions."""
+    defs: dict[str, tuple[str, str, list]] = {}  # SSA name -> (line, op, its operands' definitions)
+    found = []
+
+    def thirty_two_bit(node, seen) -> list[str]:
+        if node is None or id(node) in seen or node[1].startswith("scf."):
+            return []
+        seen.add(id(node))
+        line, op, operands = node
+        own = [line] if _ARITH_32.match(op) and re.search(r"i32>?$", line.rsplit(" : ", 1)[-1]) else []
+        return own + [bad for o in operands for bad in thirty_two_bit(o, seen)]
+
+    for raw in ttir.splitlines():
+        line = raw.split(" loc(")[0].strip()
+        match = _SSA.match(line)
+        if not match:
+            continue
+        name, op, rest = match.groups()
+        # operands resolved to their latest definition (names repeat only across sibling regions)
+        node = (line, op, [defs.get(o) for o in re.findall(r"%[\w.$-]+", rest.split(" : ")[0])])
+        defs[name] = node
+        if op == "tt.addptr":
+            offset_type = line.rsplit(", ", 1)[-1]
+            causes = thirty_two_bit(node[2][1], set())
+            if not re.search(r"i64>?$", offset_type) or causes:
+                found.append(line + "".join(f"\n    from {c}" for c in causes))
+    return found
+
+
 def _cases(quick: bool):
     """(shape, layout, dtype) the benchmark and the odd shapes run."""
     for shape in [*GPU_TARGETS, *ODD_SHAPES]:
@@ -116,12 +154,13 @@ def _cases(quick: bool):
                 yield shape, layout, dtype
 
 
-def inspect(arch: int = 90, quick: bool = False) -> list[dict]:
+def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
+    """A row per compiled variant of `cases` ((shape, layout, dtype); default: _cases(quick))."""
     from batchless_kernels.triton import norm
 
     driver.set_active(_OfflineDriver(GPUTarget("cuda", arch, 32)))
     rows = []
-    for shape, layout, dtype in _cases(quick):
+    for shape, layout, dtype in cases or _cases(quick):
         batch, channels = shape[0], shape[1]
         numel = math.prod(shape)
         first = layout in ("contiguous", "rows")
@@ -148,12 +187,14 @@ def inspect(arch: int = 90, quick: bool = False) -> list[dict]:
             registers, spills = _resources(ptx)
             widths = _access_widths(ptx, dtype.itemsize * 8)
             narrow = [w for w in widths["ld"] + widths["st"] if w != expected]
+            offsets32 = narrow_offsets(compiled.asm["ttir"])
             rows.append(dict(
                 kernel=name, shape="x".join(map(str, shape)), layout=layout, dtype=str(dtype).removeprefix("torch."),
                 warps=compiled.metadata.num_warps, registers=registers, spill_bytes=spills,
                 vec=launch.meta["VEC"], expected_bytes=expected,
                 load_bytes=sorted(set(widths["ld"])), store_bytes=sorted(set(widths["st"])),
-                ok=spills == 0 and not narrow and bool(widths["ld"]) and bool(widths["st"]),
+                offsets_32bit=offsets32,
+                ok=spills == 0 and not narrow and bool(widths["ld"]) and bool(widths["st"]) and not offsets32,
             ))
     return rows
 
@@ -171,7 +212,7 @@ def main() -> int:
     for r in rows:
         print(f"{r['kernel']:<14}{r['shape']:<18}{r['layout']:<14}{r['dtype']:<9}{r['warps']:>5}{r['registers']:>5}"
               f"{r['spill_bytes']:>6}{r['vec']:>4}{r['expected_bytes']:>5}  {r['load_bytes']}/{r['store_bytes']}"
-              f"{'' if r['ok'] else '  FAIL'}")
+              f"{'' if r['ok'] else '  FAIL'}{'  32-bit offsets' if r['offsets_32bit'] else ''}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     failed = sum(not r["ok"] for r in rows)

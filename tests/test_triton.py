@@ -1,12 +1,19 @@
 """The triton backend's own ops: opcheck of the custom ops (fake kernels, autograd registration,
-schema) on the device where triton runs here (the GPU, or CPU tensors under the interpreter)."""
+schema) on the device where triton runs here (the GPU, or CPU tensors under the interpreter); their
+launchers (per-channel views, the device guard); and the launch plan (a few compiled variants for
+inputs of varying size, every row covered)."""
 
 from __future__ import annotations
+
+import contextlib
+import inspect
+import types
 
 import pytest
 import torch
 
-from conftest import ALL_BACKENDS, loss_of, make_case
+from conftest import (ALL_BACKENDS, GRAD_NAMES, TOLS, assert_close_scaled, loss_of, make_case, run_batchless,
+                      run_reference64)
 
 TRITON_CASES = [b for b in ALL_BACKENDS if b.name == "triton"]
 pytestmark = pytest.mark.skipif(not TRITON_CASES, reason="the triton backend cannot run here")
@@ -51,3 +58,134 @@ def test_triton_under_torch_compile():
     torch.testing.assert_close(compiled, eager)
     for got, want in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
         torch.testing.assert_close(got, want)
+
+
+def test_triton_ops_read_per_channel_views():
+    """The ops themselves (rstd included, which batchless_norm computes itself) with mean, rstd,
+    weight, bias as stride-2, stride-0 and offset stride-3 views: exactly the results of their
+    contiguous copies, forward and backward, in both kernel layouts."""
+    forward, backward = _ops()
+    for layout in ("contiguous", "channels_last"):
+        x, mean, std_param, weight, bias = make_case((4, 5, 3, 3), layout, torch.float32, _device(), "log", True)
+        params = [mean, torch.exp(-std_param), weight, bias]
+        views = [torch.stack([mean, torch.randn_like(mean)], dim=1)[:, 0],  # a column of a packed tensor
+                 params[1][:1].clone().expand(5),  # stride 0
+                 torch.randn(16, device=x.device).as_strided((5,), (3,), 1).copy_(weight),
+                 torch.randn(10, device=x.device)[::2].copy_(bias)]
+        dense = [v.contiguous() for v in views]
+        assert not any(v.is_contiguous() for v in views)
+        for got, want in zip(forward(x, *views, True), forward(x, *dense, True)):
+            assert torch.equal(got, want), layout
+        grad_y = torch.randn_like(x)
+        for got, want in zip(backward(grad_y, x, *views[:3], [True, True, True]),
+                             backward(grad_y, x, *dense[:3], [True, True, True])):
+            assert torch.equal(got, want), layout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs (x on cuda:1 while cuda:0 is current)")
+def test_triton_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: the ops must switch to x's, as the C++ ops do, and
+    switch back. batchless_norm with cuda:0 current matches the float64 reference, and the ops
+    called directly (autograd runs a backward on its device's own thread, with that device current)
+    give what they give with cuda:1 current."""
+    x, mean, std_param, weight, bias = inputs = make_case((4, 6, 5, 5), "contiguous", torch.float32, "cuda:1", "log",
+                                                          True)
+    grad_y = torch.randn_like(x)
+    forward, backward = _ops()
+    calls = {}
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            calls[current] = (run_batchless(*inputs, backend="triton", grad_y=grad_y),
+                              forward(x, mean, torch.exp(-std_param), weight, bias, True),
+                              backward(grad_y, x, mean, torch.exp(-std_param), weight, [True, True, True]))
+            assert torch.cuda.current_device() == current
+    got, forward_ops, backward_ops = calls[0]
+    want = run_reference64(*inputs, grad_y=grad_y)
+    for name in ("y", "nll", *GRAD_NAMES):
+        assert got[name].device == x.device, name
+        assert_close_scaled(got[name], want[name], *TOLS[torch.float32], what=name)
+    for got_op, want_op in zip(forward_ops + backward_ops, calls[1][1] + calls[1][2]):
+        assert torch.equal(got_op, want_op)
+
+
+def test_launchers_make_the_device_of_their_tensors_current(monkeypatch):
+    """The device guard of the launchers, checked without GPUs (the test above needs two): a CUDA
+    tensor off the current device makes its device current for the launch, and the previous one
+    current again after; a tensor on the current device or the CPU launches as it is."""
+    from batchless_kernels.triton import norm
+
+    current = [0]
+
+    @contextlib.contextmanager
+    def device(d):
+        saved, current[0] = current[0], torch.device(d).index
+        yield
+        current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    launch = norm._on_device_of_first(lambda t, *args: (current[0], args))
+    on = lambda index: types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", index))  # noqa: E731
+    assert launch(on(1), "x") == (1, ("x",)) and current[0] == 0
+    assert launch(on(0), "x") == (0, ("x",))
+    assert launch(torch.zeros(1), "x") == (0, ("x",))
+    assert all(f.__wrapped__ for f in (norm.triton_forward, norm.triton_backward))
+
+
+# Token-packed inputs: (M, 1024) rows, M from 1k to 512k in steps of 512; channels-first: one plane
+# of M elements (one plane a program: the most shares of different lengths).
+VARYING_SIZES = range(1024, 512 * 1024 + 1, 512)
+TILE_SHAPE = {"BLOCK_P", "BLOCK_S", "BLOCK_M", "BLOCK_C", "VEC", "num_warps"}
+
+
+def _specialization(kernel, launch):
+    """What Triton compiles a variant per, for a launch of kernel: the constexprs and, of each
+    integer argument, Triton's own specialization (type, == 1, divisibility by 16) under the
+    kernel's do_not_specialize options."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    options = getattr(kernel, "kwargs", None) or vars(kernel)  # InterpretedFunction / JITFunction
+    names = list(inspect.signature(kernel.fn).parameters)[8:]  # after the 8 tensors
+    ints = tuple(native_specialize_impl(BaseBackend, value, False, name not in (options.get("do_not_specialize") or ()),
+                                        name not in (options.get("do_not_specialize_on_alignment") or ()))
+                 for name, value in zip(names, launch.sizes))
+    return tuple(sorted(launch.meta.items())), ints
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("channels_first", [True, False], ids=["channels_first", "channels_last"])
+def test_varying_sizes_compile_a_few_variants(channels_first, dtype):
+    """Over 1023 sizes, the kernels of one layout and dtype compile at most 8 variants (63
+    channels-last and 10 channels-first when the rows or elements a program takes were constexprs):
+    the constexprs are the tile's shape only, powers of two and VEC."""
+    from batchless_kernels.triton import norm
+
+    kernels = norm.FORWARD_KERNELS[channels_first], norm.BACKWARD_KERNELS[channels_first]
+    variants = {kernel: set() for kernel in kernels}
+    for m in VARYING_SIZES:
+        batch, channels, numel = (1, 1, m) if channels_first else (m, 1024, m * 1024)
+        launch = norm.plan_launch(channels_first, batch, channels, numel, dtype)
+        assert set(launch.meta) <= TILE_SHAPE, launch.meta
+        for kernel in kernels:
+            variants[kernel].add(_specialization(kernel, launch))
+    for kernel in kernels:
+        assert 1 <= len(variants[kernel]) <= 8, sorted(variants[kernel])
+
+
+@pytest.mark.parametrize("shape", [(4097, 4), (5000, 4), (1536, 4), (10000, 1), (1, 2, 9000), (3, 1, 5000)], ids=str)
+def test_launch_covers_every_row(shape):
+    """Shapes whose programs loop over several tiles, with a last program (or tile, or block of
+    planes) that is partly past the end: every element of y and dx is written (outputs start as NaN
+    in tests) and right, and so are the sums."""
+    from batchless_kernels.triton import norm
+
+    x, *params = make_case(shape, "contiguous", torch.float32, _device(), "log", True)
+    launch = norm.plan_launch(x.dim() > 2, shape[0], shape[1], x.numel(), x.dtype)
+    assert launch.sizes[-1] > 1, launch  # several tiles a program
+    grad_y = torch.randn_like(x)
+    got = run_batchless(x, *params, backend="triton", grad_y=grad_y)
+    want = run_reference64(x, *params, grad_y=grad_y)
+    for name in ("y", "nll", *GRAD_NAMES):
+        assert_close_scaled(got[name], want[name], *TOLS[torch.float32], what=name)

@@ -57,30 +57,52 @@ def _plane_block(P, C, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _plane_tile(planes, pmask, S, start, S_PER_PROG: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Offsets and mask of the [BLOCK_P, BLOCK_S] tile at `start` of this program's share of S."""
-    offs = tl.program_id(1).to(tl.int64) * S_PER_PROG + start + tl.arange(0, BLOCK_S)
+def _plane_tile(planes, pmask, S, start, tiles, BLOCK_S: tl.constexpr):
+    """Offsets and mask of the [BLOCK_P, BLOCK_S] tile at `start` of this program's share of S
+    (tiles * BLOCK_S elements: a multiple of BLOCK_S, which keeps the accesses vectorized)."""
+    offs = tl.program_id(1).to(tl.int64) * tiles * BLOCK_S + start + tl.arange(0, BLOCK_S)
     return planes[:, None] * S + offs[None, :], pmask[:, None] & (offs < S)[None, :]
 
 
 @triton.jit
-def _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Offsets and mask of the [BLOCK_M, BLOCK_C] tile at `start` of this program's rows."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS_PER_PROG + start + tl.arange(0, BLOCK_M)
-    return rows[:, None] * C + cols[None, :], (rows < M)[:, None] & cmask[None, :]
+def _column_block(C_VEC, VEC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """C (64-bit), this program's BLOCK_C channels (64-bit offsets, as every offset) and their mask."""
+    C = tl.cast(C_VEC, tl.int64) * VEC
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return C, cols, cols < C
 
 
 @triton.jit
+def _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M: tl.constexpr):
+    """Offsets and mask of the [BLOCK_M, BLOCK_C] tile at `start` of this program's tiles * BLOCK_M
+    rows."""
+    rows = tl.program_id(0).to(tl.int64) * tiles * BLOCK_M + start + tl.arange(0, BLOCK_M)
+    return rows[:, None] * C + cols[None, :], (rows < M)[:, None] & cmask[None, :]
+
+
+# Integer arguments: Triton compiles a variant per value class of each (== 1, divisible by 16, or
+# other), and the length of a program's share (`tiles`, loop iterations), the number of shares
+# (`num_sb`) and the row lengths follow the input's size. Their divisibility by 16 says nothing the
+# kernels use (vector widths come from VEC: rows go in as n_VEC * VEC, and a 16-byte access is VEC
+# elements at most): not specialized on, so that inputs of varying size (token-packed rows, varying
+# image sizes) reuse a few compiled variants. Kept: == 1 (tiles == 1, a loop known to run once,
+# carries no accumulators across iterations: half the registers for small planes), and the
+# divisibility of the mask bounds P and M (masks uniform over 16 planes or rows: fewer registers,
+# and no spill in some float64 variants; bench/triton_codegen.py).
+_JIT = dict(do_not_specialize_on_alignment=["C", "S_VEC", "num_sb", "tiles", "C_VEC"])
+
+
+@triton.jit(**_JIT)
 def _forward_rows_kernel(
     X,  # (N * C, S) planes of x, row-major
     Y,  # (N * C, S) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (N * C, num_sb) partial sums, one slot per (plane, program along S)
-    P, C, S_VEC, num_sb,  # S = S_VEC * VEC elements per plane
-    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
+    P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
-    # A program takes BLOCK_P consecutive planes (many when planes are small) and S_PER_PROG of
+    # A program takes BLOCK_P consecutive planes (many when planes are small) and tiles * BLOCK_S of
     # their elements.
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
@@ -91,8 +113,8 @@ def _forward_rows_kernel(
     b = _load_channel(B, c, pmask, ACC)[:, None]
     acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
-    for start in range(0, S_PER_PROG, BLOCK_S):
-        ptrs, mask = _plane_tile(planes, pmask, S, start, S_PER_PROG, BLOCK_S)
+    for start in range(0, tiles * BLOCK_S, BLOCK_S):
+        ptrs, mask = _plane_tile(planes, pmask, S, start, tiles, BLOCK_S)
         x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         _store(Y + ptrs, xhat * w + b, mask)
@@ -100,32 +122,30 @@ def _forward_rows_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        tl.store(PS1 + planes * num_sb + sb, tl.sum(acc1, axis=1), mask=pmask)
-        tl.store(PS2 + planes * num_sb + sb, tl.sum(acc2, axis=1), mask=pmask)
+        tl.store(PS1 + (planes * num_sb + sb), tl.sum(acc1, axis=1), mask=pmask)
+        tl.store(PS2 + (planes * num_sb + sb), tl.sum(acc2, axis=1), mask=pmask)
 
 
-@triton.jit
+@triton.jit(**_JIT)
 def _forward_columns_kernel(
     X,  # (M, C) x with channels innermost
     Y,  # (M, C) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
     PS1, PS2,  # (num_mb, C) partial sums, one row per row-block
-    M, C_VEC,  # C = C_VEC * VEC channels
-    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
-    C = tl.cast(C_VEC, tl.int64) * VEC
+    C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
     mb = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     w = _load_channel(W, cols, cmask, ACC)
     b = _load_channel(B, cols, cmask, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for start in range(0, ROWS_PER_PROG, BLOCK_M):
-        offs, mask = _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG, BLOCK_M)
+    for start in range(0, tiles * BLOCK_M, BLOCK_M):
+        offs, mask = _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M)
         x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         _store(Y + offs, xhat * w[None, :] + b[None, :], mask)
@@ -133,19 +153,19 @@ def _forward_columns_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        tl.store(PS1 + mb * C + cols, tl.sum(acc1, axis=0), mask=cmask)
-        tl.store(PS2 + mb * C + cols, tl.sum(acc2, axis=0), mask=cmask)
+        tl.store(PS1 + (mb * C + cols), tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(PS2 + (mb * C + cols), tl.sum(acc2, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(**_JIT)
 def _backward_rows_kernel(
     G,  # (N * C, S) grad_y planes
     X,  # (N * C, S) x planes (read only for dweight)
     DX,  # (N * C, S) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (N * C, num_sb) partial sums of dweight, dbias
-    P, C, S_VEC, num_sb,  # S = S_VEC * VEC elements per plane
-    S_PER_PROG: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
+    P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
+    BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
@@ -156,8 +176,8 @@ def _backward_rows_kernel(
     scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
     accw = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
-    for start in range(0, S_PER_PROG, BLOCK_S):
-        ptrs, mask = _plane_tile(planes, pmask, S, start, S_PER_PROG, BLOCK_S)
+    for start in range(0, tiles * BLOCK_S, BLOCK_S):
+        ptrs, mask = _plane_tile(planes, pmask, S, start, tiles, BLOCK_S)
         g = tl.load(G + ptrs, mask=mask, other=0.0).to(ACC)
         if NEED_DX:
             _store(DX + ptrs, g * scale, mask)
@@ -167,33 +187,31 @@ def _backward_rows_kernel(
         if NEED_DB:
             accb += g
     if NEED_DW:
-        tl.store(PW + planes * num_sb + sb, tl.sum(accw, axis=1), mask=pmask)
+        tl.store(PW + (planes * num_sb + sb), tl.sum(accw, axis=1), mask=pmask)
     if NEED_DB:
-        tl.store(PB + planes * num_sb + sb, tl.sum(accb, axis=1), mask=pmask)
+        tl.store(PB + (planes * num_sb + sb), tl.sum(accb, axis=1), mask=pmask)
 
 
-@triton.jit
+@triton.jit(**_JIT)
 def _backward_columns_kernel(
     G,  # (M, C) grad_y, channels innermost
     X,  # (M, C) x (read only for dweight)
     DX,  # (M, C) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
     PW, PB,  # (num_mb, C) partial sums of dweight, dbias
-    M, C_VEC,  # C = C_VEC * VEC channels
-    ROWS_PER_PROG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+    M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
-    C = tl.cast(C_VEC, tl.int64) * VEC
+    C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
     mb = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     scale = _load_channel(W, cols, cmask, ACC) * rstd
     accw = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
-    for start in range(0, ROWS_PER_PROG, BLOCK_M):
-        offs, mask = _column_tile(M, C, cols, cmask, start, ROWS_PER_PROG, BLOCK_M)
+    for start in range(0, tiles * BLOCK_M, BLOCK_M):
+        offs, mask = _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M)
         g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
         if NEED_DX:
             _store(DX + offs, g * scale[None, :], mask)
@@ -203,9 +221,9 @@ def _backward_columns_kernel(
         if NEED_DB:
             accb += g
     if NEED_DW:
-        tl.store(PW + mb * C + cols, tl.sum(accw, axis=0), mask=cmask)
+        tl.store(PW + (mb * C + cols), tl.sum(accw, axis=0), mask=cmask)
     if NEED_DB:
-        tl.store(PB + mb * C + cols, tl.sum(accb, axis=0), mask=cmask)
+        tl.store(PB + (mb * C + cols), tl.sum(accb, axis=0), mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -216,7 +234,7 @@ def _backward_columns_kernel(
 # GPU's geometry, split planes and multi-block partials included).
 _ELEMENTS_PER_PROGRAM = 1 << 13
 # Channels-last programs each write BLOCK_C partial pairs (8 bytes a channel) that a second pass
-# reads back: against ROWS_PER_PROG rows of x read and y written, 8 / (ROWS_PER_PROG * itemsize) of
+# reads back: against R rows a program reads of x and writes of y, 8 / (R * itemsize) of
 # the traffic (6% for bf16 at 64 rows). Large inputs therefore get about this many programs, with
 # more rows each (256 rows for (65536, 1024): 1.6% in bf16), which is still several waves on an H100.
 _PROGRAMS_OF_LARGE_INPUTS = 2048
@@ -248,7 +266,9 @@ def _vector_width(n: int, dtype: torch.dtype) -> int:
 @dataclass(frozen=True)
 class Launch:
     """How the kernels of one layout run over one shape: the grid, the integer arguments that follow
-    the tensors, the block constexprs, and the shape of one statistic's partial sums."""
+    the tensors (sizes and loop lengths, runtime values), the block constexprs (which depend on the
+    shape only through powers of two and the vector width, so that a few variants cover all sizes),
+    and the shape of one statistic's partial sums."""
 
     channels_first: bool
     grid: tuple[int, int]
@@ -270,12 +290,12 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
         tile, per_thread = _tile_plan(vec)
         block_s = min(triton.next_power_of_2(spatial), 1024)
         block_p = min(triton.next_power_of_2(planes), max(1, tile // block_s))
-        s_per_prog = block_s * max(1, min(triton.cdiv(spatial, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
+        tiles = max(1, min(triton.cdiv(spatial, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
         # grid axis 1 holds at most 65535 programs: huge planes get longer shares
-        s_per_prog = max(s_per_prog, block_s * triton.cdiv(triton.cdiv(spatial, block_s), 65535))
-        num_sb = triton.cdiv(spatial, s_per_prog)
-        return Launch(True, (triton.cdiv(planes, block_p), num_sb), (planes, channels, spatial // vec, num_sb),
-                      dict(S_PER_PROG=s_per_prog, BLOCK_P=block_p, BLOCK_S=block_s, VEC=vec,
+        tiles = max(tiles, triton.cdiv(triton.cdiv(spatial, block_s), 65535))
+        num_sb = triton.cdiv(spatial, tiles * block_s)
+        return Launch(True, (triton.cdiv(planes, block_p), num_sb), (planes, channels, spatial // vec, num_sb, tiles),
+                      dict(BLOCK_P=block_p, BLOCK_S=block_s, VEC=vec,
                            num_warps=_num_warps(block_p * block_s, per_thread)), (planes, num_sb))
     rows = numel // channels
     vec = _vector_width(channels, dtype)
@@ -283,12 +303,12 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
     block_c = min(triton.next_power_of_2(channels), 128)
     block_m = max(1, min(triton.next_power_of_2(rows), tile // block_c))
     column_blocks = triton.cdiv(channels, block_c)
-    tiles_per_prog = max(_ELEMENTS_PER_PROGRAM // (block_m * block_c),
-                         triton.cdiv(rows * column_blocks, block_m * _PROGRAMS_OF_LARGE_INPUTS))
-    rows_per_prog = block_m * max(1, min(triton.cdiv(rows, block_m), tiles_per_prog))
-    num_mb = triton.cdiv(rows, rows_per_prog)
-    return Launch(False, (num_mb, column_blocks), (rows, channels // vec),
-                  dict(ROWS_PER_PROG=rows_per_prog, BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec,
+    tiles = max(_ELEMENTS_PER_PROGRAM // (block_m * block_c),
+                triton.cdiv(rows * column_blocks, block_m * _PROGRAMS_OF_LARGE_INPUTS))
+    tiles = max(1, min(triton.cdiv(rows, block_m), tiles))
+    num_mb = triton.cdiv(rows, tiles * block_m)
+    return Launch(False, (num_mb, column_blocks), (rows, channels // vec, tiles),
+                  dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec,
                        num_warps=_num_warps(block_m * block_c, per_thread)), (num_mb, channels))
 
 
@@ -319,7 +339,10 @@ def _to_layout(t: torch.Tensor, channels_first: bool) -> torch.Tensor:
 
 
 def _param(t, channels, acc, fill, device):
-    return t if t is not None else torch.full((channels,), fill, dtype=acc, device=device)
+    """A per-channel tensor as the kernels index it, PTR + c: dense. Parameters may be any view (a
+    column of a packed tensor, an expanded scalar with stride 0, a ::2 slice); contiguous() copies only
+    those (the C++ host code makes them contiguous alike). An absent one is `fill`."""
+    return t.contiguous() if t is not None else torch.full((channels,), fill, dtype=acc, device=device)
 
 
 def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> torch.Tensor:
@@ -344,6 +367,23 @@ def _sum_partials(partials: torch.Tensor, channels: int, channels_first: bool) -
 # ------------------------------------------------------------------------------------------------
 
 
+def _on_device_of_first(launcher):
+    """Triton launches on the current CUDA device and its current stream: with x on cuda:1 while
+    cuda:0 is current, the kernels would run on the wrong device. The C++ ops guard the device of
+    their tensors; so does this, for CUDA tensors off the current device only (one cheap check
+    otherwise)."""
+
+    @functools.wraps(launcher)
+    def guarded(t, *args):
+        if t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(t, *args)
+        return launcher(t, *args)
+
+    return guarded
+
+
+@_on_device_of_first
 def triton_forward(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
     bias: torch.Tensor | None, compute_stats: bool,
@@ -357,6 +397,7 @@ def triton_forward(
     first = _channels_first(x)
     xin = _to_layout(x, first)
     yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # as _param
     w = _param(weight, channels, acc, 1.0, x.device)
     b = _param(bias, channels, acc, 0.0, x.device)
     launch = plan_launch(first, x.shape[0], channels, x.numel(), x.dtype)
@@ -371,6 +412,7 @@ def triton_forward(
     return y, _sum_partials(ps1, channels, first), _sum_partials(ps2, channels, first)
 
 
+@_on_device_of_first
 def triton_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, output_mask: list[bool],
@@ -389,7 +431,8 @@ def triton_backward(
     g = _to_layout(grad_y, first)
     xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
     dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
-    w = _param(weight, channels, acc, 1.0, grad_y.device)
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # as _param
+    w = _param(weight, channels, acc, 1.0, g.device)
     launch = plan_launch(first, grad_y.shape[0], channels, grad_y.numel(), grad_y.dtype)
     pw, pb = _partials(launch, acc, g.device, need_dw), _partials(launch, acc, g.device, need_db)
     BACKWARD_KERNELS[first][launch.grid](
