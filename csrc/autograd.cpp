@@ -48,6 +48,10 @@ using NllBackwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Ten
 
 bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
+// t.to(dtype) without calling aten::to when t already has it: ops called above the backend keys may
+// not return an input (torch.library.opcheck's schema check), and aten::to would.
+Tensor in_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // The backward op's formulas in differentiable ATen ops (create_graph=True). Not fused.
 std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y, const Tensor& x,
                                                            const Tensor& mean, const Tensor& rstd,
@@ -188,7 +192,7 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       const auto acc = host::accumulation_type(x.scalar_type());
-      rstd = nll::rstd_of(std_param.to(acc), nll::parse_parametrization(parametrization), eps);
+      rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
       std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
       // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
       nll = empty ? at::zeros({}, s1.options()) : nll_op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
@@ -233,7 +237,7 @@ std::tuple<Tensor, Tensor> train_composite(const Tensor& x, const Tensor& mean, 
   static const auto op = find_op<ForwardSignature>(Kernels::forward);
   static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
   const auto acc = host::accumulation_type(x.scalar_type());
-  const Tensor rstd = nll::rstd_of(std_param.to(acc), nll::parse_parametrization(parametrization), eps);
+  const Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
   auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
   if (x.sym_numel() == 0) return {y, at::zeros({}, s1.options())};
   return {y, nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1), parametrization, eps, gauge)};

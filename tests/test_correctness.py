@@ -17,12 +17,14 @@ Tolerances:
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
 
 import batchless_kernels as bk
 from conftest import (
+    ALL_BACKENDS,
     DTYPE_TOLS,
     GRAD_NAMES,
     LOW_PRECISION,
@@ -277,6 +279,61 @@ def test_large_offset_inputs(case, shape, layout):
     x = make_x(shape, layout, torch.float32, case.device, mu=mu, sigma=sigma)
     mean, std_param, weight, bias = make_params(shape[1], "log", device=case.device, mu=mu, sigma=sigma)
     check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+def test_tiny_sigma_gradients_stay_finite(case, parametrization):
+    """sigma = 1e-25 with activations of that scale (eps = 1e-30): in float32, r = 1e25 is
+    representable but r^2 is not; every gradient is (dL/dstd_param ~ 1e23 for abs), so each must
+    come out finite and equal to the float64 reference's."""
+    eps = 1e-30
+    x = make_x((4, 3, 5, 5), "contiguous", torch.float32, case.device) * 1e-25
+    std = torch.tensor([1e-25, 2e-25, 5e-26], dtype=torch.float64)
+    std_param = bk.parametrization.param_from_std(std, parametrization, eps).float().to(case.device)
+    mean = (torch.randn(3) * 1e-26).to(case.device)
+    weight, bias = torch.rand(3, device=case.device) + 0.5, torch.randn(3, device=case.device)
+    out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-4,
+                                     parametrization=parametrization, eps=eps)
+    assert out["std_param"].abs().max() > 1e20 or parametrization != "abs"
+
+
+def _pinned_case(parametrization):
+    """x = [[1], [3]] (N=2, C=1), mean 1, sigma 2 (r = 0.5), weight 3, bias -1: xhat = [0, 1],
+    y = [-1, 2], S1 = 1, S2 = 1, n = 2. Values from PAPER.md by hand:
+      nll (gauge off) = log 2 + S2 / (2n) = log 2 + 1/4;  with the gauge: 1/2 (S2/n - 1) = -1/4
+      dnll/dmean = -r S1 / n = -1/4;  dnll/dsigma = (1 - S2/n) / sigma = 1/4
+      dnll/dp: abs (p = 2 - eps) 1/4, log (p = log 2) sigma * 1/4 = 1/2,
+               inv (p = 1/2) -1/(p + eps) + p * sum (x - mu)^2 / n = -2 + 1 = -1 (eps ~ 0)."""
+    p = {"abs": 2.0 - 1e-12, "log": math.log(2.0), "inv": 0.5}[parametrization]
+    dp = {"abs": 0.25, "log": 0.5, "inv": -1.0}[parametrization]
+    return p, dp
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@pytest.mark.parametrize("gauge", [False, True])
+def test_pinned_values(case, parametrization, gauge):
+    """A few values of y, the NLL and its gradients computed by hand, independently of reference.py."""
+    p, dp = _pinned_case(parametrization)
+    dev = case.device
+    x = torch.tensor([[1.0], [3.0]], dtype=torch.float64, device=dev, requires_grad=True)
+    mean = torch.tensor([1.0], dtype=torch.float64, device=dev, requires_grad=True)
+    std_param = torch.tensor([p], dtype=torch.float64, device=dev, requires_grad=True)
+    weight = torch.tensor([3.0], dtype=torch.float64, device=dev, requires_grad=True)
+    bias = torch.tensor([-1.0], dtype=torch.float64, device=dev, requires_grad=True)
+    y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization=parametrization, eps=1e-12,
+                               gauge=gauge, backend=case.name)
+    close = lambda a, b: torch.testing.assert_close(a.detach().cpu(), torch.tensor(b, dtype=torch.float64),  # noqa: E731
+                                                    rtol=1e-9, atol=1e-9)
+    close(y, [[-1.0], [2.0]])
+    close(nll, -0.25 if gauge else math.log(2.0) + 0.25)
+    (y * torch.tensor([[1.0], [2.0]], dtype=torch.float64, device=dev)).sum().add(nll).backward()
+    close(mean.grad, [-0.25])
+    close(std_param.grad, [dp])
+    close(x.grad, [[1.5], [3.0]])  # grad_y * weight * r
+    close(weight.grad, [2.0])  # sum grad_y * xhat
+    close(bias.grad, [3.0])  # sum grad_y
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,6 +27,11 @@ def _row(gpu, impl, shape, dtype, layout, ms, pass_name="fwd+bwd"):
     ((65536, 1024), True, "channels_last/bfloat16/large"),
     ((32, 256), True, "channels_last/bfloat16/small"),
     ((8, 3, 1, 1), True, "channels_last/bfloat16/small"),
+    # the size boundary, SMALL_ELEMENTS = 2^20 elements: one below is small, exactly 2^20 is large
+    ((1, 1, 1023, 1024), True, "channels_first/bfloat16/small"),
+    ((1, 1, 1024, 1024), True, "channels_first/bfloat16/large"),
+    ((1024, 1023), True, "channels_last/bfloat16/small"),
+    ((1024, 1024), True, "channels_last/bfloat16/large"),
 ])
 def test_case_key(shape, contiguous, expected):
     assert gpu_choice.case_key(shape, "bfloat16", contiguous) == expected

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchless_kernels as bk
-from conftest import TESTED_BACKENDS, backend_params, make_x
+from conftest import ALL_BACKENDS, backend_params, make_x
 
 MODULES = [(bk.BatchlessNorm1d, (2, 3)), (bk.BatchlessNorm2d, (4,)), (bk.BatchlessNorm3d, (5,))]
 PARAMETRIZATIONS = ("abs", "log", "inv")
@@ -98,11 +98,33 @@ def test_std_property_and_reset_parameters(parametrization, init_std):
 
 
 def test_std_follows_std_param():
-    for parametrization, p, sigma in (("abs", -2.0, 2.0 + 1e-5), ("log", math.log(3.0), 3.0), ("inv", 0.25, 4.0)):
+    for parametrization, p, sigma in (("abs", -2.0, 2.0 + 1e-5), ("log", math.log(3.0), 3.0), ("inv", 0.25, 4.0),
+                                      ("inv", -0.25, 4.0)):
         m = bk.BatchlessNorm1d(2, parametrization=parametrization)
         with torch.no_grad():
             m.std_param.fill_(p)
         torch.testing.assert_close(m.std, torch.full((2,), sigma), atol=1e-6, rtol=1e-6)
+
+
+def test_inv_negative_std_param_flips_the_output_not_sigma():
+    """inv: r = p as is (PAPER.md), so p < 0 flips y's sign; sigma, what the NLL's Gaussian uses,
+    stays 1 / |p| > 0."""
+    m = bk.BatchlessNorm1d(3, parametrization="inv", affine=False)
+    with torch.no_grad():
+        m.std_param.copy_(torch.tensor([-0.5, 0.5, -2.0]))
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(m(x), x * torch.tensor([-0.5, 0.5, -2.0]))
+    torch.testing.assert_close(m.std, torch.tensor([2.0, 2.0, 0.5]))
+    assert bool((m.std > 0).all())
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+@pytest.mark.parametrize("init_std", [0.1, 3.0, 7.0])
+def test_init_in_the_parameters_dtype(parametrization, init_std):
+    """reset_parameters computes std_param in float64, then stores it in the parameters' dtype:
+    float64 layers get init_std to float64 rounding (float32 math gave 2.99999991 for inv, 3.0)."""
+    m = bk.BatchlessNorm1d(3, parametrization=parametrization, init_std=init_std, dtype=torch.float64)
+    torch.testing.assert_close(m.std, torch.full((3,), init_std, dtype=torch.float64), rtol=1e-15, atol=0)
 
 
 def test_extra_repr():
@@ -328,7 +350,7 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.parametrize("case", backend_params(TESTED_BACKENDS))
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
 @pytest.mark.parametrize("arch", ["mlp", "cnn", "cnn_channels_last"])
 def test_gradient_accumulation_is_exact(case, arch, no_tf32):
     batch = 32

@@ -312,24 +312,28 @@ def _double_backward_params():
 @pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
 @pytest.mark.parametrize("case", _double_backward_params())
 def test_double_backward_through_output(case):
-    """A gradient penalty differentiates dLoss/dx again (create_graph=True). The result must
-    match the reference, or the backend must refuse with an error; never silently differ."""
+    """A gradient penalty differentiates dLoss/dx again (create_graph=True), and the NLL's gradient
+    is differentiated again in (mean, std_param): both through the same autograd nodes as training
+    (the forward op, and the training op that adds the NLL). Every backend supports it and must match
+    the reference (the create_graph paths of csrc/autograd.cpp)."""
     x, mean, std_param, weight, bias = make_case((4, 3, 5), "contiguous", torch.float64, case.device, "log")
 
-    def penalty_grads(backend):
+    def penalty_grads(backend, with_nll):
         xl, wl, bl = (t.detach().requires_grad_() for t in (x, weight, bias))
-        y, _ = bk.batchless_norm(xl, mean, std_param, wl, bl, backend=backend)
+        ml, pl = (t.detach().requires_grad_(with_nll) for t in (mean, std_param))
+        y, nll = bk.batchless_norm(xl, ml, pl, wl, bl, backend=backend)
         gx, = torch.autograd.grad(y.square().sum(), xl, create_graph=True)
-        return torch.autograd.grad(gx.square().sum(), (xl, wl))
+        grads = torch.autograd.grad(gx.square().sum(), (xl, wl), retain_graph=with_nll)  # y and nll: one node
+        if with_nll:
+            gm, gp = torch.autograd.grad(nll, (ml, pl), create_graph=True)
+            grads += torch.autograd.grad((gm.square() + gp.square()).sum(), (ml, pl))
+        return grads
 
-    expected = penalty_grads("reference")
-    assert torch.count_nonzero(expected[1]) > 0
-    try:
-        got = penalty_grads(case.name)
-    except RuntimeError:
-        return  # refusing double backward is acceptable
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e)
+    for with_nll in (False, True):
+        expected = penalty_grads("reference", with_nll)
+        assert all(torch.count_nonzero(e) > 0 for e in expected)
+        for g, e in zip(penalty_grads(case.name, with_nll), expected):
+            torch.testing.assert_close(g, e)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -362,6 +366,21 @@ def test_opcheck_nll(device, parametrization, gauge):
     std_param.requires_grad_()
     torch.library.opcheck(torch.ops.batchless_kernels.batchless_nll.default,
                           (s1, s2, mean, std_param, count, parametrization, 1e-5, gauge))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout, dtype, affine, _", OPCHECK_CASES, ids=str)
+@pytest.mark.parametrize("parametrization", ["abs", "inv"])
+def test_opcheck_train(device, shape, layout, dtype, affine, _, parametrization):
+    """The training op (forward + NLL as one autograd node): schema, fake kernel, autograd
+    registration and AOT tracing, with every input requiring grad and with only x."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
+    op = torch.ops.batchless_kernels.batchless_norm_train.default
+    for leaves in ((x, mean, std_param, weight, bias), (x,)):
+        args = [t.detach().requires_grad_(any(t is leaf for leaf in leaves)) if t is not None else None
+                for t in (x, mean, std_param, weight, bias)]
+        torch.library.opcheck(op, (*args, parametrization, 1e-5, True))
 
 
 @needs_ops
