@@ -26,8 +26,7 @@ case "${1:-test}" in
     bash bench/run.sh "${@:2}" 2>&1 | tail -60 > "$OUT/bench.log"
     tail -40 "$OUT/bench.log"
     dir=$(grep -o 'results in .*' "$OUT/bench.log" | tail -n 1 | cut -d' ' -f3)
-    cp "$dir"/results.csv "$dir"/summary.md "$OUT/" && cp "$dir"/*.png "$OUT/" 2>/dev/null || true
-    cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null || true
+    cp "$dir"/results.csv "$dir"/summary.md "$OUT/" && cp "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
     ;;
   *) echo "usage: $0 test|bench [bench args]" >&2; exit 2 ;;
 esac

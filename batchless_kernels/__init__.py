@@ -1,4 +1,4 @@
-"""batchless_kernels: batchless normalization for PyTorch (see README.md and PAPER.md).
+"""batchless_kernels: batchless normalization for PyTorch (see README.md and docs/method.md).
 
     y, nll = batchless_kernels.batchless_norm(x, mean, std_param, weight, bias)
     layer = batchless_kernels.BatchlessNorm2d(64)      # where nn.BatchNorm2d(64) was

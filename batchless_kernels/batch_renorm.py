@@ -1,4 +1,4 @@
-"""Batch Renormalization (Ioffe, NeurIPS 2017): the baseline of PAPER.md, in plain PyTorch.
+"""Batch Renormalization (Ioffe, NeurIPS 2017): the baseline of docs/method.md, in plain PyTorch.
 
 Training, with the batch statistics mu_B, sigma_B = sqrt(var_B + eps) (biased variance) over every
 dim but 1, and the moving statistics mu, sigma:

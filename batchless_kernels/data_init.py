@@ -1,4 +1,4 @@
-"""init_from_data: data-dependent initialization of every Batchless layer's mean and std (PAPER.md,
+"""init_from_data: data-dependent initialization of every Batchless layer's mean and std (docs/method.md,
 "Initialization").
 
 Each layer gets mu = the per-channel mean of its input and sigma = sqrt(var + eps) (the per-channel

@@ -121,7 +121,7 @@ def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     the NLL's sum of squares is
         sum_i ((x_i - mu) r)^2 = q^2 S2 + 2 r0 q^2 d S1 + n (r0 q d)^2,
     which equals S2 in value and, differentiated by autograd in (mean, std_param), gives exactly
-    PAPER.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma). q comes
+    docs/method.md's gradients: dL/dmu = -(r / (C n)) S1, dL/dsigma = (1 - S2 / n) / (C sigma). q comes
     from rstd_ratio, so that no step of the autograd overflows where the gradient is representable."""
     acc = s1.dtype
     # Copies: the NLL's backward runs as soon as the loss's does, and must not read the parameters'

@@ -1,5 +1,5 @@
 """fuse_for_inference: batchless normalization as the per-channel affine map it is at inference
-(PAPER.md: y = x * a + b with a = gamma / sigma, b = beta - mu * gamma / sigma), folded into the
+(docs/method.md: y = x * a + b with a = gamma / sigma, b = beta - mu * gamma / sigma), folded into the
 preceding convolution or linear layer where there is one."""
 
 from __future__ import annotations

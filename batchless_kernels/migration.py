@@ -1,6 +1,6 @@
 """convert_batchnorm: migrate a trained BN (or Batch Renormalization) network to batchless normalization.
 
-PAPER.md, "Migrating": mu = running_mean, sigma = sqrt(running_var + eps), gamma and beta copied. The
+docs/method.md, "Migrating": mu = running_mean, sigma = sqrt(running_var + eps), gamma and beta copied. The
 converted network then computes, in train and eval mode alike, the function the BN network computed
 in eval mode, and training continues from there (add ``nll_loss(model)`` to the loss).
 """

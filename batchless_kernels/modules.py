@@ -88,7 +88,7 @@ class _BatchlessNorm(nn.Module):
     def std(self) -> torch.Tensor:
         """sigma per channel, from std_param (read-only, no gradient): the standard deviation of the
         NLL's Gaussian, positive. With parametrization="inv" it is 1/abs(std_param); a negative
-        std_param flips the sign of the output (r = std_param, PAPER.md), not of sigma."""
+        std_param flips the sign of the output (r = std_param, docs/method.md), not of sigma."""
         with torch.no_grad():
             return std_from_param(self.std_param, self.parametrization, self.eps)
 

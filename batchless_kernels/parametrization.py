@@ -1,4 +1,4 @@
-"""The three sigma parametrizations of PAPER.md (BLN, BLNlog, BLNinv).
+"""The three sigma parametrizations of docs/method.md (BLN, BLNlog, BLNinv).
 
 The raw parameter ``p`` (``std_param``) is what the optimizer updates. Each parametrization
 defines r = 1/sigma (used to normalize) and log sigma (used in the NLL) as functions of p:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch batchless normalization: the executable spec of PAPER.md.
+"""Pure-PyTorch batchless normalization: the executable spec of docs/method.md.
 
 Written for clarity, not speed: autograd through ordinary torch ops, ``.detach()`` for the
 stop-gradients. Every fused backend is tested against this function run in float64.

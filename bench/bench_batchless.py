@@ -346,7 +346,26 @@ META_COLUMNS = ["device_name", "torch_version", "cuda_version", "cudnn_version",
                 "num_threads", "git_commit", "timestamp", "malloc_env"]
 COLUMNS = META_COLUMNS + ["impl", "backend_used", "pass", "shape", "dtype", "layout", "median_ms",
                           "p20_ms", "p80_ms", "reps", "bytes", "gbps", "frac_of_copy",
-                          "speedup_vs_batchnorm", "other_load", "error"]
+                          "speedup_vs_batchnorm", "other_load", "unreliable", "error"]
+
+# A case's timings are marked unreliable (table, CSV, plot) when other processes kept more than this
+# many cores busy during it, or when an implementation beat the same-run copy of its bytes by more
+# than the copy's own noise: then the copy, the denominator, was slowed down.
+MAX_OTHER_LOAD = 0.25
+MAX_FRAC_OF_COPY = 1.05
+
+
+def unreliable_reason(case_rows) -> str:
+    """Why a case's numbers should not be trusted, or "" (see MAX_OTHER_LOAD, MAX_FRAC_OF_COPY)."""
+    reasons = []
+    load = case_rows[0].get("other_load")
+    if isinstance(load, float) and load > MAX_OTHER_LOAD:
+        reasons.append(f"other load {load:.2f} cores")
+    over = [r for r in case_rows if r.get("frac_of_copy", 0) > MAX_FRAC_OF_COPY]
+    if over:
+        best = max(r["frac_of_copy"] for r in over)
+        reasons.append(f"{100 * best:.0f}% of the copy bandwidth: the copy was slowed")
+    return "; ".join(reasons)
 
 
 def fmt(value) -> str:
@@ -385,16 +404,19 @@ def summary_markdown(rows, meta, wall_s) -> str:
         "",
         "Forward+backward median time per implementation; in brackets the speedup over batchnorm and the "
         "share of the copy bandwidth (bytes model: 5 x size of x; copy GB/s measured in the same run). "
-        "Other load: cores kept busy by other processes during the case (timings with much above 0 are noisy).",
+        "Other load: cores kept busy by other processes during the case. A case is marked unreliable when "
+        f"that exceeds {MAX_OTHER_LOAD} cores, or when an implementation reached more than "
+        f"{100 * MAX_FRAC_OF_COPY:.0f}% of the copy bandwidth (the copy itself was slowed).",
         "",
-        "| shape | dtype | layout | " + " | ".join(impls) + " | copy GB/s (alloc+copy) | other load |",
-        "|---|---|---|" + "---|" * len(impls) + "---|---|",
+        "| shape | dtype | layout | " + " | ".join(impls) + " | copy GB/s (alloc+copy) | other load | unreliable |",
+        "|---|---|---|" + "---|" * len(impls) + "---|---|---|",
     ]
     for case in cases:
         cells = [cell(by_key.get((*case, impl, "fwd+bwd"), {})) for impl in impls]
         copies = f"{gbps(case, 'copy')} ({gbps(case, 'alloc+copy')})"
         load = by_key[(*case, "copy", "copy")].get("other_load", "")
-        lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} |")
+        why = by_key[(*case, "copy", "copy")].get("unreliable", "")
+        lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} | {why} |")
     errors = {(r["impl"], r["error"]) for r in rows if r.get("error")}
     lines += [""] + [f"- {impl} failed: {error}" for impl, error in sorted(errors)]
     return "\n".join(lines).rstrip() + "\n"
@@ -407,7 +429,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="wider sweep of shapes, float16 too")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: a new bench/runs/<device-slug>/<time>/, "
+                                                 "untracked)")
+    parser.add_argument("--update-reference", action="store_true",
+                        help="write the committed reference results, bench/results/<device-slug>/ (which the "
+                             "README quotes), and on a GPU batchless_kernels/gpu_choice.json")
     parser.add_argument("--shapes", nargs="+", help="shapes such as 256x64x32x32 32x256")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
@@ -426,8 +452,12 @@ def main(argv=None) -> None:
     dtypes = [getattr(torch, d) for d in (args.dtypes or DTYPES[args.full])]
     budget = args.budget or (0.2 if device.type == "cuda" else 0.5)
     meta = machine_info(device)
-    out = args.out or BENCH_DIR / "results" / meta["slug"]
+    if args.update_reference:
+        out = BENCH_DIR / "results" / meta["slug"]
+    else:
+        out = args.out or BENCH_DIR / "runs" / meta["slug"] / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] results will be written to {out}", flush=True)
     cache_bytes = last_level_cache_bytes(device)
     torch.manual_seed(0)
     print(f"{meta['device_name']}: backends {bk.available_backends(device)}, {meta['num_threads']} threads", flush=True)
@@ -440,11 +470,15 @@ def main(argv=None) -> None:
             load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
             for row in case_rows:
                 row["other_load"] = round(load, 2) if load is not None else ""
+            why = unreliable_reason(case_rows)
+            for row in case_rows:
+                row["unreliable"] = why
             rows += case_rows
             times = ", ".join(f"{r['impl']} {r['median_ms']:.3g}" for r in case_rows
                               if r["pass"] == "fwd+bwd" and "median_ms" in r)
             print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
-                  f"fwd+bwd ms {times}; copy {case_rows[0]['gbps']:.1f} GB/s; other load {fmt(load)}", flush=True)
+                  f"fwd+bwd ms {times}; copy {case_rows[0]['gbps']:.1f} GB/s; other load {fmt(load)}"
+                  + (f"; UNRELIABLE: {why}" if why else ""), flush=True)
     wall_s = time.perf_counter() - start
 
     write_csv(out / "results.csv", rows, meta)
@@ -461,7 +495,9 @@ def main(argv=None) -> None:
     if device.type == "cuda" and all(b in bk.available_backends(device) for b in ("cuda", "triton")):
         from derive_gpu_choice import main as derive_gpu_choice  # auto's cuda/triton table
 
-        derive_gpu_choice([str(out / "results.csv")])
+        # auto's table is package data: rewritten only with --update-reference
+        table = [] if args.update_reference else ["--out", str(out / "gpu_choice.json")]
+        derive_gpu_choice([str(out / "results.csv"), *table])
 
 
 if __name__ == "__main__":

@@ -50,17 +50,30 @@ def plot(csv_path, png_path=None) -> Path | None:
                 fracs.append(100 * float(r["frac_of_copy"]))
         ax_time.bar(xs, times, width, label=impl, color=f"C{i}")
         ax_bw.bar(xs, fracs, width, color=f"C{i}")
+    # Cases whose timings are not to be trusted (bench_batchless.unreliable_reason): hatched, and
+    # their reason under the axis.
+    shaky = [k for k, c in enumerate(cases) if any(by_key[(c, i)].get("unreliable") for i in impls if (c, i) in by_key)]
+    for k in shaky:
+        for ax in (ax_time, ax_bw):
+            ax.axvspan(k - 0.5, k + 0.5, facecolor="none", edgecolor="red", hatch="//", alpha=0.4, linewidth=0)
     # The floor: fwd+bwd bytes moved at the copy bandwidth of the same run.
     floor = [float(next(by_key[(c, i)] for i in impls if (c, i) in by_key)["bytes"]) / copy_gbps[c] / 1e6
              for c in cases]
     ax_time.hlines(floor, [k - 0.45 for k in range(len(cases))], [k + 0.45 for k in range(len(cases))],
-                   colors="black", linestyles="dashed", label="bytes at copy bandwidth")
+                   colors="black", linestyles="dashed",
+                   label="floor: fwd+bwd bytes (5 x size of x) at the same run's copy bandwidth")
     ax_time.set_yscale("log")
     ax_time.set_ylabel("fwd+bwd median time (ms, log)")
-    ax_time.legend(fontsize="small", ncol=len(impls) + 1, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
+    ax_time.legend(fontsize="small", ncol=min(3, len(impls) + 1), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                   frameon=False)
     ax_bw.axhline(100, color="black", linestyle="dashed", linewidth=1)
     ax_bw.set_ylabel("% of copy bandwidth")
-    ax_bw.set_xticks(range(len(cases)), ["\n".join(c) for c in cases], fontsize="small")
+    labels = ["\n".join(c) + ("\nUNRELIABLE" if k in shaky else "") for k, c in enumerate(cases)]
+    ax_bw.set_xticks(range(len(cases)), labels, fontsize="small")
+    if shaky:
+        reasons = sorted({by_key[(cases[k], i)]["unreliable"] for k in shaky for i in impls if (cases[k], i) in by_key}
+                         - {""})
+        ax_bw.set_xlabel("hatched, UNRELIABLE: " + " | ".join(reasons), fontsize="small", color="red")
     first = rows[0]
     fig.suptitle(f"batchless_norm training fwd+bwd: {first['device_name']}, {first['num_threads']} threads, "
                       f"torch {first['torch_version']}")

@@ -1,5 +1,5 @@
 // The NLL's per-channel math, shared by the CPU loop and the CUDA kernels (schemas in csrc/ops.cpp):
-// sigma's parametrizations (PAPER.md's table) with their derivatives, and the argument checks.
+// sigma's parametrizations (docs/method.md's table) with their derivatives, and the argument checks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -23,7 +23,7 @@ inline Parametrization parse_parametrization(c10::string_view name) {
               std::string(name), "'");
 }
 
-// r = 1/sigma, log sigma and their derivatives in p, per PAPER.md's parametrization table.
+// r = 1/sigma, log sigma and their derivatives in p, per docs/method.md's parametrization table.
 // d log|r| / dp rather than dr/dp: the NLL's data term needs (s2 / n) dlog|r|/dp, and dr/dp = -r^2
 // (abs) overflows float32 for sigma below ~1e-19 where the product is representable.
 template <typename acc_t>

@@ -58,7 +58,7 @@ TORCH_LIBRARY(batchless_kernels, m) {
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {
-  // The layer's NLL term from the forward's sums (PAPER.md, mean reduction over the C channels
+  // The layer's NLL term from the forward's sums (docs/method.md, mean reduction over the C channels
   // and the `count` elements per channel):
   //   nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2)
   // sigma_c comes from std_param by `parametrization` ("abs", "log", "inv") and eps. A 0-dim

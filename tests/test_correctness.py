@@ -300,7 +300,7 @@ def test_tiny_sigma_gradients_stay_finite(case, parametrization):
 
 def _pinned_case(parametrization):
     """x = [[1], [3]] (N=2, C=1), mean 1, sigma 2 (r = 0.5), weight 3, bias -1: xhat = [0, 1],
-    y = [-1, 2], S1 = 1, S2 = 1, n = 2. Values from PAPER.md by hand:
+    y = [-1, 2], S1 = 1, S2 = 1, n = 2. Values from docs/method.md by hand:
       nll (gauge off) = log 2 + S2 / (2n) = log 2 + 1/4;  with the gauge: 1/2 (S2/n - 1) = -1/4
       dnll/dmean = -r S1 / n = -1/4;  dnll/dsigma = (1 - S2/n) / sigma = 1/4
       dnll/dp: abs (p = 2 - eps) 1/4, log (p = log 2) sigma * 1/4 = 1/2,
@@ -369,12 +369,12 @@ def test_need_nll(case, shape, layout, dtype):
 
 
 # ------------------------------------------------------------------------------------------------
-# NLL gradients vs PAPER.md's closed forms, independently of the reference
+# NLL gradients vs docs/method.md's closed forms, independently of the reference
 # ------------------------------------------------------------------------------------------------
 
 
 def closed_form(x, mean, std_param, parametrization, eps, gauge):
-    """(nll, dL/dmean, dL/dstd_param) from PAPER.md "Gradients", in float64:
+    """(nll, dL/dmean, dL/dstd_param) from docs/method.md "Gradients", in float64:
         xhat = (x - mu) r,  S1 = sum xhat,  S2 = sum xhat^2 per channel,  n elements per channel
         dL/dmu    = -(r / (C n)) S1
         dL/dsigma = (1 / (C sigma)) (1 - S2 / n),  dL/dp = dL/dsigma dsigma/dp  (abs, log)
@@ -430,7 +430,7 @@ def test_nll_closed_form(case, parametrization, gauge, dtype, atol, rtol, shape,
     assert_close_scaled(nll, nll_cf, atol, rtol, what="nll")
     assert_close_scaled(m.grad, w * dmu_cf, atol, rtol, what="dmean")
     assert_close_scaled(p.grad, w * dp_cf, atol, rtol, what="dstd_param")
-    if gauge:  # PAPER.md: with the gauge, L = mean_c 1/2 (mean_i xhat^2 - 1)
+    if gauge:  # docs/method.md: with the gauge, L = mean_c 1/2 (mean_i xhat^2 - 1)
         C = x.shape[1]
         xhat = (x.double().movedim(1, -1).reshape(-1, C).cpu() - mean.double().cpu()) * \
             bk.parametrization.rstd_and_log_std(std_param.double().cpu(), parametrization, eps)[0]

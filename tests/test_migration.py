@@ -1,5 +1,5 @@
 """convert_batchnorm: a BN / SyncBN / Batch Renormalization network becomes a Batchless one computing
-the BN network's eval-mode function (PAPER.md, "Migrating")."""
+the BN network's eval-mode function (docs/method.md, "Migrating")."""
 
 from __future__ import annotations
 

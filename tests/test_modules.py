@@ -107,7 +107,7 @@ def test_std_follows_std_param():
 
 
 def test_inv_negative_std_param_flips_the_output_not_sigma():
-    """inv: r = p as is (PAPER.md), so p < 0 flips y's sign; sigma, what the NLL's Gaussian uses,
+    """inv: r = p as is (docs/method.md), so p < 0 flips y's sign; sigma, what the NLL's Gaussian uses,
     stays 1 / |p| > 0."""
     m = bk.BatchlessNorm1d(3, parametrization="inv", affine=False)
     with torch.no_grad():

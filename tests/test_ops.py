@@ -337,7 +337,7 @@ def test_double_backward_through_output(case):
 
 
 # ------------------------------------------------------------------------------------------------
-# The NLL op: one loop over channels, checked against the composite formulation and PAPER.md
+# The NLL op: one loop over channels, checked against the composite formulation and docs/method.md
 # ------------------------------------------------------------------------------------------------
 
 
