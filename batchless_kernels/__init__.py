@@ -15,7 +15,7 @@ from .data_init import init_from_data
 from .functional import batchless_norm
 from .inference import ChannelAffine, fuse_for_inference
 from .migration import convert_batchnorm
-from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, nll_loss
+from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, nll_loss
 from .parametrization import PARAMETRIZATIONS
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "PARAMETRIZATIONS",
+    "BatchlessNorm",
     "BatchlessNorm1d",
     "BatchlessNorm2d",
     "BatchlessNorm3d",

@@ -32,8 +32,11 @@ def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: in
         )
 
 
-def check_inputs(x, mean, std_param, weight, bias) -> None:
-    """Validates the tensors of batchless_norm; raises TypeError/ValueError naming the argument."""
+def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
+    """Validates the tensors of batchless_norm; raises TypeError/ValueError naming the argument.
+
+    Returns the parameters' shape over x.shape[1:] (x.dim() - 1 dims): the per-channel (C,) as
+    (C, 1, ..., 1); a size-1 dim is an axis the Gaussian shares (docs/method.md, "Shared axes")."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -42,20 +45,29 @@ def check_inputs(x, mean, std_param, weight, bias) -> None:
         )
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
-    channels = x.shape[1]
+    channels, rest = x.shape[1], tuple(x.shape[1:])
+    expected = (f"({channels},) or a shape of {len(rest)} dims that broadcasts to x.shape[1:] = {rest} "
+                "(1 where the Gaussian is shared)")
+    shape = None
     for name, t in (("mean", mean), ("std_param", std_param), ("weight", weight), ("bias", bias)):
         if t is None:
             if name in ("mean", "std_param"):
-                raise TypeError(f"{name} must be a tensor of shape ({channels},), got None")
+                raise TypeError(f"{name} must be a tensor of shape {expected}, got None")
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-        if tuple(t.shape) != (channels,):
-            raise ValueError(
-                f"{name} must have shape ({channels},) to match the {channels} channels of x "
-                f"(dim 1 of x with shape {tuple(x.shape)}), got shape {tuple(t.shape)}"
-            )
+        if tuple(t.shape) == (channels,):
+            t_shape = (channels,) + (1,) * (len(rest) - 1)
+        elif t.dim() == len(rest) and all(d in (1, full) for d, full in zip(t.shape, rest)):
+            t_shape = tuple(t.shape)
+        else:
+            raise ValueError(f"{name} must have shape {expected}, got shape {tuple(t.shape)}")
+        if shape is not None and t_shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, unlike mean's {shape}: mean, std_param, weight "
+                             "and bias share one shape")
+        shape = t_shape
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must share a device")
+    return shape

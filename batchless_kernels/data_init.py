@@ -18,6 +18,7 @@ Order. A layer's input depends on the layers before it, so layers are done in de
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 from torch import nn
@@ -32,21 +33,26 @@ class _StopForward(BaseException):
 
 
 class _ChannelStats:
-    """Streaming per-channel mean and sum of squared deviations in float64 (Chan et al.)."""
+    """Streaming mean and sum of squared deviations in float64 (Chan et al.) per Gaussian of a
+    layer: per channel, or per group of its param_shape (the axes of size 1 are shared)."""
 
-    def __init__(self) -> None:
+    def __init__(self, param_shape: tuple[int, ...]) -> None:
+        self.param_shape = param_shape
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
     def add(self, x: torch.Tensor) -> None:
-        n = x.numel() // x.shape[1] if x.shape[1] else 0
+        full = self.param_shape + (1,) * (x.dim() - 1 - len(self.param_shape))  # (C,) -> (C, 1, ...)
+        groups = math.prod(full)
+        n = x.numel() // groups if groups and x.numel() else 0
         if n == 0:
             return
-        dims = [0] + list(range(2, x.dim()))
+        dims = [0] + [1 + i for i, d in enumerate(full) if d == 1]
         xd = x.detach().to(torch.float64)
-        mean = xd.mean(dims)
-        m2 = (xd - mean.view((1, -1) + (1,) * (x.dim() - 2))).square().sum(dims)
+        mean = xd.mean(dims, keepdim=True)
+        m2 = (xd - mean).square().sum(dims).reshape(self.param_shape)
+        mean = mean.reshape(self.param_shape)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -110,7 +116,7 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         iterator is materialized (up to max_batches batches); pass a re-iterable to keep memory at one
         batch.
     preserve_function: also adjust weight and bias so that the model's function is unchanged (needs
-        affine layers); then one pass over the data suffices.
+        layers with both, affine=True and bias=True); then one pass over the data suffices.
     max_batches: use at most this many batches per pass.
     train_mode: run the model in training mode (e.g. with dropout active); default eval mode. The
         modules' train/eval flags are restored afterwards.
@@ -124,9 +130,10 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         raise TypeError(f"preserve_function must be a bool, got {type(preserve_function).__name__}")
     names = {m: n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, _BatchlessNorm)}
     if preserve_function:
-        no_affine = [n for m, n in names.items() if not m.affine]
+        no_affine = [n for m, n in names.items() if m.weight is None or m.bias is None]
         if no_affine:
-            raise ValueError(f"preserve_function=True needs affine layers; affine=False in {no_affine}")
+            raise ValueError("preserve_function=True needs layers with weight and bias (affine=True, bias=True) "
+                             f"to absorb the change; without them: {no_affine}")
     batches = _batches(data, max_batches)
     if not names:
         return model
@@ -159,7 +166,7 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
                 target.append(layer)
             elif layer is not target[0]:
                 raise _StopForward
-        stats.setdefault(layer, _ChannelStats()).add(x)
+        stats.setdefault(layer, _ChannelStats(tuple(layer.mean.shape))).add(x)
 
     handles = [m.register_forward_pre_hook(pre_hook) for m in remaining]
     seen = 0

@@ -3,6 +3,7 @@ op, and turns its per-channel sums into the NLL term."""
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 
@@ -33,8 +34,12 @@ def batchless_norm(
     Args:
         x: (N, C, *) float16/bfloat16/float32/float64; contiguous, channels_last or any layout with
             channels innermost runs without copies.
-        mean, std_param: (C,) the learned Gaussian: mu and the raw sigma parameter.
-        weight, bias: optional (C,) affine output (gamma, beta).
+        mean, std_param: (C,) the learned Gaussian: mu and the raw sigma parameter; or, for
+            Gaussians shared over other axes than the batch (docs/method.md, "Shared axes"), any
+            shape of x.dim() - 1 dims that broadcasts to x.shape[1:], a size-1 dim being an axis the
+            Gaussian shares: (C, 1, 1) is (C,) on 4-D x, (C, H, W) one Gaussian per position,
+            (1, 1, 1) one for the layer. Any strides.
+        weight, bias: optional affine output (gamma, beta), of the same shape as mean.
         parametrization: how std_param gives sigma: "abs" (BLN), "log" (BLNlog), "inv" (BLNinv).
         eps: positive; keeps logs and divisions finite (see parametrization.py).
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
@@ -48,7 +53,7 @@ def batchless_norm(
             over every element of x of the Gaussian NLL; differentiable in mean and std_param only.
             An empty x (N = 0 or C = 0) gives nll = 0 with zero gradients.
     """
-    check_inputs(x, mean, std_param, weight, bias)
+    param_shape = check_inputs(x, mean, std_param, weight, bias)
     check_parametrization(parametrization)
     eps = check_eps(eps)
     if not isinstance(gauge, bool):
@@ -58,10 +63,21 @@ def batchless_norm(
     name = resolve_backend(backend, x.device, x)
     if need_nll:
         _warn_if_reentrant_checkpoint()
-    if name != "reference" and _under_functorch():
+    if name != "reference" and (_under_functorch() or torch.compiler.is_exporting()):
         # torch.func (grad, vjp, jacrev, vmap) cannot see through the compiled ops' C++ autograd:
         # run the executable spec, which it differentiates and batches exactly (per-sample gradients).
+        # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
+        # runtimes know, where the compiled ops would need this library at load time.
         name = "reference"
+    if name != "reference" and tuple(mean.shape) != (x.shape[1],):  # shared axes
+        grouped = _as_channels(x, param_shape)
+        if grouped is None:  # no view of x puts the Gaussians on one axis: the tensor-op spec
+            name = "reference"
+        else:
+            flat = [t if t is None else t.reshape(grouped.shape[1]) for t in (mean, std_param, weight, bias)]
+            y, nll = batchless_norm(grouped, *flat, parametrization=parametrization, eps=eps, gauge=gauge,
+                                    backend=name, need_nll=need_nll)
+            return y.view(x.shape), nll
     if name == "reference":
         return reference.batchless_norm(
             x, mean, std_param, weight, bias,
@@ -83,6 +99,26 @@ def batchless_norm(
     # No compiled NLL kernel for this device (an extension built without CUDA, triton on a GPU).
     count = x.numel() // x.shape[1]  # elements per channel
     return y, nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
+
+
+def _as_channels(x: torch.Tensor, param_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """x viewed so that each Gaussian of `param_shape` is one channel of the kernels' layouts, or
+    None where no view does it. Per channel ((C, 1, ..) on any layout x): x itself. On a contiguous x,
+    parameters varying along the leading dims of x.shape[1:] only (e.g. (C, H, 1), (1, 1, 1)):
+    (N, G, S) planes; along the trailing dims only (e.g. (1, H, W)): (N * prefix, G) rows."""
+    rest = tuple(x.shape[1:])
+    varying = [i for i, d in enumerate(param_shape) if d != 1]
+    if all(i == 0 for i in varying) and param_shape[0] == rest[0]:
+        return x
+    if not x.is_contiguous():
+        return None
+    last = varying[-1] + 1 if varying else 0
+    if list(param_shape[:last]) == list(rest[:last]):
+        return x.view(x.shape[0], math.prod(rest[:last]), math.prod(rest[last:]))
+    first = varying[0]
+    if list(param_shape[first:]) == list(rest[first:]):
+        return x.view(x.shape[0] * math.prod(rest[:first]), math.prod(rest[first:]))
+    return None
 
 
 def _under_functorch() -> bool:

@@ -4,10 +4,12 @@ preceding convolution or linear layer where there is one."""
 
 from __future__ import annotations
 
+import collections
 import copy
 import warnings
 
 import torch
+import torch.fx
 from torch import nn
 
 from .modules import _BatchlessNorm
@@ -41,23 +43,27 @@ class ChannelAffine(nn.Module):
         super().__init__()
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
             raise TypeError("scale and shift must be tensors")
-        if scale.dim() != 1 or scale.shape != shift.shape:
+        if scale.dim() < 1 or scale.shape != shift.shape:
             raise ValueError(
-                f"scale and shift must be (C,) tensors of one shape, got {tuple(scale.shape)} and {tuple(shift.shape)}"
+                "scale and shift must be tensors of one shape, (C,) or a Batchless layer's param_shape, got "
+                f"{tuple(scale.shape)} and {tuple(shift.shape)}"
             )
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 2 or x.shape[1] != self.scale.shape[0]:
-            raise ValueError(
-                f"expected an (N, {self.scale.shape[0]}, *) input, got shape {tuple(x.shape)}"
-            )
-        view = (1, -1) + (1,) * (x.dim() - 2)
+        shape = tuple(self.scale.shape)
+        if self.scale.dim() == 1:  # per channel
+            shape += (1,) * max(0, x.dim() - 2)
+        if x.dim() != len(shape) + 1 or any(d not in (1, full) for d, full in zip(shape, x.shape[1:])) \
+                or (self.scale.dim() == 1 and shape[0] != x.shape[1]):
+            expected = f"{shape[0]}, *" if self.scale.dim() == 1 else ", ".join(map(str, shape))
+            raise ValueError(f"expected an (N, {expected}) input (size-1 dims broadcast), got shape {tuple(x.shape)}")
+        view = (1,) + shape
         return torch.addcmul(self.shift.view(view), x, self.scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.scale.shape[0]}"
+        return f"{self.scale.shape[0]}" if self.scale.dim() == 1 else f"param_shape={tuple(self.scale.shape)}"
 
 
 def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,15 +81,44 @@ def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
     """Whether `layer` can be folded into `prev`: a plain conv/linear (no own forward, no hooks, not
     used elsewhere in the model) whose output channels are the layer's channels."""
     base = next((cls for cls in _FOLD_INTO if isinstance(prev, cls)), None)
-    if base is None or _own_behaviour(prev, base) or uses[id(prev)] > 1 or nn.parameter.is_lazy(prev.weight):
+    if base is None or not layer.per_channel or _own_behaviour(prev, base) or uses[id(prev)] > 1 or nn.parameter.is_lazy(prev.weight):
         return False
     out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
     return out == layer.num_features
 
 
+class _LeafTracer(torch.fx.Tracer):
+    """Traces a model down to its convolutions, linear and Batchless layers (kept as modules)."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (_BatchlessNorm, *_FOLD_INTO)) or super().is_leaf_module(m, qualname)
+
+
+def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, Batchless layer name) where, in the traced forward, the layer is called once, on
+    the output of a conv called once, which nothing else reads: the pairs that PyTorch's own conv-bn
+    fusion (torch.fx.experimental.optimization.fuse) finds. Empty when the model does not trace
+    (data-dependent control flow, ...)."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read, keep today's rule
+        return []
+    calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+            continue
+        src = node.args[0]
+        if (isinstance(src, torch.fx.Node) and src.op == "call_module" and calls[src.target] == 1
+                and len(src.users) == 1):
+            pairs.append((src.target, node.target))
+    return pairs
+
+
 def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
     """prev(x) * a + b as prev's own weight and bias (per output channel)."""
     weight = prev.weight.detach().to(torch.float64)
+    a, b = a.reshape(-1), b.reshape(-1)  # a per-channel layer's (C, 1, ...) parameters
     if isinstance(prev, nn.modules.conv._ConvTransposeNd):
         # weight is (in, out / groups, *k): output channel g * out/groups + j is weight[group g rows, j]
         g = prev.groups
@@ -110,9 +145,12 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     directly follows (as the next child) a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many
     output channels is folded into that layer's weight and bias, and replaced by nn.Identity (indices,
     hence state_dict keys, are kept). A Linear is assumed to see (N, in_features) inputs, the case
-    where BatchlessNorm1d's channels are its output features. Conv/linear modules used more than once,
-    with hooks, or subclasses with their own forward are not folded. Every other Batchless layer
-    becomes a ChannelAffine.
+    where BatchlessNorm1d's channels are its output features. Elsewhere (e.g. ResNet blocks, whose
+    forward calls self.bn1(self.conv1(x))), the model is traced with torch.fx: a Batchless layer used
+    once, called on the output of a conv (not Linear) called once whose output nothing else reads, is
+    folded likewise; models that do not trace keep the Sequential rule only. Conv/linear modules used
+    more than once, with hooks, or subclasses with their own forward are not folded. Every other
+    Batchless layer becomes a ChannelAffine.
 
     Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
     or their pre-hooks) or whose class or instance overrides forward, since their function is not the
@@ -155,6 +193,16 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
                 _fold(prev, *_affine_of(layer))
                 folded.add(id(prev))
                 seq._modules[name] = nn.Identity()
+    # Elsewhere, from the traced graph: convolutions only, whose channel dim is dim 1 whatever the
+    # input (a Linear's features are dim 1 only for 2-D inputs, which a graph without shapes can't tell).
+    for prev_name, name in _traced_pairs(model):
+        prev, layer = model.get_submodule(prev_name), model.get_submodule(name)
+        if (fusable(layer) and uses[id(layer)] == 1 and not isinstance(prev, nn.Linear) and id(prev) not in folded
+                and _foldable(prev, layer, uses)):
+            _fold(prev, *_affine_of(layer))
+            folded.add(id(prev))
+            parent_name, _, child_name = name.rpartition(".")
+            model.get_submodule(parent_name)._modules[child_name] = nn.Identity()
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if fusable(child):

@@ -14,10 +14,27 @@ from .parametrization import check_eps, check_parametrization, param_from_std, s
 
 
 class _BatchlessNorm(nn.Module):
-    """Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term.
+    """Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term
+    (docs/method.md): y = (x - mean) / sigma * weight + bias, per channel.
 
     The same function in train and eval mode. After each forward the layer keeps its (unweighted)
     NLL term in ``self.nll``; ``batchless_kernels.nll_loss(model)`` adds them up with nll_weight.
+
+    Args:
+        num_features: C, the channels of (N, C, *) inputs.
+        eps: positive; enters sigma's parametrization (see parametrization.py).
+        affine: learn a per-channel scale ``weight`` (gamma), and a shift ``bias`` (beta) unless
+            ``bias=False`` (nn.LayerNorm's convention); without them y is the normalized input.
+        bias: with affine, whether to learn the shift; False registers ``bias`` as None.
+        parametrization: "abs", "log" or "inv": how ``std_param`` gives sigma.
+        nll_weight: the NLL term's multiplier in ``nll_loss`` (>= 0).
+        gauge: subtract the NLL's expected value (same gradients).
+        init_mean, init_std: the Gaussian's initial mean and sigma (> 0).
+        backend: "auto", "reference", "cpu", "triton" or "cuda".
+        device, dtype: of the parameters.
+
+    Raises:
+        ValueError / TypeError naming the argument, for invalid values.
     """
 
     _accepted_dims: tuple[int, ...] | None = ()
@@ -27,6 +44,7 @@ class _BatchlessNorm(nn.Module):
         num_features: int,
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         parametrization: str = "log",
         nll_weight: float = 1.0,
         gauge: bool = True,
@@ -45,12 +63,15 @@ class _BatchlessNorm(nn.Module):
             raise ValueError(f"init_std must be a positive finite float, got {init_std!r}")
         if not (isinstance(init_mean, (int, float)) and math.isfinite(init_mean)):
             raise ValueError(f"init_mean must be a finite float, got {init_mean!r}")
+        for name, flag in (("affine", affine), ("bias", bias)):
+            if not isinstance(flag, bool):  # also catches a parametrization passed positionally
+                raise TypeError(f"{name} must be a bool, got {flag!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)
-        self.affine = bool(affine)
+        self.affine = affine
         self.parametrization = check_parametrization(parametrization)
         self.nll_weight = float(nll_weight)
         self.gauge = bool(gauge)
@@ -58,23 +79,44 @@ class _BatchlessNorm(nn.Module):
         self.init_std = float(init_std)
         param_from_std(self.init_std, self.parametrization, self.eps)  # validates init_std vs eps
         self.backend = backend
-        self.mean = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-        self.std_param = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+        shape = self._parameter_shape(num_features)
+        self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        self.std_param = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        # nn.LayerNorm's convention: affine gives the learned scale (gamma) and, unless bias=False,
+        # the shift (beta); the method's "output std" and "output mean", which the author's layer
+        # also has apart.
         if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.weight = nn.Parameter(torch.empty(shape, **factory_kwargs))
         else:
             self.register_parameter("weight", None)
+        if self.affine and bias:
+            self.bias = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        else:
             self.register_parameter("bias", None)
         self.nll: torch.Tensor | None = None
         self.reset_parameters()
+
+    def _parameter_shape(self, num_features: int) -> tuple[int, ...]:
+        return (num_features,)
+
+    @property
+    def param_shape(self) -> tuple[int, ...]:
+        """The shape of mean, std_param, weight, bias: (num_features,) per channel."""
+        return tuple(self.mean.shape)
+
+    @property
+    def per_channel(self) -> bool:
+        """The parameters vary along dim 1 at most (shared over every other axis): a per-channel
+        affine map, what can fold into the conv before the layer."""
+        return all(d == 1 for d in self.param_shape[1:])
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.mean.fill_(self.init_mean)
             self.std_param.fill_(float(param_from_std(self.init_std, self.parametrization, self.eps)))
-            if self.affine:
+            if self.weight is not None:
                 nn.init.ones_(self.weight)
+            if self.bias is not None:
                 nn.init.zeros_(self.bias)
         self.nll = None
 
@@ -100,12 +142,14 @@ class _BatchlessNorm(nn.Module):
         y, self.nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
+            # an exported program (torch.export, ONNX) is for inference: a module attribute is no output
+            need_nll=False if torch.compiler.is_exporting() else None,
         )
         return y
 
     def extra_repr(self) -> str:
         return (
-            f"{self.num_features}, eps={self.eps}, affine={self.affine}, "
+            f"{self.num_features}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, "
             f"parametrization={self.parametrization!r}, nll_weight={self.nll_weight}, gauge={self.gauge}"
         )
 
@@ -133,6 +177,56 @@ class BatchlessNormNd(_BatchlessNorm):
     converts to, since its rank is only known at run time."""
 
     _accepted_dims = None
+
+
+class BatchlessNorm(_BatchlessNorm):
+    """Batchless normalization with Gaussians shared over any set of the non-batch axes (the
+    author's shared_axes, docs/method.md), in PyTorch's broadcasting idiom.
+
+    Args:
+        param_shape: the shape of mean, std_param, weight and bias, with as many dims as the input
+            has after the batch dim, each 1 (an axis the Gaussian shares) or the input's size there:
+            (C, 1, 1) on (N, C, H, W) inputs is BatchlessNorm2d(C); (C, H, W) keeps statistics per
+            position; (1, 1, 1) one Gaussian for the whole layer. An int C means (C,).
+        eps, affine, bias, parametrization, nll_weight, gauge, init_mean, init_std, backend, device,
+            dtype: as for BatchlessNorm2d.
+
+    The NLL is the mean over every element of the input (docs/method.md). The kernels run it without
+    copies where the Gaussians vary along leading axes only ((C, H, 1)), trailing axes only ((1, H, W)),
+    or per channel; other patterns on contiguous inputs, and shared patterns on non-contiguous inputs,
+    run through the reference (tensor ops).
+
+    Raises:
+        ValueError: param_shape not a tuple of positive ints; an input of another rank or whose
+            sizes param_shape does not broadcast to.
+    """
+
+    _accepted_dims = None
+
+    def __init__(self, param_shape, eps: float = 1e-5, affine: bool = True, bias: bool = True,
+                 parametrization: str = "log", nll_weight: float = 1.0, gauge: bool = True,
+                 init_mean: float = 0.0, init_std: float = 1.0, backend: str = "auto", device=None,
+                 dtype=None) -> None:
+        shape = (param_shape,) if isinstance(param_shape, int) and not isinstance(param_shape, bool) else param_shape
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 0
+                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
+            raise ValueError(f"param_shape must be a non-empty tuple of positive ints, got {param_shape!r}")
+        self._shape = tuple(shape)
+        super().__init__(self._shape[0], eps, affine, bias, parametrization, nll_weight, gauge, init_mean,
+                         init_std, backend, device, dtype)
+
+    def _parameter_shape(self, num_features: int) -> tuple[int, ...]:
+        return self._shape
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        check_layer_input(x, (len(self._shape) + 1,))
+        rest = tuple(x.shape[1:])
+        if any(d not in (1, full) for d, full in zip(self._shape, rest)):
+            raise ValueError(f"BatchlessNorm has param_shape={self._shape}, which does not broadcast to the input's "
+                             f"{rest} after the batch dim (input shape {tuple(x.shape)})")
+
+    def extra_repr(self) -> str:
+        return f"param_shape={self._shape}, " + super().extra_repr().split(", ", 1)[1]
 
 
 def nll_loss(model: nn.Module) -> torch.Tensor:

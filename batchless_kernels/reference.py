@@ -7,7 +7,9 @@ stop-gradients. Every fused backend is tested against this function run in float
     nll = mean_c [ log sigma_c + 1/2 mean_i ((sg(x) - mu_c) r_c)^2 ]  (trains mu, sigma)
           - [ sg(mean_c log sigma_c) + 1/2 ]   when gauge=True
 
-The mean runs over every element of x (instances, positions and channels). An empty input
+The mean runs over every element of x (instances, positions and channels). The parameters are (C,),
+one Gaussian per channel, or of any shape of x.dim() - 1 dims that broadcasts to x.shape[1:]: a
+size-1 dim is an axis the Gaussian shares (the author's shared_axes), e.g. (C, H, W) per position. An empty input
 (N = 0 or C = 0) has no elements to average: its nll is defined as 0, with zero gradients.
 """
 
@@ -32,11 +34,11 @@ def batchless_norm(
     need_nll: bool = True,
 ):
     """Returns (y, nll); nll is None when need_nll is False. Computes in the accumulation dtype."""
-    check_inputs(x, mean, std_param, weight, bias)
+    param_shape = check_inputs(x, mean, std_param, weight, bias)
     check_parametrization(parametrization)
     eps = check_eps(eps)
     acc = accumulation_dtype(x.dtype)
-    channel_view = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    channel_view = (1,) + param_shape  # (1, C, 1, ...) per channel; size-1 dims: shared axes
 
     # Copies: the NLL's backward runs as soon as the loss's does, and must not read the parameters'
     # storage, which FSDP frees between a layer's forward and its backward.
@@ -58,8 +60,8 @@ def batchless_norm(
         return y, empty_batch_nll(mu, p)
     # = (sg(x) - mu) * r; `normalize` keeps autograd off dr/dp, which overflows for tiny sigma (abs)
     xhat = normalize(xf.detach() - mu.view(channel_view), p.view(channel_view), parametrization, eps)
-    non_channel_dims = [0] + list(range(2, x.dim()))
-    nll = (log_sigma + 0.5 * xhat.square().mean(non_channel_dims)).mean()
+    # the mean over every element of log sigma + xhat^2 / 2; each Gaussian covers as many elements
+    nll = log_sigma.mean() + 0.5 * xhat.square().mean()
     if gauge:
         nll = nll - log_sigma.detach().mean() - 0.5
     return y, nll

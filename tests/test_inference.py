@@ -37,7 +37,7 @@ def randomize(model, data):
 
 
 class Branch(nn.Module):
-    """A Batchless layer outside any Sequential: becomes a ChannelAffine."""
+    """A Batchless layer outside any Sequential, on a conv's output: folded through the traced graph."""
 
     def __init__(self, c, **kw):
         super().__init__()
@@ -90,10 +90,10 @@ def test_conv_model(parametrization, affine, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     fused = fused_outputs_match(model, x, rtol=1e-5)
     kinds = [type(m).__name__ for m in fused.modules()]
-    assert kinds.count("ChannelAffine") == 2 and kinds.count("Identity") == 4
+    assert kinds.count("ChannelAffine") == 1 and kinds.count("Identity") == 5
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[3][1], nn.Identity)
     assert fused[3][0].bias is not None and fused[3][0].bias.shape == (8,)  # created by the fold
-    assert isinstance(fused[5], bk.ChannelAffine) and isinstance(fused[6].norm, bk.ChannelAffine)
+    assert isinstance(fused[5], bk.ChannelAffine) and isinstance(fused[6].norm, nn.Identity)
     assert fused.state_dict()["0.weight"].shape == model.state_dict()["0.weight"].shape
 
 
@@ -255,3 +255,89 @@ def test_sequential_with_own_forward_not_folded():
     randomize(model[1], torch.randn(8, 3))
     fused = fused_outputs_match(model, torch.randn(5, 3), rtol=1e-5)
     assert type(fused[0]) is nn.Linear and isinstance(fused[1], bk.ChannelAffine)
+
+
+# ------------------------------------------------------------------------------------------------
+# Folding found in the traced graph (torch.fx), outside nn.Sequential
+# ------------------------------------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: norm(conv(x)) pairs inside a custom forward, a residual."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                           if stride > 1 or cin != cout else None)
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class SharedOutput(nn.Module):
+    """The conv's output is read twice (by the norm and the residual): folding would change it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 4, 1), bk.BatchlessNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.norm(y) + y
+
+
+class Untraceable(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it; the Sequential rule still applies."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm2d(4))
+        self.conv, self.norm = nn.Conv2d(4, 4, 1), bk.BatchlessNorm2d(4)
+
+    def forward(self, x):
+        y = self.body(x)
+        return self.norm(self.conv(y)) if bool(y.sum() > -1e9) else y
+
+
+@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
+def test_resnet_blocks_fold_every_layer(parametrization):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                          BasicBlock(8, 8, 1), BasicBlock(8, 16, 2)).double()
+    model = bk.convert_batchnorm(model, parametrization=parametrization)
+    data = make_x((6, 3, 8, 8), dtype=torch.float64)
+    randomize(model, data)
+    fused = fused_outputs_match(model, make_x((4, 3, 8, 8), dtype=torch.float64), rtol=1e-10)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("Identity") == 6 and "ChannelAffine" not in kinds
+    assert isinstance(fused[4].downsample[1], nn.Identity) and isinstance(fused[3].bn2, nn.Identity)
+
+
+def test_traced_folding_keeps_the_refusal_rules():
+    x = make_x((2, 3, 5, 5))
+    x4 = make_x((2, 4, 5, 5))
+    fused = fused_outputs_match(randomize(SharedOutput(), x4), x4, rtol=1e-5)
+    assert isinstance(fused.norm, bk.ChannelAffine)
+    untraceable = randomize(Untraceable(), x)
+    fused = fused_outputs_match(untraceable, x, rtol=1e-5)
+    assert isinstance(fused.body[1], nn.Identity) and isinstance(fused.norm, bk.ChannelAffine)
+    hooked = randomize(BasicBlockOfBatchless(), x)
+    hooked.conv1.register_forward_hook(lambda m, i, o: o * 2)
+    fused = fused_outputs_match(hooked, x, rtol=1e-5)
+    assert isinstance(fused.bn1, bk.ChannelAffine) and isinstance(fused.bn2, nn.Identity)
+
+
+def BasicBlockOfBatchless():  # noqa: N802 - a model factory named like the class it converts
+    return bk.convert_batchnorm(BasicBlock(3, 3, 1))
+
+
+def test_torchvision_resnet18_folds_20_of_20():
+    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed with this torch")
+    model = bk.convert_batchnorm(torchvision.models.resnet18(num_classes=10)).double().eval()
+    randomize(model, make_x((2, 3, 32, 32), dtype=torch.float64))
+    fused = fused_outputs_match(model, make_x((2, 3, 32, 32), dtype=torch.float64), rtol=1e-9)
+    kinds = [type(m).__name__ for m in fused.modules()]
+    assert kinds.count("Identity") == 20 and "ChannelAffine" not in kinds

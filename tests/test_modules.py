@@ -130,7 +130,7 @@ def test_init_in_the_parameters_dtype(parametrization, init_std):
 def test_extra_repr():
     m = bk.BatchlessNorm2d(16)
     assert m.extra_repr() == (
-        "16, eps=1e-05, affine=True, parametrization='log', nll_weight=1.0, gauge=True"
+        "16, eps=1e-05, affine=True, bias=True, parametrization='log', nll_weight=1.0, gauge=True"
     )
     m = bk.BatchlessNorm1d(3, eps=1e-3, affine=False, parametrization="abs", nll_weight=0.1, gauge=False)
     text = repr(m)
@@ -379,3 +379,48 @@ def test_gradient_accumulation_is_exact(case, arch, no_tf32):
         scale = p.grad.abs().max().item()
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5 * scale, rtol=1e-5,
                                    msg=lambda m: f"{name}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# bias=False: the learned scale without the shift (nn.LayerNorm's convention)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bias_false_on_every_backend_and_fused(case, layout):
+    torch.manual_seed(3)
+    layer = bk.BatchlessNorm2d(5, bias=False, parametrization="abs", backend=case.name, dtype=torch.float64,
+                               device=case.device)
+    assert layer.bias is None and "bias" not in layer.state_dict() and "bias=False" in repr(layer)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.mean.normal_()
+        layer.std_param.uniform_(0.5, 2.0)
+    x = make_x((3, 5, 4, 3), layout, torch.float64, case.device).requires_grad_()
+    y = layer(x)
+    sigma = layer.std_param.detach().abs() + layer.eps
+    expected = (x.detach() - layer.mean.detach().view(1, -1, 1, 1)) / sigma.view(1, -1, 1, 1) \
+        * layer.weight.detach().view(1, -1, 1, 1)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+    (y.square().sum() + layer.nll).backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in layer.parameters())
+    torch.testing.assert_close(x.grad, 2 * y.detach() * (layer.weight / sigma).detach().view(1, -1, 1, 1))
+    model = nn.Sequential(nn.Conv2d(5, 5, 1), layer).to(torch.float64).to(case.device)
+    fused = bk.fuse_for_inference(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+def test_bias_and_affine_must_be_bools():
+    with pytest.raises(TypeError, match="bias must be a bool"):
+        bk.BatchlessNorm2d(4, 1e-5, True, "abs")  # a parametrization passed where bias now is
+    with pytest.raises(TypeError, match="affine must be a bool"):
+        bk.BatchlessNorm2d(4, affine="yes")
+    assert bk.BatchlessNorm2d(4, affine=False, bias=True).bias is None  # no shift without affine
+
+
+def test_preserve_function_needs_a_bias():
+    model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(4, bias=False))
+    with pytest.raises(ValueError, match=r"affine=True, bias=True.*\['1'\]"):
+        bk.init_from_data(model, torch.randn(8, 3), preserve_function=True)
