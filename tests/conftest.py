@@ -87,6 +87,15 @@ KERNEL_BACKENDS: list[BackendCase] = [b for b in ALL_BACKENDS if b.name != "refe
 # built (no extension), the reference itself run in the input's (low) precision, so that the suite
 # still checks something; beside fused backends those reference-vs-reference cases could not fail.
 TESTED_BACKENDS: list[BackendCase] = KERNEL_BACKENDS or [b for b in ALL_BACKENDS if b.name == "reference"]
+# CUDA emulation hook (tests/cuda_emulation/build.py documents it): where the CUDA kernels of
+# csrc/cuda are built for the CPU through tests/cuda_emulation (BATCHLESS_CUDA_EMULATION=1 builds
+# them; =0 leaves them out), the correctness suite also runs them as backends "cuda_emu-sm132-cpu"
+# and "cuda_emu-sm1-cpu" (simulated GPUs of 132 SMs and of 1 SM). Such a case calls the cpu backend
+# with its kernel ops redirected to the emulated CUDA launchers (fixture _cuda_emulation below).
+from cuda_emulation import backend as cuda_emulation  # noqa: E402
+
+EMULATED_BACKENDS: list[BackendCase] = cuda_emulation.discover(BackendCase)
+TESTED_BACKENDS = TESTED_BACKENDS + EMULATED_BACKENDS
 # Names of the backends that cannot run CPU tensors here (always includes "cuda").
 NOT_ON_CPU: list[str] = [
     n for n in bk.BACKENDS if n != "auto" and BackendCase(n, "cpu") not in ALL_BACKENDS
@@ -95,6 +104,15 @@ NOT_ON_CPU: list[str] = [
 
 def _marks(case: BackendCase):
     return [pytest.mark.gpu] if case.device == "cuda" else []
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request):
+    """CUDA emulation hook: an emulated case's test runs on its simulated device, with the
+    redirection of the kernel ops on (nothing for other tests)."""
+    case = getattr(getattr(request.node, "callspec", None), "params", {}).get("case")
+    with cuda_emulation.activate(case):
+        yield
 
 
 def backend_params(cases):

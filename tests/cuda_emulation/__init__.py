@@ -1,0 +1,1 @@
+"""CUDA emulation for the test suite: see build.py."""

@@ -1,0 +1,152 @@
+"""The CUDA emulation as backends of the test suite (see build.py for the whole picture).
+
+An emulated case runs the cpu backend's public path (bk.batchless_norm(..., backend="cpu"): its
+training op and C++ autograd from csrc/autograd.cpp, as the cuda backend runs on a GPU) under
+``Redirect``, a TorchDispatchMode that sends the four kernel ops of batchless_kernels to the same
+ops of the emulated library, whose CPU kernels are the CUDA launchers of csrc/cuda run by the
+engine. The mode sees ops below autograd only, so the production autograd stays in the path.
+
+Environment:
+  BATCHLESS_CUDA_EMULATION          1: build what is missing; 0: no emulated backends; unset: use a
+                                    current build where one exists.
+  BATCHLESS_CUDA_EMULATION_MUTANT   name of a rewrite.MUTANTS entry: the emulated backends run the
+                                    mutant variant with that bug switched on (the mutation check);
+                                    "none": the mutant variant with every mutant off.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import os
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from . import build
+
+MUTANT_ENV = "BATCHLESS_CUDA_EMULATION_MUTANT"
+# The kernel ops the launchers of csrc/cuda implement (TORCH_LIBRARY_IMPL(batchless_kernels, CUDA)).
+KERNEL_OPS = ("batchless_norm_forward", "batchless_norm_backward", "batchless_nll", "batchless_nll_backward")
+# The simulated devices of the emulated backends: (SM count, blocks per SM; 0 = from the block size).
+DEVICES = ((132, 0), (1, 1))
+
+_STATE = {"error": None}
+
+
+def setting() -> str:
+    return os.environ.get(build.ENV, "").strip()
+
+
+def mutant_name() -> str | None:
+    """The mutant to switch on ("none": the mutant variant with every mutant off), or None."""
+    name = os.environ.get(MUTANT_ENV, "").strip()
+    if name and name != "none" and name not in build.rewrite.MUTANTS_BY_NAME:
+        raise ValueError(f"{MUTANT_ENV}={name!r}: not 'none' nor one of {sorted(build.rewrite.MUTANTS_BY_NAME)}")
+    return name or None
+
+
+def variant() -> str:
+    return "mutant" if mutant_name() else "main"
+
+
+def unavailable_reason() -> str | None:
+    """Why the emulated backends are not in the suite, or None when they are."""
+    if setting() == "0":
+        return f"{build.ENV}=0"
+    if not _production_ops_loaded():
+        return "batchless_kernels._C is not loaded: no cpu backend to redirect"
+    try:
+        extension()
+    except build.Unavailable as error:
+        return str(error)
+    except Exception as error:  # noqa: BLE001 - a failed build is reported by test_cuda_emulation.py
+        _STATE["error"] = error
+        return f"the CUDA emulation failed to build or load: {str(error).splitlines()[-1] if str(error) else error!r}"
+    return None
+
+
+def _production_ops_loaded() -> bool:
+    import batchless_kernels.ops as ops
+
+    return ops.extension_loaded()
+
+
+def extension():
+    return build.load(variant(), build_if_needed=setting() == "1")
+
+
+def build_error():
+    """The exception of a failed build at discovery, if any."""
+    return _STATE["error"]
+
+
+def discover(base):
+    """The emulated backend cases (subclasses of conftest's BackendCase `base`), or [] where the
+    emulation is not built, with unavailable_reason() saying why."""
+
+    @dataclasses.dataclass(frozen=True)
+    class EmulatedCase(base):
+        """The cpu backend with its kernel ops redirected to the emulated CUDA launchers of a
+        simulated device with sm_count SMs (blocks_per_sm resident blocks, 0: from the block)."""
+
+        sm_count: int = 132
+        blocks_per_sm: int = 0
+
+        @property
+        def id(self) -> str:
+            return f"cuda_emu-sm{self.sm_count}-{self.device}"
+
+    if unavailable_reason() is not None:
+        return []
+    return [EmulatedCase("cpu", "cpu", sm, bps) for sm, bps in DEVICES]
+
+
+def is_emulated(case) -> bool:
+    return hasattr(case, "sm_count") and hasattr(case, "blocks_per_sm")
+
+
+class Redirect(TorchDispatchMode):
+    """Sends batchless_kernels' kernel ops (CPU tensors) to `library`'s; counts the calls."""
+
+    def __init__(self, library: str, ext):
+        super().__init__()
+        self.library = library
+        self.ext = ext
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace != "batchless_kernels":
+            return func(*args, **kwargs)
+        name = func._opname
+        if name in KERNEL_OPS:
+            self.calls[name] += 1
+            out = getattr(getattr(torch.ops, self.library), name).default(*args, **kwargs)
+            if self.ext.take_unchecked():
+                raise RuntimeError(f"CUDA emulation: {name} launched a kernel without C10_CUDA_KERNEL_LAUNCH_CHECK()")
+            return out
+        # Another op of the library below autograd (the training op without a graph): its own kernel,
+        # with the redirection on for the kernel ops it calls.
+        with self:
+            return func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+
+
+@contextlib.contextmanager
+def activate(case):
+    """Runs the body with `case`'s simulated device and the redirection on (no-op for other cases)."""
+    if not is_emulated(case):
+        yield None
+        return
+    ext = extension()
+    mutant = mutant_name()
+    ext.configure(sm_count=case.sm_count, blocks_per_sm=case.blocks_per_sm)
+    ext.set_mutant(build.rewrite.MUTANTS_BY_NAME[mutant].id if mutant and mutant != "none" else 0)
+    mode = Redirect(build.library_of(variant()), ext)
+    try:
+        with mode:
+            yield mode
+    finally:
+        ext.set_mutant(0)
+        ext.configure()

@@ -1,0 +1,234 @@
+"""CUDA emulation: the CUDA kernels of csrc/cuda, unmodified, compiled with g++ and run on CPU tensors.
+
+Why: CI has no GPU. Compiling the CUDA sources (.ci/cuda_build.sh) proves they build, not that they
+compute the right thing; this stage *executes* them, launchers included, in the shared correctness
+suite (tests/test_correctness.py), like any other backend.
+
+How:
+  include/emu_cuda.h   what g++ needs of CUDA: __global__/__device__/__host__/__forceinline__,
+                       threadIdx/blockIdx/blockDim/gridDim, dim3, vector types (uint4, float4, ...),
+                       __syncthreads, __shfl_{,up_,down_,xor_}sync, __ballot/__any/__all_sync,
+                       __syncwarp, cache-hint loads/stores (__ldg, __ldcs, __stcs, __stwb, ...),
+                       __launch_bounds__, occupancy and device-property queries, kernel launches.
+  include/ATen/cuda/CUDAContext.h, include/c10/cuda/{CUDAGuard,CUDAException,CUDAFunctions}.h
+                       stubs of the CUDA headers the launchers include: the current device is the
+                       engine's simulated device (its SM count and blocks per SM are settings, so that
+                       tests force different tilings), streams are dummies, C10_CUDA_CHECK works.
+  engine.cpp           runs a launch: blocks one after another, each CUDA thread of a block a fiber
+                       (ucontext makecontext/swapcontext), and checks what hardware would punish:
+                       __syncthreads from different call sites or after threads exited, warp
+                       collectives whose mask names exited/absent lanes or lanes elsewhere, shuffles
+                       reading lanes outside the mask, deadlocks, block/grid/shared-memory limits,
+                       __launch_bounds__, launches not followed by C10_CUDA_KERNEL_LAUNCH_CHECK.
+                       Shared memory is fresh per block and starts as NaN bytes (0xFF), so a stale read
+                       shows. The schedule runs a block's threads forwards or backwards (alternating
+                       by block), so that a missing barrier shows in one order or the other.
+  rewrite.py           the source rewrite for what g++ cannot parse or what must address CPU tensors:
+                       <<<grid, block, shmem, stream>>> launches, __shared__ / extern __shared__,
+                       __launch_bounds__, the TORCH_LIBRARY_IMPL namespace and dispatch key
+                       (batchless_kernels/CUDA -> batchless_emulated/CPU, same schemas, taken from
+                       csrc/ops.cpp) and the launchers' is_cuda()/DeviceType::CUDA checks. Mutants
+                       (deliberate bugs behind a run-time switch) for the mutation check.
+  selftest.cu          small right and wrong kernels that test the engine (tests/test_cuda_emulation.py).
+  bindings.cpp         Python module: configure(sm_count, blocks_per_sm, shared_per_block, schedule),
+                       stats(), launch_log(), set_mutant(), run_selftest().
+  backend.py           the suite's side: discovery of the emulated backends (conftest.py) and the
+                       redirection of the cpu backend's four kernel ops to the emulated ones.
+
+This module builds the extension with torch.utils.cpp_extension.load (g++, ninja, against the
+installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
+  variant "main"    library batchless_emulated: the kernels as they are;
+  variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
+                    each off until switched on (set_mutant), for tests/test_cuda_emulation.py.
+
+    python tests/cuda_emulation/build.py            # build (or bring up to date) the main variant
+    python tests/cuda_emulation/build.py --mutant   # and the mutant variant
+
+Test integration (tests/conftest.py, tests/cuda_emulation/backend.py): where the main variant is
+built and up to date for this torch, the correctness suite gets two more backends, cuda_emu-sm132-cpu
+(a 132-SM H100-like device) and cuda_emu-sm1-cpu (1 SM, 1 block per SM: the largest tiles). Such a
+case runs the cpu backend's public path (bk.batchless_norm(..., backend="cpu"), its C++ autograd
+and training op) with a TorchDispatchMode that sends the four kernel ops (batchless_norm_forward,
+batchless_norm_backward, batchless_nll, batchless_nll_backward) to batchless_emulated, i.e. to the
+CUDA launchers and kernels. Nothing is registered for batchless_kernels, and the package has no
+test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the suite starts (CI);
+=0 leaves the emulated backends out; unset uses a build that exists. Where the build is impossible
+(no g++, no ninja, not Linux) the emulated tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.machinery
+import importlib.util
+import os
+import pathlib
+import platform
+import shutil
+import sys
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CSRC = ROOT / "csrc"
+BUILD_ROOT = HERE / "build"
+ENV = "BATCHLESS_CUDA_EMULATION"
+
+VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant"}
+CFLAGS = ["-O2", "-g0", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
+
+sys.path.insert(0, str(HERE))
+import rewrite  # noqa: E402
+
+
+class Unavailable(RuntimeError):
+    """The emulation cannot be built or loaded here; str() says why."""
+
+
+def library_of(variant: str) -> str:
+    return VARIANTS[variant]
+
+
+def module_name(variant: str) -> str:
+    return f"{library_of(variant)}_ext"
+
+
+def build_dir(variant: str) -> pathlib.Path:
+    import torch
+
+    return BUILD_ROOT / f"{variant}-torch{torch.__version__.replace('+', '_')}-py{sys.version_info[0]}{sys.version_info[1]}"
+
+
+def impossible_reason() -> str | None:
+    """Why g++ cannot build the emulation here, or None."""
+    if platform.system() != "Linux":
+        return f"the CUDA emulation needs Linux (ucontext fibers), this is {platform.system()}"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx}) on PATH"
+    try:
+        import torch.utils.cpp_extension as cpp
+    except ImportError as error:
+        return f"torch is not importable ({error})"
+    if not cpp.is_ninja_available():
+        return "ninja is not installed (torch.utils.cpp_extension needs it)"
+    return None
+
+
+def _inputs(variant: str) -> list[pathlib.Path]:
+    """Every file the build reads: a build older than one of them is stale."""
+    files = [p for p in (CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh")]
+    files += [CSRC / "ops.cpp", CSRC / "batchless_host.h", CSRC / "batchless_nll.h"]
+    files += [p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".cu") and BUILD_ROOT not in p.parents]
+    return files + [HERE / "rewrite.py", HERE / "build.py"]
+
+
+def _stamp(variant: str) -> pathlib.Path:
+    """Touched after each successful build (ninja leaves an up-to-date library untouched)."""
+    return build_dir(variant) / "built.stamp"
+
+
+def _library_path(variant: str) -> pathlib.Path | None:
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    for path in build_dir(variant).glob(f"{module_name(variant)}*"):
+        if any(str(path).endswith(s) for s in suffixes):
+            return path
+    return None
+
+
+def stale_reason(variant: str = "main") -> str | None:
+    """None when the variant is built and newer than its inputs, else why not."""
+    so = _library_path(variant)
+    if so is None or not _stamp(variant).exists():
+        return f"the CUDA emulation ({variant}) is not built for this torch: run python tests/cuda_emulation/build.py"
+    built = _stamp(variant).stat().st_mtime
+    newer = [str(p.relative_to(ROOT)) for p in _inputs(variant) if p.stat().st_mtime > built]
+    if newer:
+        return f"the CUDA emulation ({variant}) is older than {newer[:3]}: run python tests/cuda_emulation/build.py"
+    return None
+
+
+_LOADED: dict[str, object] = {}
+
+
+def _import(variant: str):
+    if variant in _LOADED:
+        return _LOADED[variant]
+    import torch  # noqa: F401  (the extension links against torch's libraries)
+
+    so = _library_path(variant)
+    spec = importlib.util.spec_from_file_location(module_name(variant), so)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _LOADED[variant] = module
+    return module
+
+
+def build(variant: str = "main", verbose: bool = False):
+    """Builds (or brings up to date) and loads the extension of `variant`; raises Unavailable
+    where it cannot be built here, and the compiler's error where the build fails."""
+    if variant in _LOADED:
+        return _LOADED[variant]
+    reason = impossible_reason()
+    if reason is not None:
+        raise Unavailable(reason)
+    import torch.utils.cpp_extension as cpp
+
+    out = build_dir(variant)
+    src = out / "src"
+    library = library_of(variant)
+    result = rewrite.rewrite_tree(src, library, mutants=variant == "mutant")
+    selftest = src / "selftest.cpp"
+    text, _ = rewrite.rewrite_cuda((HERE / "selftest.cu").read_text(), display_path="tests/cuda_emulation/selftest.cu",
+                                   library=library)
+    rewrite._write_if_changed(selftest, text)
+    sources = [str(p) for p in result["sources"]] + [str(selftest), str(HERE / "engine.cpp"), str(HERE / "bindings.cpp")]
+    os.environ.setdefault("MAX_JOBS", "1")
+    started = time.monotonic()
+    module = cpp.load(
+        name=module_name(variant),
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(src), str(CSRC)],
+        extra_cflags=CFLAGS,
+        build_directory=str(out),
+        verbose=verbose,
+    )
+    _stamp(variant).touch()
+    if verbose:
+        print(f"[cuda-emulation] {variant}: built/loaded in {time.monotonic() - started:.1f}s ({out})")
+    _LOADED[variant] = module
+    return module
+
+
+def load(variant: str = "main", build_if_needed: bool = False):
+    """The extension of `variant`: built now when build_if_needed, else only where a current
+    build exists. Raises Unavailable (why) otherwise."""
+    reason = impossible_reason()
+    if reason is not None:
+        raise Unavailable(reason)
+    if build_if_needed:
+        return build(variant)
+    reason = stale_reason(variant)
+    if reason is not None:
+        raise Unavailable(reason)
+    return _import(variant)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Builds the CUDA emulation extension (see the module docstring).")
+    parser.add_argument("--mutant", action="store_true", help="also build the mutant variant")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    reason = impossible_reason()
+    if reason is not None:
+        print(f"[cuda-emulation] cannot build here: {reason}")
+        return 0
+    for variant in ["main"] + (["mutant"] if args.mutant else []):
+        started = time.monotonic()
+        build(variant, verbose=not args.quiet)
+        print(f"[cuda-emulation] {variant} ready in {time.monotonic() - started:.1f}s: {build_dir(variant)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

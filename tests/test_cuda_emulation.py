@@ -1,0 +1,210 @@
+"""The CUDA emulation stage (tests/cuda_emulation, documented in its build.py): the rewrite, the
+engine's checks on small right and wrong kernels, that the emulated backends really run the CUDA
+launchers with tilings that follow the simulated device, and the mutation check: copies of the
+kernels with a bug (rewrite.MUTANTS) must make the shared correctness suite fail.
+
+The correctness of the CUDA kernels themselves is tested by tests/test_correctness.py, where the
+emulated backends (cuda_emu-sm132-cpu, cuda_emu-sm1-cpu) join the parametrization."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import EMULATED_BACKENDS, assert_close_scaled, make_case, run_batchless, run_reference64
+from cuda_emulation import backend, build, rewrite
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+needs_emulation = pytest.mark.skipif(not EMULATED_BACKENDS, reason=f"{backend.unavailable_reason()}")
+
+
+def test_requested_build_succeeded():
+    """BATCHLESS_CUDA_EMULATION=1 (CI) asks for the stage: a failed build must fail, not skip."""
+    error = backend.build_error()
+    if backend.setting() != "1":
+        pytest.skip(f"{build.ENV} is not 1 (the build is not required here)")
+    reason = build.impossible_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    assert error is None, f"the CUDA emulation failed to build:\n{error}"
+    assert EMULATED_BACKENDS, backend.unavailable_reason()
+
+
+# ------------------------------------------------------------------------------------------------
+# The rewrite (no compiler needed)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rewrite_of_the_cuda_sources(tmp_path):
+    result = rewrite.rewrite_tree(tmp_path, "batchless_emulated")
+    counts = result["counts"]
+    assert set(counts) == {p.name for p in (rewrite.CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh")}
+    for name, c in counts.items():
+        if name.endswith(".cu"):
+            assert c["launches"] >= 1 and c["library_impls"] == 1 and c["launch_bounds"] >= 1, (name, c)
+    for path in result["sources"]:
+        text = path.read_text()
+        assert "<<<" not in text and "__shared__" not in text and "batchless_kernels, CUDA" not in text
+    ops = (tmp_path / "ops.cpp").read_text()
+    assert "TORCH_LIBRARY(batchless_emulated," in ops and "PyInit" not in ops
+    # line numbers are kept, so that messages point into csrc/
+    original = (rewrite.CSRC / "cuda" / "batchless_norm_cuda.cu").read_text().splitlines()
+    rewritten = (tmp_path / "cuda" / "batchless_norm_cuda.cpp").read_text().splitlines()[2:]
+    assert len(rewritten) == len(original)
+
+
+def test_rewrite_forms():
+    text, counts = rewrite.rewrite_cuda(
+        "__global__ void __launch_bounds__(128, 2) k(float* p) {\n"
+        "  __shared__ float a[4][8];\n"
+        "  extern __shared__ __align__(16) unsigned char raw[];\n}\n"
+        "void f(float* p) { k<<<dim3(2, 3), 128, 64, s>>>(p); g<T, 4><<<1, 2>>>(p); }\n",
+        display_path="x.cu", library="lib")
+    assert counts["launches"] == 2 and counts["static_shared"] == 1 and counts["extern_shared"] == 1
+    assert 'k(float* p) { EMU_LAUNCH_BOUNDS(128, 2);' in text
+    assert '::emu::launch(k, "k at " __FILE__ ":" EMU_STR(__LINE__), dim3(2, 3), 128, 64, s)(p)' in text
+    assert '::emu::launch(g<T, 4>, ' in text
+    assert "unsigned char* const raw = ::emu::dynamic_shared<unsigned char>(16);" in text
+    with pytest.raises(rewrite.RewriteError, match="__shared__ left"):
+        rewrite.rewrite_cuda("__shared__ float a[4] = {0};\n", display_path="x.cu", library="lib")
+
+
+def test_mutants_apply_to_the_sources(tmp_path):
+    """Every mutant still finds its place in csrc/cuda (a change there must update rewrite.MUTANTS)."""
+    assert rewrite.rewrite_tree(tmp_path, "lib", mutants=True)["mutants"]
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine, on small kernels (tests/cuda_emulation/selftest.cu)
+# ------------------------------------------------------------------------------------------------
+
+ENGINE_ERRORS = {
+    "divergent_barrier": r"different __syncthreads\(\).*selftest.cu:35.*selftest.cu:37",
+    "barrier_after_exit": r"63 threads wait at __syncthreads\(\).* after 1 threads exited",
+    "shuffle_exited_lane": r"names lane 31, which has exited",
+    "shuffle_caller_not_in_mask": r"__shfl_sync with mask 0x0000ffff, which does not name the calling lane 16",
+    "shuffle_reads_outside_mask": r"reads lane 16, which is not in the mask",
+    "shuffle_partial_warp": r"names lane 16, which the block \(48 threads\) does not have",
+    "collective_mismatch": r"__shfl_xor_sync.*lane 1 of its mask waits at __shfl_down_sync",
+    "too_much_dynamic_shared": r"65536 bytes of dynamic shared memory",
+    "too_many_threads": r"invalid configuration argument: block dimensions",
+    "grid_y_too_large": r"invalid configuration argument: grid dimensions",
+    "launch_bounds": r"256 threads per block, more than its __launch_bounds__\(128\)",
+    "unchecked_launch": r"not followed by C10_CUDA_KERNEL_LAUNCH_CHECK",
+}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    if not EMULATED_BACKENDS:
+        pytest.skip(backend.unavailable_reason())
+    return backend.extension()
+
+
+@pytest.mark.parametrize("name", sorted(ENGINE_ERRORS))
+def test_engine_rejects(ext, name):
+    with pytest.raises(RuntimeError, match=ENGINE_ERRORS[name]):
+        ext.run_selftest(name)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "alternate"])
+def test_engine_runs_right_kernels(ext, schedule):
+    ext.configure(schedule=schedule)
+    try:
+        assert ext.run_selftest("block_sum") == [32640.0] * 3  # sum of 0..255 per block
+        lanes = torch.tensor(ext.run_selftest("collectives")).view(32, 4)
+        i = torch.arange(32, dtype=torch.float64)
+        assert torch.equal(lanes[:, 0], torch.full((32,), 3.0, dtype=torch.float64))  # __shfl_sync(v, 3)
+        assert torch.equal(lanes[:, 1], torch.where(i >= 1, i - 1, i))  # __shfl_up_sync(v, 1)
+        assert torch.equal(lanes[:, 2], (i.long() ^ 1).double())  # __shfl_xor_sync(v, 1)
+        assert lanes[:, 3].eq(1).all()  # __ballot_sync of the odd lanes
+        # every built-in index of a 3-D grid of 3-D blocks
+        assert ext.run_selftest("indices") == [float(b * 1000 + t) for b in range(12) for t in range(24)]
+        assert ext.run_selftest("dynamic_shared")[0] == 2.5
+    finally:
+        ext.configure()
+
+
+def test_shared_memory_is_fresh_and_poisoned(ext):
+    """Block 0 writes buf[0]; block 1 must not see it, and no block sees what none of its threads wrote."""
+    out = ext.run_selftest("stale_shared")
+    assert out[0] == 1.0 and all(v != v for v in out[1:]), out  # NaN != NaN
+
+
+# ------------------------------------------------------------------------------------------------
+# The emulated backends run the CUDA launchers, with tilings that follow the device
+# ------------------------------------------------------------------------------------------------
+
+
+@needs_emulation
+@pytest.mark.parametrize("shape, layout", [((8, 6, 33, 35), "contiguous"), ((8, 70, 5, 7), "channels_last")], ids=str)
+def test_emulated_backends_run_the_cuda_launchers(ext, shape, layout):
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, "cpu", "log")
+    grad_y = torch.randn(shape)
+    ref = run_reference64(x, mean, std_param, weight, bias, grad_y=grad_y)
+    grids = {}
+    for case in EMULATED_BACKENDS:
+        ext.reset_stats()
+        with backend.activate(case) as mode:
+            out = run_batchless(x, mean, std_param, weight, bias, backend=case.name, grad_y=grad_y)
+        assert set(mode.calls) == set(backend.KERNEL_OPS), mode.calls
+        stats = ext.stats()
+        assert stats["launches"] >= 4 and stats["barriers"] > 0 and stats["collectives"] > 0, stats
+        grids[case.id] = [(kernel.split(" at ")[0], grid) for kernel, grid, _, _ in ext.launch_log()]
+        for name in ("y", "nll", "x", "mean", "std_param", "weight", "bias"):
+            assert_close_scaled(out[name], ref[name], 1e-5, 1e-5, what=f"{case.id} {name}")
+    # the simulated SM count reaches the launchers' tiling
+    assert len(set(map(str, grids.values()))) == len(grids), grids
+
+
+# ------------------------------------------------------------------------------------------------
+# Mutation check: the suite must catch deliberate bugs in the CUDA kernels
+# ------------------------------------------------------------------------------------------------
+
+# What the child suite runs of test_correctness per mutant: -x stops at the first failure.
+MUTANT_SELECTION = "cuda_emu-sm132 and (test_matrix or test_shapes_layouts)"
+
+
+@pytest.fixture(scope="module")
+def mutant_build():
+    if not EMULATED_BACKENDS:
+        pytest.skip(backend.unavailable_reason())
+    if backend.setting() == "1":
+        return build.build("mutant")
+    reason = build.stale_reason("mutant")
+    if reason is not None:
+        pytest.skip(f"{reason} --mutant (or set {build.ENV}=1)")
+    return None
+
+
+def _run_correctness_suite(mutant: str, selection: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env[backend.MUTANT_ENV] = mutant
+    env.pop("PYTEST_ADDOPTS", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_correctness.py", "-x", "-q", "-p", "no:cacheprovider",
+         "-k", selection],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS])
+def test_suite_catches_mutant(mutant_build, mutant):
+    """The suite fails on the kernels with the bug `mutant` (rewrite.MUTANTS says what it breaks)."""
+    run = _run_correctness_suite(mutant, MUTANT_SELECTION)
+    output = run.stdout + run.stderr
+    failed = re.findall(r"^FAILED (.+?)(?: - .*)?$", output, re.M)
+    print(f"mutant {mutant} ({rewrite.MUTANTS_BY_NAME[mutant].what}): caught by {failed[:1]}")
+    assert run.returncode == 1 and failed, f"mutant {mutant} was not caught:\n{output[-3000:]}"
+
+
+def test_mutant_variant_passes_with_no_mutant(mutant_build):
+    """The same selection passes on the mutant variant with every mutant off: the failures above
+    come from the bugs, not from the variant."""
+    run = _run_correctness_suite("none", "cuda_emu-sm132 and test_matrix and float32")
+    assert run.returncode == 0 and " passed" in run.stdout, (run.stdout + run.stderr)[-3000:]
