@@ -235,13 +235,15 @@ class DigitsCNN(nn.Sequential):
     s x s images (s = image_size, a multiple of 4; 8 for the digits)."""
 
     def __init__(self, norm: str, c1: int = 32, c2: int = 64, hidden: int = 64, dropout: float = 0.25,
-                 classes: int = 10, image_size: int = 8, **norm_kwargs):
+                 classes: int = 10, image_size: int = 8, norm_factory=None, **norm_kwargs):
+        factory = norm_factory or make_norm  # (norm, num_features, dim, **norm_kwargs) -> module
+
         def block(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.LeakyReLU(0.1),
-                    make_norm(norm, cout, 2, **norm_kwargs), nn.Dropout(dropout), nn.MaxPool2d(2)]
+                    factory(norm, cout, 2, **norm_kwargs), nn.Dropout(dropout), nn.MaxPool2d(2)]
         super().__init__(
             *block(1, c1), *block(c1, c2), nn.Flatten(),
-            nn.Linear(c2 * (image_size // 4) ** 2, hidden), nn.LeakyReLU(0.1), make_norm(norm, hidden, 1, **norm_kwargs),
+            nn.Linear(c2 * (image_size // 4) ** 2, hidden), nn.LeakyReLU(0.1), factory(norm, hidden, 1, **norm_kwargs),
             nn.Dropout(dropout), nn.Linear(hidden, classes),
         )
 

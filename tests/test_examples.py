@@ -75,3 +75,13 @@ def test_microbatch_smoke(tmp_path):
     assert str(grads["bn", "float64"]["m1"]).startswith("error")
     assert res["trajectories"]["bln_log"]["4"]["param_rel_diff"] < 1e-10
     assert {r["micro"] for r in payload["memory"]} == {16, 1, 4}
+
+
+def test_dp_digits_smoke(tmp_path):
+    pytest.importorskip("opacus", reason="opacus (the privacy feature's extra) is not installed")
+    _script("dp_digits").main(["--smoke", "--quiet", "--out", str(tmp_path)])
+    payload = _check_outputs(tmp_path, records_len=5)  # none, gn, three batchless parametrizations
+    for r in payload["records"]:
+        # the accountant spent the target budget (3) within its search tolerance, no more
+        assert 2.5 < r["epsilon"] <= 3.0 + 1e-6 and r["noise_multiplier"] > 0, r["norm"]
+        assert 0.0 <= r["final_val_acc"] <= 1.0

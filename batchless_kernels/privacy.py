@@ -1,0 +1,56 @@
+"""Differentially private training (DP-SGD) with Batchless layers, through Opacus.
+
+DP-SGD clips and noises each sample's gradient, so it needs per-sample gradients. BatchNorm mixes the
+samples of a batch and has none (Opacus rejects it); Batchless layers never mix samples: the NLL is a
+mean of per-sample terms. Importing this module registers an Opacus grad sampler for every Batchless
+layer class:
+
+    import batchless_kernels.privacy  # noqa: F401  (needs `pip install opacus`)
+    model, optimizer, loader = PrivacyEngine().make_private(module=model, ...)
+    loss = task_loss + bk.nll_loss(model)
+
+Opacus' own hooks see a layer's input and the gradient of the loss with respect to its output only,
+not the NLL, which reaches mean and std_param through a separate term of the loss: its functorch
+fallback gives them zero per-sample gradients, so they would be trained on the data without being
+clipped or noised. The grad sampler here gives each sample i the gradient of its own share of the
+loss, sum(y_i * dLoss/dy_i) + nll_weight * nll_i (nll_i: the layer's NLL over sample i's elements,
+whose mean over the batch is the layer's NLL), for mean, std_param, weight and bias alike. That is the
+per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
+default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
+set to match.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus.grad_sample import register_grad_sampler
+from torch.func import grad, vmap
+
+from . import reference
+from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
+
+_PARAMS = ("mean", "std_param", "weight", "bias")
+
+
+def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tensor) -> dict:
+    """{parameter: (N, *param_shape) per-sample gradients} of sum(y_i * grad_y_i) + nll_weight * nll_i
+    for the parameters that require grad, x and grad_y being (N, ...) input and output gradient;
+    computed with torch.func over the reference (docs/method.md), in the parameters' dtype."""
+    present = {n: getattr(layer, n) for n in _PARAMS if getattr(layer, n) is not None}
+    wanted = {n: p.detach() for n, p in present.items() if p.requires_grad}
+    fixed = {n: p.detach() for n, p in present.items() if not p.requires_grad}
+
+    def sample_loss(params, xi, gi):
+        args = {**fixed, **params}
+        y, nll = reference.batchless_norm(
+            xi.unsqueeze(0), args["mean"], args["std_param"], args.get("weight"), args.get("bias"),
+            parametrization=layer.parametrization, eps=layer.eps, gauge=layer.gauge, need_nll=True)
+        return (y * gi.unsqueeze(0)).sum() + layer.nll_weight * nll
+
+    grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(wanted, x.detach(), grad_y.detach())
+    return {present[n]: g.to(present[n].dtype) for n, g in grads.items()}
+
+
+@register_grad_sampler([BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd])
+def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch.Tensor) -> dict:
+    return per_sample_grads(layer, activations[0], backprops)

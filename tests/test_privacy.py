@@ -1,0 +1,64 @@
+"""DP-SGD with Opacus (batchless_kernels.privacy): its validator accepts Batchless layers, and the
+per-sample gradients it computes for every parameter, mean and std_param included (the NLL term in
+each sample's loss), equal a per-sample loop in float64."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import batchless_kernels as bk
+from conftest import ALL_BACKENDS, backend_params
+
+opacus = pytest.importorskip("opacus", reason="opacus is not installed (the privacy feature's extra)")
+import batchless_kernels.privacy  # noqa: E402, F401  (registers the grad samplers)
+from opacus import PrivacyEngine  # noqa: E402
+from opacus.validators import ModuleValidator  # noqa: E402
+
+
+def _model(backend, **norm):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), bk.BatchlessNorm2d(4, backend=backend, **norm), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 4 * 4, 6), bk.BatchlessNorm1d(6, parametrization="inv", nll_weight=0.5,
+                                                                 backend=backend), nn.Tanh(),
+        nn.Linear(6, 3),
+    ).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, bk.BatchlessNorm1d | bk.BatchlessNorm2d):
+                m.mean.normal_(0, 0.3)
+                m.std_param.uniform_(0.6, 1.4)
+    return model
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("norm", [{}, {"parametrization": "abs", "bias": False}], ids=["log", "abs-nobias"])
+def test_opacus_per_sample_gradients_equal_a_loop(case, norm):
+    model = _model(case.name, **norm)
+    assert ModuleValidator.validate(model, strict=True) == []
+    reference = copy.deepcopy(model)
+    x = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    target = torch.randint(0, 3, (6,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, target), batch_size=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus: secure RNG off, full backward hook on outputs
+        private, optimizer, loader = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            noise_multiplier=0.0, max_grad_norm=1e9)
+        xb, tb = x, target
+        (F.cross_entropy(private(xb), tb) + bk.nll_loss(private)).backward()
+    for (name, p), (_, q) in zip(private._module.named_parameters(), reference.named_parameters()):
+        expected = []
+        for i in range(len(x)):
+            single = copy.deepcopy(reference)
+            (F.cross_entropy(single(x[i:i + 1]), target[i:i + 1]) + bk.nll_loss(single)).backward()
+            expected.append(dict(single.named_parameters())[name].grad)
+        expected = torch.stack(expected)
+        assert torch.count_nonzero(expected) > 0, name
+        torch.testing.assert_close(p.grad_sample, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
