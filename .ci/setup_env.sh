@@ -4,39 +4,119 @@
 #     uses that torch and builds against it;
 #   - otherwise it creates .venv/ and installs torch there (BATCHLESS_TORCH, default the local
 #     CPU wheel torch==2.13.0; use torch==2.14.1 for the CUDA build) with BATCHLESS_TRITON (default
-#     the local triton==3.8.0; torch 2.11 wants triton==3.6.0).
+#     the local triton==3.8.0; torch 2.11 wants triton==3.6.0) and BATCHLESS_EXTRA_PACKAGES (e.g.
+#     "torchvision==0.29.1 timm" for bench/run.sh --models).
 # Set BATCHLESS_VENV=1 to always use a venv, and BATCHLESS_VENV_DIR to name another one than .venv
-# (.ci/cuda_build.sh keeps the CUDA build of torch in .venv-cuda).
+# (.ci/cuda_build.sh keeps the CUDA build of torch in .venv-cuda, bench/run.sh --models .venv-models).
+# Every step prints a line with the seconds since the start. On a fresh 2-core machine the venv
+# takes ~2.5 minutes (local wheels) and the extension's CPU build ~3-5 minutes.
+#
+# The extension is built in place (batchless_kernels/_C*.so), which every venv of this checkout
+# shares. build/_C.built-for names the Python and torch it was built for, and each build is kept in
+# build/so-cache/<that key>/, so that switching between venvs (tests/run.sh, .ci/cuda_build.sh,
+# bench/run.sh --models) copies a build back instead of compiling again when no source changed.
 set -euo pipefail
 _root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 _python="${PYTHON:-python3}"
 _venv="$_root/${BATCHLESS_VENV_DIR:-.venv}"
+_t0=$SECONDS
+_say() { echo "[setup $((SECONDS - _t0)) s] $*"; }
 
 if [[ "${BATCHLESS_VENV:-0}" != "1" ]] && "$_python" -c "import torch" 2>/dev/null; then
   BATCHLESS_PYTHON="$(command -v "$_python")"
-  echo "[setup] using the installed torch $("$_python" -c 'import torch; print(torch.__version__)') of $BATCHLESS_PYTHON"
+  _say "using the installed torch $("$_python" -c 'import torch; print(torch.__version__)') of $BATCHLESS_PYTHON"
+  if ! "$BATCHLESS_PYTHON" -c "import ninja" 2>/dev/null && ! command -v ninja >/dev/null; then
+    _say "installing ninja (the build needs it)"
+    "$BATCHLESS_PYTHON" -m pip install --progress-bar off ninja
+  fi
 else
   if [[ ! -x "$_venv/bin/python" ]]; then
-    echo "[setup] creating $_venv"
+    _say "creating $_venv"
     "$_python" -m venv "$_venv"
   fi
   BATCHLESS_PYTHON="$_venv/bin/python"
-  # triton lets the tests run the triton backend under its interpreter;
-  # scikit-learn ships the handwritten digits of examples/digits_cnn.py.
-  if ! "$BATCHLESS_PYTHON" -c "import torch, triton, ninja, pytest, numpy, sklearn, matplotlib" 2>/dev/null; then
-    echo "[setup] installing ${BATCHLESS_TORCH:-torch==2.13.0}, ${BATCHLESS_TRITON:-triton==3.8.0} and the tools into $_venv"
+  # triton lets the tests run the triton backend under its interpreter; ninja compiles the
+  # extension's files in parallel; scikit-learn ships the handwritten digits of examples/digits_cnn.py.
+  _pkgs=("${BATCHLESS_TORCH:-torch==2.13.0}" "${BATCHLESS_TRITON:-triton==3.8.0}" ninja numpy pytest
+         pytest-benchmark matplotlib scikit-learn)
+  read -r -a _extra <<< "${BATCHLESS_EXTRA_PACKAGES:-}"
+  _modules="torch, triton, ninja, pytest, numpy, sklearn, matplotlib"
+  if (( ${#_extra[@]} )); then
+    _pkgs+=("${_extra[@]}")
+    _modules+=", $(printf '%s\n' "${_extra[@]}" | sed 's/[=<>!~;[].*//' | paste -sd, | sed 's/,/, /g')"
+  fi
+  if ! "$BATCHLESS_PYTHON" -c "import $_modules" 2>/dev/null; then
+    _say "installing ${_pkgs[*]} into $_venv (from local wheels where they lie on disk: ~2 minutes for the CPU torch, ~3 for the CUDA build)"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
-    "$BATCHLESS_PYTHON" -m pip install --quiet "${BATCHLESS_TORCH:-torch==2.13.0}" "${BATCHLESS_TRITON:-triton==3.8.0}" \
-      ninja numpy pytest pytest-benchmark matplotlib scikit-learn
+    mkdir -p "$_root/build"
+    if ! "$BATCHLESS_PYTHON" -m pip install --progress-bar off "${_pkgs[@]}" 2>&1 | tee "$_root/build/setup_env-pip.log" \
+         | { grep --line-buffered -E '^(Collecting|Processing|Installing collected)' || true; } \
+         | sed -u -E 's/^Collecting ([^ ]+).*/  collecting \1/; s|^Processing (.*/)?([^/ ]+).*|  collecting \2|; s/^Installing collected packages: .*/  unpacking them.../'; then
+      tail -n 30 "$_root/build/setup_env-pip.log"
+      _say "pip install FAILED (full log: $_root/build/setup_env-pip.log)"
+      exit 1
+    fi
+    _say "installed"
   fi
 fi
 export BATCHLESS_PYTHON
+# torch's BuildExtension looks for `ninja` on PATH; a venv's ninja lies beside its python.
+export PATH="$(dirname "$BATCHLESS_PYTHON"):$PATH"
 
-# Build the extension unless it is newer than every source it comes from.
+# Build the extension unless the in-place one was built for this Python and torch, is newer than
+# every source, and imports; or restore this Python's cached build when that one is.
+_key="$("$BATCHLESS_PYTHON" -c 'import sys, torch; print(sys.executable, torch.__version__)') cuda=${BATCHLESS_BUILD_CUDA:-auto} isa=${BATCHLESS_CPU_ISA:-auto}"
+_cache="$_root/build/so-cache/$(printf '%s' "$_key" | cksum | cut -d' ' -f1)"
+_stamp="$_root/build/_C.built-for"
+_newer_than_sources() {  # $1: a built library
+  [[ -n "$1" && -f "$1" && -z "$(find "$_root/csrc" "$_root/setup.py" -newer "$1" -type f 2>/dev/null | head -n 1)" ]]
+}
+_loads() {  # the package of this checkout imports in BATCHLESS_PYTHON, with its extension
+  (cd / && "$BATCHLESS_PYTHON" -c "
+import sys, batchless_kernels as bk
+sys.exit(0 if bk.__file__.startswith('$_root/') and bk.ops.extension_loaded() else 1)" 2>/dev/null)
+}
 _so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
-if [[ -z "$_so" || -n "$(find "$_root/csrc" "$_root/setup.py" -newer "$_so" -type f 2>/dev/null | head -n 1)" ]] \
-   || ! "$BATCHLESS_PYTHON" -c "import batchless_kernels, sys; sys.exit(0 if batchless_kernels.ops.extension_loaded() else 1)" 2>/dev/null; then
-  echo "[setup] building batchless_kernels._C"
-  (cd "$_root" && "$BATCHLESS_PYTHON" -m pip install --quiet --no-build-isolation --no-deps -e .)
+_built_for="$(cat "$_stamp" 2>/dev/null || true)"
+_cached="$(ls "$_cache"/_C*.so 2>/dev/null | head -n 1 || true)"
+if _newer_than_sources "$_so" && [[ -z "$_built_for" || "$_built_for" == "$_key" ]] && _loads; then
+  [[ -n "$_built_for" ]] || { mkdir -p "$_root/build"; printf '%s\n' "$_key" > "$_stamp"; }
+elif [[ "$_built_for" != "$_key" ]] && _newer_than_sources "$_cached" \
+     && cp -p "$_cached" "$_root/batchless_kernels/" && printf '%s\n' "$_key" > "$_stamp" && _loads; then
+  _say "restored batchless_kernels._C built earlier for this Python from $_cache"
+else
+  mkdir -p "$_root/build"
+  _log="$_root/build/setup_env-build.log"
+  export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 2)}"
+  _say "building batchless_kernels._C with $MAX_JOBS parallel jobs (a CPU build takes ~3-5 minutes on 2 cores, \
+the CUDA sources add ~5; one line per compiled file; full log: $_log)"
+  rm -f "$_stamp"
+  _b0=$SECONDS
+  # pip -v passes the build's output through; ninja prints "[n/N] <command>" as each file is done.
+  (cd "$_root" && exec "$BATCHLESS_PYTHON" -m pip install -v --no-build-isolation --no-deps -e .) > "$_log" 2>&1 < /dev/null &
+  _pid=$!
+  _seen=0
+  while kill -0 "$_pid" 2>/dev/null; do
+    sleep 2
+    _lines="$(grep -E '^ *\[[0-9]+/[0-9]+\] ' "$_log" 2>/dev/null || true)"
+    _n="$(printf '%s' "$_lines" | grep -c . || true)"
+    if (( _n > _seen )); then
+      printf '%s\n' "$_lines" | sed -n "$((_seen + 1)),${_n}p" | while IFS= read -r _line; do
+        _step="$(printf '%s' "$_line" | grep -oE '^ *\[[0-9]+/[0-9]+\]' | tr -d ' ')"
+        _file="$(printf '%s' "$_line" | grep -oE '[^ ]*/csrc/[^ ]+\.(cpp|cu)( |$)' | head -n 1 | sed -E 's|.*/csrc/|csrc/|; s/ $//')"
+        _say "  $_step compiled ${_file:-a file} (build $((SECONDS - _b0)) s)"
+      done
+      _seen=$_n
+    fi
+  done
+  if ! wait "$_pid"; then
+    tail -n 60 "$_log"
+    _say "the build FAILED (full log: $_log)"
+    exit 1
+  fi
+  _so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
+  printf '%s\n' "$_key" > "$_stamp"
+  rm -rf "$_cache" && mkdir -p "$_cache" && cp -p "$_so" "$_cache/"
+  _say "built batchless_kernels._C in $((SECONDS - _b0)) s"
 fi
-"$BATCHLESS_PYTHON" -c "import batchless_kernels as bk; print('[setup] backends available:', bk.available_backends())"
+"$BATCHLESS_PYTHON" -c "import batchless_kernels as bk; print('[setup $((SECONDS - _t0)) s] backends available:', bk.available_backends())"
