@@ -20,6 +20,7 @@ import collections
 import contextlib
 import dataclasses
 import os
+import sys
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,7 +75,12 @@ def _production_ops_loaded() -> bool:
 
 
 def extension():
-    return build.load(variant(), build_if_needed=setting() == "1")
+    """The emulation extension of the current variant (built here first under BATCHLESS_CUDA_EMULATION=1)."""
+    name = variant()
+    if setting() == "1" and name not in build._LOADED and build.stale_reason(name) is not None:
+        print(f"[cuda-emulation] building the {name} variant (g++, a few minutes; {build.build_dir(name)})",
+              file=sys.stderr, flush=True)
+    return build.load(name, build_if_needed=setting() == "1")
 
 
 def build_error():
