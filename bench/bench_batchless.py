@@ -52,7 +52,8 @@ BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "copy": 2}
 
 # (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores and hold
 # the acceptance shape (256, 64, 32, 32); the CUDA default is the GPU target set.
-GPU_TARGETS = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 14, 14), (65536, 1024), (32, 256)]
+GPU_TARGETS = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 14, 14), (65536, 1024), (32, 256),
+               (64, 256, 7, 7)]
 SHAPES = {
     ("cpu", False): [(256, 64, 32, 32), (64, 128, 16, 16), (8192, 1024), (32, 256)],
     ("cpu", True): [(128, 64, 56, 56), (256, 64, 32, 32), (64, 256, 28, 28), (32, 1024, 14, 14),
@@ -214,12 +215,14 @@ def batchnorm_backend_used(case) -> str:
     return next((kind for kind in ("cudnn", "miopen") if f"aten::{kind}_batch_norm" in names), "native")
 
 
-def implementations(device: torch.device, case) -> dict:
-    """impl name -> (backend_used, forward(x, case) -> (outputs, inputs to differentiate))."""
-    impls = {f"batchless-{name}": (name, batchless_forward(name)) for name in bk.available_backends(device)}
-    impls["batchnorm"] = (batchnorm_backend_used(case), batchnorm_forward(batch_norm_training))
-    impls["batchnorm-compiled"] = ("inductor", batchnorm_forward(compiled_batch_norm()))
-    return impls
+def implementations(device: torch.device, case, wanted=None) -> dict:
+    """impl name -> (backend_used, forward(x, case) -> (outputs, inputs to differentiate)), for the
+    names in `wanted` (None: all)."""
+    makers = {f"batchless-{name}": lambda name=name: (name, batchless_forward(name))
+              for name in bk.available_backends(device)}
+    makers["batchnorm"] = lambda: (batchnorm_backend_used(case), batchnorm_forward(batch_norm_training))
+    makers["batchnorm-compiled"] = lambda: ("inductor", batchnorm_forward(compiled_batch_norm()))
+    return {name: make() for name, make in makers.items() if wanted is None or name in wanted}
 
 
 def pass_steps(forward, case, pass_name):
@@ -309,14 +312,14 @@ def error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:200]
 
 
-def run_case(case, device, budget_s) -> list[dict]:
+def run_case(case, device, budget_s, impls=None) -> list[dict]:
     """Rows of one case: the copies, then every implementation and pass."""
     base = {"shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).removeprefix("torch."),
             "layout": case.layout}
     # (impl, backend_used, pass) -> (setup, run)
     tasks = {("copy", "copy_", "copy"): copy_steps(case, allocate=False),
              ("alloc+copy", "clone", "copy"): copy_steps(case, allocate=True)}
-    for impl, (backend_used, forward) in implementations(device, case).items():
+    for impl, (backend_used, forward) in implementations(device, case, impls).items():
         for pass_name in PASSES:
             tasks[(impl, backend_used, pass_name)] = pass_steps(forward, case, pass_name)
     rows = []
@@ -437,6 +440,9 @@ def parse_args(argv):
     parser.add_argument("--shapes", nargs="+", help="shapes such as 256x64x32x32 32x256")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
+    parser.add_argument("--impls", help="comma-separated implementations to time (default all available: "
+                                             "batchless-<backend>, batchnorm, batchnorm-compiled); the copies "
+                                             "are always timed, and speedups need batchnorm")
     parser.add_argument("--budget", type=float, help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc's default malloc settings (see STEADY_STATE_MALLOC)")
@@ -451,6 +457,12 @@ def main(argv=None) -> None:
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES[(device.type, args.full)]
     dtypes = [getattr(torch, d) for d in (args.dtypes or DTYPES[args.full])]
     budget = args.budget or (0.2 if device.type == "cuda" else 0.5)
+    impls = None
+    if args.impls:
+        impls = set(args.impls.split(","))
+        known = {f"batchless-{b}" for b in bk.available_backends(device)} | {"batchnorm", "batchnorm-compiled"}
+        if not impls <= known:
+            sys.exit(f"--impls: unknown or unavailable here: {sorted(impls - known)}; available: {sorted(known)}")
     meta = machine_info(device)
     if args.update_reference:
         out = BENCH_DIR / "results" / meta["slug"]
@@ -466,7 +478,7 @@ def main(argv=None) -> None:
     for shape, dtype in itertools.product(shapes, dtypes):
         for layout in [l for l in args.layouts if len(shape) == 4 or l == "contiguous"]:
             case_start, busy_before = time.perf_counter(), busy_seconds()
-            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget)
+            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget, impls)
             load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
             for row in case_rows:
                 row["other_load"] = round(load, 2) if load is not None else ""
