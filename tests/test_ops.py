@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import batchless_kernels as bk
 from conftest import (
@@ -417,3 +418,48 @@ def test_nll_op_rejects_bad_input():
         nll(s1[:3], s2, mean, std_param, count, "log", 1e-5, True)
     with pytest.raises(RuntimeError, match="count"):
         nll(s1, s2, mean, std_param, 0, "log", 1e-5, True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-call cost of a training step: autograd nodes and dispatched ops
+# ------------------------------------------------------------------------------------------------
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args, kwargs=None):
+        self.ops.append(str(func.overloadpacket).split(".")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _graph_nodes(*outputs):
+    seen, stack = [], [o.grad_fn for o in outputs]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.append(node)
+            stack += [next_fn for next_fn, _ in node.next_functions]
+    return [type(n).__name__ for n in seen if type(n).__name__ != "AccumulateGrad"]
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+def test_training_step_is_one_node_and_few_ops(device, parametrization):
+    """A layer's training step (y and the NLL, all five inputs requiring grad) is one autograd node,
+    as BatchNorm's is; forward dispatches the fused op, the NLL op and at most 3 ops computing
+    1/sigma; backward the two fused backward ops and nothing else but autograd's own bookkeeping."""
+    leaves = [t.detach().requires_grad_() for t in make_case((8, 16, 5, 5), "contiguous", torch.float32, device,
+                                                               parametrization)]
+    with _OpLog() as forward:
+        y, nll = bk.batchless_norm(*leaves, parametrization=parametrization, backend=device)
+    assert _graph_nodes(y, nll) == ["CppFunction"]
+    fused = [op for op in forward.ops if op in ("batchless_norm_forward", "batchless_nll")]
+    assert fused == ["batchless_norm_forward", "batchless_nll"] and len(forward.ops) - len(fused) <= 3, forward.ops
+    with _OpLog() as backward:
+        torch.autograd.backward([y, nll], [torch.ones_like(y), torch.ones_like(nll)])
+    work = [op for op in backward.ops if op not in ("detach", "ones_like", "ones", "empty_like", "zeros_like")]
+    assert work == ["batchless_norm_backward", "batchless_nll_backward"], backward.ops
