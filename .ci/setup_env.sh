@@ -16,7 +16,7 @@
 # build/so-cache/<that key>/, so that switching between venvs (tests/run.sh, .ci/cuda_build.sh,
 # bench/run.sh --models) copies a build back instead of compiling again when no source changed.
 set -euo pipefail
-_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)"  # -P: the editable install records the real path
 _python="${PYTHON:-python3}"
 _venv="$_root/${BATCHLESS_VENV_DIR:-.venv}"
 _t0=$SECONDS
@@ -80,7 +80,9 @@ _so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
 _built_for="$(cat "$_stamp" 2>/dev/null || true)"
 _cached="$(ls "$_cache"/_C*.so 2>/dev/null | head -n 1 || true)"
 if _newer_than_sources "$_so" && [[ -z "$_built_for" || "$_built_for" == "$_key" ]] && _loads; then
-  [[ -n "$_built_for" ]] || { mkdir -p "$_root/build"; printf '%s\n' "$_key" > "$_stamp"; }
+  if [[ -z "$_built_for" ]]; then  # built before the stamps existed: adopt it, and keep a copy
+    mkdir -p "$_cache" && printf '%s\n' "$_key" > "$_stamp" && cp -p "$_so" "$_cache/"
+  fi
 elif [[ "$_built_for" != "$_key" ]] && _newer_than_sources "$_cached" \
      && cp -p "$_cached" "$_root/batchless_kernels/" && printf '%s\n' "$_key" > "$_stamp" && _loads; then
   _say "restored batchless_kernels._C built earlier for this Python from $_cache"
