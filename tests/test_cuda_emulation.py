@@ -186,6 +186,7 @@ def mutant_build():
 def _run_correctness_suite(mutant: str, selection: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env[backend.MUTANT_ENV] = mutant
+    env[backend.DEVICES_ENV] = "132:0"  # what `selection` names
     env.pop("PYTEST_ADDOPTS", None)
     return subprocess.run(
         [sys.executable, "-m", "pytest", "tests/test_correctness.py", "-x", "-q", "-p", "no:cacheprovider",

@@ -9,6 +9,7 @@ engine. The mode sees ops below autograd only, so the production autograd stays 
 Environment:
   BATCHLESS_CUDA_EMULATION          1: build what is missing; 0: no emulated backends; unset: use a
                                     current build where one exists.
+  BATCHLESS_CUDA_EMULATION_DEVICES  the simulated devices, SMS:BLOCKS_PER_SM,... (default 132:0,1:1).
   BATCHLESS_CUDA_EMULATION_MUTANT   name of a rewrite.MUTANTS entry: the emulated backends run the
                                     mutant variant with that bug switched on (the mutation check);
                                     "none": the mutant variant with every mutant off.
@@ -30,8 +31,23 @@ from . import build
 MUTANT_ENV = "BATCHLESS_CUDA_EMULATION_MUTANT"
 # The kernel ops the launchers of csrc/cuda implement (TORCH_LIBRARY_IMPL(batchless_kernels, CUDA)).
 KERNEL_OPS = ("batchless_norm_forward", "batchless_norm_backward", "batchless_nll", "batchless_nll_backward")
+DEVICES_ENV = "BATCHLESS_CUDA_EMULATION_DEVICES"
 # The simulated devices of the emulated backends: (SM count, blocks per SM; 0 = from the block size).
-DEVICES = ((132, 0), (1, 1))
+# BATCHLESS_CUDA_EMULATION_DEVICES="132:0,1:1" (the default) chooses others, e.g. "132:0" for one.
+DEFAULT_DEVICES = ((132, 0), (1, 1))
+
+
+def devices() -> tuple[tuple[int, int], ...]:
+    text = os.environ.get(DEVICES_ENV, "").strip()
+    if not text:
+        return DEFAULT_DEVICES
+    try:
+        parsed = tuple(tuple(int(v) for v in item.split(":")) for item in text.split(","))
+    except ValueError:
+        parsed = ()
+    if not parsed or any(len(d) != 2 or d[0] < 1 or d[1] < 0 for d in parsed):
+        raise ValueError(f"{DEVICES_ENV}={text!r}: expected comma-separated SMS:BLOCKS_PER_SM, e.g. 132:0,1:1")
+    return parsed
 
 _STATE = {"error": None}
 
@@ -78,8 +94,9 @@ def extension():
     """The emulation extension of the current variant (built here first under BATCHLESS_CUDA_EMULATION=1)."""
     name = variant()
     if setting() == "1" and name not in build._LOADED and build.stale_reason(name) is not None:
+        # sys.__stderr__: shown while pytest captures output (the build runs at collection)
         print(f"[cuda-emulation] building the {name} variant (g++, a few minutes; {build.build_dir(name)})",
-              file=sys.stderr, flush=True)
+              file=sys.__stderr__, flush=True)
     return build.load(name, build_if_needed=setting() == "1")
 
 
@@ -102,11 +119,12 @@ def discover(base):
 
         @property
         def id(self) -> str:
-            return f"cuda_emu-sm{self.sm_count}-{self.device}"
+            extra = "" if self.blocks_per_sm == 0 or (self.sm_count, self.blocks_per_sm) == (1, 1) else f"b{self.blocks_per_sm}"
+            return f"cuda_emu-sm{self.sm_count}{extra}-{self.device}"
 
     if unavailable_reason() is not None:
         return []
-    return [EmulatedCase("cpu", "cpu", sm, bps) for sm, bps in DEVICES]
+    return [EmulatedCase("cpu", "cpu", sm, bps) for sm, bps in devices()]
 
 
 def is_emulated(case) -> bool:
