@@ -93,11 +93,14 @@ COLUMNS = [
 # ---------------------------------------------------------------- models
 
 
-def have_model_libraries() -> str | None:
-    """None when torchvision and timm import, else why not."""
+def have_model_libraries(models=MODELS) -> str | None:
+    """None when the libraries that build `models` import (torchvision for the ResNets, timm for
+    EfficientNet), else why not."""
     try:
-        import timm  # noqa: F401
         import torchvision  # noqa: F401
+
+        if "efficientnet_b0" in models:
+            import timm  # noqa: F401
     except Exception as exc:  # torchvision's ops fail to register on the CPU build of torch
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -526,10 +529,10 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
-    missing = have_model_libraries()
+    missing = have_model_libraries(args.models)
     if missing:
-        sys.exit(f"[models] torchvision and timm are needed ({missing}); on the CPU machines they need the CUDA "
-                 "build of torch: `bash bench/run.sh --models` sets up .venv-models with them")
+        sys.exit(f"[models] torchvision (and timm for efficientnet_b0) are needed ({missing}); on the CPU machines "
+                 "they need the CUDA build of torch: `bash bench/run.sh --models` sets up .venv-models with them")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     device = torch.device(args.device)
