@@ -36,11 +36,13 @@ else
   fi
   BATCHLESS_PYTHON="$_venv/bin/python"
   # triton lets the tests run the triton backend under its interpreter; ninja compiles the
-  # extension's files in parallel; scikit-learn ships the handwritten digits of examples/digits_cnn.py.
+  # extension's files in parallel; scikit-learn ships the handwritten digits of examples/digits_cnn.py;
+  # opacus (differential privacy) and onnx, onnxscript, onnxruntime (ONNX export) are what the
+  # optional features' tests need.
   _pkgs=("${BATCHLESS_TORCH:-torch==2.13.0}" "${BATCHLESS_TRITON:-triton==3.8.0}" ninja numpy pytest
-         pytest-benchmark matplotlib scikit-learn)
+         pytest-benchmark matplotlib scikit-learn opacus onnx onnxscript onnxruntime)
   read -r -a _extra <<< "${BATCHLESS_EXTRA_PACKAGES:-}"
-  _modules="torch, triton, ninja, pytest, numpy, sklearn, matplotlib"
+  _modules="torch, triton, ninja, pytest, numpy, sklearn, matplotlib, opacus, onnx, onnxscript, onnxruntime"
   if (( ${#_extra[@]} )); then
     _pkgs+=("${_extra[@]}")
     _modules+=", $(printf '%s\n' "${_extra[@]}" | sed 's/[=<>!~;[].*//' | paste -sd, | sed 's/,/, /g')"
