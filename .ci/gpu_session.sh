@@ -15,6 +15,8 @@ OUT="${OUT:-/tmp/gpu_out}"
 DRY="${BATCHLESS_GPU_DRY_RUN:-0}"
 mkdir -p "$OUT"
 step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$OUT/steps.log"; }
+# A library built for this machine by .ci/prebuild_gpu.sh and carried here: used unless the sources changed.
+[[ -f build/prebuilt-gpu.sources ]] && export BATCHLESS_PREBUILT="$PWD/build/prebuilt-gpu.sources"
 # Sourced, not piped (a pipeline would run it in a subshell and lose BATCHLESS_PYTHON).
 source .ci/setup_env.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 tail -n 3 "$OUT/setup.log"

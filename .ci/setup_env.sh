@@ -78,10 +78,17 @@ _loads() {  # the package of this checkout imports in BATCHLESS_PYTHON, with its
 import sys, batchless_kernels as bk
 sys.exit(0 if bk.__file__.startswith('$_root/') and bk.ops.extension_loaded() else 1)" 2>/dev/null)
 }
-_so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
+# This Python's library (several Pythons' builds can lie side by side, e.g. a carried GPU prebuild).
+_so="$_root/batchless_kernels/_C$("$BATCHLESS_PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
 _built_for="$(cat "$_stamp" 2>/dev/null || true)"
 _cached="$(ls "$_cache"/_C*.so 2>/dev/null | head -n 1 || true)"
-if _newer_than_sources "$_so" && [[ -z "$_built_for" || "$_built_for" == "$_key" ]] && _loads; then
+# BATCHLESS_PREBUILT: a file holding the source hash (.ci/source_hash.py) of a library built on another
+# machine for this one (.ci/prebuild_gpu.sh): used as is when the sources are those and it loads, since
+# file times do not survive the transfer.
+if [[ -n "${BATCHLESS_PREBUILT:-}" && -f "$_so" \
+      && "$(cat "$BATCHLESS_PREBUILT" 2>/dev/null)" == "$("$BATCHLESS_PYTHON" "$_root/.ci/source_hash.py")" ]] && _loads; then
+  _say "using the prebuilt $(basename "$_so") (built elsewhere from these sources)"
+elif _newer_than_sources "$_so" && [[ -z "$_built_for" || "$_built_for" == "$_key" ]] && _loads; then
   if [[ -z "$_built_for" ]]; then  # built before the stamps existed: adopt it, and keep a copy
     mkdir -p "$_cache" && printf '%s\n' "$_key" > "$_stamp" && cp -p "$_so" "$_cache/"
   fi
