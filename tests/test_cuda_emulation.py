@@ -163,6 +163,27 @@ def test_emulated_backends_run_the_cuda_launchers(ext, shape, layout):
     assert len(set(map(str, grids.values()))) == len(grids), grids
 
 
+@needs_emulation
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("shape, layout", [((3, 5, 17), "contiguous"), ((7, 13), "contiguous"),
+                                           ((4, 6, 3, 5), "channels_last"), ((700, 2, 33), "contiguous"),
+                                           ((2, 3, 131, 129), "contiguous")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_random_schedules(ext, seed, shape, layout, dtype):
+    """The kernels under thread orders drawn at random for every scheduler pass (the suite's
+    alternating forward/reverse order shows a missing barrier; these show other interleavings)."""
+    from test_correctness import check_against_reference
+    from conftest import TOLS
+
+    case = EMULATED_BACKENDS[seed % len(EMULATED_BACKENDS)]
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, "cpu", "abs")
+    with backend.activate(case):
+        ext.configure(sm_count=case.sm_count, blocks_per_sm=case.blocks_per_sm, schedule="random", seed=seed)
+        check_against_reference(case, x, mean, std_param, weight, bias, atol=TOLS[dtype][0], rtol=TOLS[dtype][1],
+                                parametrization="abs")
+        assert ext.settings()["schedule"] == "random"
+
+
 # ------------------------------------------------------------------------------------------------
 # Mutation check: the suite must catch deliberate bugs in the CUDA kernels
 # ------------------------------------------------------------------------------------------------

@@ -22,8 +22,12 @@ py::dict settings_dict() {
   d["sm_count"] = s.sm_count;
   d["blocks_per_sm"] = s.blocks_per_sm;
   d["shared_per_block"] = s.shared_per_block;
-  d["schedule"] = s.schedule == emu::Schedule::kForward ? "forward"
-                  : s.schedule == emu::Schedule::kReverse ? "reverse" : "alternate";
+  d["schedule"] = s.schedule == emu::Schedule::kForward   ? "forward"
+                  : s.schedule == emu::Schedule::kReverse ? "reverse"
+                  : s.schedule == emu::Schedule::kRandom  ? "random"
+                  : s.schedule == emu::Schedule::kLagging ? "lagging"
+                                                          : "alternate";
+  d["seed"] = s.seed;
   return d;
 }
 
@@ -35,7 +39,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "CUDA kernels of batchless_kernels run on the CPU by a fiber engine (tests only)";
   m.def(
       "configure",
-      [](int sm_count, int blocks_per_sm, int64_t shared_per_block, const std::string& schedule) {
+      [](int sm_count, int blocks_per_sm, int64_t shared_per_block, const std::string& schedule, uint64_t seed) {
         TORCH_CHECK(sm_count > 0, "sm_count must be positive");
         TORCH_CHECK(blocks_per_sm >= 0, "blocks_per_sm must be >= 0 (0: from the block's size)");
         TORCH_CHECK(shared_per_block > 0 && shared_per_block <= 227 * 1024, "shared_per_block out of range");
@@ -49,13 +53,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           s.schedule = emu::Schedule::kReverse;
         } else if (schedule == "alternate") {
           s.schedule = emu::Schedule::kAlternate;
+        } else if (schedule == "random") {
+          s.schedule = emu::Schedule::kRandom;
+        } else if (schedule == "lagging") {
+          s.schedule = emu::Schedule::kLagging;
         } else {
-          TORCH_CHECK(false, "schedule must be forward, reverse or alternate, got ", schedule);
+          TORCH_CHECK(false, "schedule must be forward, reverse, lagging, alternate or random, got ", schedule);
         }
+        s.seed = seed;
         return settings_dict();
       },
       py::arg("sm_count") = 132, py::arg("blocks_per_sm") = 0, py::arg("shared_per_block") = 48 * 1024,
-      py::arg("schedule") = "alternate");
+      py::arg("schedule") = "alternate", py::arg("seed") = 0);
   m.def("settings", &settings_dict);
   m.def("stats", [] {
     const emu::Stats& s = emu::stats();

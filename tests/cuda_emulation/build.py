@@ -21,8 +21,9 @@ How:
                        reading lanes outside the mask, deadlocks, block/grid/shared-memory limits,
                        __launch_bounds__, launches not followed by C10_CUDA_KERNEL_LAUNCH_CHECK.
                        Shared memory is fresh per block and starts as NaN bytes (0xFF), so a stale read
-                       shows. The schedule runs a block's threads forwards or backwards (alternating
-                       by block), so that a missing barrier shows in one order or the other.
+                       shows. The schedule runs a block's threads forwards, backwards, or with one warp
+                       lagging behind the others, by turns from block to block (a missing barrier shows
+                       in one order or another); "random" draws the order afresh for every pass.
   rewrite.py           the source rewrite for what g++ cannot parse or what must address CPU tensors:
                        <<<grid, block, shmem, stream>>> launches, __shared__ / extern __shared__,
                        __launch_bounds__, the TORCH_LIBRARY_IMPL namespace and dispatch key
@@ -39,7 +40,11 @@ This module builds the extension with torch.utils.cpp_extension.load (g++, ninja
 installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
   variant "main"    library batchless_emulated: the kernels as they are;
   variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
-                    each off until switched on (set_mutant), for tests/test_cuda_emulation.py.
+                    each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
+                    a dropped tail element, each of block_sum's two barriers removed, a barrier
+                    taken only by some threads, a shuffle mask naming half the warp.
+A build is current when the fingerprint (content hash) of its inputs, recorded in built.stamp,
+matches csrc/cuda, csrc/ops.cpp, the host headers and this folder's sources.
 
     python tests/cuda_emulation/build.py            # build (or bring up to date) the main variant
     python tests/cuda_emulation/build.py --mutant   # and the mutant variant
@@ -69,6 +74,7 @@ Out-of-bounds global accesses are not checked (the poisoned outputs catch unwrit
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.machinery
 import importlib.util
 import os
@@ -136,7 +142,7 @@ def _inputs(variant: str) -> list[pathlib.Path]:
 
 
 def _stamp(variant: str) -> pathlib.Path:
-    """Touched after each successful build (ninja leaves an up-to-date library untouched)."""
+    """Written after each successful build with the fingerprint of its inputs."""
     return build_dir(variant) / "built.stamp"
 
 
@@ -153,11 +159,18 @@ def stale_reason(variant: str = "main") -> str | None:
     so = _library_path(variant)
     if so is None or not _stamp(variant).exists():
         return f"the CUDA emulation ({variant}) is not built for this torch: run python tests/cuda_emulation/build.py"
-    built = _stamp(variant).stat().st_mtime
-    newer = [str(p.relative_to(ROOT)) for p in _inputs(variant) if p.stat().st_mtime > built]
-    if newer:
-        return f"the CUDA emulation ({variant}) is older than {newer[:3]}: run python tests/cuda_emulation/build.py"
+    if _stamp(variant).read_text() != _fingerprint(variant):
+        return (f"the CUDA emulation ({variant}) was built from other sources (csrc/ or tests/cuda_emulation/ changed): "
+                "run python tests/cuda_emulation/build.py")
     return None
+
+
+def _fingerprint(variant: str) -> str:
+    """Hash of every input's content and of the compile flags (what the stamp records)."""
+    digest = hashlib.sha256(repr([OPTIMIZE[variant]] + CFLAGS).encode())
+    for path in sorted(_inputs(variant)):
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 _LOADED: dict[str, object] = {}
@@ -188,6 +201,7 @@ def build(variant: str = "main", verbose: bool = False):
 
     out = build_dir(variant)
     src = out / "src"
+    fingerprint = _fingerprint(variant)  # of the inputs this build reads
     library = library_of(variant)
     result = rewrite.rewrite_tree(src, library, mutants=variant == "mutant")
     selftest = src / "selftest.cpp"
@@ -205,7 +219,7 @@ def build(variant: str = "main", verbose: bool = False):
         build_directory=str(out),
         verbose=verbose,
     )
-    _stamp(variant).touch()
+    _stamp(variant).write_text(fingerprint)
     if verbose:
         print(f"[cuda-emulation] {variant}: built/loaded in {time.monotonic() - started:.1f}s ({out})")
     _LOADED[variant] = module

@@ -22,8 +22,11 @@
 // preserve without swapcontext's signal-mask system call (about 20x faster; the fibers never
 // change the signal mask).
 //
-// The threads of a block run in index order, or in reverse order, or alternately by block (the
-// default): a missing barrier shows in one order or the other.
+// Schedules (the order in which a pass runs the runnable threads): "forward" (index order),
+// "reverse", "lagging" (index order, but one warp runs only when no other thread can, so that the
+// others race ahead of it to the next barrier), "random" (an order drawn for every pass from the
+// seed), and "alternate" (the default): forward, reverse and lagging by turns, block by block, the
+// lagging warp rotating. A missing barrier shows in one order or another.
 #undef _FORTIFY_SOURCE  // __longjmp_chk would refuse to jump between fiber stacks
 #include "emu_cuda.h"
 
@@ -96,6 +99,7 @@ struct Engine {
   BlockView block;
   std::vector<Thread> threads;
   std::vector<Fiber*> fibers;
+  std::vector<int> order;  // the current pass's thread order
   std::vector<unsigned> warp_waiting;  // per warp: lanes waiting at a collective
   int barrier_waiting = 0;             // threads waiting at __syncthreads
   bool barrier_mismatch = false;       // ... at different call sites
@@ -375,7 +379,21 @@ void resolve() {
   ++e.stats.barriers;
 }
 
-void run_block(uint3 index, bool reverse) {
+// Thread order of one scheduler pass: forward, reverse, or a permutation drawn from `seed`.
+void pass_order(std::vector<int>& order, int n, Schedule schedule, bool reverse, uint64_t& seed) {
+  order.resize(n);
+  for (int k = 0; k < n; ++k) order[k] = reverse ? n - 1 - k : k;
+  if (schedule != Schedule::kRandom) return;
+  for (int k = n - 1; k > 0; --k) {  // Fisher-Yates with xorshift64
+    seed ^= seed << 13;
+    seed ^= seed >> 7;
+    seed ^= seed << 17;
+    std::swap(order[k], order[seed % uint64_t(k + 1)]);
+  }
+}
+
+// victim >= 0: the warp that runs only when no other thread can (it lags behind the others).
+void run_block(uint3 index, bool reverse, uint64_t seed, int victim) {
   Engine& e = engine();
   e.block.block_idx = index;
   // Fresh shared memory: every byte this launch may read is NaN again.
@@ -399,10 +417,16 @@ void run_block(uint3 index, bool reverse) {
   }
   ++e.stats.blocks;
   e.stats.threads += n;
+  std::vector<int>& order = e.order;
+  bool victims_turn = false;
   while (e.done < n) {
+    pass_order(order, n, e.settings.schedule, reverse, seed);
+    bool ran = false;
     for (int k = 0; k < n; ++k) {
-      Thread& t = e.threads[reverse ? n - 1 - k : k];
+      Thread& t = e.threads[order[k]];
       if (t.state != State::kReady) continue;
+      if (t.linear / 32 == victim && !victims_turn) continue;
+      ran = true;
       e.current = &t;
       tls_thread = &t;
       if (_setjmp(e.scheduler_jump) == 0) {
@@ -419,6 +443,13 @@ void run_block(uint3 index, bool reverse) {
       e.current = nullptr;
       tls_thread = nullptr;
       if (!e.error.empty()) throw_error(e.error);
+    }
+    if (victim >= 0) {
+      if (!ran && !victims_turn) {
+        victims_turn = true;  // nothing else can run: the lagging warp's turn
+        continue;
+      }
+      victims_turn = false;
     }
     // Threads released during the pass (by the last to arrive at a barrier or collective) run in
     // the next; when none can run, resolve() completes what is complete or says what is wrong.
@@ -668,9 +699,14 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
   for (unsigned z = 0; z < config.grid.z; ++z) {
     for (unsigned y = 0; y < config.grid.y; ++y) {
       for (unsigned x = 0; x < config.grid.x; ++x, ++index) {
-        const bool reverse = e.settings.schedule == Schedule::kReverse ||
-                             (e.settings.schedule == Schedule::kAlternate && index % 2 == 1);
-        run_block(uint3{x, y, z}, reverse);
+        const Schedule schedule = e.settings.schedule;
+        const bool reverse = schedule == Schedule::kReverse || (schedule == Schedule::kAlternate && index % 3 == 1);
+        const int warps = static_cast<int>((n + 31) / 32);
+        const int victim = schedule == Schedule::kLagging || (schedule == Schedule::kAlternate && index % 3 == 2)
+                               ? static_cast<int>((index / 3 + e.settings.seed) % warps)
+                               : -1;
+        const uint64_t seed = (e.settings.seed + 1) * 0x9E3779B97F4A7C15ull + index * 0xBF58476D1CE4E5B9ull;
+        run_block(uint3{x, y, z}, reverse, seed | 1, victim);  // xorshift needs a nonzero state
       }
     }
   }

@@ -56,6 +56,9 @@ MUTANTS = (
     Mutant(4, "shuffle_mask", "block_reduce.cuh", "__shfl_down_sync(0xffffffffu,",
            "__shfl_down_sync(::emu::mutant(4) ? 0x0000ffffu : 0xffffffffu,",
            what="warp_sum's shuffle mask names half the warp"),
+    Mutant(5, "reuse_barrier", "block_reduce.cuh", "  __syncthreads();  // a previous call",
+           "  if (!::emu::mutant(5)) __syncthreads();  // a previous call",
+           what="block_sum overwrites scratch while a previous call may still read it"),
 )
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 

@@ -10,7 +10,7 @@
 
 namespace emu {
 
-enum class Schedule { kForward, kReverse, kAlternate };
+enum class Schedule { kForward, kReverse, kAlternate, kRandom, kLagging };
 
 // The simulated device: its multiprocessor count and (when > 0) the blocks per multiprocessor that
 // occupancy queries answer (else derived from the block size and shared memory), so tests can force
@@ -20,6 +20,7 @@ struct Settings {
   int blocks_per_sm = 0;
   size_t shared_per_block = 48 * 1024;
   Schedule schedule = Schedule::kAlternate;
+  uint64_t seed = 0;  // of the random schedule
 };
 
 struct Stats {
