@@ -64,7 +64,8 @@ Cost (2 shared cores, one compile job): building the main variant about 2.5 minu
 variant (-O0) about 1.5 minutes; the emulated backends add about 2 minutes to the correctness
 suite (1730 cases, most of it the 2053-channel shapes: thousands of small blocks), and
 tests/test_cuda_emulation.py about 40 seconds (the mutation check runs the correctness suite in a
-subprocess per mutant, stopping at the first failure). MAX_JOBS sets the compile jobs (default 1).
+subprocess per mutant, stopping at the first failure). MAX_JOBS sets the compile jobs (default: the
+cores this process may use).
 
 Not done: an OS-thread mode of the engine for ThreadSanitizer (every fiber switch is a point where
 the hardware could interleave; a race-detecting run would need a TSan-instrumented process).
@@ -209,7 +210,7 @@ def build(variant: str = "main", verbose: bool = False):
                                    library=library)
     rewrite._write_if_changed(selftest, text)
     sources = [str(p) for p in result["sources"]] + [str(selftest), str(HERE / "engine.cpp"), str(HERE / "bindings.cpp")]
-    os.environ.setdefault("MAX_JOBS", "1")
+    os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
     started = time.monotonic()
     module = cpp.load(
         name=module_name(variant),
