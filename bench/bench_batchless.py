@@ -4,7 +4,8 @@ backend, against F.batch_norm, torch.compile'd F.batch_norm and a copy of the sa
     python bench/bench_batchless.py [--full] [--device cpu|cuda] [--out DIR] [--shapes 256x64x32x32 ...]
         [--dtypes float32 bfloat16] [--layouts contiguous channels_last] [--budget SECONDS]
 
-Writes results.csv, summary.md and fwd_bwd.png into bench/results/<device-slug>/ (see README.md).
+Writes results.csv, summary.md and fwd_bwd.png into a new bench/runs/<device-slug>/<time>/, or with
+--update-reference into bench/results/<device-slug>/ (see docs/benchmarks.md and bench/README.md).
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def machine_info(device: torch.device) -> dict:
         "num_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # On CPU the allocator decides whether each fresh output pays page faults (see README.md).
+        # On CPU the allocator decides whether each fresh output pays page faults (see bench/README.md).
         "malloc_env": " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)),
         "slug": slug(name) if device.type == "cuda" else f"{slug(name)}-{torch.get_num_threads()}threads",
     }
@@ -436,7 +437,7 @@ def parse_args(argv):
                                                  "untracked)")
     parser.add_argument("--update-reference", action="store_true",
                         help="write the committed reference results, bench/results/<device-slug>/ (which the "
-                             "README quotes), and on a GPU batchless_kernels/gpu_choice.json")
+                             "docs quote), and on a GPU batchless_kernels/gpu_choice.json")
     parser.add_argument("--shapes", nargs="+", help="shapes such as 256x64x32x32 32x256")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
