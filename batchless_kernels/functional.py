@@ -69,7 +69,8 @@ def batchless_norm(
         # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
         # runtimes know, where the compiled ops would need this library at load time.
         name = "reference"
-    if name != "reference" and tuple(mean.shape) != (x.shape[1],):  # shared axes
+    if name != "reference" and any(t is not None and tuple(t.shape) != (x.shape[1],)
+                                   for t in (mean, std_param, weight, bias)):  # shared axes, or (C, 1, ..)
         grouped = _as_channels(x, param_shape)
         if grouped is None:  # no view of x puts the Gaussians on one axis: the tensor-op spec
             name = "reference"

@@ -79,9 +79,13 @@ def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
     """Whether `layer` can be folded into `prev`: a plain conv/linear (no own forward, no hooks, not
-    used elsewhere in the model) whose output channels are the layer's channels."""
+    used elsewhere in the model, nor its weight or bias: folding rewrites them) whose output channels
+    are the layer's channels. A Linear scales its last dim: only a 1-D param_shape (inputs (N, C)) fits."""
     base = next((cls for cls in _FOLD_INTO if isinstance(prev, cls)), None)
-    if base is None or not layer.per_channel or _own_behaviour(prev, base) or uses[id(prev)] > 1 or nn.parameter.is_lazy(prev.weight):
+    if base is None or not layer.per_channel or _own_behaviour(prev, base) or uses[id(prev)] > 1 \
+            or nn.parameter.is_lazy(prev.weight) or any(uses.get(id(p), 0) > 1 for p in (prev.weight, prev.bias)):
+        return False
+    if isinstance(prev, nn.Linear) and len(layer.param_shape) != 1:
         return False
     out = prev.out_features if isinstance(prev, nn.Linear) else prev.out_channels
     return out == layer.num_features
@@ -95,14 +99,24 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, Batchless layer name) where, in the traced forward, the layer is called once, on
-    the output of a conv called once, which nothing else reads: the pairs that PyTorch's own conv-bn
-    fusion (torch.fx.experimental.optimization.fuse) finds. Empty when the model does not trace
-    (data-dependent control flow, ...)."""
+    """(conv name, Batchless layer name) where, in the forward traced in training and in eval mode
+    alike, the layer is called once, on the output of a conv called once, which nothing else reads,
+    and no other node reads the conv's parameters: the pairs that PyTorch's own conv-bn fusion
+    (torch.fx.experimental.optimization.fuse) finds. Empty when the model does not trace."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        return sorted(set(_pairs_in(model.train(True))) & set(_pairs_in(model.train(False))))
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _pairs_in(model: nn.Module) -> list[tuple[str, str]]:
     try:
         graph = _LeafTracer().trace(model)
     except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read, keep today's rule
         return []
+    read = {n.target for n in graph.nodes if n.op == "get_attr"}  # parameters read directly
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = []
     for node in graph.nodes:
@@ -110,7 +124,7 @@ def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
             continue
         src = node.args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and calls[src.target] == 1
-                and len(src.users) == 1):
+                and len(src.users) == 1 and not any(t.startswith(f"{src.target}.") for t in read)):
             pairs.append((src.target, node.target))
     return pairs
 
@@ -159,9 +173,11 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = copy.deepcopy(model)
-    uses: dict[int, int] = {}
+    uses: dict[int, int] = {}  # registrations of each module and parameter (tied weights count twice)
     for _, m in model.named_modules(remove_duplicate=False):
         uses[id(m)] = uses.get(id(m), 0) + 1
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     kept: set[int] = set()
     for name, m in model.named_modules():
         why = _own_behaviour(m, _BatchlessNorm) if isinstance(m, _BatchlessNorm) else None

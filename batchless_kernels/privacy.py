@@ -17,7 +17,8 @@ loss, sum(y_i * dLoss/dy_i) + nll_weight * nll_i (nll_i: the layer's NLL over sa
 whose mean over the batch is the layer's NLL), for mean, std_param, weight and bias alike. That is the
 per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
 default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
-set to match.
+set to match. A layer called more than once per forward is refused (ValueError): its ``nll`` holds
+the last call's term only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
     present = {n: getattr(layer, n) for n in _PARAMS if getattr(layer, n) is not None}
     wanted = {n: p.detach() for n, p in present.items() if p.requires_grad}
     fixed = {n: p.detach() for n, p in present.items() if not p.requires_grad}
+    if x.shape[0] == 0:  # an empty (Poisson-sampled) batch: no sample, no gradient
+        return {present[n]: p.new_zeros((0, *p.shape)) for n, p in wanted.items()}
 
     def sample_loss(params, xi, gi):
         args = {**fixed, **params}
@@ -53,4 +56,9 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
 
 @register_grad_sampler([BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd])
 def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch.Tensor) -> dict:
+    if getattr(layer, "activations", None):  # Opacus pops one call's input per backward: more remain
+        raise ValueError(
+            f"{type(layer).__name__} was called more than once in one forward: its nll (which nll_loss adds) "
+            "holds the last call's NLL only, so per-sample gradients would not match the loss. Use one layer "
+            "per call under Opacus.")
     return per_sample_grads(layer, activations[0], backprops)

@@ -68,7 +68,7 @@ TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {
       "str parametrization, float eps, bool gauge) -> Tensor");
   // grad_nll times (dnll/dmean, dnll/dstd_param), in the dtypes of mean and std_param:
   //   dnll/dmean_c = -r_c s1_c / (C count)
-  //   dnll/dp_c    = (dlog sigma_c/dp + (s2_c / (count r_c)) dr_c/dp) / C
+  //   dnll/dp_c    = (dlog sigma_c/dp + (s2_c / count) dlog|r_c|/dp) / C   (never dr/dp = -r^2)
   m.def(
       "batchless_nll_backward(Tensor grad_nll, Tensor s1, Tensor s2, Tensor mean, Tensor std_param, "
       "SymInt count, str parametrization, float eps) -> (Tensor dmean, Tensor dstd_param)");

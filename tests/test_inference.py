@@ -28,7 +28,7 @@ def randomize(model, data):
         for m in model.modules():
             if isinstance(m, _BatchlessNorm):
                 m.mean.add_(torch.randn_like(m.mean) * 0.1 * m.std)
-                std = m.std.double() * torch.exp(torch.randn(m.num_features, dtype=torch.float64) * 0.2)
+                std = m.std.double() * torch.exp(torch.randn(m.mean.shape, dtype=torch.float64) * 0.2)
                 m.std_param.copy_(param_from_std(std, m.parametrization, m.eps))
                 if m.affine:
                     m.weight.normal_(1.0, 0.5)
@@ -341,3 +341,61 @@ def test_torchvision_resnet18_folds_20_of_20():
     fused = fused_outputs_match(model, make_x((2, 3, 32, 32), dtype=torch.float64), rtol=1e-9)
     kinds = [type(m).__name__ for m in fused.modules()]
     assert kinds.count("Identity") == 20 and "ChannelAffine" not in kinds
+
+
+class ReadsConvWeight(nn.Module):
+    """The conv's weight is also read directly (get_attr): folding would change that read."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(4, 4, 1), bk.BatchlessNorm2d(4)
+
+    def forward(self, x):
+        return self.norm(self.conv(x)) + torch.nn.functional.conv2d(x, self.conv.weight)
+
+
+class TiedConvs(nn.Module):
+    """Two convs share one weight: folding into one would change the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.norm = nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 1), bk.BatchlessNorm2d(4)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x):
+        return self.norm(self.c1(x)) + self.c2(x)
+
+
+class ModeDependent(nn.Module):
+    """In training mode the norm reads the dropout's output, not the conv's."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.drop, self.norm = nn.Conv2d(4, 4, 1), nn.Dropout(0.5), bk.BatchlessNorm2d(4)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.training:
+            x = self.drop(x)
+        return self.norm(x)
+
+
+@pytest.mark.parametrize("cls", [ReadsConvWeight, TiedConvs, ModeDependent])
+def test_traced_folding_refuses_what_would_change_the_model(cls):
+    x = make_x((2, 4, 5, 5), dtype=torch.float64)
+    model = randomize(cls().double(), x)
+    fused = fused_outputs_match(model, x, rtol=1e-10)
+    assert isinstance(fused.norm, bk.ChannelAffine)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        trained = model.train()(x) if cls is not ModeDependent else None
+    if trained is not None:  # train mode computes the same function too
+        torch.testing.assert_close(fused.train()(x).detach(), trained, rtol=1e-10, atol=1e-10)
+
+
+def test_linear_is_not_folded_into_a_multi_dim_layer():
+    """A Linear scales the last dim; BatchlessNorm((4, 1)) normalizes dim 1 of (N, 4, L) inputs."""
+    x = make_x((2, 4, 4), dtype=torch.float64)
+    model = randomize(nn.Sequential(nn.Linear(4, 4), bk.BatchlessNorm((4, 1))).double(), x)
+    fused = fused_outputs_match(model, x, rtol=1e-10)
+    assert isinstance(fused[1], bk.ChannelAffine)

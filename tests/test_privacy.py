@@ -62,3 +62,22 @@ def test_opacus_per_sample_gradients_equal_a_loop(case, norm):
         expected = torch.stack(expected)
         assert torch.count_nonzero(expected) > 0, name
         torch.testing.assert_close(p.grad_sample, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_empty_batch_and_a_layer_called_twice():
+    from batchless_kernels.privacy import per_sample_grads
+
+    layer = bk.BatchlessNorm1d(3).double()
+    grads = per_sample_grads(layer, torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.float64))
+    assert {tuple(g.shape) for g in grads.values()} == {(0, 3)} and len(grads) == 4
+    twice = nn.Sequential(nn.Linear(3, 3), bk.BatchlessNorm1d(3))
+    model = nn.Sequential(*twice, nn.Linear(3, 3), twice[1]).double()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 3, dtype=torch.float64)),
+                                         batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        private, _, _ = PrivacyEngine().make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                     data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0)
+        out = private(torch.randn(4, 3, dtype=torch.float64))
+        with pytest.raises(ValueError, match="called more than once in one forward"):
+            (out.sum() + bk.nll_loss(private)).backward()

@@ -107,3 +107,14 @@ def test_module_with_toolkit(param_shape):
     assert isinstance(fused[1], kind)
     with torch.no_grad():
         torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_equivalent_shapes_may_be_mixed(case):
+    """(C,) and (C, 1, 1) name the same Gaussians: mixing them works on every backend."""
+    x = make_x((2, 3, 4, 5), device=case.device)
+    mean, std_param, weight, bias = _params((3,), case.device)
+    y, nll = bk.batchless_norm(x, mean, std_param, weight.view(3, 1, 1), bias, backend=case.name, need_nll=True)
+    y_ref, nll_ref = bk.reference.batchless_norm(x, mean, std_param, weight, bias)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, nll_ref, rtol=1e-5, atol=1e-5)
