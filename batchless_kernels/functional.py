@@ -63,7 +63,7 @@ def batchless_norm(
     name = resolve_backend(backend, x.device, x)
     if need_nll:
         _warn_if_reentrant_checkpoint()
-    if name != "reference" and (_under_functorch() or torch.compiler.is_exporting()):
+    if name != "reference" and (_under_functorch() or exporting()):
         # torch.func (grad, vjp, jacrev, vmap) cannot see through the compiled ops' C++ autograd:
         # run the executable spec, which it differentiates and batches exactly (per-sample gradients).
         # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
@@ -120,6 +120,12 @@ def _as_channels(x: torch.Tensor, param_shape: tuple[int, ...]) -> torch.Tensor 
     if list(param_shape[first:]) == list(rest[first:]):
         return x.view(x.shape[0] * math.prod(rest[:first]), math.prod(rest[first:]))
     return None
+
+
+def exporting() -> bool:
+    """Whether torch.export (non-strict, as torch.onnx.export uses it) is tracing this call. Not under
+    torch.compile: torch 2.11's Dynamo folds torch.compiler.is_exporting() to True while compiling."""
+    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
 
 
 def _under_functorch() -> bool:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ._checks import check_layer_input
 from .backends import BACKENDS
-from .functional import batchless_norm
+from .functional import batchless_norm, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
@@ -143,7 +143,7 @@ class _BatchlessNorm(nn.Module):
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
             # an exported program (torch.export, ONNX) is for inference: a module attribute is no output
-            need_nll=False if torch.compiler.is_exporting() else None,
+            need_nll=False if exporting() else None,
         )
         return y
 
