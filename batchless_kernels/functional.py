@@ -85,12 +85,12 @@ def batchless_norm(
             parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
         )
 
-    acc = accumulation_dtype(x.dtype)
     if need_nll and _HAS_FUSED_NLL.get(x.device.type, False):
         # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
         # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
         return train_op(name)(x, mean, std_param, weight, bias, parametrization, eps, gauge)
     forward_op, _ = kernel_ops(name)
+    acc = accumulation_dtype(x.dtype)
     rstd, _ = rstd_and_log_std(std_param.detach().to(acc), parametrization, eps)
     y, s1, s2 = forward_op(x, mean.detach().to(acc), rstd, weight, bias, need_nll)
     if not need_nll:

@@ -33,10 +33,10 @@ from pathlib import Path
 # GLIBC_TUNABLES is already set or --default-allocator is given. The CSV records the setting
 # (malloc_env).
 STEADY_STATE_MALLOC = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=17179869184"
-if (__name__ == "__main__" and sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ
-        and "--default-allocator" not in sys.argv):
-    os.environ["GLIBC_TUNABLES"] = STEADY_STATE_MALLOC
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":
+    from _allocator import reexec_with_glibc_tunables
+
+    reexec_with_glibc_tunables(STEADY_STATE_MALLOC)
 
 import numpy as np
 import torch

@@ -44,10 +44,10 @@ import sys
 # once (mmap for blocks >= 64 KiB, heap trimmed above 128 KiB free), or the peak would stay at
 # the first step's. Set before torch allocates anything, so this process re-executes itself.
 MEASURE_MALLOC = "glibc.malloc.mmap_threshold=65536:glibc.malloc.trim_threshold=131072"
-if (__name__ == "__main__" and sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ
-        and "--default-allocator" not in sys.argv):
-    os.environ["GLIBC_TUNABLES"] = MEASURE_MALLOC
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+if __name__ == "__main__":
+    from _allocator import reexec_with_glibc_tunables
+
+    reexec_with_glibc_tunables(MEASURE_MALLOC)
 
 import argparse  # noqa: E402
 import csv  # noqa: E402
