@@ -1,33 +1,49 @@
 #!/usr/bin/env bash
 # For a session lent a GPU (device tool, 15 minutes of device time in all, 10 a command):
-#   bash .ci/gpu_session.sh all     one command, under 8 minutes: import check, the GPU tests and the
-#                                   CUDA/Triton cases of the shared suite (-m gpu), compute-sanitizer
-#                                   memcheck, the benchmark of the GPU backends against BatchNorm
+#   bash .ci/gpu_session.sh all     one command, under 10 minutes: import check, the GPU tests and the
+#                                   CUDA/Triton cases of the shared suite (-m gpu), the benchmark of the
+#                                   GPU backends against BatchNorm (--update-reference), compute-sanitizer
+#                                   memcheck, an ncu profile of the training step (.ci/profile_kernels.py)
 #   bash .ci/gpu_session.sh test    the whole test suite and memcheck + racecheck (longer)
 #   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh, arguments passed on)
-# Logs and results go to $OUT (default /tmp/gpu_out) for the device tool to bring back.
-# BATCHLESS_GPU_DRY_RUN=1 runs the same steps on a machine without a GPU (CPU tensors, tiny benchmark,
-# sanitizer skipped where absent), so that CI checks the selection, paths and outputs
-# (tests/test_gpu_session.py).
+# Each step has a time limit (GPU_SESSION_LIMITS), so that one that hangs cannot take the later ones'
+# time. The device tool brings back at most 8 files from $OUT (default /tmp/gpu_out): the logs go to
+# $OUT/gpu_session.tar.gz, rewritten after every step (so a killed command still returns what ran),
+# and the benchmark's committed outputs (results.csv, summary.md, fwd_bwd.png, gpu_choice.json) and
+# steps.log are copied to $OUT as they are.
+# BATCHLESS_GPU_DRY_RUN=1 runs the same steps on a machine without a GPU (CPU tensors, tiny benchmark
+# into $OUT/bench instead of bench/results, sanitizer and ncu skipped where absent), so that CI checks
+# the selection, paths and outputs (tests/test_gpu_session.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_out}"
 DRY="${BATCHLESS_GPU_DRY_RUN:-0}"
+LOGS="$(mktemp -d)"  # everything, packed into $OUT/gpu_session.tar.gz after each step
 mkdir -p "$OUT"
-step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$OUT/steps.log"; }
+step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$LOGS/steps.log"; }
+pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/"; }
+# Seconds each step may take (import/setup, tests, benchmark, memcheck, ncu); their sum stays under
+# the device tool's 10-minute command limit with the machine's start left out.
+read -r t_tests t_bench t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-200 170 75 75}"
+limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
+# The package is imported from this checkout (the GPU machines have no editable install of it).
+export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
 # A library built for this machine by .ci/prebuild_gpu.sh and carried here: used unless the sources changed.
 [[ -f build/prebuilt-gpu.sources ]] && export BATCHLESS_PREBUILT="$PWD/build/prebuilt-gpu.sources"
 # Sourced, not piped (a pipeline would run it in a subshell and lose BATCHLESS_PYTHON).
-source .ci/setup_env.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
-tail -n 3 "$OUT/setup.log"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/setup.log" 2>&1 || true
-sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+source .ci/setup_env.sh > "$LOGS/setup.log" 2>&1 || { cat "$LOGS/setup.log"; pack; exit 1; }
+tail -n 3 "$LOGS/setup.log"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOGS/setup.log" 2>&1 || true
+find_tool() { command -v "$1" || ls "${CUDA_HOME:-/usr/local/cuda}/bin/$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1 || true; }
+sanitizer="$(find_tool compute-sanitizer)"
+ncu="$(find_tool ncu)"
 device=cuda
 [[ "$DRY" == "1" ]] && device=cpu
 
 check_import() {
+  local rc=0
   step "import"
-  "$BATCHLESS_PYTHON" - "$device" <<'EOF' 2>&1 | tee "$OUT/import.log"
+  "$BATCHLESS_PYTHON" - "$device" > "$LOGS/import.log" 2>&1 <<'PY' || rc=$?
 import sys
 import torch
 import batchless_kernels as bk
@@ -37,62 +53,99 @@ have = bk.available_backends(device)
 print(f"torch {torch.__version__}, extension loaded: {bk.ops.extension_loaded()}, backends on {device}: {have}")
 missing = [b for b in wanted if b not in have]
 sys.exit(f"missing backends {missing}" if missing else 0)
-EOF
+PY
+  cat "$LOGS/import.log"
+  [[ $rc == 0 ]] || echo "import: FAILED (rc $rc)"
+  pack
 }
 
-run_tests() {  # $1: pytest selection arguments
-  step "tests $*"
-  local rc=0
-  "$BATCHLESS_PYTHON" -m pytest tests -q -ra --maxfail=20 --durations=15 "$@" > "$OUT/tests.log" 2>&1 || rc=$?
-  tail -15 "$OUT/tests.log"
+run_tests() {  # $1: time limit; then pytest selection arguments
+  local seconds=$1 rc=0 parallel=()
+  shift
+  step "tests $* (limit $seconds s)"
+  # Triton compiles on the host: spread the cases over worker processes where pytest-xdist is installed.
+  [[ "$DRY" != "1" ]] && "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+  limit "$seconds" "$BATCHLESS_PYTHON" -m pytest tests -q -ra --maxfail=50 --durations=15 "${parallel[@]}" "$@" \
+    > "$LOGS/tests.log" 2>&1 || rc=$?
+  tail -15 "$LOGS/tests.log"
   # 5: nothing selected (a dry run without a GPU deselects every GPU case)
   [[ $rc == 0 || ($rc == 5 && "$DRY" == "1") ]] || echo "tests: FAILED (rc $rc, see tests.log)"
+  pack
 }
 
-sanitize() {  # $@: tools
+sanitize() {  # $1: time limit; then the tools
+  local seconds=$1
+  shift
   for tool in "$@"; do
-    if [[ ! -x "$sanitizer" ]]; then
-      echo "compute-sanitizer not found: $tool skipped" | tee "$OUT/sanitizer-$tool.log"
+    if [[ -z "$sanitizer" ]]; then
+      echo "compute-sanitizer not found: $tool skipped" | tee "$LOGS/sanitizer-$tool.log"
       continue
     fi
-    step "compute-sanitizer $tool"
-    "$sanitizer" --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
-      > "$OUT/sanitizer-$tool.log" 2>&1 && echo "$tool: clean" || echo "$tool: FAILED (see log)"
-    tail -5 "$OUT/sanitizer-$tool.log"
+    step "compute-sanitizer $tool (limit $seconds s)"
+    limit "$seconds" "$sanitizer" --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
+      > "$LOGS/sanitizer-$tool.log" 2>&1 && echo "$tool: clean" || echo "$tool: FAILED or cut off (see log)"
+    tail -5 "$LOGS/sanitizer-$tool.log"
   done
+  pack
 }
 
-benchmark() {  # $@: bench_batchless.py arguments
-  step "benchmark $*"
-  bash bench/run.sh "$@" 2>&1 | tail -80 > "$OUT/bench.log" || true
-  tail -40 "$OUT/bench.log"
-  local dir
-  dir=$(grep -o 'results in .*' "$OUT/bench.log" | tail -n 1 | cut -d' ' -f3)
-  [[ -n "$dir" ]] || { echo "benchmark: no results (see bench.log)"; return; }
-  cp "$dir"/results.csv "$dir"/summary.md "$OUT/"
-  cp "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
+benchmark() {  # $1: time limit; then bench_batchless.py arguments
+  local seconds=$1 dir
+  shift
+  step "benchmark $* (limit $seconds s)"
+  limit "$seconds" bash bench/run.sh "$@" > "$LOGS/bench.log" 2>&1 || echo "benchmark: FAILED or cut off (see bench.log)"
+  tail -40 "$LOGS/bench.log"
+  dir=$(sed -n 's/.*results will be written to //p' "$LOGS/bench.log" | tail -n 1)
+  if [[ -n "$dir" && -d "$dir" ]]; then  # results.csv is rewritten after every case: a cut-off run keeps its rows
+    cp "$dir"/* "$LOGS/" 2>/dev/null || true
+    cp "$dir"/results.csv "$dir"/summary.md "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
+  else
+    echo "benchmark: no results (see bench.log)"
+  fi
+  # --update-reference rewrites auto's table, package data
+  [[ "$*" == *--update-reference* ]] && cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null
+  pack
+}
+
+profile() {  # $1: time limit
+  local seconds=$1
+  if [[ -z "$ncu" ]]; then
+    echo "ncu not found: profile skipped" | tee "$LOGS/ncu.log"
+    return
+  fi
+  step "ncu profile (limit $seconds s)"
+  # --clock-control none: the card's clocks are left as they are (never changed here)
+  limit "$seconds" "$ncu" --clock-control none --profile-from-start off --csv --page details \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
+    --metrics dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
+    --log-file "$LOGS/ncu.csv" "$BATCHLESS_PYTHON" .ci/profile_kernels.py > "$LOGS/ncu.log" 2>&1 \
+    || echo "ncu: FAILED or cut off (see ncu.log)"
+  tail -5 "$LOGS/ncu.log"
+  pack
 }
 
 case "${1:-all}" in
   all)
     check_import
-    run_tests -m gpu
-    sanitize memcheck
+    run_tests "$t_tests" -m gpu
     if [[ "$DRY" == "1" ]]; then
-      benchmark --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
+      benchmark "$t_bench" --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
         --impls batchless-cpu,batchnorm --default-allocator --out "$OUT/bench"
     else
-      benchmark --impls batchless-cuda,batchless-triton,batchnorm --budget 0.1 --out "$OUT/bench"
+      benchmark "$t_bench" --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --update-reference
     fi
+    sanitize "$t_memcheck" memcheck
+    profile "$t_ncu"
     step "done"
+    pack
     ;;
   test)
     check_import
-    run_tests
-    sanitize memcheck racecheck
+    run_tests 3000
+    sanitize 1200 memcheck racecheck
     ;;
   bench)
-    benchmark "${@:2}"
+    benchmark 3000 "${@:2}"
     ;;
   *) echo "usage: $0 all|test|bench [bench args]" >&2; exit 2 ;;
 esac

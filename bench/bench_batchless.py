@@ -487,6 +487,7 @@ def main(argv=None) -> None:
             for row in case_rows:
                 row["unreliable"] = why
             rows += case_rows
+            write_csv(out / "results.csv", rows, meta)  # after every case: a run cut off keeps its rows
             times = ", ".join(f"{r['impl']} {r['median_ms']:.3g}" for r in case_rows
                               if r["pass"] == "fwd+bwd" and "median_ms" in r)
             print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "

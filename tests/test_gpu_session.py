@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,12 +19,19 @@ def test_gpu_session_dry_run(tmp_path):
     done = subprocess.run(["bash", ".ci/gpu_session.sh", "all"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    for name in ("setup.log", "import.log", "tests.log", "sanitizer-memcheck.log", "bench.log", "results.csv",
-                 "summary.md", "steps.log"):
+    # The device tool brings back at most 8 files: the logs come packed, the results as written.
+    assert len([p for p in tmp_path.iterdir() if p.is_file()]) <= 8
+    for name in ("gpu_session.tar.gz", "steps.log", "results.csv", "summary.md"):
         assert (tmp_path / name).is_file(), f"{name} missing; stdout: {done.stdout[-2000:]}"
-    assert "backends on cpu" in (tmp_path / "import.log").read_text()
+    logs = tmp_path / "logs"
+    with tarfile.open(tmp_path / "gpu_session.tar.gz") as archive:
+        archive.extractall(logs, filter="data")
+    for name in ("setup.log", "import.log", "tests.log", "sanitizer-memcheck.log", "bench.log", "ncu.log",
+                 "results.csv", "steps.log"):
+        assert (logs / name).is_file(), f"{name} missing from the archive; stdout: {done.stdout[-2000:]}"
+    assert "backends on cpu" in (logs / "import.log").read_text()
     # -m gpu selects the GPU cases only: none runs here, and no CPU case was run
-    tests = (tmp_path / "tests.log").read_text()
+    tests = (logs / "tests.log").read_text()
     assert " passed" not in tests and "deselected" in tests, tests[-1000:]
     assert "batchless-cpu" in (tmp_path / "results.csv").read_text()
     assert "FAILED" not in done.stdout, done.stdout[-2000:]
