@@ -6,7 +6,9 @@ Layouts, without copies (as the C++ CPU kernels, see csrc/cpu/batchless_norm_cpu
   channels-first  x viewed as (N * C, S): one row per (n, c) plane;
   channels-last   x viewed as (M, C), channels innermost (channels_last, 2-D, transposed (N, L, C)).
 Reductions are deterministic: each program writes its partial sums to its own slot and torch sums
-the slots in a fixed order (no atomics). Offsets are 64-bit. Accumulation is fp32 (fp64 for fp64).
+the slots in a fixed order (no atomics). Slots are channel-major, (C, programs per channel), so the
+second pass reduces contiguous rows, parallel across channels (torch runs a column sum over
+(programs, C) in one thread block). Offsets are 64-bit. Accumulation is fp32 (fp64 for fp64).
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
 before import), which is how CI tests them.
@@ -57,6 +59,13 @@ def _plane_block(P, C, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
+def _plane_slots(planes, c, P, C, num_sb):
+    """Offsets of these planes' partial sums (plane = n * C + c) in the (C, N, num_sb) layout."""
+    N = tl.cast(P, tl.int64) // C  # int64: an i32 division would feed the offsets
+    return (c * N + planes // C) * num_sb + tl.program_id(1)
+
+
+@triton.jit
 def _plane_tile(planes, pmask, S, start, tiles, BLOCK_S: tl.constexpr):
     """Offsets and mask of the [BLOCK_P, BLOCK_S] tile at `start` of this program's share of S
     (tiles * BLOCK_S elements: a multiple of BLOCK_S, which keeps the accesses vectorized)."""
@@ -97,7 +106,7 @@ def _forward_rows_kernel(
     X,  # (N * C, S) planes of x, row-major
     Y,  # (N * C, S) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
-    PS1, PS2,  # (N * C, num_sb) partial sums, one slot per (plane, program along S)
+    PS1, PS2,  # (C, N, num_sb) partial sums, one slot per (plane, program along S)
     P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
@@ -106,7 +115,6 @@ def _forward_rows_kernel(
     # their elements.
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
-    sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
     w = _load_channel(W, c, pmask, ACC)[:, None]
@@ -122,8 +130,9 @@ def _forward_rows_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        tl.store(PS1 + (planes * num_sb + sb), tl.sum(acc1, axis=1), mask=pmask)
-        tl.store(PS2 + (planes * num_sb + sb), tl.sum(acc2, axis=1), mask=pmask)
+        slots = _plane_slots(planes, c, P, C, num_sb)
+        tl.store(PS1 + slots, tl.sum(acc1, axis=1), mask=pmask)
+        tl.store(PS2 + slots, tl.sum(acc2, axis=1), mask=pmask)
 
 
 @triton.jit(**_JIT)
@@ -131,13 +140,12 @@ def _forward_columns_kernel(
     X,  # (M, C) x with channels innermost
     Y,  # (M, C) output, same layout
     MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
-    PS1, PS2,  # (num_mb, C) partial sums, one row per row-block
+    PS1, PS2,  # (C, num_mb) partial sums, one column per row-block (num_mb: grid axis 0)
     M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
-    mb = tl.program_id(0)
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     w = _load_channel(W, cols, cmask, ACC)
@@ -153,8 +161,9 @@ def _forward_columns_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        tl.store(PS1 + (mb * C + cols), tl.sum(acc1, axis=0), mask=cmask)
-        tl.store(PS2 + (mb * C + cols), tl.sum(acc2, axis=0), mask=cmask)
+        slots = cols * tl.num_programs(0) + tl.program_id(0)
+        tl.store(PS1 + slots, tl.sum(acc1, axis=0), mask=cmask)
+        tl.store(PS2 + slots, tl.sum(acc2, axis=0), mask=cmask)
 
 
 @triton.jit(**_JIT)
@@ -163,14 +172,13 @@ def _backward_rows_kernel(
     X,  # (N * C, S) x planes (read only for dweight)
     DX,  # (N * C, S) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
-    PW, PB,  # (N * C, num_sb) partial sums of dweight, dbias
+    PW, PB,  # (C, N, num_sb) partial sums of dweight, dbias
     P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
-    sb = tl.program_id(1)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
     scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
@@ -186,10 +194,11 @@ def _backward_rows_kernel(
             accw += tl.where(mask, g * ((x - mean) * rstd), 0.0)
         if NEED_DB:
             accb += g
+    slots = _plane_slots(planes, c, P, C, num_sb)
     if NEED_DW:
-        tl.store(PW + (planes * num_sb + sb), tl.sum(accw, axis=1), mask=pmask)
+        tl.store(PW + slots, tl.sum(accw, axis=1), mask=pmask)
     if NEED_DB:
-        tl.store(PB + (planes * num_sb + sb), tl.sum(accb, axis=1), mask=pmask)
+        tl.store(PB + slots, tl.sum(accb, axis=1), mask=pmask)
 
 
 @triton.jit(**_JIT)
@@ -198,13 +207,12 @@ def _backward_columns_kernel(
     X,  # (M, C) x (read only for dweight)
     DX,  # (M, C) output
     MEAN, RSTD, W,  # (C,) (absent weight: ones)
-    PW, PB,  # (num_mb, C) partial sums of dweight, dbias
+    PW, PB,  # (C, num_mb) partial sums of dweight, dbias (num_mb: grid axis 0)
     M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
-    mb = tl.program_id(0)
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     scale = _load_channel(W, cols, cmask, ACC) * rstd
@@ -220,10 +228,11 @@ def _backward_columns_kernel(
             accw += tl.where(mask, g * ((x - mean[None, :]) * rstd[None, :]), 0.0)
         if NEED_DB:
             accb += g
+    slots = cols * tl.num_programs(0) + tl.program_id(0)
     if NEED_DW:
-        tl.store(PW + (mb * C + cols), tl.sum(accw, axis=0), mask=cmask)
+        tl.store(PW + slots, tl.sum(accw, axis=0), mask=cmask)
     if NEED_DB:
-        tl.store(PB + (mb * C + cols), tl.sum(accb, axis=0), mask=cmask)
+        tl.store(PB + slots, tl.sum(accb, axis=0), mask=cmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +277,7 @@ class Launch:
     """How the kernels of one layout run over one shape: the grid, the integer arguments that follow
     the tensors (sizes and loop lengths, runtime values), the block constexprs (which depend on the
     shape only through powers of two and the vector width, so that a few variants cover all sizes),
-    and the shape of one statistic's partial sums."""
+    and the shape of one statistic's partial sums, (C, partials per channel)."""
 
     channels_first: bool
     grid: tuple[int, int]
@@ -296,7 +305,7 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
         num_sb = triton.cdiv(spatial, tiles * block_s)
         return Launch(True, (triton.cdiv(planes, block_p), num_sb), (planes, channels, spatial // vec, num_sb, tiles),
                       dict(BLOCK_P=block_p, BLOCK_S=block_s, VEC=vec,
-                           num_warps=_num_warps(block_p * block_s, per_thread)), (planes, num_sb))
+                           num_warps=_num_warps(block_p * block_s, per_thread)), (channels, batch * num_sb))
     rows = numel // channels
     vec = _vector_width(channels, dtype)
     tile, per_thread = _tile_plan(vec)
@@ -309,7 +318,7 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
     num_mb = triton.cdiv(rows, tiles * block_m)
     return Launch(False, (num_mb, column_blocks), (rows, channels // vec, tiles),
                   dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec,
-                       num_warps=_num_warps(block_m * block_c, per_thread)), (num_mb, channels))
+                       num_warps=_num_warps(block_m * block_c, per_thread)), (channels, num_mb))
 
 
 # By channels_first: the kernels take the same tensors in both layouts, then Launch.sizes.
@@ -351,15 +360,12 @@ def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> 
     return ops.poisoned(torch.empty(launch.slots if needed else (1, 1), dtype=acc, device=device))
 
 
-def _sum_partials(partials: torch.Tensor, channels: int, channels_first: bool) -> torch.Tensor:
-    """Per-channel totals of the per-program partials, in a fixed order."""
-    if channels_first:  # (N * C, num_sb)
-        if partials.shape == (channels, 1):
-            return partials.view(channels)
-        return partials.view(-1, channels, partials.shape[-1]).sum(dim=(0, 2))
-    if partials.shape[0] == 1:  # (num_mb, C)
+def _sum_partials(partials: torch.Tensor, channels: int) -> torch.Tensor:
+    """Per-channel totals of the (C, K) per-program partials, in a fixed order: a reduction over the
+    contiguous last dim, which torch spreads over thread blocks by channel."""
+    if partials.shape[1] == 1:  # one program per channel: the partials are the totals
         return partials.view(channels)
-    return partials.sum(dim=0)
+    return partials.sum(dim=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -409,7 +415,7 @@ def triton_forward(
         y.copy_(yout)
     if not compute_stats:
         return y, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    return y, _sum_partials(ps1, channels, first), _sum_partials(ps2, channels, first)
+    return y, _sum_partials(ps1, channels), _sum_partials(ps2, channels)
 
 
 @_on_device_of_first
@@ -440,8 +446,8 @@ def triton_backward(
         **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, ACC=accumulator(acc))
     if need_dx and dx_out is not dx:
         dx.copy_(dx_out)
-    dw = _sum_partials(pw, channels, first) if need_dw else zeros(False)
-    db = _sum_partials(pb, channels, first) if need_db else zeros(False)
+    dw = _sum_partials(pw, channels) if need_dw else zeros(False)
+    db = _sum_partials(pb, channels) if need_db else zeros(False)
     return dx, dw, db
 
 
