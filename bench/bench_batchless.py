@@ -257,6 +257,69 @@ def copy_steps(case, allocate):
     return (lambda: next(pairs)), (lambda pair: pair[0].copy_(pair[1]))
 
 
+def captured(body, calls, stream=None):
+    """((setup, run), calls): run replays one CUDA graph of body, which makes `calls` calls. Warm-up
+    and capture run on `stream` (default: a new one), never on the default stream."""
+    side = stream or torch.cuda.Stream()  # warm-up off the capture (compilation, workspaces, cuDNN plans)
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            body()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        body()
+    return ((lambda: None), (lambda _: graph.replay())), calls
+
+
+def graph_copy_steps(case):
+    """The copy ceiling for graph replays: dst.copy_(src) for every input set in one graph."""
+    pairs = [(torch.empty_like(x), x.detach()) for x, _ in case.sets]
+
+    def body():
+        for dst, src in pairs:
+            dst.copy_(src)
+
+    return captured(body, len(pairs))
+
+
+def graph_steps(forward, case, pass_name):
+    """(setup, run) replaying one CUDA graph that runs the pass once on every input set, and the
+    number of sets it covers. Replays time the device work alone: eager calls also time the gaps
+    while the host launches (autograd, dispatch), which hide behind other layers' kernels in a
+    model but here would be counted as the kernels' time. The backward graph replays the backward
+    of forwards run once before capture (retain_graph keeps their saved tensors)."""
+
+    def grads(outputs, grad_y):
+        return (grad_y,) + (case.one,) * (len(outputs) - 1)
+
+    # Backward kernels run on the stream of their forward: the forwards of the backward graph run on
+    # the capture stream, since a capture cannot take work from the default stream.
+    stream = torch.cuda.Stream()
+    if pass_name == "bwd":
+        states = []
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for x, grad_y in case.sets:
+                outputs, inputs = forward(x, case)
+                states.append((outputs, inputs, grads(outputs, grad_y)))
+
+        def body():
+            for state in states:
+                torch.autograd.grad(*state, retain_graph=True)
+    elif pass_name == "fwd":
+        def body():
+            for x, _ in case.sets:
+                forward(x, case)
+    else:
+        def body():
+            for x, grad_y in case.sets:
+                outputs, inputs = forward(x, case)
+                torch.autograd.grad(outputs, inputs, grads(outputs, grad_y))
+
+    return captured(body, len(case.sets), stream)
+
+
 # ---------------------------------------------------------------- timing
 
 
@@ -314,33 +377,48 @@ def error_text(exc: Exception) -> str:
 
 
 def run_case(case, device, budget_s, impls=None) -> list[dict]:
-    """Rows of one case: the copies, then every implementation and pass."""
+    """Rows of one case: the copies, then every implementation and pass, timed eagerly and, on a
+    GPU, as CUDA-graph replays (column timing: "eager" or "cuda-graph")."""
     base = {"shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).removeprefix("torch."),
             "layout": case.layout}
-    # (impl, backend_used, pass) -> (setup, run)
-    tasks = {("copy", "copy_", "copy"): copy_steps(case, allocate=False),
-             ("alloc+copy", "clone", "copy"): copy_steps(case, allocate=True)}
+    # (impl, backend_used, pass, timing) -> (setup, run); per_call: calls of the pass in one run
+    tasks = {("copy", "copy_", "copy", "eager"): copy_steps(case, allocate=False),
+             ("alloc+copy", "clone", "copy", "eager"): copy_steps(case, allocate=True)}
+    per_call, failed = {}, {}
+    graphs = {}  # key -> () -> ((setup, run), calls), made where the device has CUDA graphs
+    if device.type == "cuda":
+        graphs[("copy", "copy_", "copy", "cuda-graph")] = lambda: graph_copy_steps(case)
     for impl, (backend_used, forward) in implementations(device, case, impls).items():
         for pass_name in PASSES:
-            tasks[(impl, backend_used, pass_name)] = pass_steps(forward, case, pass_name)
+            tasks[(impl, backend_used, pass_name, "eager")] = pass_steps(forward, case, pass_name)
+            if device.type == "cuda":
+                graphs[(impl, backend_used, pass_name, "cuda-graph")] = functools.partial(
+                    graph_steps, forward, case, pass_name)
+    for key, make in graphs.items():
+        try:
+            tasks[key], per_call[key] = make()
+        except Exception as exc:  # noqa: BLE001 - an implementation that cannot be captured
+            failed[key] = exc
     rows = []
-    for (impl, backend_used, pass_name), result in measure_all(tasks, device, budget_s).items():
-        row = {**base, "impl": impl, "backend_used": backend_used, "pass": pass_name,
+    results = {**measure_all(tasks, device, budget_s), **failed}
+    for (impl, backend_used, pass_name, timing), result in results.items():
+        row = {**base, "impl": impl, "backend_used": backend_used, "pass": pass_name, "timing": timing,
                "bytes": BYTES_PER_X[pass_name] * case.x_bytes}
         if isinstance(result, Exception):
             row["error"] = error_text(result)
         else:
-            p20, median, p80 = np.percentile(result, [20, 50, 80])
-            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, reps=len(result),
+            calls = per_call.get((impl, backend_used, pass_name, timing), 1)
+            p20, median, p80 = np.percentile(result, [20, 50, 80]) / calls
+            row.update(median_ms=median, p20_ms=p20, p80_ms=p80, reps=len(result) * calls,
                        gbps=row["bytes"] / (median * 1e-3) / 1e9)
         rows.append(row)
-    copy_gbps = rows[0]["gbps"]
-    batchnorm_ms = {r["pass"]: r.get("median_ms") for r in rows if r["impl"] == "batchnorm"}
+    copy_gbps = {r["timing"]: r["gbps"] for r in rows if r["impl"] == "copy" and "gbps" in r}
+    batchnorm_ms = {(r["pass"], r["timing"]): r.get("median_ms") for r in rows if r["impl"] == "batchnorm"}
     for row in rows:
-        if "median_ms" in row:
-            row["frac_of_copy"] = row["gbps"] / copy_gbps
-            if batchnorm_ms.get(row["pass"]):
-                row["speedup_vs_batchnorm"] = batchnorm_ms[row["pass"]] / row["median_ms"]
+        if "median_ms" in row and row["timing"] in copy_gbps:
+            row["frac_of_copy"] = row["gbps"] / copy_gbps[row["timing"]]
+            if batchnorm_ms.get((row["pass"], row["timing"])):
+                row["speedup_vs_batchnorm"] = batchnorm_ms[(row["pass"], row["timing"])] / row["median_ms"]
     return rows
 
 
@@ -348,7 +426,7 @@ def run_case(case, device, budget_s, impls=None) -> list[dict]:
 
 META_COLUMNS = ["device_name", "torch_version", "cuda_version", "cudnn_version", "triton_version",
                 "num_threads", "git_commit", "timestamp", "malloc_env"]
-COLUMNS = META_COLUMNS + ["impl", "backend_used", "pass", "shape", "dtype", "layout", "median_ms",
+COLUMNS = META_COLUMNS + ["impl", "backend_used", "pass", "timing", "shape", "dtype", "layout", "median_ms",
                           "p20_ms", "p80_ms", "reps", "bytes", "gbps", "frac_of_copy",
                           "speedup_vs_batchnorm", "other_load", "unreliable", "error"]
 
@@ -387,7 +465,7 @@ def write_csv(path: Path, rows, meta) -> None:
 def summary_markdown(rows, meta, wall_s) -> str:
     impls = list(dict.fromkeys(r["impl"] for r in rows if r["pass"] != "copy"))
     cases = list(dict.fromkeys((r["shape"], r["dtype"], r["layout"]) for r in rows))
-    by_key = {(r["shape"], r["dtype"], r["layout"], r["impl"], r["pass"]): r for r in rows}
+    by_key = {(r["shape"], r["dtype"], r["layout"], r["impl"], r["pass"], r["timing"]): r for r in rows}
 
     def cell(row):
         if "median_ms" not in row:
@@ -396,8 +474,17 @@ def summary_markdown(rows, meta, wall_s) -> str:
         return f"{row['median_ms']:.3g} ms ({speedup:.2f}x, {100 * row['frac_of_copy']:.0f}%)" if speedup else \
             f"{row['median_ms']:.3g} ms ({100 * row['frac_of_copy']:.0f}%)"
 
-    def gbps(case, impl):
-        return f"{by_key[(*case, impl, 'copy')].get('gbps', float('nan')):.1f}"
+    def device_cell(case, impl):  # fwd+bwd as cell(), then the fwd and bwd shares of the copy
+        fwd, bwd = (by_key.get((*case, impl, p, "cuda-graph"), {}).get("frac_of_copy") for p in ("fwd", "bwd"))
+        shares = f"; fwd {100 * fwd:.0f}%, bwd {100 * bwd:.0f}%" if fwd and bwd else ""
+        return cell(by_key.get((*case, impl, "fwd+bwd", "cuda-graph"), {})) + shares
+
+    def gbps(case, impl, timing="eager"):
+        return f"{by_key.get((*case, impl, 'copy', timing), {}).get('gbps', float('nan')):.1f}"
+
+    def head(*extra):
+        return ["| shape | dtype | layout | " + " | ".join(impls) + " | " + " | ".join(extra) + " |",
+                "|---|---|---|" + "---|" * (len(impls) + len(extra))]
 
     lines = [
         f"# batchless_norm training benchmark: {meta['device_name']}",
@@ -406,23 +493,38 @@ def summary_markdown(rows, meta, wall_s) -> str:
         f"triton {meta['triton_version'] or '-'}, {meta['num_threads']} threads, commit {meta['git_commit'] or '-'}, "
         f"{meta['timestamp']}, run took {wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}.",
         "",
-        "Forward+backward median time per implementation; in brackets the speedup over batchnorm and the "
+        "Forward+backward median time per implementation, called eagerly (on a GPU: device time from the "
+        "first launch to the last, host launch gaps included); in brackets the speedup over batchnorm and the "
         "share of the copy bandwidth (bytes model: 5 x size of x; copy GB/s measured in the same run). "
         "Other load: cores kept busy by other processes during the case. A case is marked unreliable when "
         f"that exceeds {MAX_OTHER_LOAD} cores, or when an implementation reached more than "
         f"{100 * MAX_FRAC_OF_COPY:.0f}% of the copy bandwidth (the copy itself was slowed).",
         "",
-        "| shape | dtype | layout | " + " | ".join(impls) + " | copy GB/s (alloc+copy) | other load | unreliable |",
-        "|---|---|---|" + "---|" * len(impls) + "---|---|---|",
+        *head("copy GB/s (alloc+copy)", "other load", "unreliable"),
     ]
     for case in cases:
-        cells = [cell(by_key.get((*case, impl, "fwd+bwd"), {})) for impl in impls]
+        cells = [cell(by_key.get((*case, impl, "fwd+bwd", "eager"), {})) for impl in impls]
         copies = f"{gbps(case, 'copy')} ({gbps(case, 'alloc+copy')})"
-        load = by_key[(*case, "copy", "copy")].get("other_load", "")
-        why = by_key[(*case, "copy", "copy")].get("unreliable", "")
+        load = by_key[(*case, "copy", "copy", "eager")].get("other_load", "")
+        why = by_key[(*case, "copy", "copy", "eager")].get("unreliable", "")
         lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} | {why} |")
-    errors = {(r["impl"], r["error"]) for r in rows if r.get("error")}
-    lines += [""] + [f"- {impl} failed: {error}" for impl, error in sorted(errors)]
+    if any(r["timing"] == "cuda-graph" for r in rows):
+        lines += [
+            "",
+            "## Device time (CUDA-graph replays)",
+            "",
+            "The same passes captured in a CUDA graph over every input set and replayed: the kernels' time "
+            "alone, without the host's launch gaps. Cells: forward+backward median (speedup over batchnorm, "
+            "share of the copy bandwidth); the forward's share (bytes: 2 x x) and the backward's (3 x x) "
+            "of the graph-replayed copy's bandwidth.",
+            "",
+            *head("copy GB/s"),
+        ]
+        for case in cases:
+            cells = [device_cell(case, impl) for impl in impls]
+            lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {gbps(case, 'copy', 'cuda-graph')} |")
+    errors = {(r["impl"], r["timing"], r["error"]) for r in rows if r.get("error")}
+    lines += [""] + [f"- {impl} ({timing}) failed: {error}" for impl, timing, error in sorted(errors)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -488,7 +590,8 @@ def main(argv=None) -> None:
                 row["unreliable"] = why
             rows += case_rows
             write_csv(out / "results.csv", rows, meta)  # after every case: a run cut off keeps its rows
-            times = ", ".join(f"{r['impl']} {r['median_ms']:.3g}" for r in case_rows
+            times = ", ".join(f"{r['impl']}{' (graph)' * (r['timing'] == 'cuda-graph')} {r['median_ms']:.3g}"
+                              for r in case_rows
                               if r["pass"] == "fwd+bwd" and "median_ms" in r)
             print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
                   f"fwd+bwd ms {times}; copy {case_rows[0]['gbps']:.1f} GB/s; other load {fmt(load)}"

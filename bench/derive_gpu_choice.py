@@ -4,7 +4,8 @@
 
 For every GPU in the files and every case key of gpu_choice.case_key (kernel layout, dtype, size
 class), the rule is: the backend with the smaller geometric mean of forward+backward medians over
-the shapes measured with both backends. The JSON keeps the medians it came from, so the README can
+the shapes measured with both backends, timed as CUDA-graph replays (the kernels' device time; a
+model's other layers hide the host's launch gaps) where the file has them. The JSON keeps the medians it came from, so the README can
 show the data behind the choice. bench/run.sh runs this after a GPU benchmark.
 """
 
@@ -23,6 +24,9 @@ sys.path.insert(0, str(ROOT))
 
 from batchless_kernels import gpu_choice  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from _results import preferred_timing  # noqa: E402
+
 IMPLS = {f"batchless-{name}": name for name in gpu_choice.GPU_BACKENDS}
 
 
@@ -30,7 +34,7 @@ def derive(rows) -> dict:
     """{"devices": {gpu: {key: backend}}, "evidence": {gpu: {key: {backend: [[shape, ms]...]}}}}."""
     # (gpu, key, shape, layout) -> backend -> median ms
     times: dict = defaultdict(dict)
-    for row in rows:
+    for row in preferred_timing(rows):
         backend = IMPLS.get(row.get("impl", ""))
         if backend is None or row.get("pass") != "fwd+bwd" or not row.get("median_ms"):
             continue
@@ -48,7 +52,7 @@ def derive(rows) -> dict:
         for key, by_backend in sorted(keys.items()):
             geomean = {b: math.exp(sum(math.log(ms) for _, ms in v) / len(v)) for b, v in by_backend.items()}
             devices[gpu][key] = min(geomean, key=geomean.get)
-    return {"rule": "smaller geometric mean of fwd+bwd medians per (layout, dtype, size)",
+    return {"rule": "smaller geometric mean of fwd+bwd medians (CUDA-graph replays where measured) per (layout, dtype, size)",
             "devices": devices, "evidence": evidence}
 
 

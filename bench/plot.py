@@ -11,6 +11,9 @@ import csv
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _results import preferred_timing  # noqa: E402
+
 
 def plot(csv_path, png_path=None) -> Path | None:
     try:
@@ -25,6 +28,7 @@ def plot(csv_path, png_path=None) -> Path | None:
     png_path = Path(png_path) if png_path else csv_path.with_name("fwd_bwd.png")
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
+    rows = preferred_timing(rows)
     timed = [r for r in rows if r["pass"] == "fwd+bwd" and r["median_ms"]]
     if not timed:
         print(f"{csv_path} has no forward+backward timings: no plot")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import batchless_kernels as bk
-from conftest import ALL_BACKENDS, backend_params, loss_of, make_case, run_batchless
+from conftest import ALL_BACKENDS, assert_close_scaled, backend_params, loss_of, make_case, run_batchless
 
 GPU_BACKENDS = [c for c in ALL_BACKENDS if c.device == "cuda" and c.name in ("cuda", "triton")]
 pytestmark = [
@@ -49,8 +49,10 @@ def test_same_bits_every_run(case, shape, layout, dtype):
 def test_cuda_and_triton_agree(shape, layout):
     inputs = make_case(shape, layout, torch.float32, "cuda", "inv")
     cuda, triton = (_step(case, inputs) for case in GPU_BACKENDS[:2])
+    # Sums over ~10^5 elements in two summation orders: absolute differences scale with the sums'
+    # magnitude (a channel's dbias near 0 still carries the rounding of its ~300-sized partials).
     for name in ("y", "nll", "x", "mean", "std_param", "weight", "bias"):
-        torch.testing.assert_close(cuda[name], triton[name], rtol=1e-5, atol=1e-5, msg=name)
+        assert_close_scaled(cuda[name], triton[name], atol=1e-5, rtol=1e-5, what=name)
 
 
 @pytest.mark.parametrize("case", backend_params(GPU_BACKENDS))

@@ -221,6 +221,48 @@ __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t
   }
 }
 
+// Runs op over the vectors of a channels-first tile: `planes` planes (stride plane_stride) of `len`
+// vectors each, from offset base. The tile's (plane, vector) items are numbered plane-major and
+// thread t takes items t, t + kThreads, ...: kUnroll independent loads in flight per thread even
+// when a plane segment holds fewer than kUnroll * kThreads vectors (walking one plane at a time left
+// one or two loads in flight: 40% of the DRAM bandwidth on (256, 64, 56, 56) bf16, by ncu).
+template <int V, bool A, typename Op>
+__device__ __forceinline__ void run_planes(const Op& op, int64_t base, int64_t plane_stride, int len,
+                                           int64_t planes, const Lanes<typename Op::acc_t, 1>& p,
+                                           typename Op::acc_t (&a0)[V], typename Op::acc_t (&a1)[V]) {
+  const int64_t count = planes * len;
+  // The item after (n, j) for this thread is kThreads items on: step_n planes and step_j vectors.
+  const int step_n = kThreads / len, step_j = kThreads % len;
+  int64_t n = threadIdx.x / len;
+  int j = threadIdx.x % len;
+  const auto offset_and_advance = [&]() {
+    const int64_t offset = base + n * plane_stride + int64_t(j) * V;
+    n += step_n;
+    j += step_j;
+    if (j >= len) {
+      j -= len;
+      ++n;
+    }
+    return offset;
+  };
+  int64_t k = threadIdx.x;
+  for (; k + (kUnroll - 1) * kThreads < count; k += kUnroll * kThreads) {
+    int64_t offsets[kUnroll];
+    typename Op::template In<V> in[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) offsets[u] = offset_and_advance();
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, A>(offsets[u]);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) op.template apply<V, 1, A>(offsets[u], in[u], p, a0, a1);
+  }
+  for (; k < count; k += kThreads) {
+    const int64_t offset = offset_and_advance();
+    const auto in = op.template load<V, A>(offset);
+    op.template apply<V, 1, A>(offset, in, p, a0, a1);
+  }
+}
+
 // Channels-first tile `blockIdx.x` = (nb, c, sb): samples [nb * n_block, +n_block), plane segment
 // [sb * s_block, +s_block) of channel c. Its sums go to slot blockIdx.x of part0/part1, laid out
 // (num_nb, C, num_sb). S and s_block are multiples of V.
@@ -237,25 +279,12 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t n1 = std::min(N, n0 + n_block);
   const int64_t s0 = sb * s_block;
   const int len = static_cast<int>((std::min(S, s0 + s_block) - s0) / V);  // vectors per segment
-  const int cols = len < kThreads ? len : kThreads;
-  const int rows = kThreads / cols;  // planes the block covers at once
-  const int row = threadIdx.x / cols, col = threadIdx.x % cols;
 
   const Lanes<acc_t, 1> p(params, c);
   acc_t a0[V], a1[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
-  if (row < rows && n0 + row < n1) {
-    const int64_t first = ((n0 + row) * C + c) * S + s0 + int64_t(col) * V;
-    if (len <= kThreads) {  // one vector of each plane for this thread: walk the planes
-      run_strided<V, 1, A>(op, first, int64_t(rows) * C * S, (n1 - n0 - row + rows - 1) / rows, p, a0, a1);
-    } else {  // rows == 1: walk each plane's segment
-      for (int64_t n = n0; n < n1; ++n) {
-        run_strided<V, 1, A>(op, first + (n - n0) * C * S, int64_t(cols) * V, (len - col + cols - 1) / cols, p,
-                          a0, a1);
-      }
-    }
-  }
+  run_planes<V, A>(op, (n0 * C + c) * S + s0, C * S, len, n1 - n0, p, a0, a1);
   if constexpr (!Op::kReduce) return;
   acc_t t0 = 0, t1 = 0;
 #pragma unroll

@@ -1,0 +1,10 @@
+"""Reading results.csv files of bench_batchless.py."""
+
+from __future__ import annotations
+
+
+def preferred_timing(rows) -> list[dict]:
+    """The rows of one timing: the CUDA-graph replays (device time) where the file has them, else the
+    eager calls. Files written before the timing column hold eager timings only."""
+    timing = "cuda-graph" if any(r.get("timing") == "cuda-graph" for r in rows) else "eager"
+    return [r for r in rows if (r.get("timing") or "eager") == timing]
