@@ -22,8 +22,9 @@ LOGS="$(mktemp -d)"  # everything, packed into $OUT/gpu_session.tar.gz after eac
 mkdir -p "$OUT"
 step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$LOGS/steps.log"; }
 pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/"; }
-# Seconds each step may take (import/setup, tests, benchmark, memcheck, ncu); their sum stays under
-# the device tool's 10-minute command limit with the machine's start left out.
+# Seconds each step may take (tests, benchmark, memcheck, ncu); with the setup (~25 s) their sum stays
+# under the device tool's 10-minute command limit. GPU_SESSION_WORKERS: pytest-xdist workers (default 8);
+# PROFILE_IMPLS: what the ncu step profiles (default cuda,triton,batchnorm).
 read -r t_tests t_bench t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-200 170 75 75}"
 limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
 # The package is imported from this checkout (the GPU machines have no editable install of it).
@@ -64,7 +65,7 @@ run_tests() {  # $1: time limit; then pytest selection arguments
   shift
   step "tests $* (limit $seconds s)"
   # Triton compiles on the host: spread the cases over worker processes where pytest-xdist is installed.
-  [[ "$DRY" != "1" ]] && "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 8)
+  [[ "$DRY" != "1" ]] && "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_SESSION_WORKERS:-8}")
   limit "$seconds" "$BATCHLESS_PYTHON" -m pytest tests -q -ra --maxfail=50 --durations=15 "${parallel[@]}" "$@" \
     > "$LOGS/tests.log" 2>&1 || rc=$?
   tail -15 "$LOGS/tests.log"
@@ -121,6 +122,8 @@ profile() {  # $1: time limit
     --log-file "$LOGS/ncu.csv" "$BATCHLESS_PYTHON" .ci/profile_kernels.py > "$LOGS/ncu.log" 2>&1 \
     || echo "ncu: FAILED or cut off (see ncu.log)"
   tail -5 "$LOGS/ncu.log"
+  "$BATCHLESS_PYTHON" bench/ncu_summary.py "$LOGS/ncu.csv" > "$LOGS/ncu_summary.md" 2>&1 \
+    && cp "$LOGS/ncu_summary.md" "$OUT/" || echo "ncu_summary: FAILED"
   pack
 }
 

@@ -6,7 +6,10 @@ once per case, for Nsight Compute (.ci/gpu_session.sh profile step):
 Each step runs twice unprofiled first (compilation, caches), then once between
 cudaProfilerStart/Stop, so ncu records exactly the kernels of that step. The order of cases is
 printed, so that the kernels of ncu's report (in launch order) can be assigned to them.
+PROFILE_IMPLS (comma-separated, default cuda,triton,batchnorm) names the implementations profiled.
 """
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +19,7 @@ import batchless_kernels as bk
 CASES = [((256, 64, 56, 56), torch.bfloat16, "contiguous"), ((256, 64, 56, 56), torch.bfloat16, "channels_last"),
          ((256, 1024, 14, 14), torch.float32, "channels_last"), ((65536, 1024), torch.float32, "contiguous"),
          ((32, 256), torch.float32, "contiguous")]
-IMPLS = ("cuda", "triton", "batchnorm")
+IMPLS = os.environ.get("PROFILE_IMPLS", "cuda,triton,batchnorm").split(",")
 
 
 def step(impl, x, grad_y, params):
