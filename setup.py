@@ -152,6 +152,8 @@ setup(
     # whose BuildBackendWarning ("Editable installation... Please be careful with folders in your
     # working directory") pip printed to stderr on every `pip install -e .`.
     package_dir={"": "."},
+    # auto's measured choice between the GPU backends (bench/derive_gpu_choice.py writes it)
+    package_data={"batchless_kernels": ["gpu_choice.json"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension.with_options(use_ninja=True)},
 )

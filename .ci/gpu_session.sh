@@ -2,8 +2,9 @@
 # For a session lent a GPU (device tool, 15 minutes of device time in all, 10 a command):
 #   bash .ci/gpu_session.sh all     one command, under 10 minutes: import check, the GPU tests and the
 #                                   CUDA/Triton cases of the shared suite (-m gpu), the benchmark of the
-#                                   GPU backends against BatchNorm (--update-reference), compute-sanitizer
-#                                   memcheck, an ncu profile of the training step (.ci/profile_kernels.py)
+#                                   GPU backends against BatchNorm (--update-reference), the same timed as
+#                                   CUDA-graph replays (--cuda-graphs), compute-sanitizer memcheck, an ncu
+#                                   profile of the training step (.ci/profile_kernels.py)
 #   bash .ci/gpu_session.sh test    the whole test suite and memcheck + racecheck (longer)
 #   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh, arguments passed on)
 # Each step has a time limit (GPU_SESSION_LIMITS), so that one that hangs cannot take the later ones'
@@ -21,11 +22,12 @@ DRY="${BATCHLESS_GPU_DRY_RUN:-0}"
 LOGS="$(mktemp -d)"  # everything, packed into $OUT/gpu_session.tar.gz after each step
 mkdir -p "$OUT"
 step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$LOGS/steps.log"; }
-pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/"; }
-# Seconds each step may take (tests, benchmark, memcheck, ncu); with the setup (~25 s) their sum stays
+# (never fatal: a failed pack must not end the session's later steps)
+pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/" || echo "pack: FAILED"; }
+# Seconds each step may take (tests, eager benchmark, CUDA-graph benchmark, memcheck, ncu); with the setup (~25 s) their sum stays
 # under the device tool's 10-minute command limit. GPU_SESSION_WORKERS: pytest-xdist workers (default 8);
 # PROFILE_IMPLS: what the ncu step profiles (default cuda,triton,batchnorm).
-read -r t_tests t_bench t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-200 170 75 75}"
+read -r t_tests t_bench t_graphs t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-170 100 120 40 60}"
 limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
 # The package is imported from this checkout (the GPU machines have no editable install of it).
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
@@ -90,21 +92,24 @@ sanitize() {  # $1: time limit; then the tools
   pack
 }
 
-benchmark() {  # $1: time limit; then bench_batchless.py arguments
-  local seconds=$1 dir
-  shift
+benchmark() {  # $1: time limit; $2: 1 to copy the results to $OUT as well as into the logs; then bench_batchless.py arguments
+  local seconds=$1 to_out=$2 dir
+  shift 2
   step "benchmark $* (limit $seconds s)"
-  limit "$seconds" bash bench/run.sh "$@" > "$LOGS/bench.log" 2>&1 || echo "benchmark: FAILED or cut off (see bench.log)"
-  tail -40 "$LOGS/bench.log"
-  dir=$(sed -n 's/.*results will be written to //p' "$LOGS/bench.log" | tail -n 1)
+  local log="$LOGS/bench$([[ $to_out == 1 ]] || echo -graphs).log"
+  limit "$seconds" bash bench/run.sh "$@" > "$log" 2>&1 || echo "benchmark: FAILED or cut off (see $(basename "$log"))"
+  tail -40 "$log"
+  dir=$(sed -n 's/.*results will be written to //p' "$log" | tail -n 1)
   if [[ -n "$dir" && -d "$dir" ]]; then  # results.csv is rewritten after every case: a cut-off run keeps its rows
-    cp "$dir"/* "$LOGS/" 2>/dev/null || true
-    cp "$dir"/results.csv "$dir"/summary.md "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
+    mkdir -p "$LOGS/$(basename "$dir")" && cp "$dir"/* "$LOGS/$(basename "$dir")/" 2>/dev/null || true
+    if [[ $to_out == 1 ]]; then
+      cp "$dir"/results.csv "$dir"/summary.md "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
+    fi
   else
     echo "benchmark: no results (see bench.log)"
   fi
   # --update-reference rewrites auto's table, package data
-  [[ "$*" == *--update-reference* ]] && cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null
+  if [[ "$*" == *--update-reference* ]]; then cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null || true; fi
   pack
 }
 
@@ -132,10 +137,14 @@ case "${1:-all}" in
     check_import
     run_tests "$t_tests" -m gpu
     if [[ "$DRY" == "1" ]]; then
-      benchmark "$t_bench" --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
+      benchmark "$t_bench" 1 --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
         --impls batchless-cpu,batchnorm --default-allocator --out "$OUT/bench"
     else
-      benchmark "$t_bench" --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --update-reference
+      benchmark "$t_bench" 1 --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --update-reference
+      # Device time without launch gaps, in a process of its own (a first attempt on the H200 ended
+      # in an illegal memory access, which would have taken the eager results with it).
+      benchmark "$t_graphs" 0 --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --cuda-graphs \
+        --out "$LOGS/graph-run"
     fi
     sanitize "$t_memcheck" memcheck
     profile "$t_ncu"
@@ -148,7 +157,7 @@ case "${1:-all}" in
     sanitize 1200 memcheck racecheck
     ;;
   bench)
-    benchmark 3000 "${@:2}"
+    benchmark 3000 1 "${@:2}"
     ;;
   *) echo "usage: $0 all|test|bench [bench args]" >&2; exit 2 ;;
 esac

@@ -269,7 +269,9 @@ def captured(body, calls, stream=None):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
         body()
-    return ((lambda: None), (lambda _: graph.replay())), calls
+    # The graph reads and writes the tensors body holds (inputs, saved forwards): run keeps them alive,
+    # or the next capture's empty_cache() would hand their memory back to the driver.
+    return ((lambda: None), (lambda _, keep=body: graph.replay())), calls
 
 
 def graph_copy_steps(case):
@@ -376,31 +378,35 @@ def error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:200]
 
 
-def run_case(case, device, budget_s, impls=None) -> list[dict]:
-    """Rows of one case: the copies, then every implementation and pass, timed eagerly and, on a
-    GPU, as CUDA-graph replays (column timing: "eager" or "cuda-graph")."""
+def run_case(case, device, budget_s, impls=None, cuda_graphs=False) -> list[dict]:
+    """Rows of one case: the copies, then every implementation and pass, timed eagerly and, with
+    cuda_graphs, as CUDA-graph replays (column timing: "eager" or "cuda-graph")."""
     base = {"shape": "x".join(map(str, case.shape)), "dtype": str(case.dtype).removeprefix("torch."),
             "layout": case.layout}
     # (impl, backend_used, pass, timing) -> (setup, run); per_call: calls of the pass in one run
     tasks = {("copy", "copy_", "copy", "eager"): copy_steps(case, allocate=False),
              ("alloc+copy", "clone", "copy", "eager"): copy_steps(case, allocate=True)}
-    per_call, failed = {}, {}
-    graphs = {}  # key -> () -> ((setup, run), calls), made where the device has CUDA graphs
-    if device.type == "cuda":
+    graphs = {}  # key -> () -> ((setup, run), calls)
+    if cuda_graphs:
         graphs[("copy", "copy_", "copy", "cuda-graph")] = lambda: graph_copy_steps(case)
     for impl, (backend_used, forward) in implementations(device, case, impls).items():
         for pass_name in PASSES:
             tasks[(impl, backend_used, pass_name, "eager")] = pass_steps(forward, case, pass_name)
-            if device.type == "cuda":
+            if cuda_graphs:
                 graphs[(impl, backend_used, pass_name, "cuda-graph")] = functools.partial(
                     graph_steps, forward, case, pass_name)
+    results = measure_all(tasks, device, budget_s)
+    per_call = {}
+    # One graph at a time: captured, timed, released (each holds its own outputs and memory pool).
     for key, make in graphs.items():
         try:
-            tasks[key], per_call[key] = make()
+            task, per_call[key] = make()
         except Exception as exc:  # noqa: BLE001 - an implementation that cannot be captured
-            failed[key] = exc
+            results[key] = exc
+            continue
+        results.update(measure_all({key: task}, device, budget_s))
+        del task
     rows = []
-    results = {**measure_all(tasks, device, budget_s), **failed}
     for (impl, backend_used, pass_name, timing), result in results.items():
         row = {**base, "impl": impl, "backend_used": backend_used, "pass": pass_name, "timing": timing,
                "bytes": BYTES_PER_X[pass_name] * case.x_bytes}
@@ -547,6 +553,9 @@ def parse_args(argv):
                                              "batchless-<backend>, batchnorm, batchnorm-compiled); the copies "
                                              "are always timed, and speedups need batchnorm")
     parser.add_argument("--budget", type=float, help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time every pass as CUDA-graph replays (device time without the host's launch "
+                             "gaps; not yet validated on a GPU: see docs/benchmarks.md)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc's default malloc settings (see STEADY_STATE_MALLOC)")
     return parser.parse_args(argv)
@@ -556,6 +565,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
+    if args.cuda_graphs and args.device != "cuda":
+        sys.exit("--cuda-graphs: CUDA graphs need --device cuda")
     device = torch.device(args.device)
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES[(device.type, args.full)]
     dtypes = [getattr(torch, d) for d in (args.dtypes or DTYPES[args.full])]
@@ -581,7 +592,8 @@ def main(argv=None) -> None:
     for shape, dtype in itertools.product(shapes, dtypes):
         for layout in [l for l in args.layouts if len(shape) == 4 or l == "contiguous"]:
             case_start, busy_before = time.perf_counter(), busy_seconds()
-            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget, impls)
+            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget, impls,
+                                 args.cuda_graphs)
             load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
             for row in case_rows:
                 row["other_load"] = round(load, 2) if load is not None else ""
@@ -594,7 +606,7 @@ def main(argv=None) -> None:
                               for r in case_rows
                               if r["pass"] == "fwd+bwd" and "median_ms" in r)
             print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
-                  f"fwd+bwd ms {times}; copy {case_rows[0]['gbps']:.1f} GB/s; other load {fmt(load)}"
+                  f"fwd+bwd ms {times}; copy {case_rows[0].get('gbps', float('nan')):.1f} GB/s; other load {fmt(load)}"
                   + (f"; UNRELIABLE: {why}" if why else ""), flush=True)
     wall_s = time.perf_counter() - start
 
