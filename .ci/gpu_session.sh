@@ -27,7 +27,7 @@ pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" 
 # Seconds each step may take (tests, eager benchmark, CUDA-graph benchmark, memcheck, ncu); with the setup (~25 s) their sum stays
 # under the device tool's 10-minute command limit. GPU_SESSION_WORKERS: pytest-xdist workers (default 8);
 # PROFILE_IMPLS: what the ncu step profiles (default cuda,triton,batchnorm).
-read -r t_tests t_bench t_graphs t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-170 100 120 40 60}"
+read -r t_tests t_bench t_graphs t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-150 100 120 40 60}"
 limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
 # The package is imported from this checkout (the GPU machines have no editable install of it).
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
@@ -62,17 +62,18 @@ PY
   pack
 }
 
-run_tests() {  # $1: time limit; then pytest selection arguments
-  local seconds=$1 rc=0 parallel=()
-  shift
-  step "tests $* (limit $seconds s)"
+run_tests() {  # $1: name of the logs; $2: time limit; then pytest arguments (paths, selection)
+  local name=$1 seconds=$2 rc=0 parallel=()
+  shift 2
+  step "$name: pytest $* (limit $seconds s)"
   # Triton compiles on the host: spread the cases over worker processes where pytest-xdist is installed.
   [[ "$DRY" != "1" ]] && "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_SESSION_WORKERS:-8}")
-  limit "$seconds" "$BATCHLESS_PYTHON" -m pytest tests -q -ra --maxfail=50 --durations=15 "${parallel[@]}" "$@" \
-    > "$LOGS/tests.log" 2>&1 || rc=$?
-  tail -15 "$LOGS/tests.log"
+  # --junitxml: the record of every case's outcome (-q prints only the failures' names)
+  limit "$seconds" "$BATCHLESS_PYTHON" -m pytest -q -ra --maxfail=50 --durations=15 "${parallel[@]}" \
+    --junitxml="$LOGS/$name.xml" "$@" > "$LOGS/$name.log" 2>&1 || rc=$?
+  tail -15 "$LOGS/$name.log"
   # 5: nothing selected (a dry run without a GPU deselects every GPU case)
-  [[ $rc == 0 || ($rc == 5 && "$DRY" == "1") ]] || echo "tests: FAILED (rc $rc, see tests.log)"
+  [[ $rc == 0 || ($rc == 5 && "$DRY" == "1") ]] || echo "$name: FAILED (rc $rc, see $name.log)"
   pack
 }
 
@@ -135,7 +136,9 @@ profile() {  # $1: time limit
 case "${1:-all}" in
   all)
     check_import
-    run_tests "$t_tests" -m gpu
+    # What only a GPU checks (same bits, 2^31 elements, graphs, compile) first, then the shared suite's GPU cases.
+    run_tests tests-gpu 60 tests/test_gpu.py -m gpu
+    run_tests tests "$t_tests" tests -m gpu --ignore=tests/test_gpu.py
     if [[ "$DRY" == "1" ]]; then
       benchmark "$t_bench" 1 --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
         --impls batchless-cpu,batchnorm --default-allocator --out "$OUT/bench"
@@ -153,7 +156,7 @@ case "${1:-all}" in
     ;;
   test)
     check_import
-    run_tests 3000
+    run_tests tests 3000 tests
     sanitize 1200 memcheck racecheck
     ;;
   bench)
