@@ -1,10 +1,14 @@
 """Checks the device code of the built batchless_kernels._C without a GPU (run by .ci/cuda_build.sh):
 
 - every CUDA kernel registered for the four ops;
-- no kernel image uses local memory (register spills), from cuobjdump --dump-resource-usage;
-- every norm kernel instantiated for aligned data moves its V elements with one instruction: 16- and
-  8-byte packs must show as LDG.E.128 / LDG.E.64 loads, and STG.E.128 / STG.E.64 stores where the
-  kernel writes an activation (y; dx when the backward computes it), in the SASS.
+- no kernel image spills: no local memory and no stack frame in cuobjdump --dump-resource-usage, and
+  no STL / LDL (local stores and loads) in the SASS;
+- every norm kernel instantiated for aligned data moves its V elements with one instruction, for every
+  tensor it streams, with kUnroll loads in flight: its SASS holds at least (kUnroll + 1) 16- or 8-byte
+  loads (LDG.E.128 / LDG.E.64) per streamed input (x; grad_y, and x when it computes dweight): kUnroll
+  in the unrolled loop and one in the remainder loop, so a kernel where one input's loads are narrow, or
+  the loop is not unrolled, fails. Where it writes an activation (y; dx when the backward computes it),
+  at least kUnroll + 1 such stores (STG.E.128 / STG.E.64).
 
 cuobjdump ships with the triton wheel (or comes from PATH).
 """
@@ -23,9 +27,11 @@ import triton
 import batchless_kernels.ops as ops
 
 ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
-# channels_{first,last}_kernel<ForwardOp<T, ...>, V, kAligned> or <BackwardOp<T, kDx, ...>, V, kAligned>
+# channels_{first,last}_kernel<ForwardOp<T, kStats>, V, kAligned> or <BackwardOp<T, kDx, kDw, kDb>, V, kAligned>
 NORM_KERNEL = re.compile(r"channels_(?:first|last)_kernel<[^<]*(Forward|Backward)Op<(float|double|c10::Half|"
-                         r"c10::BFloat16)(?:, (true|false))?[^>]*>, (\d+), (true|false)>")
+                         r"c10::BFloat16)((?:, (?:true|false))*)>, (\d+), (true|false)>")
+CUDA_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "batchless_norm_cuda.cu"
+UNROLL = int(re.search(r"constexpr int kUnroll = (\d+);", CUDA_SOURCE.read_text()).group(1))
 
 
 def fail(message: str) -> None:
@@ -48,15 +54,17 @@ def main() -> None:
     def dump(flag: str) -> str:
         return subprocess.run([cuobjdump, flag, str(library)], capture_output=True, text=True, check=True).stdout
 
-    kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", dump("--dump-resource-usage"))
-    spilling = [name for name, _, local in kernels if int(local)]
-    if not kernels or spilling:
-        fail(f"{len(kernels)} kernel images found; using local memory: {spilling}")
-    print(f"[cuda-build] {len(kernels)} kernel images, at most {max(int(r) for _, r, _ in kernels)} registers, "
-          "none uses local memory")
-
+    kernels = re.findall(r"Function (\S+):\s+REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)",
+                         dump("--dump-resource-usage"))
     parts = re.split(r"\n\s+Function : (\S+)\n", dump("-sass"))
     names, bodies = parts[1::2], parts[2::2]
+    local_access = {name for name, body in zip(names, bodies) if re.search(r"\b(STL|LDL)\b", body)}
+    spilling = [name for name, _, stack, local in kernels if int(stack) or int(local)] + sorted(local_access)
+    if not kernels or spilling:
+        fail(f"{len(kernels)} kernel images found; with a stack frame, local memory or STL/LDL: {spilling[:5]}")
+    print(f"[cuda-build] {len(kernels)} kernel images, at most {max(int(r) for _, r, _, _ in kernels)} registers, "
+          "none spills (no stack frame, local memory, STL or LDL)")
+
     demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
                                check=True).stdout.splitlines()
     checked, narrow = 0, []
@@ -64,17 +72,23 @@ def main() -> None:
         match = NORM_KERNEL.search(name)
         if not match or match.group(5) != "true":
             continue
-        pass_, dtype, first_flag, vec = match.group(1), match.group(2), match.group(3), int(match.group(4))
+        pass_, dtype, vec = match.group(1), match.group(2), int(match.group(4))
+        flags = re.findall(r"true|false", match.group(3))
         bits = ELEMENT_BYTES[dtype] * vec * 8
         if bits not in (64, 128):
             continue
         checked += 1
-        writes = pass_ == "Forward" or first_flag == "true"  # y, or dx when the backward computes it
-        if f"LDG.E.{bits}" not in body or (writes and f"STG.E.{bits}" not in body):
-            narrow.append(name)
+        backward_dx, backward_dw = pass_ == "Backward" and flags[0] == "true", pass_ == "Backward" and flags[1] == "true"
+        inputs = 1 + backward_dw  # x; or grad_y, and x for dweight
+        writes = pass_ == "Forward" or backward_dx  # y, or dx when the backward computes it
+        loads, stores = body.count(f"LDG.E.{bits}"), body.count(f"STG.E.{bits}")
+        if loads < (UNROLL + 1) * inputs or (writes and stores < UNROLL + 1):
+            narrow.append(f"{name} ({loads} loads, {stores} stores of {bits} bits)")
     if not checked or narrow:
-        fail(f"{checked} aligned norm kernel images checked; without {len(narrow)} vector accesses: {narrow[:5]}")
-    print(f"[cuda-build] {checked} aligned norm kernel images move 8- or 16-byte packs in one instruction")
+        fail(f"{checked} aligned norm kernel images checked; {len(narrow)} with fewer than {UNROLL} + 1 vector "
+             f"loads per streamed input (or stores): {narrow[:5]}")
+    print(f"[cuda-build] {checked} aligned norm kernel images move 8- or 16-byte packs in one instruction, "
+          f">= {UNROLL} + 1 loads per streamed input")
 
 
 if __name__ == "__main__":

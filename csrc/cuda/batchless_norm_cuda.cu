@@ -304,8 +304,11 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
 // [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
 // c_block are multiples of V, and c_block <= kWarp * V <= kThreads * V.
+// (The 1 block per SM of __launch_bounds__ is a floor, not a target: with it ptxas keeps every
+// variant's register count and no longer spills a 64-bit index to the stack in three misaligned
+// dbias-only variants, which it did under the plain bound.)
 template <typename Op, int V, bool A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
                          int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
                          typename Op::acc_t* part1) {
@@ -333,10 +336,12 @@ __global__ void __launch_bounds__(kThreads)
   acc_t* sh0 = reinterpret_cast<acc_t*>(shared_raw);  // (rows, c_len)
   acc_t* sh1 = sh0 + rows * c_len;
   if (active) {
+    // Slot (row, col * V + v) = threadIdx.x * V + v, since threadIdx.x = row * cols + col: written from
+    // threadIdx.x, rather than keeping row and col live across the loop (ptxas spilled that index).
 #pragma unroll
     for (int v = 0; v < V; ++v) {
-      sh0[row * c_len + col * V + v] = a0[v];
-      sh1[row * c_len + col * V + v] = a1[v];
+      sh0[threadIdx.x * V + v] = a0[v];
+      sh1[threadIdx.x * V + v] = a1[v];
     }
   }
   __syncthreads();
