@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import torch
 import triton
@@ -49,7 +50,8 @@ def main() -> None:
     cuobjdump = str(bundled) if bundled.exists() else shutil.which("cuobjdump")
     if cuobjdump is None:
         fail("cuobjdump not found (neither in the triton wheel nor on PATH)")
-    (library,) = pathlib.Path(ops.__file__).parent.glob("_C*.so")
+    # this Python's build (a carried GPU prebuild for another Python may lie beside it)
+    library = pathlib.Path(ops.__file__).parent / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
 
     def dump(flag: str) -> str:
         return subprocess.run([cuobjdump, flag, str(library)], capture_output=True, text=True, check=True).stdout
