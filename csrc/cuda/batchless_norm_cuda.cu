@@ -304,9 +304,9 @@ __global__ void __launch_bounds__(kThreads)
 // Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
 // [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
 // c_block are multiples of V, and c_block <= kWarp * V <= kThreads * V.
-// (The 1 block per SM of __launch_bounds__ is a floor, not a target: with it ptxas keeps every
+// (The launch bound's minimum of 1 block per SM is a floor, not a target: with it ptxas keeps every
 // variant's register count and no longer spills a 64-bit index to the stack in three misaligned
-// dbias-only variants, which it did under the plain bound.)
+// dbias-only variants, which it did under the bound on threads alone.)
 template <typename Op, int V, bool A>
 __global__ void __launch_bounds__(kThreads, 1)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
@@ -357,10 +357,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 }
 
 // Per-channel totals of partials laid out (num_outer, C, num_inner), in a fixed order: a block
-// takes 32 channels; its kReduceLanes lanes per channel sum every kReduceLanes-th partial, then
-// lane 0 adds the lanes' sums in order. out0 / out1 may be null (statistic not wanted).
+// takes 32 channels; its kReduceLanes lanes per channel sum every kReduceLanes-th partial (into
+// kReduceLoads accumulators, taken in turn), then lane 0 adds the lanes' sums in order. out0 / out1
+// may be null (statistic not wanted).
 constexpr int kReduceChannels = 32;
 constexpr int kReduceLanes = 16;
+constexpr int kReduceLoads = 4;
 
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
@@ -374,16 +376,36 @@ __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
     // Partial k of channel c sits at (k / num_inner * C + c) * num_inner + k % num_inner.
     int64_t o = threadIdx.y / num_inner, i = threadIdx.y % num_inner;
     const int64_t step_o = kReduceLanes / num_inner, step_i = kReduceLanes % num_inner;
-    while (o < num_outer) {
+    const auto next_index = [&]() -> int64_t {  // this lane's next partial, then advance; -1 past the end
+      if (o >= num_outer) return -1;
       const int64_t index = (o * C + c) * num_inner + i;
-      if (out0 != nullptr) t0 += part0[index];
-      if (out1 != nullptr) t1 += part1[index];
       o += step_o;
       i += step_i;
       if (i >= num_inner) {
         i -= num_inner;
         ++o;
       }
+      return index;
+    };
+    // kReduceLoads partials per statistic loaded before any is added, into as many accumulators
+    // (one dependent load after another left a lane's loop latency-bound), summed in a fixed order.
+    acc_t u0[kReduceLoads] = {}, u1[kReduceLoads] = {};
+    for (bool more = true; more;) {
+      int64_t index[kReduceLoads];
+#pragma unroll
+      for (int u = 0; u < kReduceLoads; ++u) index[u] = next_index();
+#pragma unroll
+      for (int u = 0; u < kReduceLoads; ++u) {
+        if (index[u] < 0) continue;
+        if (out0 != nullptr) u0[u] += part0[index[u]];
+        if (out1 != nullptr) u1[u] += part1[index[u]];
+      }
+      more = index[kReduceLoads - 1] >= 0;
+    }
+#pragma unroll
+    for (int u = 0; u < kReduceLoads; ++u) {
+      t0 += u0[u];
+      t1 += u1[u];
     }
   }
   sums[0][threadIdx.y][threadIdx.x] = t0;
