@@ -71,8 +71,8 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
   return {dx, dw, db};
 }
 
-// A forward op and the backward op t// A forward op, the backward op that differentiates it, and the training op made of the forward
-// op and batchless_nll (csrc/ops.cpp).
+// A forward op and the backward op that differentiates it (the training op, csrc/ops.cpp, is made of
+// the forward op and batchless_nll).
 struct CompiledKernels {
   static constexpr const char* forward = "batchless_kernels::batchless_norm_forward";
   static constexpr const char* backward = "batchless_kernels::batchless_norm_backward";
