@@ -207,13 +207,16 @@ def compiled_batch_norm():
 
 
 def batchnorm_backend_used(case) -> str:
-    """Which kernel F.batch_norm runs: read from the aten ops it calls (cuDNN or native)."""
-    if case.sets[0][0].device.type != "cuda":
+    """Which kernel F.batch_norm runs (cuDNN, MIOpen or native), as torch's own dispatch decides it
+    (torch._C._select_batch_norm_backend, in torch 2.11 to 2.14). Not read off a profiler: the first
+    --cuda-graphs run, which captured graphs after such a profiler run, ended in an illegal memory
+    access, and profilers and CUDA graphs are known to fail together (pytorch/pytorch#75504)."""
+    x = case.sets[0][0]
+    if x.device.type != "cuda":
         return "native"
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        batchnorm_forward(batch_norm_training)(case.sets[0][0], case)
-    names = {event.name for event in prof.events()}
-    return next((kind for kind in ("cudnn", "miopen") if f"aten::{kind}_batch_norm" in names), "native")
+    backend = torch._C._select_batch_norm_backend(x, case.weight, case.bias, case.running_mean,
+                                                  case.running_var, True, 1e-5)
+    return str(backend).rsplit(".", 1)[-1].lower()  # _BatchNormBackend.Cudnn -> "cudnn"
 
 
 def implementations(device: torch.device, case, wanted=None) -> dict:
