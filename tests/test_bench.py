@@ -41,3 +41,47 @@ def test_a_run_writes_a_fresh_run_folder_not_the_reference(tmp_path, monkeypatch
 def test_unreliable_reason(load, fracs, expected):
     rows = [{"other_load": load, "frac_of_copy": f} for f in fracs]
     assert bench_batchless.unreliable_reason(rows) == expected
+
+
+def test_preferred_timing_takes_graph_replays_only_where_they_were_timed():
+    from _results import preferred_timing
+
+    eager = {"timing": "eager", "median_ms": "1.0"}
+    graph = {"timing": "cuda-graph", "median_ms": "0.5"}
+    failed_graph = {"timing": "cuda-graph", "median_ms": "", "error": "RuntimeError: capture"}
+    old = {"median_ms": "2.0"}  # a file written before the timing column
+    assert preferred_timing([eager, graph]) == [graph]
+    assert preferred_timing([eager, failed_graph]) == [eager]
+    assert preferred_timing([old]) == [old]
+
+
+def test_cuda_graphs_need_a_cuda_device():
+    with pytest.raises(SystemExit, match="--cuda-graphs"):
+        bench_batchless.main([*TINY, "--cuda-graphs"])
+
+
+def test_ncu_summary_tabulates_one_row_per_launch(tmp_path, capsys):
+    import ncu_summary
+
+    header = '"ID","Kernel Name","Grid Size","Block Size","Metric Name","Metric Unit","Metric Value"\n'
+    rows = [
+        ('1', "void batchless_kernels::<unnamed>::reduce_partials_kernel<float>(const float *)", "Duration", "ns", "3,072"),
+        ('0', "void batchless_kernels::<unnamed>::channels_first_kernel<ForwardOp<c10::BFloat16, 1>, 8, 1>(int)",
+         "Duration", "ns", "96,320"),
+        ('0', "void batchless_kernels::<unnamed>::channels_first_kernel<ForwardOp<c10::BFloat16, 1>, 8, 1>(int)",
+         "DRAM Throughput", "%", "40.23"),
+        ('0', "void batchless_kernels::<unnamed>::channels_first_kernel<ForwardOp<c10::BFloat16, 1>, 8, 1>(int)",
+         "Block Limit Registers", "block", "3"),  # a metric the table leaves out
+    ]
+    text = "==PROF== Connected to process 1\n" + header + "".join(
+        f'"{i}","{name}","(1664, 1, 1)","(256, 1, 1)","{metric}","{unit}","{value}"\n'
+        for i, name, metric, unit, value in rows)
+    path = tmp_path / "ncu.csv"
+    path.write_text(text)
+    launches = ncu_summary.kernels(path)
+    assert [k["name"] for k in launches] == ["channels_first_kernel<ForwardOp<BFloat16, 1>, 8, 1>",
+                                             "reduce_partials_kernel<float>"]
+    assert launches[0]["duration"] == "96,320 ns" and launches[0]["DRAM %"] == "40.23 %"
+    ncu_summary.main([str(path)])
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + 2 and table[2].startswith("| 0 | channels_first_kernel")
