@@ -59,6 +59,12 @@ MUTANTS = (
     Mutant(5, "reuse_barrier", "block_reduce.cuh", "  __syncthreads();  // a previous call",
            "  if (!::emu::mutant(5)) __syncthreads();  // a previous call",
            what="block_sum overwrites scratch while a previous call may still read it"),
+    Mutant(6, "plane_tail", "batchless_norm_cuda.cu", "  for (; k < count; k += kThreads) {",
+           "  for (; k < count - (::emu::mutant(6) ? kThreads : 0); k += kThreads) {",
+           what="run_planes drops each thread's last item of the channels-first remainder loop"),
+    Mutant(7, "reduce_load", "batchless_norm_cuda.cu", "        if (index[u] < 0) continue;",
+           "        if (index[u] < 0 || (::emu::mutant(7) && u == 1)) continue;",
+           what="reduce_partials_kernel drops the second of each lane's four loads"),
 )
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
