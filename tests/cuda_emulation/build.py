@@ -41,8 +41,9 @@ installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-
   variant "main"    library batchless_emulated: the kernels as they are;
   variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
                     each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
-                    a dropped tail element, each of block_sum's two barriers removed, a barrier
-                    taken only by some threads, a shuffle mask naming half the warp.
+                    a dropped tail element (channels-last and channels-first remainder loops),
+                    each of block_sum's two barriers removed, a barrier taken only by some threads,
+                    a shuffle mask naming half the warp, a load of the second stage dropped.
 A build is current when the fingerprint (content hash) of its inputs, recorded in built.stamp,
 matches csrc/cuda, csrc/ops.cpp, the host headers and this folder's sources.
 
