@@ -27,6 +27,7 @@ NLL_BACKWARD_OP = "batchless_kernels::batchless_nll_backward"
 NLL_COMPOSITE_OP = "batchless_kernels::batchless_nll_composite"
 TRAIN_OP = "batchless_kernels::batchless_norm_train"
 TRITON_TRAIN_OP = "batchless_kernels::triton_norm_train"
+TRAIN_FORWARD_OP = "batchless_kernels::batchless_norm_train_forward"
 
 
 def extension_loaded() -> bool:
@@ -89,6 +90,14 @@ def _train_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
     return output_like(x), x.new_empty((), dtype=accumulation_dtype(x.dtype))
 
 
+def _train_forward_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
+    _check_same_device(TRAIN_FORWARD_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    acc = accumulation_dtype(x.dtype)
+    channels = x.shape[1]
+    sums = [x.new_empty((channels,), dtype=acc) for _ in range(3)]  # s1, s2, rstd
+    return output_like(x), *sums, x.new_empty((), dtype=acc)
+
+
 def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
     _check_same_device(NLL_OP, s1=s1, s2=s2, mean=mean, std_param=std_param)
     return s1.new_empty(())
@@ -106,5 +115,6 @@ if extension_loaded():
     torch.library.register_fake(BACKWARD_OP)(_backward_fake)
     torch.library.register_fake(TRAIN_OP)(_train_fake)
     torch.library.register_fake(TRITON_TRAIN_OP)(_train_fake)
+    torch.library.register_fake(TRAIN_FORWARD_OP)(_train_forward_fake)
     # The autograd of FORWARD_OP and NLL_OP is registered in C++ (csrc/autograd.cpp), tens of
     # microseconds less per call than a Python registration.

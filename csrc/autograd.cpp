@@ -76,11 +76,17 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
 struct CompiledKernels {
   static constexpr const char* forward = "batchless_kernels::batchless_norm_forward";
   static constexpr const char* backward = "batchless_kernels::batchless_norm_backward";
+  static constexpr bool fused_train_forward = true;  // batchless_norm_train_forward
 };
 struct TritonKernels {
   static constexpr const char* forward = "batchless_kernels::triton_forward";
   static constexpr const char* backward = "batchless_kernels::triton_backward";
+  static constexpr bool fused_train_forward = false;
 };
+
+using TrainForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+    c10::string_view, double, bool);
 
 // What backward needs to know of weight and bias: present? and the dtypes to return grads in.
 void save_affine(AutogradContext* ctx, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
@@ -175,6 +181,42 @@ class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
   }
 };
 
+// The training op's forward below autograd: y, s1, s2, r and the nll. The compiled kernels go
+// through batchless_norm_train_forward (fused on CUDA); the triton kernels compose it here.
+template <typename Kernels>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward(
+    const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
+  if constexpr (Kernels::fused_train_forward) {
+    static const auto op = find_op<TrainForwardSignature>("batchless_kernels::batchless_norm_train_forward");
+    return op.call(x, mean, std_param, weight, bias, parametrization, eps, gauge);
+  }
+  static const auto op = find_op<ForwardSignature>(Kernels::forward);
+  static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
+  const auto acc = host::accumulation_type(x.scalar_type());
+  Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
+  auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
+  // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
+  Tensor nll = x.sym_numel() == 0 ? at::zeros({}, s1.options())
+                                  : nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1),
+                                                parametrization, eps, gauge);
+  return {y, s1, s2, rstd, nll};
+}
+
+// batchless_norm_train_forward's default implementation (every device without a fused one): the
+// compiled forward op, batchless_nll and tensor ops for r.
+struct ComposedCompiledKernels : CompiledKernels {
+  static constexpr bool fused_train_forward = false;
+};
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_composite(
+    const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
+  auto [y, s1, s2, rstd, nll] =
+      train_forward<ComposedCompiledKernels>(x, mean, std_param, weight, bias, parametrization, eps, gauge);
+  if (rstd.is_same(std_param)) rstd = rstd.clone();  // inv: r is p; an op's output never aliases its input
+  return {y, s1, s2, rstd, nll};
+}
+
 // One node for a training step's layer: y and the NLL. Its backward runs once grad_y (and grad_nll)
 // have arrived, i.e. inside the layer's own backward (see batchless_norm_train in csrc/ops.cpp).
 template <typename Kernels>
@@ -184,18 +226,12 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
                                const Tensor& std_param, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, c10::string_view parametrization,
                                double eps, bool gauge) {
-    static const auto op = find_op<ForwardSignature>(Kernels::forward);
-    static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
     const bool empty = x.sym_numel() == 0;
     const c10::SymInt count = empty ? c10::SymInt(0) : x.sym_numel() / x.sym_size(1);
     Tensor y, s1, s2, rstd, nll;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const auto acc = host::accumulation_type(x.scalar_type());
-      rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
-      std::tie(y, s1, s2) = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
-      // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
-      nll = empty ? at::zeros({}, s1.options()) : nll_op.call(s1, s2, mean, std_param, count, parametrization, eps, gauge);
+      std::tie(y, s1, s2, rstd, nll) = train_forward<Kernels>(x, mean, std_param, weight, bias, parametrization, eps, gauge);
     }
     const bool has_w = present(weight);
     const bool keep_x = has_w && weight->requires_grad();
@@ -234,13 +270,8 @@ template <typename Kernels>
 std::tuple<Tensor, Tensor> train_composite(const Tensor& x, const Tensor& mean, const Tensor& std_param,
                                            const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                                            c10::string_view parametrization, double eps, bool gauge) {
-  static const auto op = find_op<ForwardSignature>(Kernels::forward);
-  static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
-  const auto acc = host::accumulation_type(x.scalar_type());
-  const Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
-  auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
-  if (x.sym_numel() == 0) return {y, at::zeros({}, s1.options())};
-  return {y, nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1), parametrization, eps, gauge)};
+  auto [y, s1, s2, rstd, nll] = train_forward<Kernels>(x, mean, std_param, weight, bias, parametrization, eps, gauge);
+  return {y, nll};
 }
 
 class Nll : public torch::autograd::Function<Nll> {
@@ -304,6 +335,7 @@ TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
 TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {
   m.impl("batchless_norm_train", &train_composite<CompiledKernels>);
   m.impl("triton_norm_train", &train_composite<TritonKernels>);
+  m.impl("batchless_norm_train_forward", &train_forward_composite);
 }
 
 }  // namespace batchless_kernels

@@ -55,6 +55,13 @@ TORCH_LIBRARY(batchless_kernels, m) {
   //   nll as batchless_nll with count = elements per channel; 0 for an empty x.
   m.def((std::string("batchless_norm_train") + kTrainSignature).c_str());
   m.def((std::string("triton_norm_train") + kTrainSignature).c_str());
+  // batchless_norm_train's forward below autograd, for the compiled kernels: y, the sums, r (C,)
+  // and the nll, in the accumulation dtype (r = 1/sigma by `parametrization`, `eps`; nll = 0 for an
+  // empty x). By default the forward op, batchless_nll and tensor ops for r; CUDA fuses it into two
+  // launches (r computed in the kernels, the NLL in the sums' second stage).
+  m.def(
+      "batchless_norm_train_forward(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
+      "str parametrization, float eps, bool gauge) -> (Tensor y, Tensor s1, Tensor s2, Tensor rstd, Tensor nll)");
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {

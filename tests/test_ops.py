@@ -12,6 +12,7 @@ from conftest import (
     ALL_BACKENDS,
     KERNEL_BACKENDS,
     accumulation_dtype,
+    assert_close_scaled,
     backend_params,
     make_case,
     make_x,
@@ -386,6 +387,34 @@ def test_opcheck_train(device, shape, layout, dtype, affine, _, parametrization)
 
 @needs_ops
 @pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout, dtype, affine, _",
+                         OPCHECK_CASES + [((0, 3, 4), "contiguous", torch.float32, True, True)], ids=str)
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+def test_opcheck_train_forward(device, shape, layout, dtype, affine, _, parametrization):
+    """The training op's forward below autograd (y, s1, s2, rstd, nll; fused on CUDA): schema (no
+    output aliases an input, inv's r = p included), fake kernel, and the same values as the
+    forward op, rstd by tensor ops and the NLL op."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
+    op = torch.ops.batchless_kernels.batchless_norm_train_forward.default
+    args = (x, mean, std_param, weight, bias, parametrization, 1e-5, True)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    y, s1, s2, rstd, nll = op(*args)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want_rstd, _ = bk.parametrization.rstd_and_log_std(std_param.to(acc), parametrization, 1e-5)
+    want_y, want_s1, want_s2 = torch.ops.batchless_kernels.batchless_norm_forward(x, mean, want_rstd, weight, bias, True)
+    torch.testing.assert_close(rstd, want_rstd, rtol=1e-6, atol=0)
+    torch.testing.assert_close(y, want_y)
+    assert_close_scaled(s1, want_s1, atol=1e-5, rtol=1e-5, what="s1")
+    assert_close_scaled(s2, want_s2, atol=1e-5, rtol=1e-5, what="s2")
+    if x.numel():
+        count = x.numel() // x.shape[1]
+        want_nll = torch.ops.batchless_kernels.batchless_nll(want_s1, want_s2, mean, std_param, count,
+                                                             parametrization, 1e-5, True)
+        torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-6)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
 @pytest.mark.parametrize("gauge", [True, False])
 @pytest.mark.parametrize("param_dtype", [torch.float64, torch.float32])
@@ -450,15 +479,21 @@ def _graph_nodes(*outputs):
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
 def test_training_step_is_one_node_and_few_ops(device, parametrization):
     """A layer's training step (y and the NLL, all five inputs requiring grad) is one autograd node,
-    as BatchNorm's is; forward dispatches the fused op, the NLL op and at most 3 ops computing
-    1/sigma; backward the two fused backward ops and nothing else but autograd's own bookkeeping."""
+    as BatchNorm's is; forward dispatches one op, batchless_norm_train_forward (on CUDA two launches;
+    elsewhere the fused forward, the NLL op and at most 3 ops computing 1/sigma); backward the two
+    fused backward ops and nothing else but autograd's own bookkeeping."""
     leaves = [t.detach().requires_grad_() for t in make_case((8, 16, 5, 5), "contiguous", torch.float32, device,
                                                                parametrization)]
     with _OpLog() as forward:
         y, nll = bk.batchless_norm(*leaves, parametrization=parametrization, backend=device)
     assert _graph_nodes(y, nll) == ["CppFunction"]
-    fused = [op for op in forward.ops if op in ("batchless_norm_forward", "batchless_nll")]
-    assert fused == ["batchless_norm_forward", "batchless_nll"] and len(forward.ops) - len(fused) <= 3, forward.ops
+    assert forward.ops == ["batchless_norm_train_forward"], forward.ops
+    leaves_again = [t.detach() for t in leaves]
+    with _OpLog() as composed:  # what the op runs where it has no fused kernel (the CPU)
+        torch.ops.batchless_kernels.batchless_norm_train_forward.default._op_dk(
+            torch._C.DispatchKey.CompositeExplicitAutograd, *leaves_again, parametrization, 1e-5, True)
+    fused = [op for op in composed.ops if op in ("batchless_norm_forward", "batchless_nll")]
+    assert fused == ["batchless_norm_forward", "batchless_nll"] and len(composed.ops) - len(fused) <= 4, composed.ops
     with _OpLog() as backward:
         torch.autograd.backward([y, nll], [torch.ones_like(y), torch.ones_like(nll)])
     work = [op for op in backward.ops if op not in ("detach", "ones_like", "ones", "empty_like", "zeros_like")]

@@ -161,7 +161,7 @@ def _forward_columns_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        slots = cols * tl.num_programs(0) + tl.program_id(0)
+        slots = cols.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)  # (C, num_mb) can pass 2^31
         tl.store(PS1 + slots, tl.sum(acc1, axis=0), mask=cmask)
         tl.store(PS2 + slots, tl.sum(acc2, axis=0), mask=cmask)
 
@@ -213,6 +213,9 @@ def _backward_columns_kernel(
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
+    # (C, num_mb) can pass 2^31. Computed before the loop: after it, triton 3.6 spilled 4 bytes in
+    # the bf16/fp16 (1000, 3) variant (bench/triton_codegen.py).
+    slots = cols.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     scale = _load_channel(W, cols, cmask, ACC) * rstd
@@ -228,7 +231,6 @@ def _backward_columns_kernel(
             accw += tl.where(mask, g * ((x - mean[None, :]) * rstd[None, :]), 0.0)
         if NEED_DB:
             accb += g
-    slots = cols * tl.num_programs(0) + tl.program_id(0)
     if NEED_DW:
         tl.store(PW + slots, tl.sum(accw, axis=0), mask=cmask)
     if NEED_DB:

@@ -37,6 +37,7 @@
 #include <type_traits>
 
 #include "batchless_host.h"
+#include "batchless_nll.h"
 #include "cuda/block_reduce.cuh"
 
 namespace batchless_kernels {
@@ -100,13 +101,17 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
   }
 }
 
-// Per-channel parameters (C,) in the accumulation dtype; the op's plan fills absent ones.
+// Per-channel parameters (C,) in the accumulation dtype; the op's plan fills absent ones. Where
+// rstd is null, each thread computes r = 1/sigma from std_param (the training op: no separate kernel).
 template <typename acc_t>
 struct Params {
   const acc_t* mean;
   const acc_t* rstd;
   const acc_t* weight;
   const acc_t* bias;  // unused by backward
+  const acc_t* std_param = nullptr;
+  nll::Parametrization kind = nll::Parametrization::kLog;
+  acc_t eps = 0;
 };
 
 // The parameters of P channels: P = V consecutive channels (channels-last), or P = 1 channel that
@@ -118,7 +123,7 @@ struct Lanes {
 #pragma unroll
     for (int k = 0; k < P; ++k) {
       m[k] = p.mean[c + k];
-      r[k] = p.rstd[c + k];
+      r[k] = p.rstd != nullptr ? p.rstd[c + k] : nll::Sigma<acc_t>(p.std_param[c + k], p.kind, p.eps).r;
       w[k] = p.weight[c + k];
       b[k] = p.bias != nullptr ? p.bias[c + k] : acc_t(0);
     }
@@ -270,8 +275,9 @@ template <typename Op, int V, bool A>
 __global__ void __launch_bounds__(kThreads)
     channels_first_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
                           int64_t n_block, int64_t s_block, int64_t num_sb,
-                          typename Op::acc_t* part0, typename Op::acc_t* part1) {
+                          typename Op::acc_t* part0, typename Op::acc_t* part1, unsigned int* counter) {
   using acc_t = typename Op::acc_t;
+  if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;  // for the second stage
   const int64_t tile = blockIdx.x;
   const int64_t sb = tile % num_sb;
   const int64_t c = (tile / num_sb) % C;
@@ -311,8 +317,9 @@ template <typename Op, int V, bool A>
 __global__ void __launch_bounds__(kThreads, 1)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
                          int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
-                         typename Op::acc_t* part1) {
+                         typename Op::acc_t* part1, unsigned int* counter) {
   using acc_t = typename Op::acc_t;
+  if (counter != nullptr && blockIdx.x == 0 && blockIdx.y == 0 && threadIdx.x == 0) *counter = 0;
   const int64_t rb = blockIdx.x;
   const int64_t r0 = rb * r_block, r1 = std::min(M, r0 + r_block);
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * c_block;
@@ -364,11 +371,28 @@ constexpr int kReduceChannels = 32;
 constexpr int kReduceLanes = 16;
 constexpr int kReduceLoads = 4;
 
+// The training op's NLL, computed by the second stage once the sums are known (no NLL kernel):
+//   nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2)
+// with r_c = 1/sigma_c written out for the backward. Each block adds its channels' terms in a fixed
+// order into block_sums; the last block to finish (an integer counter, zeroed by the first stage)
+// adds the blocks' sums in block order: deterministic, no float atomics.
+template <typename acc_t>
+struct NllEpilogue {
+  const acc_t* std_param = nullptr;  // null: no NLL (the plain forward and the backward)
+  nll::Parametrization kind = nll::Parametrization::kLog;
+  acc_t eps = 0, count = 0;
+  bool gauge = false;
+  acc_t* rstd = nullptr;        // (C,)
+  acc_t* nll = nullptr;         // ()
+  acc_t* block_sums = nullptr;  // (2, blocks of the second stage)
+  unsigned int* counter = nullptr;
+};
+
 template <typename acc_t>
 __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
     reduce_partials_kernel(const acc_t* __restrict__ part0, const acc_t* __restrict__ part1,
                            int64_t C, int64_t num_outer, int64_t num_inner, acc_t* out0,
-                           acc_t* out1) {
+                           acc_t* out1, const NllEpilogue<acc_t> epilogue) {
   __shared__ acc_t sums[2][kReduceLanes][kReduceChannels + 1];
   const int64_t c = static_cast<int64_t>(blockIdx.x) * kReduceChannels + threadIdx.x;
   acc_t t0 = 0, t1 = 0;
@@ -411,13 +435,40 @@ __global__ void __launch_bounds__(kReduceChannels* kReduceLanes)
   sums[0][threadIdx.y][threadIdx.x] = t0;
   sums[1][threadIdx.y][threadIdx.x] = t1;
   __syncthreads();
-  if (threadIdx.y != 0 || c >= C) return;
-  for (int k = 1; k < kReduceLanes; ++k) {
-    t0 += sums[0][k][threadIdx.x];
-    t1 += sums[1][k][threadIdx.x];
+  if (threadIdx.y != 0) return;  // what follows runs in warp 0: threads (x, 0), one per channel
+  acc_t log_sigma = 0;
+  if (c < C) {
+    for (int k = 1; k < kReduceLanes; ++k) {
+      t0 += sums[0][k][threadIdx.x];
+      t1 += sums[1][k][threadIdx.x];
+    }
+    if (out0 != nullptr) out0[c] = t0;
+    if (out1 != nullptr) out1[c] = t1;
+    if (epilogue.std_param != nullptr) {
+      const nll::Sigma<acc_t> sigma(epilogue.std_param[c], epilogue.kind, epilogue.eps);
+      epilogue.rstd[c] = sigma.r;
+      log_sigma = sigma.log_sigma;
+    }
   }
-  if (out0 != nullptr) out0[c] = t0;
-  if (out1 != nullptr) out1[c] = t1;
+  if (epilogue.std_param == nullptr) return;
+  log_sigma = warp_sum(log_sigma);
+  t1 = warp_sum(t1);
+  if (threadIdx.x != 0) return;
+  epilogue.block_sums[2 * blockIdx.x] = log_sigma;
+  epilogue.block_sums[2 * blockIdx.x + 1] = t1;
+  __threadfence();  // the sums are visible before the counter says so
+  if (atomicAdd(epilogue.counter, 1u) != gridDim.x - 1) return;
+  __threadfence();
+  const volatile acc_t* block_sums = epilogue.block_sums;  // written by other blocks: not from cache
+  acc_t log_total = 0, data_total = 0;
+  for (unsigned b = 0; b < gridDim.x; ++b) {
+    log_total += block_sums[2 * b];
+    data_total += block_sums[2 * b + 1];
+  }
+  const acc_t channels = static_cast<acc_t>(C);
+  const acc_t data = data_total / (acc_t(2) * epilogue.count * channels);
+  // With the gauge, the mean log sigma cancels in value (it stays in the gradient).
+  *epilogue.nll = epilogue.gauge ? data - acc_t(0.5) : log_total / channels + data;
 }
 
 // The widest V (elements per access, up to 16 bytes) that divides the inner extent. It depends on
@@ -467,28 +518,42 @@ int64_t resident_blocks(const void* kernel, size_t shared_bytes) {
 }
 
 // Runs op over the geometry; when op reduces, its two sums per channel go to out0 / out1 (either
-// may be null). `pointers` are the tensors op reads and writes, for the vector width.
+// may be null). `pointers` are the tensors op reads and writes, for the vector width. With an NLL
+// epilogue (the training op; its rstd, nll and std_param set), the second stage always runs and also
+// computes r and the NLL.
 template <typename Op>
 void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& params,
             typename Op::acc_t* out0, typename Op::acc_t* out1,
-            std::initializer_list<const void*> pointers, const at::TensorOptions& acc_opts) {
+            std::initializer_list<const void*> pointers, const at::TensorOptions& acc_opts,
+            NllEpilogue<typename Op::acc_t> epilogue = {}) {
   using acc_t = typename Op::acc_t;
   using scalar_t = typename Op::scalar_type;
   constexpr bool reduce = Op::kReduce;
   auto stream = at::cuda::getCurrentCUDAStream();
   Tensor partials;
-  int64_t num_outer = 0, num_inner = 0;
+  int64_t num_outer = 0, num_inner = 0, num_slots = 0;
+  const bool with_nll = epilogue.std_param != nullptr;
+  const auto reduce_blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
+  unsigned int* counter = nullptr;
   // Where the tiles write their sums: (2, count) partial slots, or straight into out0 / out1 when
   // there is one slot per channel and both are wanted (small inputs: no second kernel).
   bool direct = false;
   const auto slots = [&](int64_t count) -> std::pair<acc_t*, acc_t*> {
     if (!reduce) return {nullptr, nullptr};
-    if (count == g.C && out0 != nullptr && out1 != nullptr) {
+    if (count == g.C && out0 != nullptr && out1 != nullptr && !with_nll) {
       direct = true;
       return {out0, out1};
     }
-    partials = host::poisoned(at::empty({2, count}, acc_opts));
-    return {partials.data_ptr<acc_t>(), partials.data_ptr<acc_t>() + count};
+    // The NLL epilogue's block sums and counter after the slots, in the same allocation.
+    num_slots = count;
+    partials = host::poisoned(at::empty({2 * count + (with_nll ? 2 * int64_t(reduce_blocks) + 1 : 0)}, acc_opts));
+    acc_t* base = partials.data_ptr<acc_t>();
+    if (with_nll) {
+      epilogue.block_sums = base + 2 * count;
+      counter = reinterpret_cast<unsigned int*>(epilogue.block_sums + 2 * reduce_blocks);
+      epilogue.counter = counter;
+    }
+    return {base, base + count};
   };
 
   if (g.layout == Layout::kChannelsFirst) {
@@ -515,7 +580,7 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
         TORCH_CHECK(tiles <= INT32_MAX, "batchless_norm (cuda): input too large (", tiles, " tiles)");
         const auto [p0, p1] = slots(tiles);
         kernel<<<static_cast<unsigned>(tiles), kThreads, 0, stream>>>(
-            op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1);
+            op, params, g.N, g.C, g.S, n_block, s_block, num_sb, p0, p1, counter);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         num_outer = num_nb;
         num_inner = num_sb;
@@ -542,7 +607,7 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
         TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
         const auto [p0, p1] = slots(num_rb * g.C);
         const dim3 grid(static_cast<unsigned>(num_rb), static_cast<unsigned>(num_cb));
-        kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0, p1);
+        kernel<<<grid, kThreads, shared, stream>>>(op, params, M, g.C, r_block, c_block, p0, p1, counter);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         num_outer = num_rb;
         num_inner = 1;
@@ -551,10 +616,9 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
   }
   if (reduce && !direct) {
     const dim3 block(kReduceChannels, kReduceLanes);
-    const auto blocks = static_cast<unsigned>(ceil_div(g.C, kReduceChannels));
     const acc_t* p0 = partials.const_data_ptr<acc_t>();
-    reduce_partials_kernel<acc_t><<<blocks, block, 0, stream>>>(
-        p0, p0 + partials.numel() / 2, g.C, num_outer, num_inner, out0, out1);
+    reduce_partials_kernel<acc_t><<<reduce_blocks, block, 0, stream>>>(
+        p0, p0 + num_slots, g.C, num_outer, num_inner, out0, out1, epilogue);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -623,9 +687,59 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
 
 }  // namespace
 
+// The training op's forward (csrc/ops.cpp, batchless_norm_train_forward) in two launches: the fused
+// forward with r computed from std_param in every thread, and the second stage, which also writes r
+// and the NLL (NllEpilogue).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
+    const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
+  TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(eps > 0, "batchless_norm_train_forward: eps must be positive, got ", eps);
+  const auto kind = nll::parse_parametrization(parametrization);
+  const c10::cuda::CUDAGuard guard(x.device());
+  host::check_x(x, "x", c10::DeviceType::CUDA);
+  host::check_channel_tensor(std_param, "std_param", x);
+  // std_param takes the plan's rstd slot: the plan brings it to the accumulation dtype, contiguous.
+  auto plan = host::plan_forward(x, mean, std_param, weight, bias, /*compute_stats=*/true, c10::DeviceType::CUDA);
+  const auto acc_opts = plan.s1.options();
+  Tensor rstd, nll;
+  if (plan.empty) {  // nothing to launch: r by tensor ops, nll = 0 (reference.py)
+    rstd = nll::rstd_of(std_param.to(acc_opts.dtype()), kind, eps);
+    if (rstd.is_same(std_param)) rstd = rstd.clone();  // an op's output never aliases its input
+    nll = at::zeros({}, acc_opts);
+  } else {
+    const int64_t C = x.size(1);
+    rstd = host::poisoned(at::empty({C}, acc_opts));
+    nll = host::poisoned(at::empty({}, acc_opts));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_train_forward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      auto params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias);
+      params.std_param = params.rstd;
+      params.rstd = nullptr;
+      params.kind = kind;
+      params.eps = static_cast<acc_t>(eps);
+      NllEpilogue<acc_t> epilogue;
+      epilogue.std_param = params.std_param;
+      epilogue.kind = kind;
+      epilogue.eps = params.eps;
+      epilogue.count = static_cast<acc_t>(x.numel() / C);
+      epilogue.gauge = gauge;
+      epilogue.rstd = rstd.data_ptr<acc_t>();
+      epilogue.nll = nll.data_ptr<acc_t>();
+      const scalar_t* xp = plan.x.const_data_ptr<scalar_t>();
+      scalar_t* yp = plan.y_buffer.data_ptr<scalar_t>();
+      launch(plan.geometry, ForwardOp<scalar_t, true>{xp, yp}, params, plan.s1.data_ptr<acc_t>(),
+             plan.s2.data_ptr<acc_t>(), {xp, yp}, acc_opts, epilogue);
+    });
+  }
+  auto [y, s1, s2] = plan.finish();
+  return {y, s1, s2, rstd, nll};
+}
+
 TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
   m.impl("batchless_norm_forward", &forward_cuda);
   m.impl("batchless_norm_backward", &backward_cuda);
+  m.impl("batchless_norm_train_forward", &train_forward_cuda);
 }
 
 }  // namespace batchless_kernels

@@ -2,7 +2,7 @@
 
 An emulated case runs the cpu backend's public path (bk.batchless_norm(..., backend="cpu"): its
 training op and C++ autograd from csrc/autograd.cpp, as the cuda backend runs on a GPU) under
-``Redirect``, a TorchDispatchMode that sends the four kernel ops of batchless_kernels to the same
+``Redirect``, a TorchDispatchMode that sends the kernel ops of batchless_kernels (KERNEL_OPS) to the same
 ops of the emulated library, whose CPU kernels are the CUDA launchers of csrc/cuda run by the
 engine. The mode sees ops below autograd only, so the production autograd stays in the path.
 
@@ -30,7 +30,8 @@ from . import build
 
 MUTANT_ENV = "BATCHLESS_CUDA_EMULATION_MUTANT"
 # The kernel ops the launchers of csrc/cuda implement (TORCH_LIBRARY_IMPL(batchless_kernels, CUDA)).
-KERNEL_OPS = ("batchless_norm_forward", "batchless_norm_backward", "batchless_nll", "batchless_nll_backward")
+KERNEL_OPS = ("batchless_norm_forward", "batchless_norm_backward", "batchless_nll", "batchless_nll_backward",
+              "batchless_norm_train_forward")
 DEVICES_ENV = "BATCHLESS_CUDA_EMULATION_DEVICES"
 # The simulated devices of the emulated backends: (SM count, blocks per SM; 0 = from the block size).
 # BATCHLESS_CUDA_EMULATION_DEVICES="132:0,1:1" (the default) chooses others, e.g. "132:0" for one.

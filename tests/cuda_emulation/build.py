@@ -34,7 +34,7 @@ How:
   bindings.cpp         Python module: configure(sm_count, blocks_per_sm, shared_per_block, schedule),
                        stats(), launch_log(), set_mutant(), run_selftest().
   backend.py           the suite's side: discovery of the emulated backends (conftest.py) and the
-                       redirection of the cpu backend's four kernel ops to the emulated ones.
+                       redirection of the cpu backend's kernel ops to the emulated ones.
 
 This module builds the extension with torch.utils.cpp_extension.load (g++, ninja, against the
 installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
@@ -54,9 +54,9 @@ Test integration (tests/conftest.py, tests/cuda_emulation/backend.py): where the
 built and up to date for this torch, the correctness suite gets two more backends, cuda_emu-sm132-cpu
 (a 132-SM H100-like device) and cuda_emu-sm1-cpu (1 SM, 1 block per SM: the largest tiles). Such a
 case runs the cpu backend's public path (bk.batchless_norm(..., backend="cpu"), its C++ autograd
-and training op) with a TorchDispatchMode that sends the four kernel ops (batchless_norm_forward,
-batchless_norm_backward, batchless_nll, batchless_nll_backward) to batchless_emulated, i.e. to the
-CUDA launchers and kernels. Nothing is registered for batchless_kernels, and the package has no
+and training op) with a TorchDispatchMode that sends the kernel ops (batchless_norm_forward,
+batchless_norm_backward, batchless_nll, batchless_nll_backward, batchless_norm_train_forward) to
+batchless_emulated, i.e. to the CUDA launchers and kernels. Nothing is registered for batchless_kernels, and the package has no
 test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the suite starts (CI);
 =0 leaves the emulated backends out; unset uses a build that exists. Where the build is impossible
 (no g++, no ninja, not Linux) the emulated tests skip with the reason.

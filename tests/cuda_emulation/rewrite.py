@@ -65,6 +65,14 @@ MUTANTS = (
     Mutant(7, "reduce_load", "batchless_norm_cuda.cu", "        if (index[u] < 0) continue;",
            "        if (index[u] < 0 || (::emu::mutant(7) && u == 1)) continue;",
            what="reduce_partials_kernel drops the second of each lane's four loads"),
+    Mutant(8, "nll_first_block", "batchless_norm_cuda.cu",
+           "  if (atomicAdd(epilogue.counter, 1u) != gridDim.x - 1) return;",
+           "  if (atomicAdd(epilogue.counter, 1u) != (::emu::mutant(8) ? 0u : gridDim.x - 1)) return;",
+           what="the training op's NLL is added up by the first block of the second stage, not the last"),
+    Mutant(9, "counter_not_zeroed", "batchless_norm_cuda.cu",
+           "  if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;",
+           "  if (!::emu::mutant(9) && counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;",
+           what="the channels-first kernel leaves the second stage's block counter as allocated"),
 )
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 

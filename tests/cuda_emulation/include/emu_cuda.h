@@ -243,6 +243,10 @@ template <typename T> inline void __stwt(T* p, T v) { *p = v; }
 
 inline void __threadfence() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+// Integer atomics (returning the old value, as CUDA's do); float atomics are left out on purpose:
+// the kernels must not use them (determinism).
+inline unsigned int atomicAdd(unsigned int* p, unsigned int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 
 // Occupancy and device queries (the settings of the simulated device).
 template <typename F>
