@@ -46,13 +46,16 @@ def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
     if x.dim() < 2:
         raise ValueError(f"x must have shape (N, C, *) with at least 2 dims, got shape {tuple(x.shape)}")
     channels, rest = x.shape[1], tuple(x.shape[1:])
-    expected = (f"({channels},) or a shape of {len(rest)} dims that broadcasts to x.shape[1:] = {rest} "
+
+    def expected() -> str:  # formatted only for an error: this check runs on every call
+        return (f"({channels},) or a shape of {len(rest)} dims that broadcasts to x.shape[1:] = {rest} "
                 "(1 where the Gaussian is shared)")
+
     shape = None
     for name, t in (("mean", mean), ("std_param", std_param), ("weight", weight), ("bias", bias)):
         if t is None:
             if name in ("mean", "std_param"):
-                raise TypeError(f"{name} must be a tensor of shape {expected}, got None")
+                raise TypeError(f"{name} must be a tensor of shape {expected()}, got None")
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
@@ -63,7 +66,7 @@ def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
         elif t.dim() == len(rest) and all(d in (1, full) for d, full in zip(t.shape, rest)):
             t_shape = tuple(t.shape)
         else:
-            raise ValueError(f"{name} must have shape {expected}, got shape {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape {expected()}, got shape {tuple(t.shape)}")
         if shape is not None and t_shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, unlike mean's {shape}: mean, std_param, weight "
                              "and bias share one shape")
