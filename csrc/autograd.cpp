@@ -190,17 +190,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward(
   if constexpr (Kernels::fused_train_forward) {
     static const auto op = find_op<TrainForwardSignature>("batchless_kernels::batchless_norm_train_forward");
     return op.call(x, mean, std_param, weight, bias, parametrization, eps, gauge);
+  } else {
+    static const auto op = find_op<ForwardSignature>(Kernels::forward);
+    static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
+    const auto acc = host::accumulation_type(x.scalar_type());
+    Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
+    auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
+    // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
+    Tensor nll = x.sym_numel() == 0 ? at::zeros({}, s1.options())
+                                    : nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1),
+                                                  parametrization, eps, gauge);
+    return {y, s1, s2, rstd, nll};
   }
-  static const auto op = find_op<ForwardSignature>(Kernels::forward);
-  static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
-  const auto acc = host::accumulation_type(x.scalar_type());
-  Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
-  auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
-  // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
-  Tensor nll = x.sym_numel() == 0 ? at::zeros({}, s1.options())
-                                  : nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1),
-                                                parametrization, eps, gauge);
-  return {y, s1, s2, rstd, nll};
 }
 
 // batchless_norm_train_forward's default implementation (every device without a fused one): the

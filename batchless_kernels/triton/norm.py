@@ -66,6 +66,13 @@ def _plane_slots(planes, c, P, C, num_sb):
 
 
 @triton.jit
+def _column_slots(cols):
+    """Offsets of this program's partial sums (program_id(0) = row block) in the (C, num_mb) layout,
+    64-bit: C * num_mb can pass 2^31."""
+    return cols.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+
+
+@triton.jit
 def _plane_tile(planes, pmask, S, start, tiles, BLOCK_S: tl.constexpr):
     """Offsets and mask of the [BLOCK_P, BLOCK_S] tile at `start` of this program's share of S
     (tiles * BLOCK_S elements: a multiple of BLOCK_S, which keeps the accesses vectorized)."""
@@ -161,7 +168,7 @@ def _forward_columns_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
-        slots = cols.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)  # (C, num_mb) can pass 2^31
+        slots = _column_slots(cols)
         tl.store(PS1 + slots, tl.sum(acc1, axis=0), mask=cmask)
         tl.store(PS2 + slots, tl.sum(acc2, axis=0), mask=cmask)
 
@@ -213,9 +220,9 @@ def _backward_columns_kernel(
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
-    # (C, num_mb) can pass 2^31. Computed before the loop: after it, triton 3.6 spilled 4 bytes in
-    # the bf16/fp16 (1000, 3) variant (bench/triton_codegen.py).
-    slots = cols.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)
+    # Before the loop: computed after it, triton 3.6 spilled 4 bytes in the bf16/fp16 (1000, 3)
+    # variant (bench/triton_codegen.py).
+    slots = _column_slots(cols)
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
     scale = _load_channel(W, cols, cmask, ACC) * rstd
