@@ -56,6 +56,14 @@ def derive(rows) -> dict:
             "devices": devices, "evidence": evidence}
 
 
+def relative_to_repo(path: Path) -> str:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("csv", nargs="+", type=Path, help="results.csv files of bench_batchless.py")
@@ -68,7 +76,8 @@ def main(argv=None) -> None:
     table = derive(rows)
     if not table["devices"]:
         sys.exit("no GPU measured with both the cuda and the triton backend in these files: nothing to derive")
-    table["sources"] = [str(p) for p in args.csv]
+    # Relative to the repository where inside it: the table is package data, read on other machines.
+    table["sources"] = [relative_to_repo(p) for p in args.csv]
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     for gpu, choices in table["devices"].items():
         print(f"{gpu}: " + ", ".join(f"{k} -> {b}" for k, b in choices.items()))
