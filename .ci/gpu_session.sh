@@ -3,7 +3,9 @@
 #   bash .ci/gpu_session.sh all     one command, under 10 minutes: import check, the GPU tests and the
 #                                   CUDA/Triton cases of the shared suite (-m gpu), the benchmark of the
 #                                   GPU backends against BatchNorm (--update-reference), the same timed as
-#                                   CUDA-graph replays (--cuda-graphs), compute-sanitizer memcheck, an ncu
+#                                   CUDA-graph replays (--cuda-graphs), each kernel stage's device time
+#                                   (bench/bench_stages.py), the host's time per small step
+#                                   (.ci/profile_host.py), compute-sanitizer memcheck, an ncu
 #                                   profile of the training step (.ci/profile_kernels.py)
 #   bash .ci/gpu_session.sh test    the whole test suite and memcheck + racecheck (longer)
 #   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh, arguments passed on)
@@ -24,10 +26,11 @@ mkdir -p "$OUT"
 step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$LOGS/steps.log"; }
 # (never fatal: a failed pack must not end the session's later steps)
 pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/" || echo "pack: FAILED"; }
-# Seconds each step may take (tests, eager benchmark, CUDA-graph benchmark, memcheck, ncu); with the setup (~25 s) their sum stays
+# Seconds each step may take (tests, eager benchmark, CUDA-graph benchmark, memcheck, ncu, stage costs, host
+# time); with the setup (~25 s) their sum stays
 # under the device tool's 10-minute command limit. GPU_SESSION_WORKERS: pytest-xdist workers (default 8);
 # PROFILE_IMPLS: what the ncu step profiles (default cuda,triton,batchnorm).
-read -r t_tests t_bench t_graphs t_memcheck t_ncu <<< "${GPU_SESSION_LIMITS:-150 100 120 40 60}"
+read -r t_tests t_bench t_graphs t_memcheck t_ncu t_stages t_host <<< "${GPU_SESSION_LIMITS:-150 100 120 40 60 45 30}"
 limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
 # The package is imported from this checkout (the GPU machines have no editable install of it).
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
@@ -114,6 +117,26 @@ benchmark() {  # $1: time limit; $2: 1 to copy the results to $OUT as well as in
   pack
 }
 
+stages() {  # $1: time limit. Each kernel stage's device time (bench/bench_stages.py), into the logs.
+  local seconds=$1 args=()
+  [[ "$DRY" == "1" ]] && args=(--device cpu --shapes 4x3x5x5 --dtypes float32)
+  step "stage costs (limit $seconds s)"
+  limit "$seconds" "$BATCHLESS_PYTHON" bench/bench_stages.py "${args[@]}" --out "$LOGS/stages" > "$LOGS/stages.log" 2>&1 \
+    || echo "stages: FAILED or cut off (see stages.log)"
+  tail -25 "$LOGS/stages.log"
+  pack
+}
+
+host_time() {  # $1: time limit. The host's time per small eager step, and its ops (.ci/profile_host.py).
+  local seconds=$1 args=()
+  [[ "$DRY" == "1" ]] && args=(--device cpu --steps 3)
+  step "host time (limit $seconds s)"
+  limit "$seconds" "$BATCHLESS_PYTHON" .ci/profile_host.py "${args[@]}" > "$LOGS/host.log" 2>&1 \
+    || echo "host: FAILED or cut off (see host.log)"
+  grep "^## " "$LOGS/host.log" || true
+  pack
+}
+
 profile() {  # $1: time limit
   local seconds=$1
   if [[ -z "$ncu" ]]; then
@@ -149,6 +172,8 @@ case "${1:-all}" in
       benchmark "$t_graphs" 0 --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --cuda-graphs \
         --out "$LOGS/graph-run"
     fi
+    stages "$t_stages"
+    host_time "$t_host"
     sanitize "$t_memcheck" memcheck
     profile "$t_ncu"
     step "done"

@@ -32,6 +32,22 @@ def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: in
         )
 
 
+def per_channel_inputs(x, mean, std_param, weight, bias) -> bool:
+    """True when the tensors are what check_inputs accepts with one Gaussian per channel: x a
+    floating (N, C, *) tensor, mean and std_param (and weight, bias unless None) floating (C,) tensors
+    on x's device. The common case, checked with fewer Python operations than check_inputs (this
+    runs on every call); False says nothing: check_inputs then raises or returns the shared shape."""
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 2:
+        return False
+    size, device = x.shape[1:2], x.device
+    for t in (mean, std_param, weight, bias):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != size or t.dtype not in FLOAT_DTYPES or t.device != device:
+            return False
+    return mean is not None and std_param is not None
+
+
 def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
     """Validates the tensors of batchless_norm; raises TypeError/ValueError naming the argument.
 

@@ -77,7 +77,13 @@ def _reason(backend: str, device_type: str) -> str | None:
 
 def _auto_candidates(device_type: str) -> tuple[str, ...]:
     """AUTO_ORDER's backends that can run on device_type."""
+    if device_type in _AUTO_CANDIDATES:
+        return _AUTO_CANDIDATES[device_type]
     return tuple(n for n in AUTO_ORDER.get(device_type, ()) if _reason(n, device_type) is None)
+
+
+# The same, looked up once per device type (availability is fixed at import, as _REASONS says).
+_AUTO_CANDIDATES = {d: tuple(n for n in AUTO_ORDER[d] if _REASONS[(n, d)] is None) for d in ("cpu", "cuda")}
 
 
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:

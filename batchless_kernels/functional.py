@@ -11,7 +11,7 @@ import torch
 import torch.utils.checkpoint
 
 from . import ops, reference
-from ._checks import accumulation_dtype, check_inputs
+from ._checks import accumulation_dtype, check_inputs, per_channel_inputs
 from .backends import kernel_ops, resolve_backend, train_op
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
 
@@ -53,7 +53,9 @@ def batchless_norm(
             over every element of x of the Gaussian NLL; differentiable in mean and std_param only.
             An empty x (N = 0 or C = 0) gives nll = 0 with zero gradients.
     """
-    param_shape = check_inputs(x, mean, std_param, weight, bias)
+    # (C,) parameters: the common case, checked fast; anything else is checked in full.
+    per_channel = per_channel_inputs(x, mean, std_param, weight, bias)
+    param_shape = None if per_channel else check_inputs(x, mean, std_param, weight, bias)
     check_parametrization(parametrization)
     eps = check_eps(eps)
     if not isinstance(gauge, bool):
@@ -69,8 +71,7 @@ def batchless_norm(
         # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
         # runtimes know, where the compiled ops would need this library at load time.
         name = "reference"
-    if name != "reference" and any(t is not None and tuple(t.shape) != (x.shape[1],)
-                                   for t in (mean, std_param, weight, bias)):  # shared axes, or (C, 1, ..)
+    if name != "reference" and not per_channel:  # shared axes, or (C, 1, ..)
         grouped = _as_channels(x, param_shape)
         if grouped is None:  # no view of x puts the Gaussians on one axis: the tensor-op spec
             name = "reference"

@@ -28,6 +28,7 @@ NLL_COMPOSITE_OP = "batchless_kernels::batchless_nll_composite"
 TRAIN_OP = "batchless_kernels::batchless_norm_train"
 TRITON_TRAIN_OP = "batchless_kernels::triton_norm_train"
 TRAIN_FORWARD_OP = "batchless_kernels::batchless_norm_train_forward"
+TRAIN_BACKWARD_OP = "batchless_kernels::batchless_norm_train_backward"
 
 
 def extension_loaded() -> bool:
@@ -98,6 +99,16 @@ def _train_forward_fake(x, mean, std_param, weight, bias, parametrization, eps, 
     return output_like(x), *sums, x.new_empty((), dtype=acc)
 
 
+def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1, s2, count, parametrization, eps,
+                         output_mask):
+    _check_same_device(TRAIN_BACKWARD_OP, grad_y=grad_y, grad_nll=grad_nll, x=x, mean=mean, std_param=std_param,
+                       rstd=rstd, weight=weight, s1=s1, s2=s2)
+    dx, dw, db = _backward_fake(grad_y, x, mean, rstd, weight, output_mask[:3])
+    dmean = torch.empty_like(mean) if output_mask[3] else mean.new_empty((0,))
+    dparam = torch.empty_like(std_param) if output_mask[4] else std_param.new_empty((0,))
+    return dx, dw, db, dmean, dparam
+
+
 def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
     _check_same_device(NLL_OP, s1=s1, s2=s2, mean=mean, std_param=std_param)
     return s1.new_empty(())
@@ -116,5 +127,6 @@ if extension_loaded():
     torch.library.register_fake(TRAIN_OP)(_train_fake)
     torch.library.register_fake(TRITON_TRAIN_OP)(_train_fake)
     torch.library.register_fake(TRAIN_FORWARD_OP)(_train_forward_fake)
+    torch.library.register_fake(TRAIN_BACKWARD_OP)(_train_backward_fake)
     # The autograd of FORWARD_OP and NLL_OP is registered in C++ (csrc/autograd.cpp), tens of
     # microseconds less per call than a Python registration.

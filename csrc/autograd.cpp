@@ -109,6 +109,8 @@ void norm_grads(AutogradContext* ctx, const Tensor& grad_y, const Tensor& x, con
     std::tie(dx, dw, db) = differentiable_backward(grad_y, x, mean, rstd, weight, mask);
   } else {
     static const auto backward_op = find_op<BackwardSignature>(Kernels::backward);
+    // Straight to the kernels: the op has no autograd, and its fallback's checks cost host time.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::tie(dx, dw, db) = backward_op.call(grad_y, mask[1] ? c10::optional<Tensor>(x) : c10::nullopt,
                                               mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
                                               mask);
@@ -146,6 +148,7 @@ std::tuple<Tensor, Tensor> nll_grads(AutogradContext* ctx, const Tensor& grad, c
     if (need_mean) dmean = g[0];
     if (need_param) dparam = g.back();
   } else {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::tie(dmean, dparam) = backward_op.call(grad, s1, s2, mean, std_param, count, parametrization, eps);
   }
   return {need_mean ? dmean : Tensor(), need_param ? dparam : Tensor()};
@@ -204,6 +207,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward(
   }
 }
 
+using TrainBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const c10::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+    const c10::optional<Tensor>&, const Tensor&, const Tensor&, c10::SymInt, c10::string_view, double,
+    std::array<bool, 5>);
+
 // batchless_norm_train_forward's default implementation (every device without a fused one): the
 // compiled forward op, batchless_nll and tensor ops for r.
 struct ComposedCompiledKernels : CompiledKernels {
@@ -216,6 +224,53 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_composite(
       train_forward<ComposedCompiledKernels>(x, mean, std_param, weight, bias, parametrization, eps, gauge);
   if (rstd.is_same(std_param)) rstd = rstd.clone();  // inv: r is p; an op's output never aliases its input
   return {y, s1, s2, rstd, nll};
+}
+
+// batchless_norm_train_backward's default implementation (every device without a fused one): the
+// backward op and the NLL's backward op.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_composite(
+    const Tensor& grad_y, const Tensor& grad_nll, const c10::optional<Tensor>& x, const Tensor& mean,
+    const Tensor& std_param, const Tensor& rstd, const c10::optional<Tensor>& weight, const Tensor& s1,
+    const Tensor& s2, c10::SymInt count, c10::string_view parametrization, double eps, std::array<bool, 5> mask) {
+  static const auto backward_op = find_op<BackwardSignature>(CompiledKernels::backward);
+  static const auto nll_backward_op = find_op<NllBackwardSignature>("batchless_kernels::batchless_nll_backward");
+  auto [dx, dw, db] = backward_op.call(grad_y, x, mean, rstd, weight, {mask[0], mask[1], mask[2]});
+  Tensor dmean = at::empty({0}, mean.options()), dparam = at::empty({0}, std_param.options());
+  if (mask[3] || mask[4]) {
+    std::tie(dmean, dparam) = nll_backward_op.call(grad_nll, s1, s2, mean, std_param, std::move(count),
+                                                    parametrization, eps);
+    if (!mask[3]) dmean = at::empty({0}, mean.options());
+    if (!mask[4]) dparam = at::empty({0}, std_param.options());
+  }
+  return {dx, dw, db, dmean, dparam};
+}
+
+// Both gradients of a training node in one op (batchless_norm_train_backward: on CUDA the NLL's
+// gradients come from the second stage of the backward's sums). False when the node wants neither
+// dweight nor dbias: that backward has no second stage to share, and the caller runs the two ops.
+bool fused_train_backward(AutogradContext* ctx, const variable_list& grads, const variable_list& saved,
+                          bool need_mean, bool need_param, variable_list& out) {
+  const Tensor &x = saved[0], &weight = saved[3];
+  const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
+  const std::array<bool, 5> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
+                                    has_b && ctx->needs_input_grad(has_w ? 4 : 3), need_mean, need_param};
+  if (!(mask[1] || mask[2])) return false;
+  static const auto op = find_op<TrainBackwardSignature>("batchless_kernels::batchless_norm_train_backward");
+  Tensor dx, dw, db, dmean, dparam;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    std::tie(dx, dw, db, dmean, dparam) =
+        op.call(grads[0], grads[1], mask[1] ? c10::optional<Tensor>(x) : c10::nullopt, saved[1], saved[6], saved[2],
+                has_w ? c10::optional<Tensor>(weight) : c10::nullopt, saved[4], saved[5],
+                ctx->saved_data["count"].toSymInt(), ctx->saved_data["parametrization"].toStringRef(),
+                ctx->saved_data["eps"].toDouble(), mask);
+  }
+  if (mask[0]) out[0] = dx;
+  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  if (need_mean) out[1] = dmean;
+  if (need_param) out[2] = dparam;
+  return true;
 }
 
 // One node for a training step's layer: y and the NLL. Its backward runs once grad_y (and grad_nll)
@@ -253,9 +308,16 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &mean = saved[1], &std_param = saved[6];
     variable_list out(8);
-    norm_grads<Kernels>(ctx, grads[0], saved[0], mean, saved[2], saved[3], out);
     const bool need_mean = ctx->needs_input_grad(1), need_param = ctx->needs_input_grad(2);
-    if (!grads[1].defined() || !(need_mean || need_param)) return out;
+    const bool nll_wanted = grads[1].defined() && (need_mean || need_param);
+    if constexpr (Kernels::fused_train_forward) {
+      if (nll_wanted && grads[0].defined() && !at::GradMode::is_enabled() && !ctx->saved_data["empty"].toBool() &&
+          fused_train_backward(ctx, grads, saved, need_mean, need_param, out)) {
+        return out;
+      }
+    }
+    norm_grads<Kernels>(ctx, grads[0], saved[0], mean, saved[2], saved[3], out);
+    if (!nll_wanted) return out;
     if (ctx->saved_data["empty"].toBool()) {
       if (need_mean) out[1] = at::zeros_like(mean);
       if (need_param) out[2] = at::zeros_like(std_param);
@@ -337,6 +399,7 @@ TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {
   m.impl("batchless_norm_train", &train_composite<CompiledKernels>);
   m.impl("triton_norm_train", &train_composite<TritonKernels>);
   m.impl("batchless_norm_train_forward", &train_forward_composite);
+  m.impl("batchless_norm_train_backward", &train_backward_composite);
 }
 
 }  // namespace batchless_kernels

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 
 namespace batchless_kernels {
 namespace nll {
@@ -59,6 +60,15 @@ struct Sigma {
   }
 };
 
+// The NLL's gradients for one channel (batchless_nll_backward's formulas, csrc/ops.cpp), with
+// g = grad_nll / C and the forward's sums s1, s2 over `count` elements.
+template <typename acc_t>
+struct NllGrads {
+  acc_t dmean, dparam;
+  C10_HOST_DEVICE NllGrads(const Sigma<acc_t>& s, acc_t g, acc_t s1, acc_t s2, acc_t count)
+      : dmean(-g * s.r * (s1 / count)), dparam(g * (s.dlog_sigma_dp + (s2 / count) * s.dlog_r_dp)) {}
+};
+
 // r = 1/sigma per channel as a tensor, by the same ops as parametrization.rstd_and_log_std (same
 // bits as the Python path).
 inline Tensor rstd_of(const Tensor& p, Parametrization kind, double eps) {
@@ -93,4 +103,12 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
 }
 
 }  // namespace nll
+
+// batchless_nll_backward's CUDA kernel (csrc/cuda/batchless_nll_cuda.cu), also run by the training
+// backward where its second stage does not compute the NLL's gradients.
+std::tuple<at::Tensor, at::Tensor> nll_backward_cuda(const at::Tensor& grad_nll, const at::Tensor& s1,
+                                                     const at::Tensor& s2, const at::Tensor& mean,
+                                                     const at::Tensor& std_param, int64_t count,
+                                                     c10::string_view parametrization, double eps);
+
 }  // namespace batchless_kernels

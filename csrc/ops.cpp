@@ -62,6 +62,15 @@ TORCH_LIBRARY(batchless_kernels, m) {
   m.def(
       "batchless_norm_train_forward(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
       "str parametrization, float eps, bool gauge) -> (Tensor y, Tensor s1, Tensor s2, Tensor rstd, Tensor nll)");
+  // Its backward below autograd, for the compiled kernels: batchless_norm_backward's (dx, dweight,
+  // dbias) from grad_y and batchless_nll_backward's (dmean, dstd_param) from grad_nll, selected by
+  // output_mask (unselected outputs are empty; dmean and dstd_param come in the dtypes of mean and
+  // std_param). s1, s2 are the forward's sums, count the elements per channel. By default those two
+  // ops; CUDA computes the NLL's gradients in the second stage of the backward's sums (two launches).
+  m.def(
+      "batchless_norm_train_backward(Tensor grad_y, Tensor grad_nll, Tensor? x, Tensor mean, Tensor std_param, "
+      "Tensor rstd, Tensor? weight, Tensor s1, Tensor s2, SymInt count, str parametrization, float eps, "
+      "bool[5] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dmean, Tensor dstd_param)");
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {

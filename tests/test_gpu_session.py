@@ -27,7 +27,7 @@ def test_gpu_session_dry_run(tmp_path):
     with tarfile.open(tmp_path / "gpu_session.tar.gz") as archive:
         archive.extractall(logs, filter="data")
     for name in ("setup.log", "import.log", "tests-gpu.log", "tests-gpu.xml", "tests.log", "tests.xml",
-                 "sanitizer-memcheck.log", "bench.log", "ncu.log",
+                 "sanitizer-memcheck.log", "bench.log", "ncu.log", "stages.log", "stages/stages.csv", "host.log",
                  "bench/results.csv", "steps.log"):
         assert (logs / name).is_file(), f"{name} missing from the archive; stdout: {done.stdout[-2000:]}"
     assert "backends on cpu" in (logs / "import.log").read_text()

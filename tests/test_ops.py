@@ -358,6 +358,49 @@ def _nll_inputs(device, parametrization, dtype, channels=7, count=13):
     return xhat.sum(0), xhat.square().sum(0), mean, std_param, count
 
 
+def _each_train_op_case(test):
+    """The cases of the training op's two halves: devices x the opcheck cases and an empty x x the
+    parametrizations."""
+    test = pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])(test)
+    test = pytest.mark.parametrize("shape, layout, dtype, affine, _",
+                                   OPCHECK_CASES + [((0, 3, 4), "contiguous", torch.float32, True, True)],
+                                   ids=str)(test)
+    return needs_ops(pytest.mark.parametrize("device", _device_params())(test))
+
+
+@_each_train_op_case
+def test_opcheck_train_backward(device, shape, layout, dtype, affine, _, parametrization):
+    """The training op's backward below autograd (dx, dweight, dbias, dmean, dstd_param; on CUDA the
+    NLL's gradients come from the backward's second stage): schema, fake kernel, and for every mask
+    the same values as the backward op and the NLL's backward op."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
+    op = torch.ops.batchless_kernels.batchless_norm_train_backward.default
+    ops_ = torch.ops.batchless_kernels
+    y, s1, s2, rstd, nll = ops_.batchless_norm_train_forward(x, mean, std_param, weight, bias, parametrization,
+                                                              1e-5, True)
+    grad_y, grad_nll = torch.randn_like(y), torch.rand((), device=device, dtype=s1.dtype) + 0.5
+    count = x.numel() // x.shape[1] if x.numel() else 1
+    masks = [(True, affine, affine, True, True), (False, affine, True, True, False), (True, False, False, True, True),
+             (True, True, False, False, True)]
+    for mask in masks:
+        args = (grad_y, grad_nll, x, mean, std_param, rstd, weight, s1, s2, count, parametrization, 1e-5, list(mask))
+        if mask == masks[0]:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+        got = op(*args)
+        want = ops_.batchless_norm_backward(grad_y, x, mean, rstd, weight, list(mask[:3]))
+        if x.numel():
+            want += ops_.batchless_nll_backward(grad_nll, s1, s2, mean, std_param, count, parametrization, 1e-5)
+        else:
+            want += (torch.zeros_like(mean), torch.zeros_like(std_param))
+        for name, wanted, g, w in zip(("dx", "dweight", "dbias", "dmean", "dstd_param"), mask, got, want):
+            if not wanted:
+                assert g.numel() == 0, (name, mask)
+            elif name == "dx":
+                torch.testing.assert_close(g, w)
+            elif x.numel() or name in ("dweight", "dbias"):
+                assert_close_scaled(g, w, atol=1e-5, rtol=1e-5, what=f"{name} {mask}")
+
+
 @needs_ops
 @pytest.mark.parametrize("device", _device_params())
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
@@ -385,11 +428,7 @@ def test_opcheck_train(device, shape, layout, dtype, affine, _, parametrization)
         torch.library.opcheck(op, (*args, parametrization, 1e-5, True))
 
 
-@needs_ops
-@pytest.mark.parametrize("device", _device_params())
-@pytest.mark.parametrize("shape, layout, dtype, affine, _",
-                         OPCHECK_CASES + [((0, 3, 4), "contiguous", torch.float32, True, True)], ids=str)
-@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@_each_train_op_case
 def test_opcheck_train_forward(device, shape, layout, dtype, affine, _, parametrization):
     """The training op's forward below autograd (y, s1, s2, rstd, nll; fused on CUDA): schema (no
     output aliases an input, inv's r = p included), fake kernel, and the same values as the
@@ -480,8 +519,9 @@ def _graph_nodes(*outputs):
 def test_training_step_is_one_node_and_few_ops(device, parametrization):
     """A layer's training step (y and the NLL, all five inputs requiring grad) is one autograd node,
     as BatchNorm's is; forward dispatches one op, batchless_norm_train_forward (on CUDA two launches;
-    elsewhere the fused forward, the NLL op and at most 3 ops computing 1/sigma); backward the two
-    fused backward ops and nothing else but autograd's own bookkeeping."""
+    elsewhere the fused forward, the NLL op and at most 3 ops computing 1/sigma); backward one op,
+    batchless_norm_train_backward (on CUDA two launches; elsewhere the two fused backward ops), and
+    nothing else but autograd's own bookkeeping."""
     leaves = [t.detach().requires_grad_() for t in make_case((8, 16, 5, 5), "contiguous", torch.float32, device,
                                                                parametrization)]
     with _OpLog() as forward:
@@ -497,4 +537,4 @@ def test_training_step_is_one_node_and_few_ops(device, parametrization):
     with _OpLog() as backward:
         torch.autograd.backward([y, nll], [torch.ones_like(y), torch.ones_like(nll)])
     work = [op for op in backward.ops if op not in ("detach", "ones_like", "ones", "empty_like", "zeros_like")]
-    assert work == ["batchless_norm_backward", "batchless_nll_backward"], backward.ops
+    assert work == ["batchless_norm_train_backward"], backward.ops

@@ -65,9 +65,9 @@ std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor
     const scalar_t g = grad_nll.item().to<scalar_t>() / C;
     const scalar_t n = scalar_t(count);
     for (int64_t c = 0; c < C; ++c) {
-      const Sigma<scalar_t> s(pp[c], kind, scalar_t(eps));
-      dm[c] = -g * s.r * (s1p[c] / n);
-      dp[c] = g * (s.dlog_sigma_dp + (s2p[c] / n) * s.dlog_r_dp);
+      const nll::NllGrads<scalar_t> grads(Sigma<scalar_t>(pp[c], kind, scalar_t(eps)), g, s1p[c], s2p[c], n);
+      dm[c] = grads.dmean;
+      dp[c] = grads.dparam;
     }
   });
   return {dmean.to(mean.scalar_type()), dparam.to(std_param.scalar_type())};

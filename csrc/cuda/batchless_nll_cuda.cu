@@ -51,9 +51,9 @@ __global__ void nll_backward_kernel(const acc_t* __restrict__ grad_nll, const ac
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const acc_t g = *grad_nll / acc_t(C);
-  const Sigma<acc_t> s(param[c], kind, eps);
-  dmean[c] = -g * s.r * (s1[c] / count);
-  dparam[c] = g * (s.dlog_sigma_dp + (s2[c] / count) * s.dlog_r_dp);
+  const nll::NllGrads<acc_t> grads(Sigma<acc_t>(param[c], kind, eps), g, s1[c], s2[c], count);
+  dmean[c] = grads.dmean;
+  dparam[c] = grads.dparam;
 }
 
 Tensor nll_cuda(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
@@ -73,6 +73,8 @@ Tensor nll_cuda(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Te
   });
   return out;
 }
+
+}  // namespace
 
 std::tuple<Tensor, Tensor> nll_backward_cuda(const Tensor& grad_nll, const Tensor& s1,
                                              const Tensor& s2, const Tensor& mean,
@@ -102,8 +104,6 @@ std::tuple<Tensor, Tensor> nll_backward_cuda(const Tensor& grad_nll, const Tenso
   });
   return {dmean.to(mean.scalar_type()), dparam.to(std_param.scalar_type())};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
   m.impl("batchless_nll", &nll_cuda);

@@ -73,6 +73,11 @@ MUTANTS = (
            "  if (counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;",
            "  if (!::emu::mutant(9) && counter != nullptr && blockIdx.x == 0 && threadIdx.x == 0) *counter = 0;",
            what="the channels-first kernel leaves the second stage's block counter as allocated"),
+    Mutant(10, "grads_direct", "batchless_norm_cuda.cu",
+           "  const bool second_stage = reduce && epilogue.std_param != nullptr;",
+           "  const bool second_stage = reduce && epilogue.std_param != nullptr && !::emu::mutant(10);",
+           what="the training backward skips its second stage when the tiles hold one partial per channel, "
+                "leaving the NLL's gradients unwritten"),
 )
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 

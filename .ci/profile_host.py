@@ -1,0 +1,74 @@
+"""Host time of one eager training step (forward with the NLL, backward) of the GPU backends and of
+F.batch_norm at small shapes, where the step is bound by the host's time to issue it
+(.ci/gpu_session.sh, step "host"):
+
+    python .ci/profile_host.py [--device cuda|cpu] [--steps N]
+
+Per implementation and shape: the wall time per step over N steps issued back to back (the GPU
+keeps up, so this is the host's time), then torch.profiler's CPU-side table (no CUDA activity
+tracing) of the ops each step dispatches, by self CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import batchless_kernels as bk
+
+SHAPES = [(32, 256), (64, 256, 7, 7)]
+
+
+def make_step(impl, x, grad_y, params):
+    mean, std_param, weight, bias = params
+    one = torch.ones((), device=x.device)
+    running_mean, running_var = torch.zeros_like(mean), torch.ones_like(mean)
+    if impl == "batchnorm":
+        def step():
+            y = F.batch_norm(x, running_mean, running_var, weight, bias, training=True)
+            return torch.autograd.grad(y, (x, weight, bias), grad_y)
+    else:
+        def step():
+            y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, backend=impl)
+            return torch.autograd.grad((y, nll), (x, mean, std_param, weight, bias), (grad_y, one))
+    return step
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=300)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # The device's own backends (not triton's interpreter on the CPU: a dry run), then BatchNorm.
+    wanted = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+    impls = [b for b in wanted if b in bk.available_backends(device)] + ["batchnorm"]
+    for shape in SHAPES:
+        x = torch.randn(shape, device=device).requires_grad_()
+        grad_y = torch.randn_like(x)
+        params = [torch.randn(shape[1], device=device).requires_grad_() for _ in range(4)]
+        for impl in impls:
+            step = make_step(impl, x, grad_y, params)
+            for _ in range(min(20, args.steps)):
+                step()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            sync()
+            per_step_us = (time.perf_counter() - t0) / args.steps * 1e6
+            print(f"\n## {impl} {'x'.join(map(str, shape))}: {per_step_us:.1f} us per step (host, {args.steps} steps)")
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(min(50, args.steps)):
+                    step()
+                sync()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
