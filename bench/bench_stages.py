@@ -41,8 +41,9 @@ import batchless_kernels  # noqa: F401 - registers torch.ops.batchless_kernels
 
 OPS = torch.ops.batchless_kernels
 STAGES = {"copy": 2, "fwd_nostats": 2, "fwd_stats": 2, "train_fwd": 2, "bwd_dx": 2, "bwd_all": 3}  # bytes / |x|
+# bwd_all - bwd_dx is not the backward's second stage alone: bwd_all also reads x (for dweight).
 DERIVED = {"2nd stage fwd": ("fwd_stats", "fwd_nostats"), "NLL epilogue": ("train_fwd", "fwd_stats"),
-           "2nd stage bwd": ("bwd_all", "bwd_dx")}
+           "x read + sums bwd": ("bwd_all", "bwd_dx")}
 META = ["device_name", "torch_version", "cuda_version", "triton_version", "git_commit", "timestamp"]
 COLUMNS = META + ["shape", "dtype", "layout", "stage", "calls_per_graph", "median_ms", "p20_ms", "p80_ms",
                   "bytes", "gbps", "frac_of_copy", "error"]
@@ -127,7 +128,7 @@ def markdown(rows, meta) -> str:
              f"{meta['triton_version'] or '-'}, commit {meta['git_commit'] or '-'}, {meta['timestamp']}.", "",
              "Median us per call (share of the copy bandwidth, bytes 2|x|, bwd_all 3|x|); the derived columns "
              "are differences of medians in us: 2nd stage fwd = fwd_stats - fwd_nostats, NLL epilogue = "
-             "train_fwd - fwd_stats, 2nd stage bwd = bwd_all - bwd_dx.", "",
+             "train_fwd - fwd_stats, x read + sums bwd = bwd_all - bwd_dx.", "",
              "| shape | dtype | layout | " + " | ".join(STAGES) + " | " + " | ".join(DERIVED) + " |",
              "|---|---|---|" + "---:|" * (len(STAGES) + len(DERIVED))]
     for case, stages in by_case.items():
