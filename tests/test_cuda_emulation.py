@@ -216,7 +216,7 @@ def _run_correctness_suite(mutant: str, selection: str) -> subprocess.CompletedP
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS])
+@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS if not m.sanitizer])
 def test_suite_catches_mutant(mutant_build, mutant):
     """The suite fails on the kernels with the bug `mutant` (rewrite.MUTANTS says what it breaks)."""
     run = _run_correctness_suite(mutant, MUTANT_SELECTION)
@@ -231,3 +231,55 @@ def test_mutant_variant_passes_with_no_mutant(mutant_build):
     come from the bugs, not from the variant."""
     run = _run_correctness_suite("none", "cuda_emu-sm132 and test_matrix and float32")
     assert run.returncode == 0 and " passed" in run.stdout, (run.stdout + run.stderr)[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# AddressSanitizer: the kernels read and write no byte outside their tensors
+# ------------------------------------------------------------------------------------------------
+
+# Every shape and layout of test_shapes_layouts in float32 on the 132-SM device (under ASan the
+# fibers run ~10x slower: the whole selection of the mutation check took 13 minutes).
+ASAN_SELECTION = "cuda_emu-sm132 and test_shapes_layouts and float32"
+
+
+@pytest.fixture(scope="module")
+def asan_environment(mutant_build):
+    environment = build.asan_environment()
+    if environment is None:
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan)")
+    return environment
+
+
+def _run_under_asan(environment: dict, mutant: str, log_dir: pathlib.Path) -> tuple[int, str, str]:
+    """ASAN_SELECTION of the correctness suite on the asan variant (built by the child where missing:
+    it loads only into a process started with the ASan runtime): (return code, pytest's output, the
+    ASan reports). The reports go to files: pytest's capture would swallow what a dying process
+    wrote to its stderr."""
+    env = {**os.environ, **environment, backend.SANITIZER_ENV: "address", backend.MUTANT_ENV: mutant, build.ENV: "1"}
+    env["ASAN_OPTIONS"] += f":log_path={log_dir / 'asan'}"
+    env.pop("PYTEST_ADDOPTS", None)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "tests/test_correctness.py", "-x", "-q", "-p", "no:cacheprovider",
+         "-k", ASAN_SELECTION],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
+    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("asan*")))
+    return run.returncode, run.stdout + run.stderr, reports
+
+
+def test_kernels_clean_under_asan(asan_environment, tmp_path):
+    """The kernel variants of every shape and layout, under AddressSanitizer: no access outside the
+    tensors (the value checks cannot see a read past the end whose value goes unused)."""
+    returncode, output, reports = _run_under_asan(asan_environment, "none", tmp_path)
+    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
+    # (the reports hold ASan's warnings about fibers too: swapcontext and longjmp between stacks)
+    assert returncode == 0 and " passed" in output and "ERROR: AddressSanitizer" not in reports, (
+        output[-2000:], reports[:4000])
+
+
+@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS if m.sanitizer == "address"])
+def test_asan_catches_mutant(asan_environment, mutant, tmp_path):
+    """A read past a tensor's end whose value goes unused passes every value check; under
+    AddressSanitizer it fails."""
+    returncode, output, reports = _run_under_asan(asan_environment, mutant, tmp_path)
+    assert returncode != 0 and "ERROR: AddressSanitizer: heap-buffer-overflow" in reports, (
+        f"mutant {mutant} ({rewrite.MUTANTS_BY_NAME[mutant].what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")

@@ -65,7 +65,17 @@ def mutant_name() -> str | None:
     return name or None
 
 
+SANITIZER_ENV = "BATCHLESS_CUDA_EMULATION_SANITIZER"
+
+
 def variant() -> str:
+    """"asan" where BATCHLESS_CUDA_EMULATION_SANITIZER=address (a process started with
+    build.asan_environment()), "mutant" where a mutant is named, else "main"."""
+    sanitizer = os.environ.get(SANITIZER_ENV, "").strip()
+    if sanitizer not in ("", "address"):
+        raise ValueError(f"{SANITIZER_ENV}={sanitizer!r}: expected 'address' or nothing")
+    if sanitizer == "address":
+        return "asan"
     return "mutant" if mutant_name() else "main"
 
 

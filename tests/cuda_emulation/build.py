@@ -39,6 +39,10 @@ How:
 This module builds the extension with torch.utils.cpp_extension.load (g++, ninja, against the
 installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
   variant "main"    library batchless_emulated: the kernels as they are;
+  variant "asan"    library batchless_emulated_asan: the mutant variant's sources under
+                    AddressSanitizer (heap accesses: an out-of-bounds read of a tensor fails), loaded
+                    in a process started with the ASan runtime preloaded (asan_environment();
+                    BATCHLESS_CUDA_EMULATION_SANITIZER=address selects it, tests/test_cuda_emulation.py);
   variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
                     each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
                     a dropped tail element (channels-last and channels-first remainder loops),
@@ -64,13 +68,15 @@ test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the 
 Cost (2 shared cores, one compile job): building the main variant about 2.5 minutes, the mutant
 variant (-O0) about 1.5 minutes; the emulated backends add about 2 minutes to the correctness
 suite (1730 cases, most of it the 2053-channel shapes: thousands of small blocks), and
-tests/test_cuda_emulation.py about 40 seconds (the mutation check runs the correctness suite in a
-subprocess per mutant, stopping at the first failure). MAX_JOBS sets the compile jobs (default: the
+tests/test_cuda_emulation.py about 2 minutes (the mutation check runs the correctness suite in a
+subprocess per mutant, stopping at the first failure) and the asan variant about 2 minutes to build
+and 1.5 minutes to run its selection. MAX_JOBS sets the compile jobs (default: the
 cores this process may use).
 
 Not done: an OS-thread mode of the engine for ThreadSanitizer (every fiber switch is a point where
 the hardware could interleave; a race-detecting run would need a TSan-instrumented process).
-Out-of-bounds global accesses are not checked (the poisoned outputs catch unwritten elements only).
+Out-of-bounds global accesses are checked by the asan variant only (heap: the tensors; the fibers'
+stacks are not instrumented).
 """
 
 from __future__ import annotations
@@ -92,10 +98,15 @@ CSRC = ROOT / "csrc"
 BUILD_ROOT = HERE / "build"
 ENV = "BATCHLESS_CUDA_EMULATION"
 
-VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant"}
+VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant", "asan": "batchless_emulated_asan"}
 CFLAGS = ["-g0", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
 # The mutant variant runs a few small cases only: compiled without optimization (half the build time).
-OPTIMIZE = {"main": "-O2", "mutant": "-O0"}
+OPTIMIZE = {"main": "-O2", "mutant": "-O0", "asan": "-O1"}
+# The asan variant: the mutant variant's sources under AddressSanitizer, for heap accesses only
+# (asan-stack=0: the fibers switch stacks with longjmp, which stack instrumentation would misread).
+# Its process needs the ASan runtime loaded first: asan_environment().
+SANITIZE = {"asan": ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"]}
+MUTANT_VARIANTS = ("mutant", "asan")
 
 sys.path.insert(0, str(HERE))
 import rewrite  # noqa: E402
@@ -169,7 +180,7 @@ def stale_reason(variant: str = "main") -> str | None:
 
 def _fingerprint(variant: str) -> str:
     """Hash of every input's content and of the compile flags (what the stamp records)."""
-    digest = hashlib.sha256(repr([OPTIMIZE[variant]] + CFLAGS).encode())
+    digest = hashlib.sha256(repr([OPTIMIZE[variant]] + CFLAGS + SANITIZE.get(variant, [])).encode())
     for path in sorted(_inputs(variant)):
         digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
@@ -205,7 +216,7 @@ def build(variant: str = "main", verbose: bool = False):
     src = out / "src"
     fingerprint = _fingerprint(variant)  # of the inputs this build reads
     library = library_of(variant)
-    result = rewrite.rewrite_tree(src, library, mutants=variant == "mutant")
+    result = rewrite.rewrite_tree(src, library, mutants=variant in MUTANT_VARIANTS)
     selftest = src / "selftest.cpp"
     text, _ = rewrite.rewrite_cuda((HERE / "selftest.cu").read_text(), display_path="tests/cuda_emulation/selftest.cu",
                                    library=library)
@@ -217,7 +228,8 @@ def build(variant: str = "main", verbose: bool = False):
         name=module_name(variant),
         sources=sources,
         extra_include_paths=[str(HERE / "include"), str(src), str(CSRC)],
-        extra_cflags=[OPTIMIZE[variant]] + CFLAGS,
+        extra_cflags=[OPTIMIZE[variant]] + CFLAGS + SANITIZE.get(variant, []),
+        extra_ldflags=SANITIZE.get(variant, [])[:1],
         build_directory=str(out),
         verbose=verbose,
     )
@@ -226,6 +238,24 @@ def build(variant: str = "main", verbose: bool = False):
         print(f"[cuda-emulation] {variant}: built/loaded in {time.monotonic() - started:.1f}s ({out})")
     _LOADED[variant] = module
     return module
+
+
+def asan_environment() -> dict[str, str] | None:
+    """What a process loading the asan variant needs in its environment (the ASan runtime preloaded,
+    leak checks off: Python and torch keep memory until exit), or None where g++ has no libasan."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return None
+    import subprocess
+
+    # libstdc++ with it: ASan's __cxa_throw interceptor fails ("CHECK failed: real___cxa_throw") when
+    # the first C++ exception comes from a library loaded after it (triton's, at import).
+    found = [subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+             for name in ("libasan.so", "libstdc++.so")]
+    if not all(os.path.isabs(path) and os.path.exists(path) for path in found):
+        return None
+    return {"LD_PRELOAD": " ".join(found),
+            "ASAN_OPTIONS": "detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0"}
 
 
 def load(variant: str = "main", build_if_needed: bool = False):

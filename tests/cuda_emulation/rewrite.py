@@ -41,6 +41,7 @@ class Mutant:
     mutated: str  # the replacement when the mutant is active
     occurrence: int = 0
     what: str = ""
+    sanitizer: str = ""  # "address": a bug only AddressSanitizer sees (the values stay right)
 
 
 MUTANTS = (
@@ -78,6 +79,15 @@ MUTANTS = (
            "  const bool second_stage = reduce && epilogue.std_param != nullptr && !::emu::mutant(10);",
            what="the training backward skips its second stage when the tiles hold one partial per channel, "
                 "leaving the NLL's gradients unwritten"),
+    Mutant(11, "overread", "batchless_norm_cuda.cu",
+           "    const auto in = op.template load<V, A>(first + k * stride);",
+           "    const auto in = op.template load<V, A>(first + k * stride);\n"
+           "    if (::emu::mutant(11)) {  // one vector past the item: past the tensor's end for its last\n"
+           "      const auto extra = op.template load<V, A>(first + k * stride + V);\n"
+           "      __asm__ volatile(\"\" : : \"g\"(&extra) : \"memory\");\n"
+           "    }",
+           what="run_strided's remainder loop also reads the vector after each item (unused: every value "
+                "stays right)", sanitizer="address"),
 )
 MUTANTS_BY_NAME = {m.name: m for m in MUTANTS}
 
