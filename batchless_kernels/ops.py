@@ -104,8 +104,8 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
     _check_same_device(TRAIN_BACKWARD_OP, grad_y=grad_y, grad_nll=grad_nll, x=x, mean=mean, std_param=std_param,
                        rstd=rstd, weight=weight, s1=s1, s2=s2)
     dx, dw, db = _backward_fake(grad_y, x, mean, rstd, weight, output_mask[:3])
-    dmean = torch.empty_like(mean) if output_mask[3] else mean.new_empty((0,))
-    dparam = torch.empty_like(std_param) if output_mask[4] else std_param.new_empty((0,))
+    dmean = mean.new_empty(mean.shape) if output_mask[3] else mean.new_empty((0,))
+    dparam = std_param.new_empty(std_param.shape) if output_mask[4] else std_param.new_empty((0,))
     return dx, dw, db, dmean, dparam
 
 
@@ -116,7 +116,7 @@ def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
 
 def _nll_backward_fake(grad_nll, s1, s2, mean, std_param, count, parametrization, eps):
     _check_same_device(NLL_BACKWARD_OP, grad_nll=grad_nll, s1=s1, s2=s2, mean=mean, std_param=std_param)
-    return torch.empty_like(mean), torch.empty_like(std_param)
+    return mean.new_empty(mean.shape), std_param.new_empty(std_param.shape)  # fresh, contiguous (C,)
 
 
 if extension_loaded():

@@ -11,9 +11,14 @@ alone, so every op is timed with and without it, and the difference is the secon
     train_fwd    batchless_norm_train_forward(..., "log", 1e-5, True)  2|x| (+ NLL epilogue)
     bwd_dx       batchless_norm_backward(..., [True, False, False])    2|x| (kernel alone)
     bwd_all      batchless_norm_backward(..., [True, True, True])      3|x| (kernel + second stage)
+    train_bwd    batchless_norm_train_backward(..., [True] * 5)        3|x| (+ the NLL's gradients)
 
-Each stage is one CUDA graph of --calls calls (inputs preallocated, rotated over enough copies to
-exceed twice the L2), replayed --repeats times; reported per call: median, p20, p80. With --device
+Where a tile covers a whole channel (small inputs: one partial per channel), fwd_stats writes its
+sums without a second kernel while train_fwd always launches one: there "NLL epilogue" is that
+kernel's launch and work, not the epilogue alone.
+
+Each stage is one CUDA graph of --calls calls (inputs preallocated, rotated over up to 8 copies, enough
+to exceed twice the L2 for inputs of more than a quarter of it), replayed --repeats times; reported per call: median, p20, p80. With --device
 cpu the same ops run eagerly, timed with time.perf_counter (a dry run: tiny default shape).
 
     python bench/bench_stages.py [--device cpu|cuda] [--shapes 256x64x56x56 ...] [--dtypes float32 bfloat16]
@@ -40,10 +45,11 @@ from bench_batchless import BENCH_DIR, GPU_TARGETS, LAYOUTS, captured, last_leve
 import batchless_kernels  # noqa: F401 - registers torch.ops.batchless_kernels
 
 OPS = torch.ops.batchless_kernels
-STAGES = {"copy": 2, "fwd_nostats": 2, "fwd_stats": 2, "train_fwd": 2, "bwd_dx": 2, "bwd_all": 3}  # bytes / |x|
+STAGES = {"copy": 2, "fwd_nostats": 2, "fwd_stats": 2, "train_fwd": 2, "bwd_dx": 2, "bwd_all": 3,
+          "train_bwd": 3}  # bytes / |x|
 # bwd_all - bwd_dx is not the backward's second stage alone: bwd_all also reads x (for dweight).
 DERIVED = {"2nd stage fwd": ("fwd_stats", "fwd_nostats"), "NLL epilogue": ("train_fwd", "fwd_stats"),
-           "x read + sums bwd": ("bwd_all", "bwd_dx")}
+           "x read + sums bwd": ("bwd_all", "bwd_dx"), "NLL grads bwd": ("train_bwd", "bwd_all")}
 META = ["device_name", "torch_version", "cuda_version", "triton_version", "git_commit", "timestamp"]
 COLUMNS = META + ["shape", "dtype", "layout", "stage", "calls_per_graph", "median_ms", "p20_ms", "p80_ms",
                   "bytes", "gbps", "frac_of_copy", "error"]
@@ -61,6 +67,9 @@ def stage_bodies(shape, dtype, layout, device, n_sets, calls):
     channels = shape[1]
     mean, std_param, weight, bias = (torch.randn(channels, device=device) for _ in range(4))
     rstd = torch.rand(channels, device=device) + 0.5
+    # the training backward's other inputs: the forward's sums, the elements per channel, d loss / d nll
+    s1, s2 = torch.randn(channels, device=device), torch.rand(channels, device=device) * math.prod(shape) / channels
+    count, grad_nll = math.prod(shape) // channels, torch.ones((), device=device)
     ops = {
         "copy": lambda x, g, dst: dst.copy_(x),
         "fwd_nostats": lambda x, g, dst: OPS.batchless_norm_forward(x, mean, rstd, weight, bias, False),
@@ -69,6 +78,8 @@ def stage_bodies(shape, dtype, layout, device, n_sets, calls):
                                                                         1e-5, True),
         "bwd_dx": lambda x, g, dst: OPS.batchless_norm_backward(g, x, mean, rstd, weight, [True, False, False]),
         "bwd_all": lambda x, g, dst: OPS.batchless_norm_backward(g, x, mean, rstd, weight, [True, True, True]),
+        "train_bwd": lambda x, g, dst: OPS.batchless_norm_train_backward(
+            g, grad_nll, x, mean, std_param, rstd, weight, s1, s2, count, "log", 1e-5, [True] * 5),
     }
     return {stage: (lambda op=op: [op(*s) for s in itertools.islice(itertools.cycle(sets), calls)])
             for stage, op in ops.items()}
@@ -128,7 +139,7 @@ def markdown(rows, meta) -> str:
              f"{meta['triton_version'] or '-'}, commit {meta['git_commit'] or '-'}, {meta['timestamp']}.", "",
              "Median us per call (share of the copy bandwidth, bytes 2|x|, bwd_all 3|x|); the derived columns "
              "are differences of medians in us: 2nd stage fwd = fwd_stats - fwd_nostats, NLL epilogue = "
-             "train_fwd - fwd_stats, x read + sums bwd = bwd_all - bwd_dx.", "",
+             "train_fwd - fwd_stats, x read + sums bwd = bwd_all - bwd_dx, NLL grads bwd = train_bwd - bwd_all.", "",
              "| shape | dtype | layout | " + " | ".join(STAGES) + " | " + " | ".join(DERIVED) + " |",
              "|---|---|---|" + "---:|" * (len(STAGES) + len(DERIVED))]
     for case, stages in by_case.items():

@@ -243,7 +243,9 @@ ASAN_SELECTION = "cuda_emu-sm132 and test_shapes_layouts and float32"
 
 
 @pytest.fixture(scope="module")
-def asan_environment(mutant_build):
+def asan_environment():
+    if not EMULATED_BACKENDS:
+        pytest.skip(backend.unavailable_reason())
     environment = build.asan_environment()
     if environment is None:
         pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan)")
@@ -255,7 +257,8 @@ def _run_under_asan(environment: dict, mutant: str, log_dir: pathlib.Path) -> tu
     it loads only into a process started with the ASan runtime): (return code, pytest's output, the
     ASan reports). The reports go to files: pytest's capture would swallow what a dying process
     wrote to its stderr."""
-    env = {**os.environ, **environment, backend.SANITIZER_ENV: "address", backend.MUTANT_ENV: mutant, build.ENV: "1"}
+    env = {**os.environ, **environment, backend.SANITIZER_ENV: "address", backend.MUTANT_ENV: mutant, build.ENV: "1",
+           backend.DEVICES_ENV: "132:0"}  # what ASAN_SELECTION names
     env["ASAN_OPTIONS"] += f":log_path={log_dir / 'asan'}"
     env.pop("PYTEST_ADDOPTS", None)
     run = subprocess.run(

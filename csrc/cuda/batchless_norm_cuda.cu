@@ -811,6 +811,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cuda(
               ", got shape ", grad_nll.sizes(), " on ", grad_nll.device());
   const auto kind = nll::parse_parametrization(parametrization);
   const c10::cuda::CUDAGuard guard(grad_y.device());
+  host::check_x(grad_y, "grad_y", c10::DeviceType::CUDA);  // before std_param's check reads its dim 1
   host::check_channel_tensor(std_param, "std_param", grad_y);
   auto plan = host::plan_backward(grad_y, x, mean, rstd, weight, norm_mask, c10::DeviceType::CUDA);
   const auto acc_opts = plan.dweight.options().dtype(acc);

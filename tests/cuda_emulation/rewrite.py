@@ -76,7 +76,7 @@ MUTANTS = (
            what="the channels-first kernel leaves the second stage's block counter as allocated"),
     Mutant(10, "grads_direct", "batchless_norm_cuda.cu",
            "  const bool second_stage = reduce && epilogue.std_param != nullptr;",
-           "  const bool second_stage = reduce && epilogue.std_param != nullptr && !::emu::mutant(10);",
+           "  const bool second_stage = reduce && epilogue.std_param != nullptr && !(::emu::mutant(10) && epilogue.nll == nullptr);",
            what="the training backward skips its second stage when the tiles hold one partial per channel, "
                 "leaving the NLL's gradients unwritten"),
     Mutant(11, "overread", "batchless_norm_cuda.cu",
