@@ -75,15 +75,19 @@ def _reason(backend: str, device_type: str) -> str | None:
     return _REASONS[key] if key in _REASONS else unavailable_reason(backend, device_type)
 
 
+def _usable_in_auto_order(device_type: str) -> tuple[str, ...]:
+    return tuple(n for n in AUTO_ORDER.get(device_type, ()) if _reason(n, device_type) is None)
+
+
+# Looked up once for CPU and CUDA (availability is fixed at import, as _REASONS says).
+_AUTO_CANDIDATES = {d: _usable_in_auto_order(d) for d in ("cpu", "cuda")}
+
+
 def _auto_candidates(device_type: str) -> tuple[str, ...]:
     """AUTO_ORDER's backends that can run on device_type."""
     if device_type in _AUTO_CANDIDATES:
         return _AUTO_CANDIDATES[device_type]
-    return tuple(n for n in AUTO_ORDER.get(device_type, ()) if _reason(n, device_type) is None)
-
-
-# The same, looked up once per device type (availability is fixed at import, as _REASONS says).
-_AUTO_CANDIDATES = {d: tuple(n for n in AUTO_ORDER[d] if _REASONS[(n, d)] is None) for d in ("cpu", "cuda")}
+    return _usable_in_auto_order(device_type)
 
 
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:

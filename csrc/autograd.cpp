@@ -95,14 +95,27 @@ void save_affine(AutogradContext* ctx, const c10::optional<Tensor>& weight, cons
   ctx->saved_data["bias_dtype"] = present(bias) ? static_cast<int64_t>(bias->scalar_type()) : int64_t(-1);
 }
 
-// x, weight, bias gradients from grad_y into out[0], out[3], out[4]. Graph edges follow the tensor
-// arguments present: x at 0, [weight] at 3, [bias] after it.
+// Which of x, weight, bias want a gradient. Graph edges follow the tensor arguments present: x at 0,
+// [weight] at 3, [bias] after it.
+std::array<bool, 3> norm_mask(AutogradContext* ctx, bool has_w) {
+  const bool has_b = ctx->saved_data["has_bias"].toBool();
+  return {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3), has_b && ctx->needs_input_grad(has_w ? 4 : 3)};
+}
+
+// The selected dx, dweight, dbias into out[0], out[3], out[4], the affine ones in their parameters' dtypes.
+void store_norm_grads(AutogradContext* ctx, std::array<bool, 3> mask, const Tensor& dx, const Tensor& dw,
+                      const Tensor& db, variable_list& out) {
+  if (mask[0]) out[0] = dx;
+  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+}
+
+// x, weight, bias gradients from grad_y into out[0], out[3], out[4].
 template <typename Kernels>
 void norm_grads(AutogradContext* ctx, const Tensor& grad_y, const Tensor& x, const Tensor& mean,
                 const Tensor& rstd, const Tensor& weight, variable_list& out) {
-  const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
-  const std::array<bool, 3> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
-                                    has_b && ctx->needs_input_grad(has_w ? 4 : 3)};
+  const bool has_w = weight.defined();
+  const std::array<bool, 3> mask = norm_mask(ctx, has_w);
   if (!grad_y.defined() || !(mask[0] || mask[1] || mask[2])) return;
   Tensor dx, dw, db;
   if (at::GradMode::is_enabled()) {
@@ -115,9 +128,7 @@ void norm_grads(AutogradContext* ctx, const Tensor& grad_y, const Tensor& x, con
                                               mean, rstd, has_w ? c10::optional<Tensor>(weight) : c10::nullopt,
                                               mask);
   }
-  if (mask[0]) out[0] = dx;
-  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
-  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  store_norm_grads(ctx, mask, dx, dw, db, out);
 }
 
 // What the NLL's backward reads, saved by Nll and NormTrain.
@@ -251,10 +262,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_composite(
 bool fused_train_backward(AutogradContext* ctx, const variable_list& grads, const variable_list& saved,
                           bool need_mean, bool need_param, variable_list& out) {
   const Tensor &x = saved[0], &weight = saved[3];
-  const bool has_w = weight.defined(), has_b = ctx->saved_data["has_bias"].toBool();
-  const std::array<bool, 5> mask = {ctx->needs_input_grad(0), has_w && ctx->needs_input_grad(3),
-                                    has_b && ctx->needs_input_grad(has_w ? 4 : 3), need_mean, need_param};
-  if (!(mask[1] || mask[2])) return false;
+  const bool has_w = weight.defined();
+  const std::array<bool, 3> affine = norm_mask(ctx, has_w);
+  if (!(affine[1] || affine[2])) return false;
+  const std::array<bool, 5> mask = {affine[0], affine[1], affine[2], need_mean, need_param};
   static const auto op = find_op<TrainBackwardSignature>("batchless_kernels::batchless_norm_train_backward");
   Tensor dx, dw, db, dmean, dparam;
   {
@@ -265,9 +276,7 @@ bool fused_train_backward(AutogradContext* ctx, const variable_list& grads, cons
                 ctx->saved_data["count"].toSymInt(), ctx->saved_data["parametrization"].toStringRef(),
                 ctx->saved_data["eps"].toDouble(), mask);
   }
-  if (mask[0]) out[0] = dx;
-  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
-  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  store_norm_grads(ctx, affine, dx, dw, db, out);
   if (need_mean) out[1] = dmean;
   if (need_param) out[2] = dparam;
   return true;
