@@ -234,45 +234,60 @@ def test_mutant_variant_passes_with_no_mutant(mutant_build):
 
 
 # ------------------------------------------------------------------------------------------------
-# AddressSanitizer: the kernels read and write no byte outside their tensors
+# Sanitizers: AddressSanitizer (no access outside the tensors) and ThreadSanitizer (no race between
+# the threads of a block), each on the mutant sources compiled with it, in a child process started
+# with its runtime preloaded
 # ------------------------------------------------------------------------------------------------
 
 # Every shape and layout of test_shapes_layouts in float32 on the 132-SM device (under ASan the
 # fibers run ~10x slower: the whole selection of the mutation check took 13 minutes).
-ASAN_SELECTION = "cuda_emu-sm132 and test_shapes_layouts and float32"
+SANITIZER_SELECTION = "cuda_emu-sm132 and test_shapes_layouts and float32"
+SANITIZERS = {"asan": "address", "tsan": "thread"}
+
+
+def _sanitizer_environment(variant: str) -> dict:
+    if not EMULATED_BACKENDS:
+        pytest.skip(backend.unavailable_reason())
+    environment = build.sanitizer_environment(variant)
+    if environment is None:
+        pytest.skip(f"the C++ compiler has no {build.SANITIZER_RUNTIME[variant][0]} runtime")
+    return environment
 
 
 @pytest.fixture(scope="module")
 def asan_environment():
-    if not EMULATED_BACKENDS:
-        pytest.skip(backend.unavailable_reason())
-    environment = build.asan_environment()
-    if environment is None:
-        pytest.skip("the C++ compiler has no AddressSanitizer runtime (libasan)")
-    return environment
+    return _sanitizer_environment("asan")
 
 
-def _run_under_asan(environment: dict, mutant: str, log_dir: pathlib.Path) -> tuple[int, str, str]:
-    """ASAN_SELECTION of the correctness suite on the asan variant (built by the child where missing:
-    it loads only into a process started with the ASan runtime): (return code, pytest's output, the
-    ASan reports). The reports go to files: pytest's capture would swallow what a dying process
-    wrote to its stderr."""
-    env = {**os.environ, **environment, backend.SANITIZER_ENV: "address", backend.MUTANT_ENV: mutant, build.ENV: "1",
-           backend.DEVICES_ENV: "132:0"}  # what ASAN_SELECTION names
-    env["ASAN_OPTIONS"] += f":log_path={log_dir / 'asan'}"
+@pytest.fixture(scope="module")
+def tsan_environment():
+    return _sanitizer_environment("tsan")
+
+
+def _run_under_sanitizer(variant: str, environment: dict, mutant: str, log_dir: pathlib.Path,
+                         schedule: str = "alternate", selection: str = SANITIZER_SELECTION) -> tuple[int, str, str]:
+    """`selection` of the correctness suite on the sanitizer variant (built by the child
+    where missing: it loads only into a process started with the sanitizer's runtime): (return code,
+    pytest's output, the sanitizer's reports). The reports go to files: pytest's capture would
+    swallow what a dying process wrote to its stderr."""
+    options_variable = build.SANITIZER_RUNTIME[variant][1]
+    env = {**os.environ, **environment, backend.SANITIZER_ENV: SANITIZERS[variant], backend.MUTANT_ENV: mutant,
+           build.ENV: "1", backend.SCHEDULE_ENV: schedule,
+           backend.DEVICES_ENV: "132:0"}  # what the selections name
+    env[options_variable] += f":log_path={log_dir / variant}"
     env.pop("PYTEST_ADDOPTS", None)
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "tests/test_correctness.py", "-x", "-q", "-p", "no:cacheprovider",
-         "-k", ASAN_SELECTION],
+         "-k", selection],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
-    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob("asan*")))
+    reports = "".join(p.read_text(errors="replace") for p in sorted(log_dir.glob(f"{variant}*")))
     return run.returncode, run.stdout + run.stderr, reports
 
 
 def test_kernels_clean_under_asan(asan_environment, tmp_path):
     """The kernel variants of every shape and layout, under AddressSanitizer: no access outside the
     tensors (the value checks cannot see a read past the end whose value goes unused)."""
-    returncode, output, reports = _run_under_asan(asan_environment, "none", tmp_path)
+    returncode, output, reports = _run_under_sanitizer("asan", asan_environment, "none", tmp_path)
     print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
     # (the reports hold ASan's warnings about fibers too: swapcontext and longjmp between stacks)
     assert returncode == 0 and " passed" in output and "ERROR: AddressSanitizer" not in reports, (
@@ -283,6 +298,36 @@ def test_kernels_clean_under_asan(asan_environment, tmp_path):
 def test_asan_catches_mutant(asan_environment, mutant, tmp_path):
     """A read past a tensor's end whose value goes unused passes every value check; under
     AddressSanitizer it fails."""
-    returncode, output, reports = _run_under_asan(asan_environment, mutant, tmp_path)
+    returncode, output, reports = _run_under_sanitizer("asan", asan_environment, mutant, tmp_path)
     assert returncode != 0 and "ERROR: AddressSanitizer: heap-buffer-overflow" in reports, (
         f"mutant {mutant} ({rewrite.MUTANTS_BY_NAME[mutant].what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")
+
+
+def test_kernels_race_free_under_tsan(tsan_environment, tmp_path):
+    """The kernel variants of every shape and layout, under ThreadSanitizer: no two threads of a
+    block touch the same byte, one of them writing, without a barrier or a warp collective between
+    them (in the order CUDA defines, not the order the fibers happened to run)."""
+    returncode, output, reports = _run_under_sanitizer("tsan", tsan_environment, "none", tmp_path)
+    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
+    assert returncode == 0 and " passed" in output and "ThreadSanitizer" not in reports, (
+        output[-2000:], reports[:4000])
+
+
+# Mutants whose race the values do not show in the forward order: block_sum's second call writes
+# the warps' sums over the first call's, with no barrier after warp 0 read them; in index order warp
+# 0 reads before the other warps write, so every value is right (the suite's alternating schedule,
+# with a lagging warp, catches it by value: test_suite_catches_mutant).
+RACE_MUTANTS = ("reuse_barrier",)
+# Contiguous inputs only: their second stages call block_sum twice (a quarter of the time).
+RACE_SELECTION = SANITIZER_SELECTION + " and contiguous"
+
+
+@pytest.mark.parametrize("mutant", RACE_MUTANTS)
+def test_tsan_catches_race_the_values_miss(tsan_environment, mutant, tmp_path):
+    """With the threads run in index order the values are right, and ThreadSanitizer reports the race."""
+    returncode, output, reports = _run_under_sanitizer("tsan", tsan_environment, mutant, tmp_path,
+                                                       schedule="forward", selection=RACE_SELECTION)
+    what = rewrite.MUTANTS_BY_NAME[mutant].what
+    assert " passed" in output and " failed" not in output, f"mutant {mutant}: the values changed:\n{output[-2000:]}"
+    assert "WARNING: ThreadSanitizer: data race" in reports and "block_reduce.cuh" in reports, (
+        f"mutant {mutant} ({what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")

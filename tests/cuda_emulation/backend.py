@@ -13,6 +13,9 @@ Environment:
   BATCHLESS_CUDA_EMULATION_MUTANT   name of a rewrite.MUTANTS entry: the emulated backends run the
                                     mutant variant with that bug switched on (the mutation check);
                                     "none": the mutant variant with every mutant off.
+  BATCHLESS_CUDA_EMULATION_SANITIZER  address / thread: the asan / tsan variant (in a process started
+                                    with build.sanitizer_environment() of that variant).
+  BATCHLESS_CUDA_EMULATION_SCHEDULE the engine's thread order (default alternate; see engine.cpp).
 """
 
 from __future__ import annotations
@@ -68,15 +71,30 @@ def mutant_name() -> str | None:
 SANITIZER_ENV = "BATCHLESS_CUDA_EMULATION_SANITIZER"
 
 
+SANITIZER_VARIANTS = {"address": "asan", "thread": "tsan"}
+
+
 def variant() -> str:
-    """"asan" where BATCHLESS_CUDA_EMULATION_SANITIZER=address (a process started with
-    build.asan_environment()), "mutant" where a mutant is named, else "main"."""
+    """"asan" / "tsan" where BATCHLESS_CUDA_EMULATION_SANITIZER=address / thread (a process started
+    with build.sanitizer_environment() of that variant), "mutant" where a mutant is named, else "main"."""
     sanitizer = os.environ.get(SANITIZER_ENV, "").strip()
-    if sanitizer not in ("", "address"):
-        raise ValueError(f"{SANITIZER_ENV}={sanitizer!r}: expected 'address' or nothing")
-    if sanitizer == "address":
-        return "asan"
+    if sanitizer and sanitizer not in SANITIZER_VARIANTS:
+        raise ValueError(f"{SANITIZER_ENV}={sanitizer!r}: expected one of {sorted(SANITIZER_VARIANTS)} or nothing")
+    if sanitizer:
+        return SANITIZER_VARIANTS[sanitizer]
     return "mutant" if mutant_name() else "main"
+
+
+SCHEDULE_ENV = "BATCHLESS_CUDA_EMULATION_SCHEDULE"
+SCHEDULES = ("alternate", "forward", "reverse", "lagging", "random")
+
+
+def schedule() -> str:
+    """The engine's thread order (engine.cpp): BATCHLESS_CUDA_EMULATION_SCHEDULE, default "alternate"."""
+    name = os.environ.get(SCHEDULE_ENV, "").strip() or "alternate"
+    if name not in SCHEDULES:
+        raise ValueError(f"{SCHEDULE_ENV}={name!r}: expected one of {SCHEDULES}")
+    return name
 
 
 def unavailable_reason() -> str | None:
@@ -176,7 +194,7 @@ def activate(case):
         return
     ext = extension()
     mutant = mutant_name()
-    ext.configure(sm_count=case.sm_count, blocks_per_sm=case.blocks_per_sm)
+    ext.configure(sm_count=case.sm_count, blocks_per_sm=case.blocks_per_sm, schedule=schedule())
     ext.set_mutant(build.rewrite.MUTANTS_BY_NAME[mutant].id if mutant and mutant != "none" else 0)
     mode = Redirect(build.library_of(variant()), ext)
     try:

@@ -41,8 +41,12 @@ installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-
   variant "main"    library batchless_emulated: the kernels as they are;
   variant "asan"    library batchless_emulated_asan: the mutant variant's sources under
                     AddressSanitizer (heap accesses: an out-of-bounds read of a tensor fails), loaded
-                    in a process started with the ASan runtime preloaded (asan_environment();
+                    in a process started with the ASan runtime preloaded (sanitizer_environment();
                     BATCHLESS_CUDA_EMULATION_SANITIZER=address selects it, tests/test_cuda_emulation.py);
+  variant "tsan"    library batchless_emulated_tsan: the same under ThreadSanitizer, each CUDA thread
+                    a TSan fiber synchronized as CUDA synchronizes it (barriers, the lanes of a warp
+                    collective): a race between the threads of a block is reported even where the
+                    values come out right (BATCHLESS_CUDA_EMULATION_SANITIZER=thread);
   variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
                     each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
                     a dropped tail element (channels-last and channels-first remainder loops),
@@ -73,10 +77,9 @@ subprocess per mutant, stopping at the first failure) and the asan variant about
 and 1.5 minutes to run its selection. MAX_JOBS sets the compile jobs (default: the
 cores this process may use).
 
-Not done: an OS-thread mode of the engine for ThreadSanitizer (every fiber switch is a point where
-the hardware could interleave; a race-detecting run would need a TSan-instrumented process).
 Out-of-bounds global accesses are checked by the asan variant only (heap: the tensors; the fibers'
-stacks are not instrumented).
+stacks are not instrumented), races by the tsan variant only (within a block: blocks run one after
+another).
 """
 
 from __future__ import annotations
@@ -98,15 +101,27 @@ CSRC = ROOT / "csrc"
 BUILD_ROOT = HERE / "build"
 ENV = "BATCHLESS_CUDA_EMULATION"
 
-VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant", "asan": "batchless_emulated_asan"}
+VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant", "asan": "batchless_emulated_asan",
+            "tsan": "batchless_emulated_tsan"}
 CFLAGS = ["-g0", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
 # The mutant variant runs a few small cases only: compiled without optimization (half the build time).
-OPTIMIZE = {"main": "-O2", "mutant": "-O0", "asan": "-O1"}
+OPTIMIZE = {"main": "-O2", "mutant": "-O0", "asan": "-O1", "tsan": "-O1"}
 # The asan variant: the mutant variant's sources under AddressSanitizer, for heap accesses only
 # (asan-stack=0: the fibers switch stacks with longjmp, which stack instrumentation would misread).
-# Its process needs the ASan runtime loaded first: asan_environment().
-SANITIZE = {"asan": ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"]}
-MUTANT_VARIANTS = ("mutant", "asan")
+# The tsan variant: the same under ThreadSanitizer, the engine telling TSan the synchronization CUDA
+# gives (engine.cpp, "Race detection"). Each process needs its runtime loaded first:
+# sanitizer_environment().
+SANITIZE = {"asan": ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"],
+            "tsan": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g1"]}  # -g1: file:line in reports
+MUTANT_VARIANTS = ("mutant", "asan", "tsan")
+# The sanitizers' runtimes and options: leak checks off (Python and torch keep memory until exit);
+# TSan looks only at instrumented code (the kernels; torch's own threads are not its subject) and
+# reports races only (no lock-order or signal checks of the host libraries).
+SANITIZER_RUNTIME = {
+    "asan": ("libasan.so", "ASAN_OPTIONS", "detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0"),
+    "tsan": ("libtsan.so", "TSAN_OPTIONS",
+             "ignore_noninstrumented_modules=1:detect_deadlocks=0:report_signal_unsafe=0:report_thread_leaks=0"),
+}
 
 sys.path.insert(0, str(HERE))
 import rewrite  # noqa: E402
@@ -240,9 +255,11 @@ def build(variant: str = "main", verbose: bool = False):
     return module
 
 
-def asan_environment() -> dict[str, str] | None:
-    """What a process loading the asan variant needs in its environment (the ASan runtime preloaded,
-    leak checks off: Python and torch keep memory until exit), or None where g++ has no libasan."""
+def sanitizer_environment(variant: str) -> dict[str, str] | None:
+    """What a process loading the sanitizer variant `variant` ("asan", "tsan") needs in its
+    environment: the runtime preloaded and its options (SANITIZER_RUNTIME), or None where g++ has
+    no such runtime."""
+    runtime, options_variable, options = SANITIZER_RUNTIME[variant]
     cxx = os.environ.get("CXX", "c++")
     if shutil.which(cxx) is None:
         return None
@@ -251,11 +268,10 @@ def asan_environment() -> dict[str, str] | None:
     # libstdc++ with it: ASan's __cxa_throw interceptor fails ("CHECK failed: real___cxa_throw") when
     # the first C++ exception comes from a library loaded after it (triton's, at import).
     found = [subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-             for name in ("libasan.so", "libstdc++.so")]
+             for name in (runtime, "libstdc++.so")]
     if not all(os.path.isabs(path) and os.path.exists(path) for path in found):
         return None
-    return {"LD_PRELOAD": " ".join(found),
-            "ASAN_OPTIONS": "detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0"}
+    return {"LD_PRELOAD": " ".join(found), options_variable: options}
 
 
 def load(variant: str = "main", build_if_needed: bool = False):

@@ -27,6 +27,29 @@
 // others race ahead of it to the next barrier), "random" (an order drawn for every pass from the
 // seed), and "alternate" (the default): forward, reverse and lagging by turns, block by block, the
 // lagging warp rotating. A missing barrier shows in one order or another.
+//
+// Race detection (the "tsan" build, compiled with -fsanitize=thread): a missing barrier whose
+// values come out right in every order (a write that can only follow the read it clobbers in the
+// fibers' order) is still a data race. Under ThreadSanitizer each warp of the block is a TSan
+// fiber (its lanes' fibers run as that one TSan thread), and the engine tells TSan exactly the
+// synchronization __syncthreads gives, no more:
+//   - every thread releases the block's barrier token on arrival and acquires it when the barrier
+//     completes (two tokens by turns, so a warp that runs ahead to the next barrier cannot leak its
+//     later writes to a warp that has not left this one);
+//   - switches: into a fiber with synchronization (the host's writes and earlier blocks happen
+//     before), back to the scheduler without (a switch is not a synchronization on a GPU); a
+//     thread that exits releases the block's end token, which the scheduler acquires after the
+//     block (blocks run one after another: races between blocks are out of reach);
+//   - the engine's own bookkeeping is not the kernel's: the functions the fibers call are compiled
+//     without TSan's instrumentation (EMU_ENGINE), the scheduler runs with tracking off
+//     (IgnoreAccesses; not in the fibers: TSan records the call stack of each such call, and the
+//     lanes of a warp share one interleaved shadow stack, so every record was new: ~32 MB a block).
+// So TSan reports two warps of a block touching a byte, one of them writing, with no barrier
+// between them. A TSan thread per warp, not per CUDA thread: TSan's runtime has 256 thread slots,
+// and a block's 256-1024 fibers taking them in turns made every switch a slot change (a 147-case
+// selection ran for over 25 minutes); lanes of one warp exchange data through shuffles here.
+// Fibers rather than OS threads: with OS threads the engine's state needs a lock, and a lock taken
+// at every barrier and shuffle would order all threads of the block, hiding the races sought.
 #undef _FORTIFY_SOURCE  // __longjmp_chk would refuse to jump between fiber stacks
 #include "emu_cuda.h"
 
@@ -46,7 +69,49 @@
 
 #include "engine.h"
 
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_ignore_thread_begin();
+extern "C" void __tsan_ignore_thread_end();
+#endif
+
 namespace emu {
+
+// The engine's functions that fibers call, and the switches: not instrumented by TSan (their
+// accesses are the engine's, not the kernel's, and they make no out-of-line library calls on
+// shared state; an instrumented function that switches fibers would record its entry on one TSan
+// thread's shadow stack and its exit on another's).
+#define EMU_ENGINE __attribute__((no_sanitize("thread")))
+
+// ThreadSanitizer's view of the engine's synchronization (no-ops in the other builds).
+namespace race {
+#if defined(__SANITIZE_THREAD__)
+EMU_ENGINE inline void* new_fiber() { return __tsan_create_fiber(0); }
+EMU_ENGINE inline void delete_fiber(void* f) { __tsan_destroy_fiber(f); }
+EMU_ENGINE inline void* current_fiber() { return __tsan_get_current_fiber(); }
+// Into a kernel fiber: what the scheduler did happens before what the fiber does next.
+EMU_ENGINE inline void enter(void* fiber) { __tsan_switch_to_fiber(fiber, 0); }
+// Back to the scheduler: no synchronization.
+EMU_ENGINE inline void leave_to(void* scheduler) { __tsan_switch_to_fiber(scheduler, __tsan_switch_to_fiber_no_sync); }
+EMU_ENGINE inline void release(void* token) { __tsan_release(token); }
+EMU_ENGINE inline void acquire(void* token) { __tsan_acquire(token); }
+struct IgnoreAccesses {  // the scheduler's bookkeeping: not the kernel's accesses
+  IgnoreAccesses() { __tsan_ignore_thread_begin(); }
+  ~IgnoreAccesses() { __tsan_ignore_thread_end(); }
+};
+#else
+inline void* new_fiber() { return nullptr; }
+inline void delete_fiber(void*) {}
+inline void* current_fiber() { return nullptr; }
+inline void enter(void*) {}
+inline void leave_to(void*) {}
+inline void release(void*) {}
+inline void acquire(void*) {}
+struct IgnoreAccesses {
+  IgnoreAccesses() {}  // user-provided: no unused-variable warning
+};
+#endif
+}  // namespace race
 
 thread_local const ThreadView* tls_thread = nullptr;
 
@@ -80,9 +145,10 @@ struct Fiber {
 };
 
 struct StaticShared {
-  std::string key;
+  const char* key;  // "file:line:name", a string literal
   size_t offset;
 };
+constexpr int kMaxStatics = 64;
 
 struct Engine {
   Settings settings;
@@ -114,9 +180,17 @@ struct Engine {
   size_t shared_dirty = 0;
   size_t dynamic_bytes = 0;
   size_t static_end = 0;
-  std::vector<StaticShared> statics;
+  StaticShared statics[kMaxStatics];  // this block's __shared__ variables, in the order first reached
+  int static_count = 0;
   cudaDeviceProp properties;
   int mutant = 0;
+  // Race detection: the scheduler's TSan fiber, the warps' (one each), the barrier tokens (by turns:
+  // the parity of the block's completed barriers), the token exiting threads release.
+  void* race_scheduler = nullptr;
+  std::vector<void*> race_warps;
+  unsigned block_barriers = 0;
+  char barrier_tokens[2] = {0, 0};
+  char block_end_token = 0;
 };
 
 Engine& engine() {
@@ -182,7 +256,7 @@ std::string waiting_at(const Thread& t) {
   throw std::runtime_error(message);
 }
 
-Thread& self(const char* what) {
+EMU_ENGINE Thread& self(const char* what) {
   Engine& e = engine();
   if (e.current == nullptr || tls_thread != e.current) {
     throw std::runtime_error(std::string("CUDA emulation: ") + what + " called outside a kernel");
@@ -191,15 +265,23 @@ Thread& self(const char* what) {
 }
 
 // Back to the scheduler until the engine resumes this thread.
-void yield(Thread& t, State state) {
+EMU_ENGINE void yield(Thread& t, State state) {
   t.state = state;
-  if (_setjmp(t.fiber->jump) == 0) _longjmp(engine().scheduler_jump, 1);
+  if (_setjmp(t.fiber->jump) == 0) {
+    race::leave_to(engine().race_scheduler);
+    _longjmp(engine().scheduler_jump, 1);
+  }
 }
 
 // Back to the scheduler for good.
-[[noreturn]] void leave() { _longjmp(engine().scheduler_jump, 1); }
+[[noreturn]] EMU_ENGINE void leave() {
+  Engine& e = engine();
+  race::release(&e.block_end_token);
+  race::leave_to(e.race_scheduler);
+  _longjmp(e.scheduler_jump, 1);
+}
 
-void trampoline() {
+EMU_ENGINE void trampoline() {
   for (;;) {
     Engine& e = engine();
     Thread* t = e.current;
@@ -226,7 +308,7 @@ char* new_stack() {
 }
 
 // Lane b's source lane for a shuffle, or -1 when it keeps its own value.
-int source_lane(const Thread& t, int lane) {
+EMU_ENGINE int source_lane(const Thread& t, int lane) {
   const int w = t.width, base = lane / w * w;
   switch (t.kind) {
     case Collective::kShflIdx: return base + (t.arg % w + w) % w;
@@ -241,7 +323,7 @@ int source_lane(const Thread& t, int lane) {
 }
 
 // Fails the launch: from a fiber, through the scheduler (which throws); from the scheduler, directly.
-[[noreturn]] void report(const std::string& what) {
+[[noreturn]] EMU_ENGINE void report(const std::string& what) {
   Engine& e = engine();
   if (e.current != nullptr && tls_thread == e.current) {
     if (e.error.empty()) e.error = what;
@@ -253,7 +335,7 @@ int source_lane(const Thread& t, int lane) {
 }
 
 // Whether every lane of t's mask waits at the same collective as t.
-bool group_complete(int warp, const Thread& t) {
+EMU_ENGINE bool group_complete(int warp, const Thread& t) {
   Engine& e = engine();
   const int n = static_cast<int>(e.threads.size());
   for (int b = 0; b < 32; ++b) {
@@ -270,7 +352,7 @@ bool group_complete(int warp, const Thread& t) {
 }
 
 // Exchanges the values of t's (complete) group and makes its lanes runnable.
-void exchange(int warp, const Thread& t) {
+EMU_ENGINE void exchange(int warp, const Thread& t) {
   Engine& e = engine();
   for (int b = 0; b < 32; ++b) {
     if (!(t.mask >> b & 1u)) continue;
@@ -376,6 +458,7 @@ void resolve() {
   }
   for (auto& t : e.threads) t.state = State::kReady;
   e.barrier_waiting = 0;
+  ++e.block_barriers;
   ++e.stats.barriers;
 }
 
@@ -394,18 +477,20 @@ void pass_order(std::vector<int>& order, int n, Schedule schedule, bool reverse,
 
 // victim >= 0: the warp that runs only when no other thread can (it lags behind the others).
 void run_block(uint3 index, bool reverse, uint64_t seed, int victim) {
+  race::IgnoreAccesses untracked;  // the scheduler's bookkeeping (what the fibers read switches with them)
   Engine& e = engine();
   e.block.block_idx = index;
   // Fresh shared memory: every byte this launch may read is NaN again.
   std::memset(e.shared, 0xFF, std::max(e.shared_dirty, e.dynamic_bytes));
   e.shared_dirty = std::max(e.shared_dirty, e.dynamic_bytes);
-  e.statics.clear();
+  e.static_count = 0;
   e.static_end = (e.dynamic_bytes + 15) / 16 * 16;
   e.done = 0;
   const int n = static_cast<int>(e.threads.size());
   e.warp_waiting.assign((n + 31) / 32, 0u);
   e.barrier_waiting = 0;
   e.barrier_mismatch = false;
+  e.block_barriers = 0;
   const dim3 bd = e.config->block;
   for (int i = 0; i < n; ++i) {
     Thread& t = e.threads[i];
@@ -431,6 +516,7 @@ void run_block(uint3 index, bool reverse, uint64_t seed, int victim) {
       tls_thread = &t;
       if (_setjmp(e.scheduler_jump) == 0) {
         Fiber& f = *t.fiber;
+        race::enter(e.race_warps[t.linear / 32]);
         if (f.started) _longjmp(f.jump, 1);
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack;
@@ -458,6 +544,7 @@ void run_block(uint3 index, bool reverse, uint64_t seed, int victim) {
       resolve();
     }
   }
+  race::acquire(&e.block_end_token);  // the block's accesses happen before the next block's
 }
 
 void check_config(const LaunchConfig& c) {
@@ -488,7 +575,7 @@ void check_config(const LaunchConfig& c) {
 // Called by kernels
 // ------------------------------------------------------------------------------------------------
 
-[[noreturn]] void fail(const char* what, const char* file, int line) {
+[[noreturn]] EMU_ENGINE void fail(const char* what, const char* file, int line) {
   Engine& e = engine();
   if (e.current == nullptr) throw_error(std::string(what) + " at " + where(file, line));
   Thread& t = *e.current;
@@ -498,9 +585,11 @@ void check_config(const LaunchConfig& c) {
   leave();
 }
 
-void syncthreads(const char* file, int line) {
+EMU_ENGINE void syncthreads(const char* file, int line) {
   Thread& t = self("__syncthreads");
   Engine& e = engine();
+  void* token = &e.barrier_tokens[e.block_barriers & 1u];
+  race::release(token);
   t.file = file;
   t.line = line;
   t.state = State::kBarrier;
@@ -515,13 +604,16 @@ void syncthreads(const char* file, int line) {
     // The last thread to arrive releases the block (resolve() diagnoses everything else).
     for (auto& u : e.threads) u.state = State::kReady;
     e.barrier_waiting = 0;
+    ++e.block_barriers;
     ++e.stats.barriers;
+    race::acquire(token);
     return;
   }
   yield(t, State::kBarrier);
+  race::acquire(token);
 }
 
-uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int bytes, int arg, int width,
+EMU_ENGINE uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int bytes, int arg, int width,
                          const char* file, int line) {
   Thread& t = self(kind_name(kind));
   const int lane = t.linear % 32;
@@ -553,16 +645,17 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int byt
   return t.result;
 }
 
-void syncwarp(unsigned mask, const char* file, int line) {
+EMU_ENGINE void syncwarp(unsigned mask, const char* file, int line) {
   warp_collective(Collective::kSync, mask, 0, 0, 0, 32, file, line);
 }
 
-void* static_shared_bytes(const char* key, size_t bytes, size_t align) {
+EMU_ENGINE void* static_shared_bytes(const char* key, size_t bytes, size_t align) {
   Engine& e = engine();
   self("__shared__");
-  for (const auto& s : e.statics) {
-    if (s.key == key) return e.shared + s.offset;
+  for (int i = 0; i < e.static_count; ++i) {
+    if (std::strcmp(e.statics[i].key, key) == 0) return e.shared + e.statics[i].offset;
   }
+  if (e.static_count == kMaxStatics) fail("more than 64 __shared__ variables in one kernel", __FILE__, __LINE__);
   const size_t offset = (e.static_end + align - 1) / align * align;
   const size_t limit = device_properties()->sharedMemPerBlock;
   if (offset + bytes > limit) {
@@ -570,7 +663,7 @@ void* static_shared_bytes(const char* key, size_t bytes, size_t align) {
           std::to_string(offset + bytes) + " bytes (" + std::to_string(e.dynamic_bytes) + " dynamic), beyond " +
           std::to_string(limit)).c_str(), __FILE__, __LINE__);
   }
-  e.statics.push_back({key, offset});
+  e.statics[e.static_count++] = {key, offset};
   e.static_end = offset + bytes;
   if (e.static_end > e.shared_dirty) {
     std::memset(e.shared + e.shared_dirty, 0xFF, e.static_end - e.shared_dirty);
@@ -580,14 +673,14 @@ void* static_shared_bytes(const char* key, size_t bytes, size_t align) {
   return e.shared + offset;
 }
 
-void* dynamic_shared_bytes(size_t align) {
+EMU_ENGINE void* dynamic_shared_bytes(size_t align) {
   Engine& e = engine();
   self("extern __shared__");
   if (align > 128) fail("extern __shared__ aligned beyond 128 bytes", __FILE__, __LINE__);
   return e.shared;
 }
 
-void check_launch_bounds(int max_threads, const char* file, int line) {
+EMU_ENGINE void check_launch_bounds(int max_threads, const char* file, int line) {
   const dim3 b = self("__launch_bounds__").block->block_dim;
   if (int64_t(b.x) * b.y * b.z > max_threads) {
     fail(("launched with " + std::to_string(int64_t(b.x) * b.y * b.z) + " threads per block, more than its __launch_bounds__(" +
@@ -651,6 +744,7 @@ int occupancy_blocks_per_sm(int block_threads, size_t dynamic_shared) {
 void launch_checked() { engine().unchecked = false; }
 
 void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
+  race::IgnoreAccesses untracked;  // the engine's state (the kernel's arguments were written before)
   std::lock_guard<std::mutex> lock(launch_mutex());
   Engine& e = engine();
   if (e.running) throw std::runtime_error("CUDA emulation: a kernel launched from a kernel");
@@ -665,6 +759,10 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
     ~Reset() {
       if (!e.error.empty() || std::uncaught_exceptions() > 0) {
         for (Fiber* f : e.fibers) f->started = false;  // abandoned mid-kernel: start afresh
+        for (void*& w : e.race_warps) {  // (their TSan state may be left mid-engine)
+          race::delete_fiber(w);
+          w = race::new_fiber();
+        }
       }
       e.running = false;
       e.config = nullptr;
@@ -675,6 +773,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
   } reset{e};
   e.config = &config;
   e.error.clear();
+  e.race_scheduler = race::current_fiber();
   check_config(config);
   e.body = body;
   e.closure = closure;
@@ -690,6 +789,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
     e.fibers.push_back(new Fiber());
     e.fibers.back()->stack = new_stack();
   }
+  while (e.race_warps.size() < (n + 31) / 32) e.race_warps.push_back(race::new_fiber());
   e.threads.assign(n, Thread{});
   ++e.stats.launches;
   e.log.push_back({config.kernel, config.grid, config.block, config.dynamic_shared});
