@@ -3,9 +3,10 @@
 - a CUDA kernel registered for each kernel op (the training forward included);
 - no kernel image spills: no local memory and no stack frame in cuobjdump --dump-resource-usage, and
   no STL / LDL (local stores and loads) in the SASS;
-- every norm kernel instantiated for aligned data moves its V elements with one instruction, for every
-  tensor it streams, with kUnroll loads in flight: its SASS holds at least (kUnroll + 1) 16- or 8-byte
-  loads (LDG.E.128 / LDG.E.64) per streamed input (x; grad_y, and x when it computes dweight): kUnroll
+- every norm kernel instantiated for an access width W of 8 or 16 bytes (aligned data: W = V elements;
+  a misaligned tensor: the widest W its alignment allows) moves its V elements with V / W instructions,
+  for every tensor it streams, with kUnroll packs in flight: its SASS holds at least (kUnroll + 1) x V / W
+  16- or 8-byte loads (LDG.E.128 / LDG.E.64) per streamed input (x; grad_y, and x when it computes dweight): kUnroll
   in the unrolled loop and one in the remainder loop, so a kernel where one input's loads are narrow, or
   the loop is not unrolled, fails. Where it writes an activation (y; dx when the backward computes it),
   at least kUnroll + 1 such stores (STG.E.128 / STG.E.64).
@@ -28,9 +29,9 @@ import triton
 import batchless_kernels.ops as ops
 
 ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
-# channels_{first,last}_kernel<ForwardOp<T, kStats>, V, kAligned> or <BackwardOp<T, kDx, kDw, kDb>, V, kAligned>
+# channels_{first,last}_kernel<ForwardOp<T, kStats>, V, W> or <BackwardOp<T, kDx, kDw, kDb>, V, W>
 NORM_KERNEL = re.compile(r"channels_(?:first|last)_kernel<[^<]*(Forward|Backward)Op<(float|double|c10::Half|"
-                         r"c10::BFloat16)((?:, (?:true|false))*)>, (\d+), (true|false)>")
+                         r"c10::BFloat16)((?:, (?:true|false))*)>, (\d+), (\d+)>")
 CUDA_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "batchless_norm_cuda.cu"
 UNROLL = int(re.search(r"constexpr int kUnroll = (\d+);", CUDA_SOURCE.read_text()).group(1))
 
@@ -73,25 +74,26 @@ def main() -> None:
     checked, narrow = 0, []
     for name, body in zip(demangled, bodies):
         match = NORM_KERNEL.search(name)
-        if not match or match.group(5) != "true":
+        if not match:
             continue
-        pass_, dtype, vec = match.group(1), match.group(2), int(match.group(4))
+        pass_, dtype, vec, width = match.group(1), match.group(2), int(match.group(4)), int(match.group(5))
         flags = re.findall(r"true|false", match.group(3))
-        bits = ELEMENT_BYTES[dtype] * vec * 8
+        bits = ELEMENT_BYTES[dtype] * width * 8
         if bits not in (64, 128):
             continue
+        per_pack = vec // width  # instructions per pack
         checked += 1
         backward_dx, backward_dw = pass_ == "Backward" and flags[0] == "true", pass_ == "Backward" and flags[1] == "true"
         inputs = 1 + backward_dw  # x; or grad_y, and x for dweight
         writes = pass_ == "Forward" or backward_dx  # y, or dx when the backward computes it
         loads, stores = body.count(f"LDG.E.{bits}"), body.count(f"STG.E.{bits}")
-        if loads < (UNROLL + 1) * inputs or (writes and stores < UNROLL + 1):
+        if loads < (UNROLL + 1) * per_pack * inputs or (writes and stores < (UNROLL + 1) * per_pack):
             narrow.append(f"{name} ({loads} loads, {stores} stores of {bits} bits)")
     if not checked or narrow:
-        fail(f"{checked} aligned norm kernel images checked; {len(narrow)} with fewer than {UNROLL} + 1 vector "
-             f"loads per streamed input (or stores): {narrow[:5]}")
-    print(f"[cuda-build] {checked} aligned norm kernel images move 8- or 16-byte packs in one instruction, "
-          f">= {UNROLL} + 1 loads per streamed input")
+        fail(f"{checked} norm kernel images of 8- or 16-byte accesses checked; {len(narrow)} with fewer than "
+             f"({UNROLL} + 1) x V / W vector loads per streamed input (or stores): {narrow[:5]}")
+    print(f"[cuda-build] {checked} norm kernel images move 8- or 16-byte accesses in one instruction each, "
+          f">= ({UNROLL} + 1) x V / W loads per streamed input")
 
 
 if __name__ == "__main__":

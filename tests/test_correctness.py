@@ -282,6 +282,36 @@ def test_large_offset_inputs(case, shape, layout):
     check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
 
 
+def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of t (same strides) that starts `offset` elements into a larger buffer."""
+    size = t.untyped_storage().nbytes() // t.element_size()
+    buffer = torch.empty(size + offset, dtype=t.dtype, device=t.device)
+    view = buffer.as_strided(t.shape, t.stride(), offset)
+    return view.copy_(t)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 8), "contiguous"), ((3, 16, 2, 3), "channels_last"),
+                                           ((5, 24), "contiguous")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_misaligned_inputs(case, shape, layout, dtype):
+    """x and grad_y starting 1, 2 or 4 elements into their buffers (16-byte vectors impossible; the
+    CUDA kernels fall back to the widest access the alignment allows: 8, 4 or 2 bytes) give the
+    reference's values, and the same bits as at offset 0 (the sums' grouping depends on the shape only)."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, "log")
+    grad_y = torch.empty_like(x).copy_(torch.randn(shape))
+    atol, rtol = TOLS[dtype]
+    aligned, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol, grad_y=grad_y)
+    for offset in (1, 2, 4):
+        shifted_x, shifted_g = _at_offset(x, offset), _at_offset(grad_y, offset)
+        assert shifted_x.storage_offset() == offset and torch.equal(shifted_x, x)
+        out, _ = check_against_reference(case, shifted_x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                                         grad_y=shifted_g)
+        for name in OUTPUT_NAMES:
+            if aligned[name] is not None:
+                assert torch.equal(out[name], aligned[name]), f"{name} at offset {offset} differs from offset 0"
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
 def test_tiny_sigma_gradients_stay_finite(case, parametrization):

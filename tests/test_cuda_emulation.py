@@ -157,11 +157,39 @@ def test_emulated_backends_run_the_cuda_launchers(ext, shape, layout):
         assert set(mode.calls) == {"batchless_norm_train_forward", "batchless_norm_train_backward"}, mode.calls
         stats = ext.stats()
         assert stats["launches"] >= 4 and stats["barriers"] > 0 and stats["collectives"] > 0, stats
-        grids[case.id] = [(kernel.split(" at ")[0], grid) for kernel, grid, _, _ in ext.launch_log()]
+        grids[case.id] = [(kernel.split(" at ")[0], grid) for kernel, grid, *_ in ext.launch_log()]
         for name in ("y", "nll", "x", "mean", "std_param", "weight", "bias"):
             assert_close_scaled(out[name], ref[name], 1e-5, 1e-5, what=f"{case.id} {name}")
     # the simulated SM count reaches the launchers' tiling
     assert len(set(map(str, grids.values()))) == len(grids), grids
+
+
+@needs_emulation
+@pytest.mark.parametrize("shape, layout, kernel", [((2, 3, 4, 8), "contiguous", "channels_first_kernel"),
+                                                   ((5, 24), "contiguous", "channels_last_kernel")], ids=str)
+def test_misaligned_inputs_use_the_widest_access(ext, shape, layout, kernel):
+    """bf16 x and grad_y 0, 1, 2 or 4 elements into their buffers: the kernels (V = 8 elements a pack)
+    move them 8, 1, 2 and 4 elements (16, 2, 4 and 8 bytes) per access, and every result has the
+    same bits (test_correctness.py::test_misaligned_inputs checks the values)."""
+    import re
+    from test_correctness import _at_offset
+
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.bfloat16, "cpu", "log")
+    grad_y = torch.randn(shape).to(torch.bfloat16)
+    case = EMULATED_BACKENDS[0]
+    results = {}
+    for offset, width in ((0, 8), (1, 1), (2, 2), (4, 4)):
+        ext.reset_stats()
+        with backend.activate(case):
+            results[offset] = run_batchless(_at_offset(x, offset), mean, std_param, weight, bias, backend=case.name,
+                                            grad_y=_at_offset(grad_y, offset))
+        instances = [record[4] for record in ext.launch_log() if record[4].startswith(f"void batchless_kernels::{{anonymous}}::{kernel}")]
+        widths = {int(m.group(1)) for i in instances for m in [re.search(r"; int V = 8; int W = (\d+);", i)] if m}
+        assert len(instances) >= 2 and widths == {width}, (offset, instances)
+    for offset in (1, 2, 4):
+        for name, value in results[offset].items():
+            if value is not None:
+                assert torch.equal(value, results[0][name]), (offset, name)
 
 
 @needs_emulation

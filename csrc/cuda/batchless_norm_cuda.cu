@@ -17,8 +17,9 @@
 // makes the accesses narrower).
 //
 // Memory access: V elements (up to 16 bytes) per load and store when the inner extent allows it and
-// every pointer is aligned to it; each thread issues kUnroll independent loads before using
-// them, so that enough bytes are in flight; offsets are 64-bit.
+// every pointer is aligned to it, else the widest access the alignment allows (V / W instructions a
+// pack); each thread issues kUnroll independent loads before using them, so that enough bytes are
+// in flight; offsets are 64-bit.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -67,37 +68,38 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// kAligned: p is aligned to the pack's size, so one instruction moves it; otherwise element by
-// element (the same V lanes, hence the same sums: only the speed depends on alignment).
-template <int V, bool kAligned, typename T>
+// W: elements per instruction, the widest power of two up to V that p's alignment allows
+// (access_width): V / W instructions move the pack (the same V lanes, hence the same sums: only the
+// speed depends on alignment).
+template <int V, int W, typename T>
 __device__ __forceinline__ Pack<T, V> load_pack(const T* p) {
-  if constexpr (kAligned) {
-    return *reinterpret_cast<const Pack<T, V>*>(p);
-  } else {
-    Pack<T, V> pack;
+  static_assert(V % W == 0, "the access width divides the pack");
+  Pack<T, V> pack;
 #pragma unroll
-    for (int v = 0; v < V; ++v) pack.v[v] = p[v];
-    return pack;
+  for (int j = 0; j < V / W; ++j) {
+    reinterpret_cast<Pack<T, W>*>(&pack)[j] = reinterpret_cast<const Pack<T, W>*>(p)[j];
   }
+  return pack;
 }
 
 // Stores through a plain vector type: nvcc split struct stores into scalar ones on some paths.
-template <int V, bool kAligned, typename T>
+template <int V, int W, typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T, V>& pack) {
-  constexpr int kBytes = sizeof(T) * V;
-  if constexpr (!kAligned) {
+  static_assert(V % W == 0, "the access width divides the pack");
+  constexpr int kBytes = sizeof(T) * W;
 #pragma unroll
-    for (int v = 0; v < V; ++v) p[v] = pack.v[v];
-  } else if constexpr (kBytes == 16) {
-    uint4 u;
-    __builtin_memcpy(&u, &pack, 16);
-    __stwb(reinterpret_cast<uint4*>(p), u);
-  } else if constexpr (kBytes == 8) {
-    uint2 u;
-    __builtin_memcpy(&u, &pack, 8);
-    __stwb(reinterpret_cast<uint2*>(p), u);
-  } else {
-    *reinterpret_cast<Pack<T, V>*>(p) = pack;
+  for (int j = 0; j < V / W; ++j) {
+    if constexpr (kBytes == 16) {
+      uint4 u;
+      __builtin_memcpy(&u, reinterpret_cast<const uint4*>(&pack) + j, 16);
+      __stwb(reinterpret_cast<uint4*>(p) + j, u);
+    } else if constexpr (kBytes == 8) {
+      uint2 u;
+      __builtin_memcpy(&u, reinterpret_cast<const uint2*>(&pack) + j, 8);
+      __stwb(reinterpret_cast<uint2*>(p) + j, u);
+    } else {
+      reinterpret_cast<Pack<T, W>*>(p)[j] = reinterpret_cast<const Pack<T, W>*>(&pack)[j];
+    }
   }
 }
 
@@ -146,12 +148,12 @@ struct ForwardOp {
   const scalar_t* x;
   scalar_t* y;
 
-  template <int V, bool A>
+  template <int V, int W>
   __device__ __forceinline__ In<V> load(int64_t i) const {
-    return {load_pack<V, A>(x + i)};
+    return {load_pack<V, W>(x + i)};
   }
 
-  template <int V, int P, bool A>
+  template <int V, int P, int W>
   __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
                                         acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> yv;
@@ -165,7 +167,7 @@ struct ForwardOp {
       }
       yv.v[v] = static_cast<scalar_t>(h * p.w[k] + p.b[k]);
     }
-    store_pack<V, A>(y + i, yv);
+    store_pack<V, W>(y + i, yv);
   }
 };
 
@@ -183,15 +185,15 @@ struct BackwardOp {
   const scalar_t* x;  // null unless kDw
   scalar_t* dx;       // null unless kDx
 
-  template <int V, bool A>
+  template <int V, int W>
   __device__ __forceinline__ In<V> load(int64_t i) const {
     In<V> in;
-    in.g = load_pack<V, A>(grad_y + i);
-    if constexpr (kDw) in.x = load_pack<V, A>(x + i);
+    in.g = load_pack<V, W>(grad_y + i);
+    if constexpr (kDw) in.x = load_pack<V, W>(x + i);
     return in;
   }
 
-  template <int V, int P, bool A>
+  template <int V, int P, int W>
   __device__ __forceinline__ void apply(int64_t i, const In<V>& in, const Lanes<acc_t, P>& p,
                                         acc_t (&a0)[V], acc_t (&a1)[V]) const {
     Pack<scalar_t, V> dxv;
@@ -203,12 +205,12 @@ struct BackwardOp {
       if constexpr (kDw) a0[v] += g * ((static_cast<acc_t>(in.x.v[v]) - p.m[k]) * p.r[k]);
       if constexpr (kDb) a1[v] += g;
     }
-    if constexpr (kDx) store_pack<V, A>(dx + i, dxv);
+    if constexpr (kDx) store_pack<V, W>(dx + i, dxv);
   }
 };
 
 // Runs op at offsets first + k * stride for k in [0, count), kUnroll loads in flight at a time.
-template <int V, int P, bool A, typename Op>
+template <int V, int P, int W, typename Op>
 __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t stride, int64_t count,
                                             const Lanes<typename Op::acc_t, P>& p,
                                             typename Op::acc_t (&a0)[V], typename Op::acc_t (&a1)[V]) {
@@ -216,13 +218,13 @@ __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t
   for (; k + kUnroll <= count; k += kUnroll) {
     typename Op::template In<V> in[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, A>(first + (k + u) * stride);
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, W>(first + (k + u) * stride);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) op.template apply<V, P, A>(first + (k + u) * stride, in[u], p, a0, a1);
+    for (int u = 0; u < kUnroll; ++u) op.template apply<V, P, W>(first + (k + u) * stride, in[u], p, a0, a1);
   }
   for (; k < count; ++k) {
-    const auto in = op.template load<V, A>(first + k * stride);
-    op.template apply<V, P, A>(first + k * stride, in, p, a0, a1);
+    const auto in = op.template load<V, W>(first + k * stride);
+    op.template apply<V, P, W>(first + k * stride, in, p, a0, a1);
   }
 }
 
@@ -231,7 +233,7 @@ __device__ __forceinline__ void run_strided(const Op& op, int64_t first, int64_t
 // thread t takes items t, t + kThreads, ...: kUnroll independent loads in flight per thread even
 // when a plane segment holds fewer than kUnroll * kThreads vectors (walking one plane at a time left
 // one or two loads in flight: 40% of the DRAM bandwidth on (256, 64, 56, 56) bf16, by ncu).
-template <int V, bool A, typename Op>
+template <int V, int W, typename Op>
 __device__ __forceinline__ void run_planes(const Op& op, int64_t base, int64_t plane_stride, int len,
                                            int64_t planes, const Lanes<typename Op::acc_t, 1>& p,
                                            typename Op::acc_t (&a0)[V], typename Op::acc_t (&a1)[V]) {
@@ -257,22 +259,25 @@ __device__ __forceinline__ void run_planes(const Op& op, int64_t base, int64_t p
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) offsets[u] = offset_and_advance();
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, A>(offsets[u]);
+    for (int u = 0; u < kUnroll; ++u) in[u] = op.template load<V, W>(offsets[u]);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) op.template apply<V, 1, A>(offsets[u], in[u], p, a0, a1);
+    for (int u = 0; u < kUnroll; ++u) op.template apply<V, 1, W>(offsets[u], in[u], p, a0, a1);
   }
   for (; k < count; k += kThreads) {
     const int64_t offset = offset_and_advance();
-    const auto in = op.template load<V, A>(offset);
-    op.template apply<V, 1, A>(offset, in, p, a0, a1);
+    const auto in = op.template load<V, W>(offset);
+    op.template apply<V, 1, W>(offset, in, p, a0, a1);
   }
 }
 
 // Channels-first tile `blockIdx.x` = (nb, c, sb): samples [nb * n_block, +n_block), plane segment
 // [sb * s_block, +s_block) of channel c. Its sums go to slot blockIdx.x of part0/part1, laid out
-// (num_nb, C, num_sb). S and s_block are multiples of V.
-template <typename Op, int V, bool A>
-__global__ void __launch_bounds__(kThreads)
+// (num_nb, C, num_sb). S and s_block are multiples of V. The misaligned variants (W < V) ask for a
+// minimum of 1 block per SM: under the bound on threads alone ptxas gave the fp32 dx+dbias variant
+// of 8-byte accesses 40 registers and a stack spill; the aligned variants keep the register counts
+// measured on the H200 (a minimum of 0 is no minimum: nvcc emits no .minnctapersm).
+template <typename Op, int V, int W>
+__global__ void __launch_bounds__(kThreads, W == V ? 0 : 1)
     channels_first_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t N, int64_t C, int64_t S,
                           int64_t n_block, int64_t s_block, int64_t num_sb,
                           typename Op::acc_t* part0, typename Op::acc_t* part1, unsigned int* counter) {
@@ -290,7 +295,7 @@ __global__ void __launch_bounds__(kThreads)
   acc_t a0[V], a1[V];
 #pragma unroll
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
-  run_planes<V, A>(op, (n0 * C + c) * S + s0, C * S, len, n1 - n0, p, a0, a1);
+  run_planes<V, W>(op, (n0 * C + c) * S + s0, C * S, len, n1 - n0, p, a0, a1);
   if constexpr (!Op::kReduce) return;
   acc_t t0 = 0, t1 = 0;
 #pragma unroll
@@ -313,7 +318,7 @@ __global__ void __launch_bounds__(kThreads)
 // (The launch bound's minimum of 1 block per SM is a floor, not a target: with it ptxas keeps every
 // variant's register count and no longer spills a 64-bit index to the stack in three misaligned
 // dbias-only variants, which it did under the bound on threads alone.)
-template <typename Op, int V, bool A>
+template <typename Op, int V, int W>
 __global__ void __launch_bounds__(kThreads, 1)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,
                          int64_t r_block, int64_t c_block, typename Op::acc_t* part0,
@@ -335,7 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int v = 0; v < V; ++v) a0[v] = a1[v] = acc_t(0);
   if (active && r0 + row < r1) {
     const Lanes<acc_t, V> p(params, c);
-    run_strided<V, V, A>(op, (r0 + row) * C + c, int64_t(rows) * C, (r1 - r0 - row + rows - 1) / rows, p, a0, a1);
+    run_strided<V, V, W>(op, (r0 + row) * C + c, int64_t(rows) * C, (r1 - r0 - row + rows - 1) / rows, p, a0, a1);
   }
   if constexpr (!Op::kReduce) return;
   // Sum the rows' accumulators per channel in row order, through shared memory.
@@ -512,12 +517,14 @@ int vector_width(int64_t inner, int64_t elem_size) {
   return v;
 }
 
-// Whether every pointer is aligned to `bytes` (then V elements move in one instruction).
-bool aligned_to(int64_t bytes, std::initializer_list<const void*> pointers) {
+// The widest access, in elements (a power of two up to v), to which every pointer is aligned: a
+// tensor whose storage offset breaks the 16-byte alignment still moves 8, 4 or 2 bytes at a time.
+// (The tensors' strides are multiples of v, so every access of a thread keeps that alignment.)
+int access_width(int v, int64_t elem_size, std::initializer_list<const void*> pointers) {
   for (const void* p : pointers) {
-    if (reinterpret_cast<std::uintptr_t>(p) % bytes != 0) return false;
+    while (v > 1 && reinterpret_cast<std::uintptr_t>(p) % (v * elem_size) != 0) v /= 2;
   }
-  return true;
+  return v;
 }
 
 template <int kMaxV, typename F>
@@ -594,10 +601,10 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     const int v = vector_width(g.S, sizeof(scalar_t));
     dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      dispatch_bool(aligned_to(V * sizeof(scalar_t), pointers), [&](auto is_aligned) {
-        const auto kernel = channels_first_kernel<Op, V, decltype(is_aligned)::value>;
+      dispatch_width<V>(access_width(V, sizeof(scalar_t), pointers), [&](auto access) {
+        const auto kernel = channels_first_kernel<Op, V, decltype(access)::value>;
         // Tiles from the aligned variant's occupancy, so that alignment never changes the tiling.
-        const auto sized_by = channels_first_kernel<Op, V, true>;
+        const auto sized_by = channels_first_kernel<Op, V, V>;
         const int64_t tiles_wanted = resident_blocks(reinterpret_cast<const void*>(sized_by), 0) * kWaves;
         const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
         int64_t n_block = 1, s_block = g.S, num_sb = 1;
@@ -625,15 +632,15 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     const int v = vector_width(g.C, sizeof(scalar_t));
     dispatch_width<16 / sizeof(scalar_t)>(v, [&](auto width) {
       constexpr int V = decltype(width)::value;
-      dispatch_bool(aligned_to(V * sizeof(scalar_t), pointers), [&](auto is_aligned) {
-        const auto kernel = channels_last_kernel<Op, V, decltype(is_aligned)::value>;
+      dispatch_width<V>(access_width(V, sizeof(scalar_t), pointers), [&](auto access) {
+        const auto kernel = channels_last_kernel<Op, V, decltype(access)::value>;
         const size_t shared = reduce ? 2 * size_t(kThreads) * V * sizeof(acc_t) : 0;
         const int64_t c_block = std::min<int64_t>(g.C, int64_t(kWarp) * V);
         const int64_t num_cb = ceil_div(g.C, c_block);
         TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
         // About one wave of blocks, each walking at least a few rows per thread.
         const int64_t rows_per_pass = kThreads / (c_block / V);
-        const auto sized_by = channels_last_kernel<Op, V, true>;  // as above: alignment-independent
+        const auto sized_by = channels_last_kernel<Op, V, V>;  // as above: alignment-independent
         const int64_t wave = resident_blocks(reinterpret_cast<const void*>(sized_by), shared);
         const int64_t r_block = std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
                                          std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));

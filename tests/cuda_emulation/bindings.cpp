@@ -85,7 +85,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("launch_log", [] {
     py::list out;
     for (const auto& r : emu::launch_log()) {
-      out.append(py::make_tuple(r.kernel, dims(r.grid), dims(r.block), r.dynamic_shared));
+      out.append(py::make_tuple(r.kernel, dims(r.grid), dims(r.block), r.dynamic_shared, r.instance));
     }
     return out;
   });

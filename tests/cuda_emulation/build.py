@@ -73,8 +73,9 @@ Cost (2 shared cores, one compile job): building the main variant about 2.5 minu
 variant (-O0) about 1.5 minutes; the emulated backends add about 2 minutes to the correctness
 suite (1730 cases, most of it the 2053-channel shapes: thousands of small blocks), and
 tests/test_cuda_emulation.py about 2 minutes (the mutation check runs the correctness suite in a
-subprocess per mutant, stopping at the first failure) and the asan variant about 2 minutes to build
-and 1.5 minutes to run its selection. MAX_JOBS sets the compile jobs (default: the
+subprocess per mutant, stopping at the first failure), the asan variant about 2 minutes to build
+and 1.5 minutes to run its selection, the tsan variant about 2 minutes to build and 50 s to run it
+(plus 15 s for the race mutant on the contiguous cases). MAX_JOBS sets the compile jobs (default: the
 cores this process may use).
 
 Out-of-bounds global accesses are checked by the asan variant only (heap: the tensors; the fibers'

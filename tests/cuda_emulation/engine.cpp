@@ -680,7 +680,9 @@ EMU_ENGINE void* dynamic_shared_bytes(size_t align) {
   return e.shared;
 }
 
-EMU_ENGINE void check_launch_bounds(int max_threads, const char* file, int line) {
+EMU_ENGINE void check_launch_bounds(int max_threads, const char* file, int line, const char* instance) {
+  Engine& e = engine();
+  if (e.log.back().instance.empty()) e.log.back().instance = instance;  // (run_grid's record)
   const dim3 b = self("__launch_bounds__").block->block_dim;
   if (int64_t(b.x) * b.y * b.z > max_threads) {
     fail(("launched with " + std::to_string(int64_t(b.x) * b.y * b.z) + " threads per block, more than its __launch_bounds__(" +

@@ -80,10 +80,10 @@ MUTANTS = (
            what="the training backward skips its second stage when the tiles hold one partial per channel, "
                 "leaving the NLL's gradients unwritten"),
     Mutant(11, "overread", "batchless_norm_cuda.cu",
-           "    const auto in = op.template load<V, A>(first + k * stride);",
-           "    const auto in = op.template load<V, A>(first + k * stride);\n"
+           "    const auto in = op.template load<V, W>(first + k * stride);",
+           "    const auto in = op.template load<V, W>(first + k * stride);\n"
            "    if (::emu::mutant(11)) {  // one vector past the item: past the tensor's end for its last\n"
-           "      const auto extra = op.template load<V, A>(first + k * stride + V);\n"
+           "      const auto extra = op.template load<V, W>(first + k * stride + V);\n"
            "      __asm__ volatile(\"\" : : \"g\"(&extra) : \"memory\");\n"
            "    }",
            what="run_strided's remainder loop also reads the vector after each item (unused: every value "

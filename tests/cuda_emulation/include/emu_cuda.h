@@ -130,7 +130,8 @@ uint64_t warp_collective(Collective kind, unsigned mask, uint64_t value, int byt
 
 void* static_shared_bytes(const char* key, size_t bytes, size_t align);
 void* dynamic_shared_bytes(size_t align);
-void check_launch_bounds(int max_threads, const char* file, int line);
+// Also records the kernel's instance (its __PRETTY_FUNCTION__: template arguments) in the launch log.
+void check_launch_bounds(int max_threads, const char* file, int line, const char* instance);
 // Whether mutant `id` is active (mutant builds only: rewrite.py's mutations test the test stage).
 bool mutant(int id);
 
@@ -205,7 +206,7 @@ T from_bits(uint64_t bits) {
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::emu::syncwarp(::emu::mask_or_full(__VA_ARGS__), __FILE__, __LINE__)
 
-#define EMU_LAUNCH_BOUNDS(...) ::emu::check_launch_bounds(::emu::first_arg(__VA_ARGS__), __FILE__, __LINE__)
+#define EMU_LAUNCH_BOUNDS(...) ::emu::check_launch_bounds(::emu::first_arg(__VA_ARGS__), __FILE__, __LINE__, __PRETTY_FUNCTION__)
 namespace emu {
 template <typename... Rest>
 constexpr int first_arg(int n, Rest...) { return n; }

@@ -32,6 +32,7 @@ struct LaunchRecord {
   std::string kernel;
   dim3 grid, block;
   size_t dynamic_shared;
+  std::string instance;  // the kernel's __PRETTY_FUNCTION__ (kernels with __launch_bounds__), else ""
 };
 
 Settings& settings();
