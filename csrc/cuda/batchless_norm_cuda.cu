@@ -62,7 +62,7 @@ constexpr int kWarp = 32;
 using host::ceil_div;
 using host::dispatch_bool;
 
-// V elements moved by one load or store instruction.
+// V elements, moved by V / W load or store instructions of W elements each (load_pack, store_pack).
 template <typename T, int V>
 struct alignas(sizeof(T) * V) Pack {
   T v[V];
@@ -315,9 +315,10 @@ __global__ void __launch_bounds__(kThreads, W == V ? 0 : 1)
 // Channels-last tile (blockIdx.x, blockIdx.y) = rows [rb * r_block, +r_block) x channels
 // [cb * c_block, +c_block). Its sums go to row rb of part0/part1, laid out (num_rb, C). C and
 // c_block are multiples of V, and c_block <= kWarp * V <= kThreads * V.
-// (The launch bound's minimum of 1 block per SM is a floor, not a target: with it ptxas keeps every
-// variant's register count and no longer spills a 64-bit index to the stack in three misaligned
-// dbias-only variants, which it did under the bound on threads alone.)
+// (The launch bound's minimum of 1 block per SM is a floor, not a target: with it ptxas kept every
+// variant's register count and no longer spilled a 64-bit index to the stack in three misaligned
+// dbias-only variants, which it did under the bound on threads alone; measured when misaligned
+// variants moved one element per access, before the access-width fallback.)
 template <typename Op, int V, int W>
 __global__ void __launch_bounds__(kThreads, 1)
     channels_last_kernel(const Op op, const Params<typename Op::acc_t> params, int64_t M, int64_t C,

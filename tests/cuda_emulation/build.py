@@ -43,10 +43,11 @@ installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-
                     AddressSanitizer (heap accesses: an out-of-bounds read of a tensor fails), loaded
                     in a process started with the ASan runtime preloaded (sanitizer_environment();
                     BATCHLESS_CUDA_EMULATION_SANITIZER=address selects it, tests/test_cuda_emulation.py);
-  variant "tsan"    library batchless_emulated_tsan: the same under ThreadSanitizer, each CUDA thread
-                    a TSan fiber synchronized as CUDA synchronizes it (barriers, the lanes of a warp
-                    collective): a race between the threads of a block is reported even where the
-                    values come out right (BATCHLESS_CUDA_EMULATION_SANITIZER=thread);
+  variant "tsan"    library batchless_emulated_tsan: the same under ThreadSanitizer, each warp of a
+                    block a TSan fiber, synchronized as __syncthreads synchronizes it: a race between
+                    the warps of a block is reported even where the values come out right (the
+                    lanes of one warp share a TSan thread: races between them are not seen)
+                    (BATCHLESS_CUDA_EMULATION_SANITIZER=thread);
   variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
                     each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
                     a dropped tail element (channels-last and channels-first remainder loops),

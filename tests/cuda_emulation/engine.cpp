@@ -78,9 +78,10 @@ extern "C" void __tsan_ignore_thread_end();
 namespace emu {
 
 // The engine's functions that fibers call, and the switches: not instrumented by TSan (their
-// accesses are the engine's, not the kernel's, and they make no out-of-line library calls on
-// shared state; an instrumented function that switches fibers would record its entry on one TSan
-// thread's shadow stack and its exit on another's).
+// accesses are the engine's, not the kernel's; an instrumented function that switches fibers would
+// record its entry on one TSan thread's shadow stack and its exit on another's). They must not
+// write shared engine state through instrumented or intercepted calls (memset, std::string,
+// device_properties()): only their error paths build strings, and an error ends the launch.
 #define EMU_ENGINE __attribute__((no_sanitize("thread")))
 
 // ThreadSanitizer's view of the engine's synchronization (no-ops in the other builds).
@@ -657,7 +658,7 @@ EMU_ENGINE void* static_shared_bytes(const char* key, size_t bytes, size_t align
   }
   if (e.static_count == kMaxStatics) fail("more than 64 __shared__ variables in one kernel", __FILE__, __LINE__);
   const size_t offset = (e.static_end + align - 1) / align * align;
-  const size_t limit = device_properties()->sharedMemPerBlock;
+  const size_t limit = e.settings.shared_per_block;  // (device_properties() writes e.properties)
   if (offset + bytes > limit) {
     fail(("__shared__ " + std::string(key) + " (" + std::to_string(bytes) + " bytes) takes the block's shared memory to " +
           std::to_string(offset + bytes) + " bytes (" + std::to_string(e.dynamic_bytes) + " dynamic), beyond " +
@@ -666,7 +667,10 @@ EMU_ENGINE void* static_shared_bytes(const char* key, size_t bytes, size_t align
   e.statics[e.static_count++] = {key, offset};
   e.static_end = offset + bytes;
   if (e.static_end > e.shared_dirty) {
-    std::memset(e.shared + e.shared_dirty, 0xFF, e.static_end - e.shared_dirty);
+    // Poisoned byte by byte, not by memset: TSan intercepts memset whatever no_sanitize says, and
+    // would charge the write to this warp (volatile: the loop must not become a memset call).
+    volatile unsigned char* fresh = e.shared + e.shared_dirty;
+    for (size_t k = 0; k < e.static_end - e.shared_dirty; ++k) fresh[k] = 0xFF;
     e.shared_dirty = e.static_end;
   }
   e.stats.max_shared = std::max<uint64_t>(e.stats.max_shared, e.static_end);
@@ -681,9 +685,9 @@ EMU_ENGINE void* dynamic_shared_bytes(size_t align) {
 }
 
 EMU_ENGINE void check_launch_bounds(int max_threads, const char* file, int line, const char* instance) {
+  const dim3 b = self("__launch_bounds__").block->block_dim;
   Engine& e = engine();
   if (e.log.back().instance.empty()) e.log.back().instance = instance;  // (run_grid's record)
-  const dim3 b = self("__launch_bounds__").block->block_dim;
   if (int64_t(b.x) * b.y * b.z > max_threads) {
     fail(("launched with " + std::to_string(int64_t(b.x) * b.y * b.z) + " threads per block, more than its __launch_bounds__(" +
           std::to_string(max_threads) + ") (on a GPU: too many resources requested for launch)").c_str(), file, line);
@@ -765,6 +769,7 @@ void run_grid(const LaunchConfig& config, void (*body)(void*), void* closure) {
           race::delete_fiber(w);
           w = race::new_fiber();
         }
+        race::acquire(&e.block_end_token);  // the abandoned block's accesses before the next launch's
       }
       e.running = false;
       e.config = nullptr;
