@@ -81,6 +81,8 @@ def _usable_in_auto_order(device_type: str) -> tuple[str, ...]:
 
 # Looked up once for CPU and CUDA (availability is fixed at import, as _REASONS says).
 _AUTO_CANDIDATES = {d: _usable_in_auto_order(d) for d in ("cpu", "cuda")}
+# Devices where auto consults the measured GPU table: both GPU backends run there.
+_MEASURED_CHOICE = {d: all(n in usable for n in gpu_choice.GPU_BACKENDS) for d, usable in _AUTO_CANDIDATES.items()}
 
 
 def _auto_candidates(device_type: str) -> tuple[str, ...]:
@@ -104,7 +106,10 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         usable = _auto_candidates(device.type)
-        if x is not None and all(n in usable for n in gpu_choice.GPU_BACKENDS):
+        measured_choice = _MEASURED_CHOICE.get(device.type)
+        if measured_choice is None:
+            measured_choice = all(n in usable for n in gpu_choice.GPU_BACKENDS)
+        if x is not None and measured_choice:
             measured = gpu_choice.preferred(x)
             if measured is not None:
                 return measured

@@ -45,7 +45,8 @@ def batchless_norm(
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
-            requires grad. When False, the sums are skipped and nll is None.
+            requires grad. When False, nll is None (where no gradient is needed, y comes from the
+            inference op, without the sums).
 
     Returns:
         y: same shape, dtype and memory format as x; differentiable in x, weight, bias.
@@ -86,10 +87,21 @@ def batchless_norm(
             parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
         )
 
-    if need_nll and _HAS_FUSED_NLL.get(x.device.type, False):
+    compiled = name in _INFERENCE_BACKENDS
+    if not need_nll and compiled:
+        grad_mode = torch.is_grad_enabled()
+        if not (grad_mode and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+            # No gradient to y (no_grad, or a frozen layer on a frozen input): one op, r computed inside.
+            if grad_mode:  # mean and std_param are constants of y (sg), as in the training op
+                mean, std_param = mean.detach(), std_param.detach()
+            return ops.inference_op()(x, mean, std_param, weight, bias, parametrization, eps), None
+    if (need_nll or compiled) and _HAS_FUSED_NLL.get(x.device.type, False):
         # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
         # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
-        return train_op(name)(x, mean, std_param, weight, bias, parametrization, eps, gauge)
+        # Without need_nll, y still comes from this op: its r is the training's (computed inside the
+        # kernels on CUDA), so that y has the same bits on every path; the NLL is dropped.
+        y, nll = train_op(name)(x, mean, std_param, weight, bias, parametrization, eps, gauge)
+        return y, (nll if need_nll else None)
     forward_op, _ = kernel_ops(name)
     acc = accumulation_dtype(x.dtype)
     rstd, _ = rstd_and_log_std(std_param.detach().to(acc), parametrization, eps)
@@ -157,6 +169,8 @@ def _warn_if_reentrant_checkpoint() -> None:
 # Devices whose compiled library has the one-loop NLL op; elsewhere nll_from_sums composes it from
 # tensor ops. Looked up once: the dispatcher query cannot be traced by torch.compile.
 _HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+# Backends with batchless_norm_inference (the compiled library's; triton composes its forward op).
+_INFERENCE_BACKENDS = ("cpu", "cuda") if ops.extension_loaded() else ()
 
 
 def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):

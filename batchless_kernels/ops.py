@@ -29,6 +29,7 @@ TRAIN_OP = "batchless_kernels::batchless_norm_train"
 TRITON_TRAIN_OP = "batchless_kernels::triton_norm_train"
 TRAIN_FORWARD_OP = "batchless_kernels::batchless_norm_train_forward"
 TRAIN_BACKWARD_OP = "batchless_kernels::batchless_norm_train_backward"
+INFERENCE_OP = "batchless_kernels::batchless_norm_inference"
 
 
 def extension_loaded() -> bool:
@@ -38,6 +39,11 @@ def extension_loaded() -> bool:
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
     """Whether the loaded library registered a kernel of op_name for dispatch_key (CPU, CUDA)."""
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(op_name, dispatch_key)
+
+
+def inference_op():
+    """batchless_norm_inference's overload (csrc/ops.cpp), for the compiled backends."""
+    return torch.ops.batchless_kernels.batchless_norm_inference.default
 
 
 POISON_ENV = "BATCHLESS_POISON_OUTPUTS"
@@ -109,6 +115,11 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
     return dx, dw, db, dmean, dparam
 
 
+def _inference_fake(x, mean, std_param, weight, bias, parametrization, eps):
+    _check_same_device(INFERENCE_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    return output_like(x)
+
+
 def _nll_fake(s1, s2, mean, std_param, count, parametrization, eps, gauge):
     _check_same_device(NLL_OP, s1=s1, s2=s2, mean=mean, std_param=std_param)
     return s1.new_empty(())
@@ -128,5 +139,6 @@ if extension_loaded():
     torch.library.register_fake(TRITON_TRAIN_OP)(_train_fake)
     torch.library.register_fake(TRAIN_FORWARD_OP)(_train_forward_fake)
     torch.library.register_fake(TRAIN_BACKWARD_OP)(_train_backward_fake)
+    torch.library.register_fake(INFERENCE_OP)(_inference_fake)
     # The autograd of FORWARD_OP and NLL_OP is registered in C++ (csrc/autograd.cpp), tens of
     # microseconds less per call than a Python registration.

@@ -1,5 +1,6 @@
-"""Training benchmark of bk.batchless_norm (forward, backward, forward+backward) for every available
-backend, against F.batch_norm, torch.compile'd F.batch_norm and a copy of the same bytes.
+"""Training benchmark of bk.batchless_norm (forward, backward, forward+backward, and inference under
+no_grad) for every available backend, against F.batch_norm (eval mode for inference), torch.compile'd
+F.batch_norm and a copy of the same bytes.
 
     python bench/bench_batchless.py [--full] [--device cpu|cuda] [--out DIR] [--shapes 256x64x32x32 ...]
         [--dtypes float32 bfloat16] [--layouts contiguous channels_last] [--budget SECONDS]
@@ -45,11 +46,12 @@ import torch.nn.functional as F
 import batchless_kernels as bk
 
 BENCH_DIR = Path(__file__).resolve().parent
-PASSES = ("fwd", "bwd", "fwd+bwd")
+PASSES = ("fwd", "bwd", "fwd+bwd", "infer")
 # The bytes each pass must move at least, in units of x's size (the (C,) parameters are
 # negligible): fwd reads x, writes y; bwd reads grad_y and x (x for dweight: the benchmark is
-# affine), writes dx; fwd+bwd is the sum; the copy reads and writes x once.
-BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "copy": 2}
+# affine), writes dx; fwd+bwd is the sum; infer (the forward under no_grad; BatchNorm in eval mode,
+# with its running statistics) reads x, writes y; the copy reads and writes x once.
+BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "infer": 2, "copy": 2}
 
 # (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores and hold
 # the acceptance shape (256, 64, 32, 32); the CUDA default is the GPU target set.
@@ -191,6 +193,11 @@ def batch_norm_training(x, running_mean, running_var, weight, bias):
     return F.batch_norm(x, running_mean, running_var, weight, bias, training=True)
 
 
+def batch_norm_eval(x, case):
+    """BatchNorm's inference: the running statistics, no batch reduction."""
+    return F.batch_norm(x, case.running_mean, case.running_var, case.weight, case.bias, training=False)
+
+
 def batchnorm_forward(fn):
     def forward(x, case):
         return (fn(x, case.running_mean, case.running_var, case.weight, case.bias),), (x, case.weight, case.bias)
@@ -220,18 +227,21 @@ def batchnorm_backend_used(case) -> str:
 
 
 def implementations(device: torch.device, case, wanted=None) -> dict:
-    """impl name -> (backend_used, forward(x, case) -> (outputs, inputs to differentiate)), for the
-    names in `wanted` (None: all)."""
-    makers = {f"batchless-{name}": lambda name=name: (name, batchless_forward(name))
+    """impl name -> (backend_used, forward(x, case) -> (outputs, inputs to differentiate), infer(x, case)
+    or None), for the names in `wanted` (None: all). A batchless layer infers with its training
+    forward (the same function) under no_grad."""
+    makers = {f"batchless-{name}": lambda name=name: (name, batchless_forward(name), batchless_forward(name))
               for name in bk.available_backends(device)}
-    makers["batchnorm"] = lambda: (batchnorm_backend_used(case), batchnorm_forward(batch_norm_training))
-    makers["batchnorm-compiled"] = lambda: ("inductor", batchnorm_forward(compiled_batch_norm()))
+    makers["batchnorm"] = lambda: (batchnorm_backend_used(case), batchnorm_forward(batch_norm_training),
+                                   batch_norm_eval)
+    makers["batchnorm-compiled"] = lambda: ("inductor", batchnorm_forward(compiled_batch_norm()), None)
     return {name: make() for name, make in makers.items() if wanted is None or name in wanted}
 
 
 def pass_steps(forward, case, pass_name):
     """(setup, run) of a pass: setup is untimed and returns run's argument. The backward's setup
-    runs a fresh forward, so the graph is never reused (no retain_graph)."""
+    runs a fresh forward, so the graph is never reused (no retain_graph). For "infer", forward is
+    the implementation's inference function, run under no_grad."""
     sets = case.cycle()
 
     def grads(outputs, grad_y):
@@ -244,6 +254,8 @@ def pass_steps(forward, case, pass_name):
 
     if pass_name == "fwd":
         return (lambda: next(sets)[0]), (lambda x: forward(x, case))
+    if pass_name == "infer":
+        return (lambda: next(sets)[0]), torch.no_grad()(lambda x: forward(x, case))
     if pass_name == "bwd":
         return forward_and_grads, (lambda state: torch.autograd.grad(*state))
     if pass_name == "fwd+bwd":
@@ -312,7 +324,8 @@ def graph_steps(forward, case, pass_name):
         def body():
             for state in states:
                 torch.autograd.grad(*state, retain_graph=True)
-    elif pass_name == "fwd":
+    elif pass_name in ("fwd", "infer"):
+        @torch.no_grad() if pass_name == "infer" else (lambda f: f)
         def body():
             for x, _ in case.sets:
                 forward(x, case)
@@ -392,12 +405,15 @@ def run_case(case, device, budget_s, impls=None, cuda_graphs=False) -> list[dict
     graphs = {}  # key -> () -> ((setup, run), calls)
     if cuda_graphs:
         graphs[("copy", "copy_", "copy", "cuda-graph")] = lambda: graph_copy_steps(case)
-    for impl, (backend_used, forward) in implementations(device, case, impls).items():
+    for impl, (backend_used, forward, infer) in implementations(device, case, impls).items():
         for pass_name in PASSES:
-            tasks[(impl, backend_used, pass_name, "eager")] = pass_steps(forward, case, pass_name)
+            fn = infer if pass_name == "infer" else forward
+            if fn is None:
+                continue
+            tasks[(impl, backend_used, pass_name, "eager")] = pass_steps(fn, case, pass_name)
             if cuda_graphs:
                 graphs[(impl, backend_used, pass_name, "cuda-graph")] = functools.partial(
-                    graph_steps, forward, case, pass_name)
+                    graph_steps, fn, case, pass_name)
     results = measure_all(tasks, device, budget_s)
     per_call = {}
     # One graph at a time: captured, timed, released (each holds its own outputs and memory pool).
@@ -492,7 +508,7 @@ def summary_markdown(rows, meta, wall_s) -> str:
         return f"{by_key.get((*case, impl, 'copy', timing), {}).get('gbps', float('nan')):.1f}"
 
     def head(*extra):
-        return ["| shape | dtype | layout | " + " | ".join(impls) + " | " + " | ".join(extra) + " |",
+        return ["| shape | dtype | layout | " + " | ".join(impls + list(extra)) + " |",
                 "|---|---|---|" + "---|" * (len(impls) + len(extra))]
 
     lines = [
@@ -517,6 +533,20 @@ def summary_markdown(rows, meta, wall_s) -> str:
         load = by_key[(*case, "copy", "copy", "eager")].get("other_load", "")
         why = by_key[(*case, "copy", "copy", "eager")].get("unreliable", "")
         lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} | {why} |")
+    if any(r["pass"] == "infer" for r in rows):
+        lines += [
+            "",
+            "## Inference (no_grad)",
+            "",
+            "The forward under torch.no_grad(), called eagerly: batchless layers compute the same function as in "
+            "training, batchnorm runs in eval mode (running statistics). Cells: median (speedup over batchnorm, "
+            "share of the copy bandwidth; bytes model: 2 x size of x).",
+            "",
+            *head(),
+        ]
+        for case in cases:
+            cells = [cell(by_key.get((*case, impl, "infer", "eager"), {})) for impl in impls]
+            lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + " |")
     if any(r["timing"] == "cuda-graph" for r in rows):
         lines += [
             "",
@@ -605,11 +635,11 @@ def main(argv=None) -> None:
                 row["unreliable"] = why
             rows += case_rows
             write_csv(out / "results.csv", rows, meta)  # after every case: a run cut off keeps its rows
-            times = ", ".join(f"{r['impl']}{' (graph)' * (r['timing'] == 'cuda-graph')} {r['median_ms']:.3g}"
-                              for r in case_rows
-                              if r["pass"] == "fwd+bwd" and "median_ms" in r)
+            times = {p: ", ".join(f"{r['impl']}{' (graph)' * (r['timing'] == 'cuda-graph')} {r['median_ms']:.3g}"
+                                  for r in case_rows if r["pass"] == p and "median_ms" in r)
+                     for p in ("fwd+bwd", "infer")}
             print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
-                  f"fwd+bwd ms {times}; copy {case_rows[0].get('gbps', float('nan')):.1f} GB/s; other load {fmt(load)}"
+                  f"fwd+bwd ms {times['fwd+bwd']}; infer ms {times['infer']}; copy {case_rows[0].get('gbps', float('nan')):.1f} GB/s; other load {fmt(load)}"
                   + (f"; UNRELIABLE: {why}" if why else ""), flush=True)
     wall_s = time.perf_counter() - start
 

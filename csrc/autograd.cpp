@@ -48,9 +48,7 @@ using NllBackwardSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Ten
 
 bool present(const c10::optional<Tensor>& t) { return t.has_value() && t->defined(); }
 
-// t.to(dtype) without calling aten::to when t already has it: ops called above the backend keys may
-// not return an input (torch.library.opcheck's schema check), and aten::to would.
-Tensor in_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+using host::in_dtype;
 
 // The backward op's formulas in differentiable ATen ops (create_graph=True). Not fused.
 std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y, const Tensor& x,
@@ -106,8 +104,8 @@ std::array<bool, 3> norm_mask(AutogradContext* ctx, bool has_w) {
 void store_norm_grads(AutogradContext* ctx, std::array<bool, 3> mask, const Tensor& dx, const Tensor& dw,
                       const Tensor& db, variable_list& out) {
   if (mask[0]) out[0] = dx;
-  if (mask[1]) out[3] = dw.to(static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
-  if (mask[2]) out[4] = db.to(static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
+  if (mask[1]) out[3] = in_dtype(dw, static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+  if (mask[2]) out[4] = in_dtype(db, static_cast<at::ScalarType>(ctx->saved_data["bias_dtype"].toInt()));
 }
 
 // x, weight, bias gradients from grad_y into out[0], out[3], out[4].
@@ -337,6 +335,18 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
   }
 };
 
+// batchless_norm_inference's default implementation (every device without its own): r by tensor ops,
+// then the forward op without sums.
+Tensor inference_composite(const Tensor& x, const Tensor& mean, const Tensor& std_param,
+                           const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                           c10::string_view parametrization, double eps) {
+  static const auto op = find_op<ForwardSignature>(CompiledKernels::forward);
+  TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
+  const Tensor rstd = nll::rstd_of(in_dtype(std_param, host::accumulation_type(x.scalar_type())),
+                                   nll::parse_parametrization(parametrization), eps);
+  return std::get<0>(op.call(x, mean, rstd, weight, bias, /*compute_stats=*/false));
+}
+
 // Below autograd (no gradient wanted, fake tensors): the same values without a node.
 template <typename Kernels>
 std::tuple<Tensor, Tensor> train_composite(const Tensor& x, const Tensor& mean, const Tensor& std_param,
@@ -409,6 +419,7 @@ TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {
   m.impl("triton_norm_train", &train_composite<TritonKernels>);
   m.impl("batchless_norm_train_forward", &train_forward_composite);
   m.impl("batchless_norm_train_backward", &train_backward_composite);
+  m.impl("batchless_norm_inference", &inference_composite);
 }
 
 }  // namespace batchless_kernels

@@ -71,6 +71,11 @@ inline at::ScalarType accumulation_type(at::ScalarType st) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// t.to(dtype) without calling aten::to when t already has it: a dispatched no-op costs host time on
+// every call, and ops called above the backend keys may not return an input (torch.library.opcheck's
+// schema check), which aten::to would.
+inline Tensor in_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
 // Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
 template <typename F>
 void dispatch_bool(bool value, const F& f) {
@@ -123,7 +128,7 @@ inline void check_channel_tensor(const c10::optional<Tensor>& t, const char* nam
 // Per-channel parameters in the accumulation dtype, contiguous; absent ones become `fill`.
 inline Tensor channel_param(const c10::optional<Tensor>& t, const Tensor& x, at::ScalarType acc,
                             double fill) {
-  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
+  if (t.has_value() && t->defined()) return in_dtype(*t, acc).contiguous();
   return at::full({x.size(1)}, fill, x.options().dtype(acc));
 }
 

@@ -104,6 +104,15 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
 
 }  // namespace nll
 
+// batchless_nll and batchless_nll_backward on the CPU (csrc/cpu/batchless_nll_cpu.cpp), also called
+// directly by the CPU training ops.
+at::Tensor nll_cpu(const at::Tensor& s1, const at::Tensor& s2, const at::Tensor& mean, const at::Tensor& std_param,
+                   int64_t count, c10::string_view parametrization, double eps, bool gauge);
+std::tuple<at::Tensor, at::Tensor> nll_backward_cpu(const at::Tensor& grad_nll, const at::Tensor& s1,
+                                                    const at::Tensor& s2, const at::Tensor& mean,
+                                                    const at::Tensor& std_param, int64_t count,
+                                                    c10::string_view parametrization, double eps);
+
 // batchless_nll_backward's CUDA kernel (csrc/cuda/batchless_nll_cuda.cu), also run by the training
 // backward where its second stage does not compute the NLL's gradients.
 std::tuple<at::Tensor, at::Tensor> nll_backward_cuda(const at::Tensor& grad_nll, const at::Tensor& s1,

@@ -62,6 +62,12 @@ TORCH_LIBRARY(batchless_kernels, m) {
   m.def(
       "batchless_norm_train_forward(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
       "str parametrization, float eps, bool gauge) -> (Tensor y, Tensor s1, Tensor s2, Tensor rstd, Tensor nll)");
+  // Inference: y as batchless_norm_forward without the sums, r = 1/sigma computed from std_param by
+  // `parametrization`, `eps` (the same bits as the training op's y). No gradient: for calls that
+  // need none (no_grad, frozen layers). CPU: no intermediate op; CUDA: one launch, r computed in it.
+  m.def(
+      "batchless_norm_inference(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
+      "str parametrization, float eps) -> Tensor");
   // Its backward below autograd, for the compiled kernels: batchless_norm_backward's (dx, dweight,
   // dbias) from grad_y and batchless_nll_backward's (dmean, dstd_param) from grad_nll, selected by
   // output_mask (unselected outputs are empty; dmean and dstd_param come in the dtypes of mean and

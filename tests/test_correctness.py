@@ -376,27 +376,34 @@ def test_pinned_values(case, parametrization, gauge):
 @pytest.mark.parametrize("shape, layout", [((3, 5, 4, 6), "contiguous"), ((3, 5, 4, 6), "channels_last"),
                                            ((11, 7), "contiguous"), ((3, 5, 9), "strided")], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_need_nll(case, shape, layout, dtype):
-    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, "inv")
+@pytest.mark.parametrize("parametrization", ["inv", "log"])
+def test_need_nll(case, shape, layout, dtype, parametrization):
+    """The NLL only where asked for, and y with the same bits on every path: training (the training
+    op), need_nll=False (the forward op), no_grad and frozen layers (the inference op)."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization)
     params = [t.detach().requires_grad_() for t in (mean, std_param, weight, bias)]
-    y_with, nll_with = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name)
+    kwargs = dict(parametrization=parametrization, backend=case.name)
+    y_with, nll_with = bk.batchless_norm(x, *params, **kwargs)
     assert nll_with is not None  # default: grad mode on and mean/std_param require grad
-    y_without, nll_without = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name,
-                                               need_nll=False)
+    y_without, nll_without = bk.batchless_norm(x, *params, **kwargs, need_nll=False)
     assert nll_without is None
     assert torch.equal(y_with, y_without)
 
     with torch.no_grad():
-        y_ng, nll_ng = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name)
-        assert nll_ng is None
+        y_ng, nll_ng = bk.batchless_norm(x, *params, **kwargs)
+        assert nll_ng is None and not y_ng.requires_grad
         assert torch.equal(y_ng, y_with)
-        _, nll_forced = bk.batchless_norm(x, *params, parametrization="inv", backend=case.name, need_nll=True)
+        _, nll_forced = bk.batchless_norm(x, *params, **kwargs, need_nll=True)
         assert nll_forced is not None
         assert torch.equal(nll_forced, nll_with.detach())
 
-    # parameters that do not require grad: no NLL by default
-    _, nll_frozen = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="inv", backend=case.name)
-    assert nll_frozen is None
+    # parameters that do not require grad: no NLL by default, and y carries no graph
+    y_frozen, nll_frozen = bk.batchless_norm(x.detach(), mean, std_param, weight, bias, **kwargs)
+    assert nll_frozen is None and not y_frozen.requires_grad
+    assert torch.equal(y_frozen, y_with)
+    # need_nll=False with only mean and std_param requiring grad: they are constants of y (sg)
+    y_sg, _ = bk.batchless_norm(x.detach(), params[0], params[1], weight, bias, **kwargs, need_nll=False)
+    assert not y_sg.requires_grad and torch.equal(y_sg, y_with)
 
 
 # ------------------------------------------------------------------------------------------------

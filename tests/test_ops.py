@@ -452,6 +452,21 @@ def test_opcheck_train_forward(device, shape, layout, dtype, affine, _, parametr
         torch.testing.assert_close(nll, want_nll, rtol=1e-5, atol=1e-6)
 
 
+@_each_train_op_case
+def test_opcheck_inference(device, shape, layout, dtype, affine, _, parametrization):
+    """The inference op (y alone, r computed inside): schema, fake kernel, and the same bits as the
+    training op's y, so that training and inference compute one function."""
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
+    op = torch.ops.batchless_kernels.batchless_norm_inference.default
+    args = (x, mean, std_param, weight, bias, parametrization, 1e-5)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    y = op(*args)  # outputs start poisoned (conftest)
+    want = torch.ops.batchless_kernels.batchless_norm_train_forward(x, mean, std_param, weight, bias, parametrization,
+                                                                    1e-5, True)[0]
+    assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == want.stride()
+    assert torch.equal(y, want)
+
+
 @needs_ops
 @pytest.mark.parametrize("device", _device_params())
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "batchless_host.h"
 #include "batchless_nll.h"
 
 #include <cmath>
@@ -11,14 +12,15 @@
 #include <tuple>
 
 namespace batchless_kernels {
-namespace {
 
 using at::Tensor;
 
+namespace {
 using nll::check_nll_args;
 using nll::parse_parametrization;
 using nll::Parametrization;
 using nll::Sigma;
+}  // namespace
 
 Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Tensor& std_param,
                int64_t count, c10::string_view parametrization, double eps, bool gauge) {
@@ -27,7 +29,7 @@ Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Ten
   Tensor out = at::empty({}, s1.options());
   AT_DISPATCH_FLOATING_TYPES(s1.scalar_type(), "batchless_nll", [&] {
     const Tensor s2c = s2.contiguous();
-    const Tensor pc = std_param.to(s1.scalar_type()).contiguous();
+    const Tensor pc = host::in_dtype(std_param, s1.scalar_type()).contiguous();
     const scalar_t* s2p = s2c.const_data_ptr<scalar_t>();
     const scalar_t* pp = pc.const_data_ptr<scalar_t>();
     const int64_t C = pc.numel();
@@ -39,7 +41,7 @@ Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Ten
     const scalar_t mean_log = log_total / C;
     const scalar_t data = data_total / (scalar_t(2) * scalar_t(count) * C);
     // With the gauge, mean_log cancels in value (it stays in the gradient through nll_backward).
-    out.fill_(gauge ? data - scalar_t(0.5) : mean_log + data);
+    *out.data_ptr<scalar_t>() = gauge ? data - scalar_t(0.5) : mean_log + data;
   });
   return out;
 }
@@ -55,14 +57,16 @@ std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor
   Tensor dparam = at::empty({std_param.numel()}, s1.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "batchless_nll_backward", [&] {
     const Tensor s1c = s1.contiguous(), s2c = s2.contiguous();
-    const Tensor pc = std_param.to(acc).contiguous();
+    const Tensor pc = host::in_dtype(std_param, acc).contiguous();
     const scalar_t* s1p = s1c.const_data_ptr<scalar_t>();
     const scalar_t* s2p = s2c.const_data_ptr<scalar_t>();
     const scalar_t* pp = pc.const_data_ptr<scalar_t>();
     scalar_t* dm = dmean.data_ptr<scalar_t>();
     scalar_t* dp = dparam.data_ptr<scalar_t>();
     const int64_t C = pc.numel();
-    const scalar_t g = grad_nll.item().to<scalar_t>() / C;
+    // grad_nll's one value (a CPU tensor of the sums' dtype, as autograd passes it: read in place)
+    const bool in_place = grad_nll.numel() == 1 && grad_nll.is_cpu() && grad_nll.scalar_type() == acc;
+    const scalar_t g = (in_place ? *grad_nll.const_data_ptr<scalar_t>() : grad_nll.item().to<scalar_t>()) / C;
     const scalar_t n = scalar_t(count);
     for (int64_t c = 0; c < C; ++c) {
       const nll::NllGrads<scalar_t> grads(Sigma<scalar_t>(pp[c], kind, scalar_t(eps)), g, s1p[c], s2p[c], n);
@@ -70,10 +74,8 @@ std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor
       dp[c] = grads.dparam;
     }
   });
-  return {dmean.to(mean.scalar_type()), dparam.to(std_param.scalar_type())};
+  return {host::in_dtype(dmean, mean.scalar_type()), host::in_dtype(dparam, std_param.scalar_type())};
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CPU, m) {
   m.impl("batchless_nll", &nll_cpu);

@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include "batchless_host.h"
+#include "batchless_nll.h"
 
 #include <algorithm>
 #include <array>
@@ -157,6 +158,29 @@ void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
   });
 }
 
+// Zeroed partial sums: on the stack when they are few (a small input's step allocates nothing more
+// than its outputs), else a tensor.
+template <typename opmath_t>
+class Partials {
+ public:
+  static constexpr int64_t kOnStack = 1024;
+  explicit Partials(int64_t n) {
+    if (n > kOnStack) {
+      tensor_ = at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+      data_ = tensor_.data_ptr<opmath_t>();
+    } else {
+      std::fill_n(stack_, n, opmath_t(0));
+      data_ = stack_;
+    }
+  }
+  opmath_t* data() { return data_; }
+
+ private:
+  opmath_t stack_[kOnStack];
+  Tensor tensor_;
+  opmath_t* data_;
+};
+
 // Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
 // the partials into out0, out1 (C,) when `reduce` is set.
 //   channels-first body(n0, n1, c, s0, s1, p0, p1): sums of its segment into *p0, *p1;
@@ -165,13 +189,19 @@ void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
 template <typename opmath_t, typename FirstBody, typename LastBody>
 void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
                const FirstBody& first_body, const LastBody& last_body) {
-  const auto acc = c10::CppTypeToScalarType<opmath_t>::value;
   if (g.layout == Layout::kChannelsFirst) {
     const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
-    const int64_t slots = reduce ? t.num_slots(g.C) : 1;
-    Tensor partials = at::zeros({2, slots}, at::TensorOptions().dtype(acc));
-    opmath_t* p0 = partials.data_ptr<opmath_t>();
-    opmath_t* p1 = p0 + slots;
+    // One slot per channel (one sample block, one segment per plane): the totals themselves.
+    const bool direct = reduce && t.num_slots(g.C) == g.C;
+    const int64_t slots = reduce && !direct ? t.num_slots(g.C) : 0;
+    Partials<opmath_t> partials(2 * slots);
+    opmath_t scratch[2];  // the slot of a task that does not reduce
+    opmath_t* p0 = slots ? partials.data() : direct ? out0 : scratch;
+    opmath_t* p1 = slots ? p0 + slots : direct ? out1 : scratch + 1;
+    if (direct) {
+      std::fill_n(out0, g.C, opmath_t(0));
+      std::fill_n(out1, g.C, opmath_t(0));
+    }
     if (t.small_planes()) {
       const int64_t grain = std::max<int64_t>(1, kTaskElements / (t.n_block * g.C * g.S));
       at::parallel_for(0, t.num_nb, grain, [&](int64_t begin, int64_t end) {
@@ -200,23 +230,30 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
         }
       });
     }
-    if (reduce) reduce_partials<opmath_t, 2>(g.C, {p0, p1}, {out0, out1}, t.num_nb, t.num_sb);
+    if (slots) reduce_partials<opmath_t, 2>(g.C, {p0, p1}, {out0, out1}, t.num_nb, t.num_sb);
   } else {
     const int64_t M = g.N * g.S;
     const ChannelsLastTiling t(M, g.C);
-    Tensor partials = at::zeros({2, reduce ? t.num_rb : 1, g.C}, at::TensorOptions().dtype(acc));
-    opmath_t* p = partials.data_ptr<opmath_t>();
-    const int64_t plane = (reduce ? t.num_rb : 1) * g.C;
+    // Partial rows (num_rb, C) per statistic; with one block of rows, the totals themselves. A task
+    // that does not reduce writes none.
+    const bool direct = reduce && t.num_rb == 1;
+    Partials<opmath_t> partials(reduce && !direct ? 2 * t.num_rb * g.C : 0);
+    opmath_t* q0 = direct ? out0 : reduce ? partials.data() : nullptr;
+    opmath_t* q1 = direct ? out1 : reduce ? q0 + t.num_rb * g.C : nullptr;
+    if (direct) {
+      std::fill_n(out0, g.C, opmath_t(0));
+      std::fill_n(out1, g.C, opmath_t(0));
+    }
     at::parallel_for(0, t.num_rb * t.num_cb, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rb = task / t.num_cb;
         const int64_t cb = task % t.num_cb;
         const int64_t row = reduce ? rb * g.C : 0;
         last_body(rb * t.r_block, std::min(M, (rb + 1) * t.r_block), cb * t.c_block,
-                  std::min(g.C, (cb + 1) * t.c_block), p + row, p + plane + row);
+                  std::min(g.C, (cb + 1) * t.c_block), q0 + row, q1 + row);
       }
     });
-    if (reduce) reduce_partials<opmath_t, 2>(g.C, {p, p + plane}, {out0, out1}, t.num_rb, 1);
+    if (reduce && !direct) reduce_partials<opmath_t, 2>(g.C, {q0, q1}, {out0, out1}, t.num_rb, 1);
   }
 }
 
@@ -384,7 +421,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   opmath_t* o2 = kDb ? db.data_ptr<opmath_t>() : nullptr;
   if constexpr (kReduce) {
     // Reduce both slots; the one not asked for is summed into a scratch buffer.
-    Tensor scratch = at::empty({g.C}, dw.defined() && dw.numel() ? dw.options() : db.options());
+    Tensor scratch;
+    if (!(kDw && kDb)) scratch = at::empty({g.C}, kDw ? dw.options() : db.options());
     if (!o1) o1 = scratch.data_ptr<opmath_t>();
     if (!o2) o2 = scratch.data_ptr<opmath_t>();
     run_tiled<opmath_t>(g, K, true, o1, o2, first, last);
@@ -417,11 +455,63 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
   return plan.finish();
 }
 
+// ------------------------------------------------------------------------------------------
+// Training ops and inference: the kernels above and the NLL's loop, called directly (no dispatcher,
+// no autograd in between), so that a small layer costs the host as little as possible.
+// ------------------------------------------------------------------------------------------
+
+// r = 1/sigma (C,) in the accumulation dtype by the tensor ops of parametrization.rstd_and_log_std:
+// the same bits on every path (training, inference, batchless_norm_forward's callers).
+Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
+  TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
+  host::check_x(x, "x", c10::DeviceType::CPU);
+  host::check_channel_tensor(std_param, "std_param", x);
+  Tensor rstd = nll::rstd_of(host::in_dtype(std_param, host::accumulation_type(x.scalar_type())), kind, eps);
+  return rstd.is_same(std_param) ? rstd.clone() : rstd;  // inv: r is p; an op's output never aliases its input
+}
+
+// batchless_norm_train_forward (csrc/ops.cpp): y, the sums, r and the NLL.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cpu(
+    const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
+  Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  auto [y, s1, s2] = forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/true);
+  // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
+  Tensor nll = x.numel() == 0 ? at::zeros({}, s1.options())
+                              : nll_cpu(s1, s2, mean, std_param, x.numel() / x.size(1), parametrization, eps, gauge);
+  return {y, s1, s2, rstd, nll};
+}
+
+// batchless_norm_train_backward (csrc/ops.cpp): the backward kernel and the NLL's gradients.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cpu(
+    const Tensor& grad_y, const Tensor& grad_nll, const c10::optional<Tensor>& x, const Tensor& mean,
+    const Tensor& std_param, const Tensor& rstd, const c10::optional<Tensor>& weight, const Tensor& s1,
+    const Tensor& s2, int64_t count, c10::string_view parametrization, double eps, std::array<bool, 5> mask) {
+  auto [dx, dw, db] = backward_cpu(grad_y, x, mean, rstd, weight, {mask[0], mask[1], mask[2]});
+  Tensor dmean, dparam;
+  if (mask[3] || mask[4]) {
+    std::tie(dmean, dparam) = nll_backward_cpu(grad_nll, s1, s2, mean, std_param, count, parametrization, eps);
+  }
+  if (!mask[3]) dmean = at::empty({0}, mean.options());
+  if (!mask[4]) dparam = at::empty({0}, std_param.options());
+  return {dx, dw, db, dmean, dparam};
+}
+
+// batchless_norm_inference (csrc/ops.cpp): y alone, r computed here.
+Tensor inference_cpu(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+                     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  return std::get<0>(forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/false));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CPU, m) {
   m.impl("batchless_norm_forward", &forward_cpu);
   m.impl("batchless_norm_backward", &backward_cpu);
+  m.impl("batchless_norm_train_forward", &train_forward_cpu);
+  m.impl("batchless_norm_train_backward", &train_backward_cpu);
+  m.impl("batchless_norm_inference", &inference_cpu);
 }
 
 }  // namespace batchless_kernels

@@ -743,6 +743,28 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
 
 }  // namespace
 
+// The checks and plan of the ops that take std_param (training forward, inference; under the caller's
+// device guard): std_param takes the plan's rstd slot, which brings it to the accumulation dtype,
+// contiguous, and the kernels compute r from it (params_with_std_param).
+host::ForwardPlan plan_with_std_param(const Tensor& x, const Tensor& mean, const Tensor& std_param,
+                                      const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
+                                      double eps, bool compute_stats, const char* op) {
+  TORCH_CHECK(eps > 0, op, ": eps must be positive, got ", eps);
+  host::check_x(x, "x", c10::DeviceType::CUDA);
+  host::check_channel_tensor(std_param, "std_param", x);
+  return host::plan_forward(x, mean, std_param, weight, bias, compute_stats, c10::DeviceType::CUDA);
+}
+
+template <typename acc_t>
+Params<acc_t> params_with_std_param(const host::ForwardPlan& plan, nll::Parametrization kind, double eps) {
+  auto params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias);
+  params.std_param = params.rstd;
+  params.rstd = nullptr;
+  params.kind = kind;
+  params.eps = static_cast<acc_t>(eps);
+  return params;
+}
+
 // The training op's forward (csrc/ops.cpp, batchless_norm_train_forward) in two launches: the fused
 // forward with r computed from std_param in every thread, and the second stage, which also writes r
 // and the NLL (NllEpilogue).
@@ -750,13 +772,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
   TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(eps > 0, "batchless_norm_train_forward: eps must be positive, got ", eps);
   const auto kind = nll::parse_parametrization(parametrization);
   const c10::cuda::CUDAGuard guard(x.device());
-  host::check_x(x, "x", c10::DeviceType::CUDA);
-  host::check_channel_tensor(std_param, "std_param", x);
-  // std_param takes the plan's rstd slot: the plan brings it to the accumulation dtype, contiguous.
-  auto plan = host::plan_forward(x, mean, std_param, weight, bias, /*compute_stats=*/true, c10::DeviceType::CUDA);
+  auto plan = plan_with_std_param(x, mean, std_param, weight, bias, eps, /*compute_stats=*/true,
+                                  "batchless_norm_train_forward");
   const auto acc_opts = plan.s1.options();
   Tensor rstd, nll;
   if (plan.empty) {  // nothing to launch: r by tensor ops, nll = 0 (reference.py)
@@ -769,11 +788,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
     nll = host::poisoned(at::empty({}, acc_opts));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_train_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      auto params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias);
-      params.std_param = params.rstd;
-      params.rstd = nullptr;
-      params.kind = kind;
-      params.eps = static_cast<acc_t>(eps);
+      const auto params = params_with_std_param<acc_t>(plan, kind, eps);
       NllEpilogue<acc_t> epilogue;
       epilogue.std_param = params.std_param;
       epilogue.kind = kind;
@@ -790,6 +805,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
   }
   auto [y, s1, s2] = plan.finish();
   return {y, s1, s2, rstd, nll};
+}
+
+// batchless_norm_inference (csrc/ops.cpp) in one launch: the forward without sums, with r computed
+// from std_param in every thread as the training forward computes it (the same bits as its y).
+Tensor inference_cuda(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
+                      const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
+  TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
+  const auto kind = nll::parse_parametrization(parametrization);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto plan = plan_with_std_param(x, mean, std_param, weight, bias, eps, /*compute_stats=*/false,
+                                  "batchless_norm_inference");
+  if (!plan.empty) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_inference_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const auto params = params_with_std_param<acc_t>(plan, kind, eps);
+      const scalar_t* xp = plan.x.const_data_ptr<scalar_t>();
+      scalar_t* yp = plan.y_buffer.data_ptr<scalar_t>();
+      launch(plan.geometry, ForwardOp<scalar_t, false>{xp, yp}, params, nullptr, nullptr, {xp, yp}, plan.s1.options());
+    });
+  }
+  return std::get<0>(plan.finish());
 }
 
 // The training op's backward (csrc/ops.cpp, batchless_norm_train_backward) in two launches when it
@@ -850,6 +886,7 @@ TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
   m.impl("batchless_norm_forward", &forward_cuda);
   m.impl("batchless_norm_backward", &backward_cuda);
   m.impl("batchless_norm_train_forward", &train_forward_cuda);
+  m.impl("batchless_norm_inference", &inference_cuda);
 }
 
 }  // namespace batchless_kernels

@@ -34,7 +34,7 @@ from . import build
 MUTANT_ENV = "BATCHLESS_CUDA_EMULATION_MUTANT"
 # The kernel ops the launchers of csrc/cuda implement (TORCH_LIBRARY_IMPL(batchless_kernels, CUDA)).
 KERNEL_OPS = ("batchless_norm_forward", "batchless_norm_backward", "batchless_nll", "batchless_nll_backward",
-              "batchless_norm_train_forward", "batchless_norm_train_backward")
+              "batchless_norm_train_forward", "batchless_norm_train_backward", "batchless_norm_inference")
 DEVICES_ENV = "BATCHLESS_CUDA_EMULATION_DEVICES"
 # The simulated devices of the emulated backends: (SM count, blocks per SM; 0 = from the block size).
 # BATCHLESS_CUDA_EMULATION_DEVICES="132:0,1:1" (the default) chooses others, e.g. "132:0" for one.
