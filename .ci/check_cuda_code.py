@@ -42,7 +42,7 @@ def fail(message: str) -> None:
 
 def main() -> None:
     kernel_ops = (ops.FORWARD_OP, ops.BACKWARD_OP, ops.NLL_OP, ops.NLL_BACKWARD_OP, ops.TRAIN_FORWARD_OP,
-                  ops.TRAIN_BACKWARD_OP)
+                  ops.TRAIN_BACKWARD_OP, ops.INFERENCE_OP)
     missing = [op for op in kernel_ops if not ops.has_kernel(op, "CUDA")]
     if missing:
         fail(f"no CUDA kernel registered for {missing}")
