@@ -1,5 +1,6 @@
-"""Host time of one eager training step (forward with the NLL, backward) of the GPU backends and of
-F.batch_norm at small shapes, where the step is bound by the host's time to issue it
+"""Host time of one eager training step (forward with the NLL, backward) and of one inference call
+(no_grad; BatchNorm in eval mode) of the GPU backends and of F.batch_norm at small shapes, where the
+step is bound by the host's time to issue it
 (.ci/gpu_session.sh, step "host"):
 
     python .ci/profile_host.py [--device cuda|cpu] [--steps N]
@@ -23,11 +24,19 @@ import batchless_kernels as bk
 SHAPES = [(32, 256), (64, 256, 7, 7)]
 
 
-def make_step(impl, x, grad_y, params):
+def make_step(impl, x, grad_y, params, inference=False):
+    """One training step (forward with the NLL, backward), or with inference one forward under
+    no_grad (BatchNorm in eval mode)."""
     mean, std_param, weight, bias = params
     one = torch.ones((), device=x.device)
     running_mean, running_var = torch.zeros_like(mean), torch.ones_like(mean)
-    if impl == "batchnorm":
+    if inference:
+        @torch.no_grad()
+        def step():
+            if impl == "batchnorm":
+                return F.batch_norm(x, running_mean, running_var, weight, bias, training=False)
+            return bk.batchless_norm(x, mean, std_param, weight, bias, backend=impl)
+    elif impl == "batchnorm":
         def step():
             y = F.batch_norm(x, running_mean, running_var, weight, bias, training=True)
             return torch.autograd.grad(y, (x, weight, bias), grad_y)
@@ -52,8 +61,8 @@ def main(argv=None) -> None:
         x = torch.randn(shape, device=device).requires_grad_()
         grad_y = torch.randn_like(x)
         params = [torch.randn(shape[1], device=device).requires_grad_() for _ in range(4)]
-        for impl in impls:
-            step = make_step(impl, x, grad_y, params)
+        for impl, inference in [(impl, inference) for inference in (False, True) for impl in impls]:
+            step = make_step(impl, x, grad_y, params, inference)
             for _ in range(min(20, args.steps)):
                 step()
             sync()
@@ -62,7 +71,8 @@ def main(argv=None) -> None:
                 step()
             sync()
             per_step_us = (time.perf_counter() - t0) / args.steps * 1e6
-            print(f"\n## {impl} {'x'.join(map(str, shape))}: {per_step_us:.1f} us per step (host, {args.steps} steps)")
+            what = "inference call (no_grad)" if inference else "training step"
+            print(f"\n## {impl} {'x'.join(map(str, shape))}: {per_step_us:.1f} us per {what} (host, {args.steps} steps)")
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(min(50, args.steps)):
                     step()
