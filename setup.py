@@ -64,7 +64,9 @@ def _cpu_isa_flags():
         raise ValueError(f"BATCHLESS_CPU_ISA must be auto, avx512, avx2 or default, got {isa!r}")
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if isa == "avx512" or (isa == "auto" and x86 and _cpu_has("avx512f", "avx512bw", "avx512vl", "avx512dq")):
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+        # bf16 stores in one instruction where this machine has it (csrc/cpu: Chunk::store)
+        bf16 = ["-mavx512bf16"] if isa == "auto" and _cpu_has("avx512_bf16") else []
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", *bf16, "-mfma", "-mf16c",
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if isa == "avx2" or (isa == "auto" and x86 and _cpu_has("avx2", "fma", "f16c")):
         return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

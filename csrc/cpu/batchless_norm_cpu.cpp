@@ -68,6 +68,20 @@ struct Chunk {
     }
   }
   static void store(scalar_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      // One instruction rounds 32 floats to nearest even (at::vec's emulation takes ~16): on AVX-512
+      // the bf16 loops are bound by this conversion, not by memory. NaN stays NaN; fp32 denormals
+      // (below 1.2e-38) become zero (the instruction's DAZ), where at::vec keeps bf16 denormals.
+      const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a: low half
+      if (n == kSize) {
+        _mm512_storeu_si512(p, packed);
+      } else {
+        _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t(1) << n) - 1), packed);
+      }
+      return;
+    }
+#endif
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
       at::vec::convert_from_float<scalar_t>(a, b).store(p, n);
     } else {
