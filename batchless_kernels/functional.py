@@ -45,8 +45,11 @@ def batchless_norm(
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
-            requires grad. When False, nll is None (where no gradient is needed, y comes from the
-            inference op, without the sums).
+            requires grad. When False, nll is None. Where y needs no gradient either (no_grad, a
+            frozen layer on a frozen input), the compiled backends run the inference op, without
+            the sums; where y needs one (e.g. frozen mean and std_param, trainable x), they run the
+            training op and drop its NLL, so that y has the same bits on every path: its sums cost
+            arithmetic, not memory traffic, on the CPU, and a second small launch on CUDA.
 
     Returns:
         y: same shape, dtype and memory format as x; differentiable in x, weight, bias.

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "batchless_host.h"
@@ -412,6 +413,9 @@ TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
   m.impl("batchless_nll", &nll_autograd);
   m.impl("batchless_norm_train", &train_autograd<CompiledKernels>);
   m.impl("triton_norm_train", &train_autograd<TritonKernels>);
+  // y without a gradient formula (functional.py calls it only where none is needed): inputs that
+  // require grad give an output whose backward raises, never a silently missing gradient.
+  m.impl("batchless_norm_inference", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {

@@ -22,6 +22,11 @@ import batchless_kernels as bk
 DEVICE_TYPES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # not conftest's: see the test
 
 SHAPES = [(32, 256), (8, 64, 8, 8)]  # small inputs, where the host's work is the step's cost
+# Dispatched ops per call, everything counted (the library's ops, allocations, r's tensor ops):
+# forward: the training op, its forward, neg + exp (r), y, s1, s2, the NLL (empty_like's empty_strided
+# counts too); backward: its op, dx (2), dweight, dbias, dmean, dstd_param; inference: its op, neg + exp,
+# y (2), the two empty sums.
+MAX_OPS = {"forward": 9, "backward": 7, "inference": 7}
 COMPILED = [pytest.param(name, device, marks=[pytest.mark.gpu] if device == "cuda" else [])
             for device in DEVICE_TYPES for name in ("cpu", "cuda") if name in bk.available_backends(device)]
 
@@ -85,9 +90,10 @@ def count_layer(backend: str, device: str, shape) -> dict:
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_training_layer_is_one_node_and_one_op_per_pass(backend, device, shape):
     """One autograd node for y and the NLL; per pass one op of the library (the training op and its
-    forward below autograd; its backward; the inference op) and no more dispatched ops than
-    F.batch_norm's. Counted in a child process: the test suite's poisoned outputs (conftest) add
-    fills that a user's call does not make."""
+    forward below autograd; its backward; the inference op) and at most MAX_OPS dispatched ops in all,
+    F.batch_norm's count printed beside (torch 2.13, (32, 256): 16, 11 and 10; its count varies with
+    torch's version, ours is this library's). Counted in a child process: the test suite's poisoned
+    outputs (conftest) add fills that a user's call does not make."""
     env = {k: v for k, v in os.environ.items() if k != "BATCHLESS_POISON_OUTPUTS"}
     script = f"import json, test_host_overhead as t; print(json.dumps(t.count_layer({backend!r}, {device!r}, {shape!r})))"
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, env=env, capture_output=True,
@@ -104,4 +110,4 @@ def test_training_layer_is_one_node_and_one_op_per_pass(backend, device, shape):
         print(f"{phase}: {sum(ours.values())} ops {ours}; F.batch_norm {sum(batch_norm.values())} ops {batch_norm}")
         assert {n.split("::")[1]: k for n, k in ours.items() if n.startswith("batchless_kernels::")} == expected, \
             (phase, ours)
-        assert sum(ours.values()) <= sum(batch_norm.values()), (phase, ours, batch_norm)
+        assert sum(ours.values()) <= MAX_OPS[phase], (phase, ours)

@@ -178,6 +178,8 @@ template <typename opmath_t>
 class Partials {
  public:
   static constexpr int64_t kOnStack = 1024;
+  Partials(const Partials&) = delete;  // data_ may point into this object
+  Partials& operator=(const Partials&) = delete;
   explicit Partials(int64_t n) {
     if (n > kOnStack) {
       tensor_ = at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value));
@@ -475,13 +477,13 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
 // ------------------------------------------------------------------------------------------
 
 // r = 1/sigma (C,) in the accumulation dtype by the tensor ops of parametrization.rstd_and_log_std:
-// the same bits on every path (training, inference, batchless_norm_forward's callers).
+// the same bits on every path (training, inference, batchless_norm_forward's callers). With inv, r
+// may be std_param itself.
 Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
   TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CPU);
   host::check_channel_tensor(std_param, "std_param", x);
-  Tensor rstd = nll::rstd_of(host::in_dtype(std_param, host::accumulation_type(x.scalar_type())), kind, eps);
-  return rstd.is_same(std_param) ? rstd.clone() : rstd;  // inv: r is p; an op's output never aliases its input
+  return nll::rstd_of(host::in_dtype(std_param, host::accumulation_type(x.scalar_type())), kind, eps);
 }
 
 // batchless_norm_train_forward (csrc/ops.cpp): y, the sums, r and the NLL.
@@ -489,6 +491,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
   Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  if (rstd.is_same(std_param)) rstd = rstd.clone();  // inv: an op's output never aliases its input
   auto [y, s1, s2] = forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/true);
   // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
   Tensor nll = x.numel() == 0 ? at::zeros({}, s1.options())

@@ -741,8 +741,6 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
   return plan.finish();
 }
 
-}  // namespace
-
 // The checks and plan of the ops that take std_param (training forward, inference; under the caller's
 // device guard): std_param takes the plan's rstd slot, which brings it to the accumulation dtype,
 // contiguous, and the kernels compute r from it (params_with_std_param).
@@ -764,6 +762,8 @@ Params<acc_t> params_with_std_param(const host::ForwardPlan& plan, nll::Parametr
   params.eps = static_cast<acc_t>(eps);
   return params;
 }
+
+}  // namespace
 
 // The training op's forward (csrc/ops.cpp, batchless_norm_train_forward) in two launches: the fused
 // forward with r computed from std_param in every thread, and the second stage, which also writes r
