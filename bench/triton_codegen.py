@@ -196,6 +196,33 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
                 offsets_32bit=offsets32,
                 ok=spills == 0 and not narrow and bool(widths["ld"]) and bool(widths["st"]) and not offsets32,
             ))
+    rows += _sum_partials_rows()
+    return rows
+
+
+def _sum_partials_rows() -> list[dict]:
+    """The second pass over the partial sums (norm._sum_partials_kernel), per accumulation dtype and
+    statistic count, at (C, K) = (1024, 528): no spill and 64-bit offsets (its loads run along K, a
+    runtime length, so their width is not checked)."""
+    from batchless_kernels.triton import norm
+
+    rows = []
+    for acc in (torch.float32, torch.float64):
+        partial = torch.empty(64, dtype=acc)
+        for two in (True, False):
+            compiled = norm._sum_partials_kernel.warmup(
+                partial, partial, partial, partial, 1024, 528, BLOCK_C=8, BLOCK_K=128, TWO=two,
+                ACC=norm.accumulator(acc), num_warps=4, grid=(128,))
+            registers, spills = _resources(compiled.asm["ptx"])
+            widths = _access_widths(compiled.asm["ptx"], acc.itemsize * 8)
+            offsets32 = narrow_offsets(compiled.asm["ttir"])
+            rows.append(dict(
+                kernel="sum-partials" if two else "sum-partials-one", shape="1024x528", layout="partials",
+                dtype=str(acc).removeprefix("torch."), warps=compiled.metadata.num_warps, registers=registers,
+                spill_bytes=spills, vec=1, expected_bytes=0, load_bytes=sorted(set(widths["ld"])),
+                store_bytes=sorted(set(widths["st"])), offsets_32bit=offsets32,
+                ok=spills == 0 and bool(widths["ld"]) and bool(widths["st"]) and not offsets32,
+            ))
     return rows
 
 

@@ -189,3 +189,33 @@ def test_launch_covers_every_row(shape):
     want = run_reference64(x, *params, grad_y=grad_y)
     for name in ("y", "nll", *GRAD_NAMES):
         assert_close_scaled(got[name], want[name], *TOLS[torch.float32], what=name)
+
+
+@pytest.mark.parametrize("shape, layout", [((4, 6, 33), "contiguous"), ((3000, 5), "contiguous"),
+                                           ((4, 6, 40, 40), "channels_last")], ids=str)
+def test_partials_summed_by_one_launch_per_pass(shape, layout, monkeypatch):
+    """Each pass sums its partials (two statistics) in one Triton launch, no torch reduction: a
+    training step launches the forward and backward kernels and one _sum_partials_kernel each
+    (shapes with several programs per channel, so that the second pass runs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchless_kernels.triton import norm
+
+    launches = []
+    real = norm._sum_partials_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(norm, "_sum_partials_kernel", Counting())
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, _device(), "log", True)
+    leaves = [t.detach().requires_grad_() for t in (x, mean, std_param, weight, bias)]
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        y, nll = torch.ops.batchless_kernels.triton_norm_train(*leaves, "log", 1e-5, True)
+        grads = torch.autograd.grad((y, nll), leaves, (torch.randn_like(y), torch.ones_like(nll)))
+    assert all(g is not None for g in grads)
+    assert len(launches) == 2, launches  # forward (s1, s2) and backward (dweight, dbias)
+    reductions = [e.name for e in prof.events() if e.name in ("aten::sum", "aten::sum.dim_IntList")]
+    assert reductions == [], reductions

@@ -5,10 +5,10 @@ autograd and fake kernels shared with the compiled backends (batchless_kernels/o
 Layouts, without copies (as the C++ CPU kernels, see csrc/cpu/batchless_norm_cpu.cpp):
   channels-first  x viewed as (N * C, S): one row per (n, c) plane;
   channels-last   x viewed as (M, C), channels innermost (channels_last, 2-D, transposed (N, L, C)).
-Reductions are deterministic: each program writes its partial sums to its own slot and torch sums
-the slots in a fixed order (no atomics). Slots are channel-major, (C, programs per channel), so the
-second pass reduces contiguous rows, parallel across channels (torch runs a column sum over
-(programs, C) in one thread block). Offsets are 64-bit. Accumulation is fp32 (fp64 for fp64).
+Reductions are deterministic: each program writes its partial sums to its own slot and a second
+kernel sums the slots in a fixed order (no atomics), both statistics in one launch. Slots are
+channel-major, (C, programs per channel), so the second pass reduces contiguous rows, parallel
+across channels. Offsets are 64-bit. Accumulation is fp32 (fp64 for fp64).
 
 Without a GPU the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
 before import), which is how CI tests them.
@@ -244,6 +244,31 @@ def _backward_columns_kernel(
         tl.store(PB + slots, tl.sum(accb, axis=0), mask=cmask)
 
 
+@triton.jit
+def _sum_partials_kernel(
+    P1, P2,  # (C, K) per-program partial sums of one or two statistics, channel-major
+    OUT1, OUT2,  # (C,) their per-channel totals
+    C, K,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr, ACC: tl.constexpr,
+):
+    # A program adds up BLOCK_C channels' rows, BLOCK_K partials at a time: a fixed order for a
+    # given shape (deterministic), both statistics in one launch.
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    rows = cols[:, None] * K
+    acc1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+    acc2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+    for start in range(0, K, BLOCK_K):
+        ks = tl.arange(0, BLOCK_K).to(tl.int64) + start
+        mask = cmask[:, None] & (ks < K)[None, :]
+        acc1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
+        if TWO:
+            acc2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
+    tl.store(OUT1 + cols, tl.sum(acc1, axis=1), mask=cmask)
+    if TWO:
+        tl.store(OUT2 + cols, tl.sum(acc2, axis=1), mask=cmask)
+
+
 # ------------------------------------------------------------------------------------------------
 # Launch geometry: a documented heuristic (no autotuning yet; GPU tuning awaits a GPU session).
 # ------------------------------------------------------------------------------------------------
@@ -369,12 +394,20 @@ def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> 
     return ops.poisoned(torch.empty(launch.slots if needed else (1, 1), dtype=acc, device=device))
 
 
-def _sum_partials(partials: torch.Tensor, channels: int) -> torch.Tensor:
-    """Per-channel totals of the (C, K) per-program partials, in a fixed order: a reduction over the
-    contiguous last dim, which torch spreads over thread blocks by channel."""
-    if partials.shape[1] == 1:  # one program per channel: the partials are the totals
-        return partials.view(channels)
-    return partials.sum(dim=1)
+def _sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel totals of one or two statistics' (C, K) per-program partials, in one launch and a
+    fixed order (_sum_partials_kernel)."""
+    channels, k = partials[0].shape
+    if k == 1:  # one program per channel: the partials are the totals
+        return [p.view(channels) for p in partials]
+    totals = [ops.poisoned(p.new_empty((channels,))) for p in partials]
+    block_k = min(triton.next_power_of_2(k), 128)
+    block_c = min(triton.next_power_of_2(channels), max(1, 1024 // block_k))
+    second = len(partials) == 2
+    _sum_partials_kernel[(triton.cdiv(channels, block_c),)](
+        partials[0], partials[-1], totals[0], totals[-1], channels, k,
+        BLOCK_C=block_c, BLOCK_K=block_k, TWO=second, ACC=accumulator(partials[0].dtype), num_warps=4)
+    return totals
 
 
 # ------------------------------------------------------------------------------------------------
@@ -424,7 +457,8 @@ def triton_forward(
         y.copy_(yout)
     if not compute_stats:
         return y, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    return y, _sum_partials(ps1, channels), _sum_partials(ps2, channels)
+    s1, s2 = _sum_partials(ps1, ps2)
+    return y, s1, s2
 
 
 @_on_device_of_first
@@ -455,8 +489,10 @@ def triton_backward(
         **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, ACC=accumulator(acc))
     if need_dx and dx_out is not dx:
         dx.copy_(dx_out)
-    dw = _sum_partials(pw, channels) if need_dw else zeros(False)
-    db = _sum_partials(pb, channels) if need_db else zeros(False)
+    wanted = [p for p, need in ((pw, need_dw), (pb, need_db)) if need]
+    totals = iter(_sum_partials(*wanted) if wanted else ())
+    dw = next(totals) if need_dw else zeros(False)
+    db = next(totals) if need_db else zeros(False)
     return dx, dw, db
 
 
