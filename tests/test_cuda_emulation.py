@@ -13,6 +13,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -362,3 +363,17 @@ def test_tsan_catches_race_the_values_miss(tsan_environment, mutant, tmp_path):
     assert " passed" in output and " failed" not in output, f"mutant {mutant}: the values changed:\n{output[-2000:]}"
     assert "WARNING: ThreadSanitizer: data race" in reports and "block_reduce.cuh" in reports, (
         f"mutant {mutant} ({what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")
+
+
+def test_a_killed_builds_lock_is_removed(tmp_path, capsys):
+    """torch's cpp_extension waits for ever on the `lock` a killed build leaves: an old one goes, with
+    a word; a fresh one (a build running now) stays."""
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    build._remove_stale_lock(tmp_path)
+    assert lock.exists()
+    old = time.time() - build.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    build._remove_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert "did not finish" in capsys.readouterr().err

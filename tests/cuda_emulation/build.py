@@ -240,6 +240,7 @@ def build(variant: str = "main", verbose: bool = False):
     rewrite._write_if_changed(selftest, text)
     sources = [str(p) for p in result["sources"]] + [str(selftest), str(HERE / "engine.cpp"), str(HERE / "bindings.cpp")]
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
+    _remove_stale_lock(out)
     started = time.monotonic()
     module = cpp.load(
         name=module_name(variant),
@@ -255,6 +256,26 @@ def build(variant: str = "main", verbose: bool = False):
         print(f"[cuda-emulation] {variant}: built/loaded in {time.monotonic() - started:.1f}s ({out})")
     _LOADED[variant] = module
     return module
+
+
+# A build takes minutes (the sanitizer variants ~2); torch's build lock older than this was left by a
+# build that was killed.
+STALE_LOCK_S = 30 * 60
+
+
+def _remove_stale_lock(out: pathlib.Path) -> None:
+    """torch.utils.cpp_extension takes the file `lock` in the build directory for the duration of a
+    build and waits, silently and for ever, while it exists: a build killed mid-way (a timeout, ^C)
+    leaves it behind and every later build hangs. One older than STALE_LOCK_S is removed, saying so."""
+    lock = out / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        print(f"[cuda-emulation] removing {lock}, left {age / 60:.0f} min ago by a build that did not finish",
+              file=sys.stderr)
+        lock.unlink(missing_ok=True)
 
 
 def sanitizer_environment(variant: str) -> dict[str, str] | None:

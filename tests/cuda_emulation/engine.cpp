@@ -426,6 +426,15 @@ bool resolve_collectives(bool diagnose) {
   return released;
 }
 
+// Every thread of the block has arrived at one __syncthreads(): all run again, and the barrier
+// tokens move to the other parity (race::, TSan's view of the barrier).
+EMU_ENGINE void complete_barrier(Engine& e) {
+  for (auto& t : e.threads) t.state = State::kReady;
+  e.barrier_waiting = 0;
+  ++e.block_barriers;
+  ++e.stats.barriers;
+}
+
 void resolve() {
   Engine& e = engine();
   bool any_collective = false, any_barrier = false;
@@ -457,10 +466,7 @@ void resolve() {
                 where(first->file, first->line) + " after " + std::to_string(e.done) + " threads exited (e.g. " +
                 thread_name(*exited) + "): undefined on a GPU");
   }
-  for (auto& t : e.threads) t.state = State::kReady;
-  e.barrier_waiting = 0;
-  ++e.block_barriers;
-  ++e.stats.barriers;
+  complete_barrier(e);
 }
 
 // Thread order of one scheduler pass: forward, reverse, or a permutation drawn from `seed`.
@@ -603,10 +609,7 @@ EMU_ENGINE void syncthreads(const char* file, int line) {
   }
   if (e.barrier_waiting == static_cast<int>(e.threads.size()) && !e.barrier_mismatch) {
     // The last thread to arrive releases the block (resolve() diagnoses everything else).
-    for (auto& u : e.threads) u.state = State::kReady;
-    e.barrier_waiting = 0;
-    ++e.block_barriers;
-    ++e.stats.barriers;
+    complete_barrier(e);
     race::acquire(token);
     return;
   }
