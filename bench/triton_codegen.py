@@ -155,7 +155,8 @@ def _cases(quick: bool):
 
 
 def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
-    """A row per compiled variant of `cases` ((shape, layout, dtype); default: _cases(quick))."""
+    """A row per compiled variant of `cases` ((shape, layout, dtype); default: _cases(quick) and the
+    partial sums' second pass, _sum_partials_rows)."""
     from batchless_kernels.triton import norm
 
     driver.set_active(_OfflineDriver(GPUTarget("cuda", arch, 32)))
@@ -196,7 +197,8 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
                 offsets_32bit=offsets32,
                 ok=spills == 0 and not narrow and bool(widths["ld"]) and bool(widths["st"]) and not offsets32,
             ))
-    rows += _sum_partials_rows()
+    if cases is None:  # the whole sweep: the second pass's variants too
+        rows += _sum_partials_rows()
     return rows
 
 
