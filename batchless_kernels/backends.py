@@ -139,3 +139,12 @@ def train_op(backend: str):
     if backend == "triton":
         return triton_backend.train_op()
     raise ValueError(f"backend {backend!r} has no compiled ops")
+
+
+def inference_op(backend: str):
+    """The inference op of a compiled backend: y alone, r computed inside (csrc/ops.cpp)."""
+    if backend in ("cpu", "cuda"):
+        return torch.ops.batchless_kernels.batchless_norm_inference.default
+    if backend == "triton":
+        return triton_backend.inference_op()
+    raise ValueError(f"backend {backend!r} has no compiled ops")

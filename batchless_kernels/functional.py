@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 
 from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs, per_channel_inputs
-from .backends import kernel_ops, resolve_backend, train_op
+from .backends import inference_op, kernel_ops, resolve_backend, train_op
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
 
 
@@ -90,15 +90,14 @@ def batchless_norm(
             parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
         )
 
-    compiled = name in _INFERENCE_BACKENDS
-    if not need_nll and compiled:
+    if not need_nll:
         grad_mode = torch.is_grad_enabled()
         if not (grad_mode and any(t is not None and t.requires_grad for t in (x, weight, bias))):
             # No gradient to y (no_grad, or a frozen layer on a frozen input): one op, r computed inside.
             if grad_mode:  # mean and std_param are constants of y (sg), as in the training op
                 mean, std_param = mean.detach(), std_param.detach()
-            return ops.inference_op()(x, mean, std_param, weight, bias, parametrization, eps), None
-    if (need_nll or compiled) and _HAS_FUSED_NLL.get(x.device.type, False):
+            return inference_op(name)(x, mean, std_param, weight, bias, parametrization, eps), None
+    if _HAS_FUSED_NLL.get(x.device.type, False):
         # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
         # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
         # Without need_nll, y still comes from this op: its r is the training's (computed inside the
@@ -172,8 +171,6 @@ def _warn_if_reentrant_checkpoint() -> None:
 # Devices whose compiled library has the one-loop NLL op; elsewhere nll_from_sums composes it from
 # tensor ops. Looked up once: the dispatcher query cannot be traced by torch.compile.
 _HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
-# Backends with batchless_norm_inference (the compiled library's; triton composes its forward op).
-_INFERENCE_BACKENDS = ("cpu", "cuda") if ops.extension_loaded() else ()
 
 
 def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):

@@ -41,11 +41,6 @@ def has_kernel(op_name: str, dispatch_key: str) -> bool:
     return extension_loaded() and torch._C._dispatch_has_kernel_for_dispatch_key(op_name, dispatch_key)
 
 
-def inference_op():
-    """batchless_norm_inference's overload (csrc/ops.cpp), for the compiled backends."""
-    return torch.ops.batchless_kernels.batchless_norm_inference.default
-
-
 POISON_ENV = "BATCHLESS_POISON_OUTPUTS"
 # Read once at import, like csrc/batchless_host.h reads it once: tests set it before importing.
 _POISON = os.environ.get(POISON_ENV) == "1"

@@ -533,35 +533,23 @@ def summary_markdown(rows, meta, wall_s) -> str:
         load = by_key[(*case, "copy", "copy", "eager")].get("other_load", "")
         why = by_key[(*case, "copy", "copy", "eager")].get("unreliable", "")
         lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {copies} | {fmt(load)} | {why} |")
+    def section(title, text, extra, row_cells):  # a table of its own: a row per case
+        lines.extend(["", f"## {title}", "", text, "", *head(*extra)])
+        lines.extend(f"| {' | '.join(case)} | " + " | ".join(row_cells(case)) + " |" for case in cases)
+
     if any(r["pass"] == "infer" for r in rows):
-        lines += [
-            "",
-            "## Inference (no_grad)",
-            "",
-            "The forward under torch.no_grad(), called eagerly: batchless layers compute the same function as in "
-            "training, batchnorm runs in eval mode (running statistics). Cells: median (speedup over batchnorm, "
-            "share of the copy bandwidth; bytes model: 2 x size of x).",
-            "",
-            *head(),
-        ]
-        for case in cases:
-            cells = [cell(by_key.get((*case, impl, "infer", "eager"), {})) for impl in impls]
-            lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + " |")
+        section("Inference (no_grad)",
+                "The forward under torch.no_grad(), called eagerly: batchless layers compute the same function as in "
+                "training, batchnorm runs in eval mode (running statistics). Cells: median (speedup over batchnorm, "
+                "share of the copy bandwidth; bytes model: 2 x size of x).", (),
+                lambda case: [cell(by_key.get((*case, impl, "infer", "eager"), {})) for impl in impls])
     if any(r["timing"] == "cuda-graph" for r in rows):
-        lines += [
-            "",
-            "## Device time (CUDA-graph replays)",
-            "",
-            "The same passes captured in a CUDA graph over every input set and replayed: the kernels' time "
-            "alone, without the host's launch gaps. Cells: forward+backward median (speedup over batchnorm, "
-            "share of the copy bandwidth); the forward's share (bytes: 2 x x) and the backward's (3 x x) "
-            "of the graph-replayed copy's bandwidth.",
-            "",
-            *head("copy GB/s"),
-        ]
-        for case in cases:
-            cells = [device_cell(case, impl) for impl in impls]
-            lines.append(f"| {' | '.join(case)} | " + " | ".join(cells) + f" | {gbps(case, 'copy', 'cuda-graph')} |")
+        section("Device time (CUDA-graph replays)",
+                "The same passes captured in a CUDA graph over every input set and replayed: the kernels' time "
+                "alone, without the host's launch gaps. Cells: forward+backward median (speedup over batchnorm, "
+                "share of the copy bandwidth); the forward's share (bytes: 2 x x) and the backward's (3 x x) "
+                "of the graph-replayed copy's bandwidth.", ("copy GB/s",),
+                lambda case: [device_cell(case, impl) for impl in impls] + [gbps(case, "copy", "cuda-graph")])
     errors = {(r["impl"], r["timing"], r["error"]) for r in rows if r.get("error")}
     lines += [""] + [f"- {impl} ({timing}) failed: {error}" for impl, timing, error in sorted(errors)]
     return "\n".join(lines).rstrip() + "\n"

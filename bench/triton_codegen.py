@@ -5,8 +5,8 @@ odd ones) is compiled offline for sm_<arch>, through Triton's own specialization
 arguments (batchless_kernels.triton.norm.plan_launch, as a real launch). For each, ptxas gives the
 registers and spills, and the PTX gives the width of every global access to the activations (x, y,
 grad_y, dx). The parameters and partial sums are given the other float width in these compiles
-(float64 beside 16/32-bit activations, float32 beside float64 ones) so that their accesses are told
-apart by width.
+(float64 beside 16/32-bit activations, float32 beside float64 ones), and the second pass's counter,
+which the forward zeroes, the other integer width, so that their accesses are told apart by width.
 
 A variant passes when it does not spill, every activation access is as wide as the shape allows:
 min(16 bytes, VEC elements, the block's contiguous extent), VEC being the largest power of two that
@@ -172,18 +172,20 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
         param = torch.empty(64, dtype=side)
         contiguous_extent = launch.meta["BLOCK_S"] if first else launch.meta["BLOCK_C"]
         expected = min(16, launch.meta["VEC"] * dtype.itemsize, contiguous_extent * dtype.itemsize)
+        counter = torch.empty(1, dtype=torch.int32 if dtype == torch.float64 else torch.int64)  # told apart too
+        forward = (data, data, param, param, param, param, param, param, counter)
+        # after the sizes: kind, eps (hi, lo), has_w, has_b (forward); has_w (backward)
         variants = {
-            "fwd": (norm.FORWARD_KERNELS[first], (data, data, param, param, param, param, param, param),
-                    dict(STATS=True)),
-            "fwd-inference": (norm.FORWARD_KERNELS[first], (data, data, param, param, param, param, param, param),
-                              dict(STATS=False)),
-            "bwd": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param),
+            "fwd": (norm.FORWARD_KERNELS[first], forward, (1, 1e-5, 0.0, 1, 1), dict(STATS=True)),
+            "fwd-inference": (norm.FORWARD_KERNELS[first], forward, (1, 1e-5, 0.0, 1, 1), dict(STATS=False)),
+            "bwd": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param), (1,),
                     dict(NEED_DX=True, NEED_DW=True, NEED_DB=True)),
-            "bwd-dx": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param),
+            "bwd-dx": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param), (1,),
                        dict(NEED_DX=True, NEED_DW=False, NEED_DB=False)),
         }
-        for name, (kernel, tensors, flags) in variants.items():
-            compiled = kernel.warmup(*tensors, *launch.sizes, **launch.meta, **flags, ACC=acc, grid=launch.grid)
+        for name, (kernel, tensors, scalars, flags) in variants.items():
+            compiled = kernel.warmup(*tensors, *launch.sizes, *scalars, **launch.meta, **flags, ACC=acc,
+                                     grid=launch.grid)
             ptx = compiled.asm["ptx"]
             registers, spills = _resources(ptx)
             widths = _access_widths(ptx, dtype.itemsize * 8)
@@ -203,23 +205,29 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
 
 
 def _sum_partials_rows() -> list[dict]:
-    """The second pass over the partial sums (norm._sum_partials_kernel), per accumulation dtype and
-    statistic count, at (C, K) = (1024, 528): no spill and 64-bit offsets (its loads run along K, a
-    runtime length, so their width is not checked)."""
+    """The second pass over the partial sums (norm._sum_partials_kernel), per accumulation dtype, at
+    (C, K) = (1024, 528): summing two statistics or one, and the training's two NLL epilogues (forward:
+    r, the NLL by the last program's ticket; backward: the NLL's gradients, beside two sums or none).
+    No spill and 64-bit offsets (its loads run along K, a runtime length, so their width is not
+    checked)."""
     from batchless_kernels.triton import norm
 
+    variants = {"sum-partials": (2, 0), "sum-partials-one": (1, 0), "sum-partials-nll": (2, 1),
+                "sum-partials-nll-grads": (2, 2), "nll-grads": (0, 2)}
     rows = []
     for acc in (torch.float32, torch.float64):
         partial = torch.empty(64, dtype=acc)
-        for two in (True, False):
+        counter = torch.empty(1, dtype=torch.int32)
+        tensors = (partial,) * 8 + (counter,) + (partial,) * 5  # P1 .. BLOCK_SUMS, COUNTER, GRAD_NLL .. DPARAM
+        for name, (nsum, epilogue) in variants.items():
             compiled = norm._sum_partials_kernel.warmup(
-                partial, partial, partial, partial, 1024, 528, BLOCK_C=8, BLOCK_K=128, TWO=two,
+                *tensors, 1024, 528, 3136, 1, 1e-5, 0.0, 1, BLOCK_C=8, BLOCK_K=128, NSUM=nsum, EPILOGUE=epilogue,
                 ACC=norm.accumulator(acc), num_warps=4, grid=(128,))
             registers, spills = _resources(compiled.asm["ptx"])
             widths = _access_widths(compiled.asm["ptx"], acc.itemsize * 8)
             offsets32 = narrow_offsets(compiled.asm["ttir"])
             rows.append(dict(
-                kernel="sum-partials" if two else "sum-partials-one", shape="1024x528", layout="partials",
+                kernel=name, shape="1024x528", layout="partials",
                 dtype=str(acc).removeprefix("torch."), warps=compiled.metadata.num_warps, registers=registers,
                 spill_bytes=spills, vec=1, expected_bytes=0, load_bytes=sorted(set(widths["ld"])),
                 store_bytes=sorted(set(widths["st"])), offsets_32bit=offsets32,

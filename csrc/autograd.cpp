@@ -15,7 +15,6 @@
 #include <torch/library.h>
 
 #include "batchless_host.h"
-#include "batchless_nll.h"
 
 #include <array>
 #include <string>
@@ -70,22 +69,20 @@ std::tuple<Tensor, Tensor, Tensor> differentiable_backward(const Tensor& grad_y,
   return {dx, dw, db};
 }
 
-// A forward op and the backward op that differentiates it (the training op, csrc/ops.cpp, is made of
-// the forward op and batchless_nll).
+// A backend's ops: the forward op and the backward op that differentiates it; the training op's
+// forward and backward below autograd (csrc/ops.cpp).
 struct CompiledKernels {
   static constexpr const char* forward = "batchless_kernels::batchless_norm_forward";
   static constexpr const char* backward = "batchless_kernels::batchless_norm_backward";
-  static constexpr bool fused_train_forward = true;  // batchless_norm_train_forward
+  static constexpr const char* train_forward = "batchless_kernels::batchless_norm_train_forward";
+  static constexpr const char* train_backward = "batchless_kernels::batchless_norm_train_backward";
 };
 struct TritonKernels {
   static constexpr const char* forward = "batchless_kernels::triton_forward";
   static constexpr const char* backward = "batchless_kernels::triton_backward";
-  static constexpr bool fused_train_forward = false;
+  static constexpr const char* train_forward = "batchless_kernels::triton_train_forward";
+  static constexpr const char* train_backward = "batchless_kernels::triton_train_backward";
 };
-
-using TrainForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-    const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-    c10::string_view, double, bool);
 
 // What backward needs to know of weight and bias: present? and the dtypes to return grads in.
 void save_affine(AutogradContext* ctx, const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias) {
@@ -194,27 +191,17 @@ class NormForward : public torch::autograd::Function<NormForward<Kernels>> {
   }
 };
 
-// The training op's forward below autograd: y, s1, s2, r and the nll. The compiled kernels go
-// through batchless_norm_train_forward (fused on CUDA); the triton kernels compose it here.
+using TrainForwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+    c10::string_view, double, bool);
+
+// The training op's forward below autograd: y, s1, s2, r and the nll.
 template <typename Kernels>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
-  if constexpr (Kernels::fused_train_forward) {
-    static const auto op = find_op<TrainForwardSignature>("batchless_kernels::batchless_norm_train_forward");
-    return op.call(x, mean, std_param, weight, bias, parametrization, eps, gauge);
-  } else {
-    static const auto op = find_op<ForwardSignature>(Kernels::forward);
-    static const auto nll_op = find_op<NllSignature>("batchless_kernels::batchless_nll");
-    const auto acc = host::accumulation_type(x.scalar_type());
-    Tensor rstd = nll::rstd_of(in_dtype(std_param, acc), nll::parse_parametrization(parametrization), eps);
-    auto [y, s1, s2] = op.call(x, mean, rstd, weight, bias, /*compute_stats=*/true);
-    // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
-    Tensor nll = x.sym_numel() == 0 ? at::zeros({}, s1.options())
-                                    : nll_op.call(s1, s2, mean, std_param, x.sym_numel() / x.sym_size(1),
-                                                  parametrization, eps, gauge);
-    return {y, s1, s2, rstd, nll};
-  }
+  static const auto op = find_op<TrainForwardSignature>(Kernels::train_forward);
+  return op.call(x, mean, std_param, weight, bias, parametrization, eps, gauge);
 }
 
 using TrainBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
@@ -222,50 +209,16 @@ using TrainBackwardSignature = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor
     const c10::optional<Tensor>&, const Tensor&, const Tensor&, c10::SymInt, c10::string_view, double,
     std::array<bool, 5>);
 
-// batchless_norm_train_forward's default implementation (every device without a fused one): the
-// compiled forward op, batchless_nll and tensor ops for r.
-struct ComposedCompiledKernels : CompiledKernels {
-  static constexpr bool fused_train_forward = false;
-};
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_composite(
-    const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
-    const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
-  auto [y, s1, s2, rstd, nll] =
-      train_forward<ComposedCompiledKernels>(x, mean, std_param, weight, bias, parametrization, eps, gauge);
-  if (rstd.is_same(std_param)) rstd = rstd.clone();  // inv: r is p; an op's output never aliases its input
-  return {y, s1, s2, rstd, nll};
-}
-
-// batchless_norm_train_backward's default implementation (every device without a fused one): the
-// backward op and the NLL's backward op.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_composite(
-    const Tensor& grad_y, const Tensor& grad_nll, const c10::optional<Tensor>& x, const Tensor& mean,
-    const Tensor& std_param, const Tensor& rstd, const c10::optional<Tensor>& weight, const Tensor& s1,
-    const Tensor& s2, c10::SymInt count, c10::string_view parametrization, double eps, std::array<bool, 5> mask) {
-  static const auto backward_op = find_op<BackwardSignature>(CompiledKernels::backward);
-  static const auto nll_backward_op = find_op<NllBackwardSignature>("batchless_kernels::batchless_nll_backward");
-  auto [dx, dw, db] = backward_op.call(grad_y, x, mean, rstd, weight, {mask[0], mask[1], mask[2]});
-  Tensor dmean = at::empty({0}, mean.options()), dparam = at::empty({0}, std_param.options());
-  if (mask[3] || mask[4]) {
-    std::tie(dmean, dparam) = nll_backward_op.call(grad_nll, s1, s2, mean, std_param, std::move(count),
-                                                    parametrization, eps);
-    if (!mask[3]) dmean = at::empty({0}, mean.options());
-    if (!mask[4]) dparam = at::empty({0}, std_param.options());
-  }
-  return {dx, dw, db, dmean, dparam};
-}
-
-// Both gradients of a training node in one op (batchless_norm_train_backward: on CUDA the NLL's
-// gradients come from the second stage of the backward's sums). False when the node wants neither
-// dweight nor dbias: that backward has no second stage to share, and the caller runs the two ops.
-bool fused_train_backward(AutogradContext* ctx, const variable_list& grads, const variable_list& saved,
+// Both gradients of a training node in one op (the train_backward op: on CUDA and triton the NLL's
+// gradients come from the second stage of the backward's sums).
+template <typename Kernels>
+void fused_train_backward(AutogradContext* ctx, const variable_list& grads, const variable_list& saved,
                           bool need_mean, bool need_param, variable_list& out) {
   const Tensor &x = saved[0], &weight = saved[3];
   const bool has_w = weight.defined();
   const std::array<bool, 3> affine = norm_mask(ctx, has_w);
-  if (!(affine[1] || affine[2])) return false;
   const std::array<bool, 5> mask = {affine[0], affine[1], affine[2], need_mean, need_param};
-  static const auto op = find_op<TrainBackwardSignature>("batchless_kernels::batchless_norm_train_backward");
+  static const auto op = find_op<TrainBackwardSignature>(Kernels::train_backward);
   Tensor dx, dw, db, dmean, dparam;
   {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -278,7 +231,6 @@ bool fused_train_backward(AutogradContext* ctx, const variable_list& grads, cons
   store_norm_grads(ctx, affine, dx, dw, db, out);
   if (need_mean) out[1] = dmean;
   if (need_param) out[2] = dparam;
-  return true;
 }
 
 // One node for a training step's layer: y and the NLL. Its backward runs once grad_y (and grad_nll)
@@ -318,11 +270,9 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
     variable_list out(8);
     const bool need_mean = ctx->needs_input_grad(1), need_param = ctx->needs_input_grad(2);
     const bool nll_wanted = grads[1].defined() && (need_mean || need_param);
-    if constexpr (Kernels::fused_train_forward) {
-      if (nll_wanted && grads[0].defined() && !at::GradMode::is_enabled() && !ctx->saved_data["empty"].toBool() &&
-          fused_train_backward(ctx, grads, saved, need_mean, need_param, out)) {
-        return out;
-      }
+    if (nll_wanted && grads[0].defined() && !at::GradMode::is_enabled() && !ctx->saved_data["empty"].toBool()) {
+      fused_train_backward<Kernels>(ctx, grads, saved, need_mean, need_param, out);
+      return out;
     }
     norm_grads<Kernels>(ctx, grads[0], saved[0], mean, saved[2], saved[3], out);
     if (!nll_wanted) return out;
@@ -335,18 +285,6 @@ class NormTrain : public torch::autograd::Function<NormTrain<Kernels>> {
     return out;
   }
 };
-
-// batchless_norm_inference's default implementation (every device without its own): r by tensor ops,
-// then the forward op without sums.
-Tensor inference_composite(const Tensor& x, const Tensor& mean, const Tensor& std_param,
-                           const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
-                           c10::string_view parametrization, double eps) {
-  static const auto op = find_op<ForwardSignature>(CompiledKernels::forward);
-  TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
-  const Tensor rstd = nll::rstd_of(in_dtype(std_param, host::accumulation_type(x.scalar_type())),
-                                   nll::parse_parametrization(parametrization), eps);
-  return std::get<0>(op.call(x, mean, rstd, weight, bias, /*compute_stats=*/false));
-}
 
 // Below autograd (no gradient wanted, fake tensors): the same values without a node.
 template <typename Kernels>
@@ -416,14 +354,12 @@ TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
   // y without a gradient formula (functional.py calls it only where none is needed): inputs that
   // require grad give an output whose backward raises, never a silently missing gradient.
   m.impl("batchless_norm_inference", torch::autograd::autogradNotImplementedFallback());
+  m.impl("triton_inference", torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {
   m.impl("batchless_norm_train", &train_composite<CompiledKernels>);
   m.impl("triton_norm_train", &train_composite<TritonKernels>);
-  m.impl("batchless_norm_train_forward", &train_forward_composite);
-  m.impl("batchless_norm_train_backward", &train_backward_composite);
-  m.impl("batchless_norm_inference", &inference_composite);
 }
 
 }  // namespace batchless_kernels

@@ -69,9 +69,12 @@ struct NllGrads {
       : dmean(-g * s.r * (s1 / count)), dparam(g * (s.dlog_sigma_dp + (s2 / count) * s.dlog_r_dp)) {}
 };
 
-// r = 1/sigma per channel as a tensor, by the same ops as parametrization.rstd_and_log_std (same
-// bits as the Python path).
-inline Tensor rstd_of(const Tensor& p, Parametrization kind, double eps) {
+// r = 1/sigma per channel as a tensor in dtype `acc`, by the same ops as
+// parametrization.rstd_and_log_std (same bits as the Python path). With inv, std_param itself when
+// already in `acc`; `fresh` clones it then, for an op's output (which never aliases an input).
+inline Tensor rstd_of(const Tensor& std_param, at::ScalarType acc, Parametrization kind, double eps,
+                      bool fresh = false) {
+  const Tensor p = std_param.scalar_type() == acc ? std_param : std_param.to(acc);
   switch (kind) {
     case Parametrization::kAbs:
       return (p.abs() + eps).reciprocal();
@@ -80,7 +83,7 @@ inline Tensor rstd_of(const Tensor& p, Parametrization kind, double eps) {
     case Parametrization::kInv:
       break;
   }
-  return p;
+  return fresh && p.is_same(std_param) ? p.clone() : p;
 }
 
 inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mean,

@@ -24,6 +24,17 @@ constexpr const char* kBackwardSignature =
     "(Tensor grad_y, Tensor? x, Tensor mean, Tensor rstd, Tensor? weight, bool[3] output_mask) "
     "-> (Tensor dx, Tensor dweight, Tensor dbias)";
 
+constexpr const char* kTrainForwardSignature =
+    "(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, str parametrization, float eps, "
+    "bool gauge) -> (Tensor y, Tensor s1, Tensor s2, Tensor rstd, Tensor nll)";
+constexpr const char* kTrainBackwardSignature =
+    "(Tensor grad_y, Tensor grad_nll, Tensor? x, Tensor mean, Tensor std_param, Tensor rstd, Tensor? weight, "
+    "Tensor s1, Tensor s2, SymInt count, str parametrization, float eps, bool[5] output_mask) "
+    "-> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dmean, Tensor dstd_param)";
+constexpr const char* kInferenceSignature =
+    "(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, str parametrization, float eps) "
+    "-> Tensor";
+
 constexpr const char* kTrainSignature =
     "(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, str parametrization, "
     "float eps, bool gauge) -> (Tensor y, Tensor nll)";
@@ -55,28 +66,26 @@ TORCH_LIBRARY(batchless_kernels, m) {
   //   nll as batchless_nll with count = elements per channel; 0 for an empty x.
   m.def((std::string("batchless_norm_train") + kTrainSignature).c_str());
   m.def((std::string("triton_norm_train") + kTrainSignature).c_str());
-  // batchless_norm_train's forward below autograd, for the compiled kernels: y, the sums, r (C,)
-  // and the nll, in the accumulation dtype (r = 1/sigma by `parametrization`, `eps`; nll = 0 for an
-  // empty x). By default the forward op, batchless_nll and tensor ops for r; CUDA fuses it into two
-  // launches (r computed in the kernels, the NLL in the sums' second stage).
-  m.def(
-      "batchless_norm_train_forward(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
-      "str parametrization, float eps, bool gauge) -> (Tensor y, Tensor s1, Tensor s2, Tensor rstd, Tensor nll)");
+  // batchless_norm_train's forward below autograd: y, the sums, r (C,) and the nll, in the
+  // accumulation dtype (r = 1/sigma by `parametrization`, `eps`; nll = 0 for an empty x). CPU: the
+  // kernels and the NLL's loop, no intermediate op; CUDA: two launches (r computed in the kernels,
+  // the NLL in the sums' second stage).
+  m.def((std::string("batchless_norm_train_forward") + kTrainForwardSignature).c_str());
+  // Its backward below autograd: batchless_norm_backward's (dx, dweight, dbias) from grad_y and
+  // batchless_nll_backward's (dmean, dstd_param) from grad_nll, selected by output_mask (unselected
+  // outputs are empty; dmean and dstd_param come in the dtypes of mean and std_param). s1, s2 are the
+  // forward's sums, count the elements per channel. CUDA computes the NLL's gradients in the second
+  // stage of the backward's sums (two launches).
+  m.def((std::string("batchless_norm_train_backward") + kTrainBackwardSignature).c_str());
   // Inference: y as batchless_norm_forward without the sums, r = 1/sigma computed from std_param by
   // `parametrization`, `eps` (the same bits as the training op's y). No gradient: for calls that
   // need none (no_grad, frozen layers). CPU: no intermediate op; CUDA: one launch, r computed in it.
-  m.def(
-      "batchless_norm_inference(Tensor x, Tensor mean, Tensor std_param, Tensor? weight, Tensor? bias, "
-      "str parametrization, float eps) -> Tensor");
-  // Its backward below autograd, for the compiled kernels: batchless_norm_backward's (dx, dweight,
-  // dbias) from grad_y and batchless_nll_backward's (dmean, dstd_param) from grad_nll, selected by
-  // output_mask (unselected outputs are empty; dmean and dstd_param come in the dtypes of mean and
-  // std_param). s1, s2 are the forward's sums, count the elements per channel. By default those two
-  // ops; CUDA computes the NLL's gradients in the second stage of the backward's sums (two launches).
-  m.def(
-      "batchless_norm_train_backward(Tensor grad_y, Tensor grad_nll, Tensor? x, Tensor mean, Tensor std_param, "
-      "Tensor rstd, Tensor? weight, Tensor s1, Tensor s2, SymInt count, str parametrization, float eps, "
-      "bool[5] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dmean, Tensor dstd_param)");
+  m.def((std::string("batchless_norm_inference") + kInferenceSignature).c_str());
+  // The same three for the triton backend (batchless_kernels/triton/norm.py), two launches a pass:
+  // r computed in the kernels, the NLL and its gradients in the second pass over the partial sums.
+  m.def((std::string("triton_train_forward") + kTrainForwardSignature).c_str());
+  m.def((std::string("triton_train_backward") + kTrainBackwardSignature).c_str());
+  m.def((std::string("triton_inference") + kInferenceSignature).c_str());
 }
 
 TORCH_LIBRARY_FRAGMENT(batchless_kernels, m) {

@@ -26,7 +26,10 @@ def test_a_run_writes_a_fresh_run_folder_not_the_reference(tmp_path, monkeypatch
     with runs[0].open() as f:
         rows = list(csv.DictReader(f))
     assert rows and "unreliable" in rows[0]
-    assert (runs[0].parent / "summary.md").read_text().count("| unreliable |") == 1
+    summary = (runs[0].parent / "summary.md").read_text()
+    assert summary.count("| unreliable |") == 1
+    inference = summary.split("## Inference (no_grad)")[1]  # its own table: a header and a row per case
+    assert inference.count("| 4x3x2x2 | float32 | contiguous |") == 1 and inference.count("\n|---") == 1
 
     bench_batchless.main([*TINY, "--update-reference"])
     assert len(list((tmp_path / "results").glob("*/results.csv"))) == 1

@@ -358,26 +358,48 @@ def _nll_inputs(device, parametrization, dtype, channels=7, count=13):
     return xhat.sum(0), xhat.square().sum(0), mean, std_param, count
 
 
+# The op families with a training op's two halves and an inference op: the compiled library's
+# (batchless_norm_*, per device) and the triton backend's (triton_*, where it runs).
+TRITON_DEVICES = [b.device for b in ALL_BACKENDS if b.name == "triton"]
+
+
+def _family_params():
+    return [pytest.param(("batchless_norm", d), id=d, marks=[pytest.mark.gpu] if d == "cuda" else [])
+            for d in OPS_DEVICES] + [
+        pytest.param(("triton", d), id=f"triton-{d}", marks=[pytest.mark.gpu] if d == "cuda" else [])
+        for d in TRITON_DEVICES]
+
+
+def _family_op(prefix, name):
+    """A family's op (batchless_norm_train_forward, triton_train_forward, ...), its kernels registered."""
+    if prefix == "triton":
+        from batchless_kernels.triton import kernel_ops
+
+        kernel_ops()
+    return getattr(torch.ops.batchless_kernels, f"{prefix}_{name}").default
+
+
 def _each_train_op_case(test):
-    """The cases of the training op's two halves: devices x the opcheck cases and an empty x x the
-    parametrizations."""
+    """The cases of the training op's two halves and of the inference op: op families x the opcheck
+    cases and an empty x x the parametrizations."""
     test = pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])(test)
     test = pytest.mark.parametrize("shape, layout, dtype, affine, _",
                                    OPCHECK_CASES + [((0, 3, 4), "contiguous", torch.float32, True, True)],
                                    ids=str)(test)
-    return needs_ops(pytest.mark.parametrize("device", _device_params())(test))
+    return needs_ops(pytest.mark.parametrize("family", _family_params())(test))
 
 
 @_each_train_op_case
-def test_opcheck_train_backward(device, shape, layout, dtype, affine, _, parametrization):
-    """The training op's backward below autograd (dx, dweight, dbias, dmean, dstd_param; on CUDA the
-    NLL's gradients come from the backward's second stage): schema, fake kernel, and for every mask
-    the same values as the backward op and the NLL's backward op."""
+def test_opcheck_train_backward(family, shape, layout, dtype, affine, _, parametrization):
+    """The training op's backward below autograd (dx, dweight, dbias, dmean, dstd_param; on CUDA and
+    triton the NLL's gradients come from the backward's second stage): schema, fake kernel, and for
+    every mask the same values as the backward op and the NLL's backward op."""
+    prefix, device = family
     x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
-    op = torch.ops.batchless_kernels.batchless_norm_train_backward.default
+    op = _family_op(prefix, "train_backward")
     ops_ = torch.ops.batchless_kernels
-    y, s1, s2, rstd, nll = ops_.batchless_norm_train_forward(x, mean, std_param, weight, bias, parametrization,
-                                                              1e-5, True)
+    y, s1, s2, rstd, nll = _family_op(prefix, "train_forward")(x, mean, std_param, weight, bias, parametrization,
+                                                               1e-5, True)
     grad_y, grad_nll = torch.randn_like(y), torch.rand((), device=device, dtype=s1.dtype) + 0.5
     count = x.numel() // x.shape[1] if x.numel() else 1
     masks = [(True, affine, affine, True, True), (False, affine, True, True, False), (True, False, False, True, True),
@@ -387,7 +409,7 @@ def test_opcheck_train_backward(device, shape, layout, dtype, affine, _, paramet
         if mask == masks[0]:
             torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
         got = op(*args)
-        want = ops_.batchless_norm_backward(grad_y, x, mean, rstd, weight, list(mask[:3]))
+        want = _family_op(prefix, "backward")(grad_y, x, mean, rstd, weight, list(mask[:3]))
         if x.numel():
             want += ops_.batchless_nll_backward(grad_nll, s1, s2, mean, std_param, count, parametrization, 1e-5)
         else:
@@ -429,18 +451,19 @@ def test_opcheck_train(device, shape, layout, dtype, affine, _, parametrization)
 
 
 @_each_train_op_case
-def test_opcheck_train_forward(device, shape, layout, dtype, affine, _, parametrization):
-    """The training op's forward below autograd (y, s1, s2, rstd, nll; fused on CUDA): schema (no
-    output aliases an input, inv's r = p included), fake kernel, and the same values as the
-    forward op, rstd by tensor ops and the NLL op."""
+def test_opcheck_train_forward(family, shape, layout, dtype, affine, _, parametrization):
+    """The training op's forward below autograd (y, s1, s2, rstd, nll; fused on CUDA and triton):
+    schema (no output aliases an input, inv's r = p included), fake kernel, and the same values as
+    the forward op, rstd by tensor ops and the NLL op."""
+    prefix, device = family
     x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
-    op = torch.ops.batchless_kernels.batchless_norm_train_forward.default
+    op = _family_op(prefix, "train_forward")
     args = (x, mean, std_param, weight, bias, parametrization, 1e-5, True)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     y, s1, s2, rstd, nll = op(*args)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     want_rstd, _ = bk.parametrization.rstd_and_log_std(std_param.to(acc), parametrization, 1e-5)
-    want_y, want_s1, want_s2 = torch.ops.batchless_kernels.batchless_norm_forward(x, mean, want_rstd, weight, bias, True)
+    want_y, want_s1, want_s2 = _family_op(prefix, "forward")(x, mean, want_rstd, weight, bias, True)
     torch.testing.assert_close(rstd, want_rstd, rtol=1e-6, atol=0)
     torch.testing.assert_close(y, want_y)
     assert_close_scaled(s1, want_s1, atol=1e-5, rtol=1e-5, what="s1")
@@ -453,16 +476,16 @@ def test_opcheck_train_forward(device, shape, layout, dtype, affine, _, parametr
 
 
 @_each_train_op_case
-def test_opcheck_inference(device, shape, layout, dtype, affine, _, parametrization):
+def test_opcheck_inference(family, shape, layout, dtype, affine, _, parametrization):
     """The inference op (y alone, r computed inside): schema, fake kernel, and the same bits as the
     training op's y, so that training and inference compute one function."""
+    prefix, device = family
     x, mean, std_param, weight, bias = make_case(shape, layout, dtype, device, parametrization, affine)
-    op = torch.ops.batchless_kernels.batchless_norm_inference.default
+    op = _family_op(prefix, "inference")
     args = (x, mean, std_param, weight, bias, parametrization, 1e-5)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     y = op(*args)  # outputs start poisoned (conftest)
-    want = torch.ops.batchless_kernels.batchless_norm_train_forward(x, mean, std_param, weight, bias, parametrization,
-                                                                    1e-5, True)[0]
+    want = _family_op(prefix, "train_forward")(x, mean, std_param, weight, bias, parametrization, 1e-5, True)[0]
     assert y.shape == x.shape and y.dtype == x.dtype and y.stride() == want.stride()
     assert torch.equal(y, want)
 
@@ -533,22 +556,15 @@ def _graph_nodes(*outputs):
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
 def test_training_step_is_one_node_and_few_ops(device, parametrization):
     """A layer's training step (y and the NLL, all five inputs requiring grad) is one autograd node,
-    as BatchNorm's is; forward dispatches one op, batchless_norm_train_forward (on CUDA two launches;
-    elsewhere the fused forward, the NLL op and at most 3 ops computing 1/sigma); backward one op,
-    batchless_norm_train_backward (on CUDA two launches; elsewhere the two fused backward ops), and
-    nothing else but autograd's own bookkeeping."""
+    as BatchNorm's is; forward dispatches one op, batchless_norm_train_forward (on CUDA two launches);
+    backward one op, batchless_norm_train_backward (on CUDA two launches), and nothing else but
+    autograd's own bookkeeping."""
     leaves = [t.detach().requires_grad_() for t in make_case((8, 16, 5, 5), "contiguous", torch.float32, device,
                                                                parametrization)]
     with _OpLog() as forward:
         y, nll = bk.batchless_norm(*leaves, parametrization=parametrization, backend=device)
     assert _graph_nodes(y, nll) == ["CppFunction"]
     assert forward.ops == ["batchless_norm_train_forward"], forward.ops
-    leaves_again = [t.detach() for t in leaves]
-    with _OpLog() as composed:  # what the op runs where it has no fused kernel (the CPU)
-        torch.ops.batchless_kernels.batchless_norm_train_forward.default._op_dk(
-            torch._C.DispatchKey.CompositeExplicitAutograd, *leaves_again, parametrization, 1e-5, True)
-    fused = [op for op in composed.ops if op in ("batchless_norm_forward", "batchless_nll")]
-    assert fused == ["batchless_norm_forward", "batchless_nll"] and len(composed.ops) - len(fused) <= 4, composed.ops
     with _OpLog() as backward:
         torch.autograd.backward([y, nll], [torch.ones_like(y), torch.ones_like(nll)])
     work = [op for op in backward.ops if op not in ("detach", "ones_like", "ones", "empty_like", "zeros_like")]

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+import batchless_kernels as bk
 from conftest import (ALL_BACKENDS, GRAD_NAMES, TOLS, assert_close_scaled, loss_of, make_case, run_batchless,
                       run_reference64)
 
@@ -147,7 +148,8 @@ def _specialization(kernel, launch):
     from triton.runtime.jit import native_specialize_impl
 
     options = getattr(kernel, "kwargs", None) or vars(kernel)  # InterpretedFunction / JITFunction
-    names = list(inspect.signature(kernel.fn).parameters)[8:]  # after the 8 tensors
+    names = list(inspect.signature(kernel.fn).parameters)
+    names = names[names.index("P" if "P" in names else "M"):]  # the sizes, after the tensors
     ints = tuple(native_specialize_impl(BaseBackend, value, False, name not in (options.get("do_not_specialize") or ()),
                                         name not in (options.get("do_not_specialize_on_alignment") or ()))
                  for name, value in zip(names, launch.sizes))
@@ -191,31 +193,61 @@ def test_launch_covers_every_row(shape):
         assert_close_scaled(got[name], want[name], *TOLS[torch.float32], what=name)
 
 
-@pytest.mark.parametrize("shape, layout", [((4, 6, 33), "contiguous"), ((3000, 5), "contiguous"),
-                                           ((4, 6, 40, 40), "channels_last")], ids=str)
-def test_partials_summed_by_one_launch_per_pass(shape, layout, monkeypatch):
-    """Each pass sums its partials (two statistics) in one Triton launch, no torch reduction: a
-    training step launches the forward and backward kernels and one _sum_partials_kernel each
-    (shapes with several programs per channel, so that the second pass runs)."""
-    from torch.profiler import ProfilerActivity, profile
+# Tensor ops that would each be a launch of their own on a GPU (r, the NLL, reductions, stand-ins).
+_COMPUTE_OPS = {f"aten::{name}" for name in (
+    "exp", "neg", "abs", "reciprocal", "add", "sub", "mul", "div", "log", "sum", "mean", "full", "zeros",
+    "ones", "clone", "where")}
 
+
+def _counting_launches(monkeypatch):
+    """Records every Triton launch of the backend's kernels, by kernel name."""
     from batchless_kernels.triton import norm
 
     launches = []
-    real = norm._sum_partials_kernel
 
     class Counting:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
+        def __init__(self, kernel):
+            self.kernel = kernel
 
-    monkeypatch.setattr(norm, "_sum_partials_kernel", Counting())
-    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, _device(), "log", True)
-    leaves = [t.detach().requires_grad_() for t in (x, mean, std_param, weight, bias)]
+        def __getitem__(self, grid):
+            launches.append(self.kernel.fn.__name__)
+            return self.kernel[grid]
+
+    for table in (norm.FORWARD_KERNELS, norm.BACKWARD_KERNELS):
+        for key, kernel in list(table.items()):
+            monkeypatch.setitem(table, key, Counting(kernel))
+    monkeypatch.setattr(norm, "_sum_partials_kernel", Counting(norm._sum_partials_kernel))
+    return launches
+
+
+@pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
+@pytest.mark.parametrize("shape, layout, affine", [((4, 6, 33), "contiguous", True), ((3000, 5), "contiguous", True),
+                                                   ((4, 6, 40, 40), "channels_last", False), ((8, 6), "contiguous", True)],
+                         ids=str)
+def test_training_step_launches_four_kernels(shape, layout, affine, parametrization, monkeypatch):
+    """A training step (forward and backward of y and the NLL) launches four Triton kernels and no
+    tensor op: the forward kernel with r computed from std_param, the second pass with the NLL's
+    epilogue (r, nll), the backward kernel and the second pass with the NLL's gradients. Every
+    parametrization; several programs per channel or one; without weight and bias (no stand-in
+    tensors to fill). Inference launches the forward kernel alone."""
+    from torch.profiler import ProfilerActivity, profile
+
+    launches = _counting_launches(monkeypatch)
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, _device(), parametrization, affine)
+    leaves = [t.detach().requires_grad_() for t in (x, mean, std_param, weight, bias) if t is not None]
+    grad_y = torch.randn_like(x)
+    grad_nll = torch.tensor(0.75, device=x.device)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        y, nll = torch.ops.batchless_kernels.triton_norm_train(*leaves, "log", 1e-5, True)
-        grads = torch.autograd.grad((y, nll), leaves, (torch.randn_like(y), torch.ones_like(nll)))
+        y, nll = bk.batchless_norm(*leaves[:3], *(leaves[3:] or (None, None)), parametrization=parametrization,
+                                   backend="triton")
+        grads = torch.autograd.grad((y, nll), leaves, (grad_y, grad_nll))
     assert all(g is not None for g in grads)
-    assert len(launches) == 2, launches  # forward (s1, s2) and backward (dweight, dbias)
-    reductions = [e.name for e in prof.events() if e.name in ("aten::sum", "aten::sum.dim_IntList")]
-    assert reductions == [], reductions
+    kinds = [name.split("_")[1] for name in launches]  # forward / backward / sum
+    assert kinds == ["forward", "sum", "backward", "sum"], launches
+    computed = sorted({e.name for e in prof.events()} & _COMPUTE_OPS)
+    assert computed == [], computed
+    launches.clear()
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        bk.batchless_norm(x, mean, std_param, weight, bias, parametrization=parametrization, backend="triton")
+    assert [name.split("_")[1] for name in launches] == ["forward"], launches
+    assert sorted({e.name for e in prof.events()} & _COMPUTE_OPS) == []

@@ -30,7 +30,7 @@ def unavailable_reason(device_type: str) -> str | None:
 
 def kernel_ops():
     """(forward_op, backward_op) with the signatures of the compiled ops (csrc/ops.cpp)."""
-    from . import norm  # noqa: F401  (registers the kernels of batchless_kernels::triton_forward/backward)
+    from . import norm  # noqa: F401  (registers the kernels of the batchless_kernels::triton_* ops)
 
     return (
         torch.ops.batchless_kernels.triton_forward.default,
@@ -42,3 +42,9 @@ def train_op():
     """The training op (forward and NLL as one autograd node), as batchless_norm_train (csrc/ops.cpp)."""
     kernel_ops()  # registers the kernels it calls
     return torch.ops.batchless_kernels.triton_norm_train.default
+
+
+def inference_op():
+    """The inference op (y alone, r computed in the kernel), as batchless_norm_inference (csrc/ops.cpp)."""
+    kernel_ops()  # registers the kernels it calls
+    return torch.ops.batchless_kernels.triton_inference.default

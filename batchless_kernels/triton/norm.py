@@ -17,7 +17,9 @@ before import), which is how CI tests them.
 from __future__ import annotations
 
 import functools
+import math
 import os
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ import triton.language as tl
 
 from .. import ops
 from .._checks import accumulation_dtype
+from ..parametrization import rstd_and_log_std
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -49,6 +52,53 @@ def _store(ptr, value, mask):
 @triton.jit
 def _load_channel(PTR, c, mask, ACC: tl.constexpr):
     return tl.load(PTR + c, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _rstd(p, kind, eps):
+    """r = 1/sigma from std_param p by parametrization `kind` (KINDS; parametrization.py's table):
+    abs 1 / (|p| + eps), log exp(-p), inv p itself (so kind inv also passes a given r through)."""
+    return tl.where(kind == 0, 1.0 / (tl.abs(p) + eps), tl.where(kind == 1, tl.exp(-p), p))
+
+
+@triton.jit
+def _sigma(p, kind, eps):
+    """(r, log sigma, d log|r| / dp, d log sigma / dp) per channel, as nll::Sigma (csrc/batchless_nll.h):
+    d log|r| / dp rather than dr/dp, which overflows float32 (abs) where the NLL's gradient does not.
+    r is _rstd's, bit for bit (the forward kernels compute it alike)."""
+    a = tl.abs(p) + eps
+    sign = tl.where(p > 0, 1.0, tl.where(p < 0, -1.0, 0.0))  # d|p|/dp, 0 at 0
+    r = _rstd(p, kind, eps)
+    log_a = tl.log(a)
+    log_sigma = tl.where(kind == 0, log_a, tl.where(kind == 1, p, -log_a))
+    dlog_sigma = tl.where(kind == 0, sign * r, tl.where(kind == 1, 1.0, -sign / a))
+    # inv with p = 0: r = 0, hence xhat = 0 and s2 = 0: no data term (0 rather than 1/0)
+    dlog_r = tl.where(kind == 0, -sign * r, tl.where(kind == 1, -1.0, tl.where(p != 0, 1.0 / tl.where(p != 0, p, 1.0), 0.0)))
+    return r, log_sigma, dlog_r, dlog_sigma
+
+
+@triton.jit
+def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
+    """eps in the accumulation dtype from two float32 arguments (hi + lo, _eps_pair): a float
+    argument is float32, and float64 accumulation wants eps to ~48 bits."""
+    return tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+
+
+@triton.jit
+def _affine(W, B, c, mask, has_w, has_b, ACC: tl.constexpr):
+    """weight and bias of channels c; absent (has_w / has_b == 0: not read): ones and zeros. Runtime
+    flags, not constexprs: no variant of their own, and no launch to fill a stand-in."""
+    w = tl.load(W + c, mask=mask & (has_w != 0), other=1.0).to(ACC)
+    b = tl.load(B + c, mask=mask & (has_b != 0), other=0.0).to(ACC)
+    return w, b
+
+
+@triton.jit
+def _zero_counter(COUNTER):
+    """The first pass zeroes the second pass's ticket (one program writes it; the launches are
+    ordered on the stream), so that no launch is spent on a memset."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(COUNTER, 0)
 
 
 @triton.jit
@@ -105,16 +155,20 @@ def _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M: tl.constexpr):
 # carries no accumulators across iterations: half the registers for small planes), and the
 # divisibility of the mask bounds P and M (masks uniform over 16 planes or rows: fewer registers,
 # and no spill in some float64 variants; bench/triton_codegen.py).
-_JIT = dict(do_not_specialize_on_alignment=["C", "S_VEC", "num_sb", "tiles", "C_VEC"])
+# The flags and the parametrization are runtime values too (one variant for all, tl.where in the kernels).
+_JIT = dict(do_not_specialize_on_alignment=["C", "S_VEC", "num_sb", "tiles", "C_VEC"],
+            do_not_specialize=["kind", "has_w", "has_b", "gauge", "count"])
 
 
 @triton.jit(**_JIT)
 def _forward_rows_kernel(
     X,  # (N * C, S) planes of x, row-major
     Y,  # (N * C, S) output, same layout
-    MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
+    MEAN, R, W, B,  # (C,) mean, std_param (r by `kind`; or r itself), weight, bias (read when has_w, has_b)
     PS1, PS2,  # (C, N, num_sb) partial sums, one slot per (plane, program along S)
+    COUNTER,  # (1,) int32 ticket of the second pass, zeroed here (with STATS)
     P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
+    kind, eps_hi, eps_lo, has_w, has_b,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -123,9 +177,9 @@ def _forward_rows_kernel(
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
-    rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
-    w = _load_channel(W, c, pmask, ACC)[:, None]
-    b = _load_channel(B, c, pmask, ACC)[:, None]
+    rstd = _rstd(_load_channel(R, c, pmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))[:, None]
+    w, b = _affine(W, B, c, pmask, has_w, has_b, ACC)
+    w, b = w[:, None], b[:, None]
     acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, tiles * BLOCK_S, BLOCK_S):
@@ -137,6 +191,7 @@ def _forward_rows_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
+        _zero_counter(COUNTER)
         slots = _plane_slots(planes, c, P, C, num_sb)
         tl.store(PS1 + slots, tl.sum(acc1, axis=1), mask=pmask)
         tl.store(PS2 + slots, tl.sum(acc2, axis=1), mask=pmask)
@@ -146,17 +201,18 @@ def _forward_rows_kernel(
 def _forward_columns_kernel(
     X,  # (M, C) x with channels innermost
     Y,  # (M, C) output, same layout
-    MEAN, RSTD, W, B,  # (C,) per-channel parameters (absent weight/bias: ones/zeros)
+    MEAN, R, W, B,  # (C,) mean, std_param (r by `kind`; or r itself), weight, bias (read when has_w, has_b)
     PS1, PS2,  # (C, num_mb) partial sums, one column per row-block (num_mb: grid axis 0)
+    COUNTER,  # (1,) int32 ticket of the second pass, zeroed here (with STATS)
     M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
+    kind, eps_hi, eps_lo, has_w, has_b,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
     mean = _load_channel(MEAN, cols, cmask, ACC)
-    rstd = _load_channel(RSTD, cols, cmask, ACC)
-    w = _load_channel(W, cols, cmask, ACC)
-    b = _load_channel(B, cols, cmask, ACC)
+    rstd = _rstd(_load_channel(R, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))
+    w, b = _affine(W, B, cols, cmask, has_w, has_b, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, tiles * BLOCK_M, BLOCK_M):
@@ -168,6 +224,7 @@ def _forward_columns_kernel(
             acc1 += xhat
             acc2 += xhat * xhat
     if STATS:
+        _zero_counter(COUNTER)
         slots = _column_slots(cols)
         tl.store(PS1 + slots, tl.sum(acc1, axis=0), mask=cmask)
         tl.store(PS2 + slots, tl.sum(acc2, axis=0), mask=cmask)
@@ -178,9 +235,10 @@ def _backward_rows_kernel(
     G,  # (N * C, S) grad_y planes
     X,  # (N * C, S) x planes (read only for dweight)
     DX,  # (N * C, S) output
-    MEAN, RSTD, W,  # (C,) (absent weight: ones)
+    MEAN, RSTD, W,  # (C,) (weight read when has_w; absent: ones)
     PW, PB,  # (C, N, num_sb) partial sums of dweight, dbias
     P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
+    has_w,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -188,7 +246,7 @@ def _backward_rows_kernel(
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     rstd = _load_channel(RSTD, c, pmask, ACC)[:, None]
-    scale = _load_channel(W, c, pmask, ACC)[:, None] * rstd
+    scale = _affine(W, W, c, pmask, has_w, 0, ACC)[0][:, None] * rstd
     accw = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, tiles * BLOCK_S, BLOCK_S):
@@ -213,9 +271,10 @@ def _backward_columns_kernel(
     G,  # (M, C) grad_y, channels innermost
     X,  # (M, C) x (read only for dweight)
     DX,  # (M, C) output
-    MEAN, RSTD, W,  # (C,) (absent weight: ones)
+    MEAN, RSTD, W,  # (C,) (weight read when has_w; absent: ones)
     PW, PB,  # (C, num_mb) partial sums of dweight, dbias (num_mb: grid axis 0)
     M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
+    has_w,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -225,7 +284,7 @@ def _backward_columns_kernel(
     slots = _column_slots(cols)
     mean = _load_channel(MEAN, cols, cmask, ACC)
     rstd = _load_channel(RSTD, cols, cmask, ACC)
-    scale = _load_channel(W, cols, cmask, ACC) * rstd
+    scale = _affine(W, W, cols, cmask, has_w, 0, ACC)[0] * rstd
     accw = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, tiles * BLOCK_M, BLOCK_M):
@@ -244,29 +303,66 @@ def _backward_columns_kernel(
         tl.store(PB + slots, tl.sum(accb, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(**_JIT)
 def _sum_partials_kernel(
-    P1, P2,  # (C, K) per-program partial sums of one or two statistics, channel-major
+    P1, P2,  # (C, K) per-program partial sums of NSUM (0-2) statistics, channel-major
     OUT1, OUT2,  # (C,) their per-channel totals
-    C, K,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, TWO: tl.constexpr, ACC: tl.constexpr,
+    STD,  # (C,) std_param (EPILOGUE 1 or 2)
+    RSTD, NLL, BLOCK_SUMS, COUNTER,  # EPILOGUE 1 (forward): r (C,), the nll (), (programs, 2) scratch, ticket
+    GRAD_NLL, S1, S2, DMEAN, DPARAM,  # EPILOGUE 2 (backward): grad_nll (), the forward's sums (C,); (C,) grads
+    C, K, count, kind, eps_hi, eps_lo, gauge,  # count: elements per channel
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NSUM: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
 ):
-    # A program adds up BLOCK_C channels' rows, BLOCK_K partials at a time: a fixed order for a
-    # given shape (deterministic), both statistics in one launch.
+    # The second pass: a program adds up BLOCK_C channels' rows, BLOCK_K partials at a time (a fixed
+    # order for a given shape: deterministic), every statistic in one launch; then the NLL's epilogue.
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
-    rows = cols[:, None] * K
-    acc1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
-    acc2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
-    for start in range(0, K, BLOCK_K):
-        ks = tl.arange(0, BLOCK_K).to(tl.int64) + start
-        mask = cmask[:, None] & (ks < K)[None, :]
-        acc1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
-        if TWO:
-            acc2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
-    tl.store(OUT1 + cols, tl.sum(acc1, axis=1), mask=cmask)
-    if TWO:
-        tl.store(OUT2 + cols, tl.sum(acc2, axis=1), mask=cmask)
+    total2 = tl.zeros([BLOCK_C], ACC)
+    if NSUM > 0:
+        rows = cols[:, None] * K
+        acc1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+        acc2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+        for start in range(0, K, BLOCK_K):
+            ks = tl.arange(0, BLOCK_K).to(tl.int64) + start
+            mask = cmask[:, None] & (ks < K)[None, :]
+            acc1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
+            if NSUM == 2:
+                acc2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
+        tl.store(OUT1 + cols, tl.sum(acc1, axis=1), mask=cmask)
+        if NSUM == 2:
+            total2 = tl.sum(acc2, axis=1)
+            tl.store(OUT2 + cols, total2, mask=cmask)
+    if EPILOGUE > 0:
+        n = tl.cast(count, ACC)
+        channels = tl.cast(C, ACC)
+        r, log_sigma, dlog_r, dlog_sigma = _sigma(_load_channel(STD, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))
+        if EPILOGUE == 1:
+            # nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2), as the
+            # CUDA second stage (csrc/cuda/batchless_norm_cuda.cu, NllEpilogue): each program adds its
+            # channels' terms; the last to take a ticket adds the programs' sums in program order.
+            tl.store(RSTD + cols, r, mask=cmask)
+            pid = tl.program_id(0).to(tl.int64)
+            tl.store(BLOCK_SUMS + 2 * pid, tl.sum(tl.where(cmask, log_sigma, 0.0), axis=0))
+            tl.store(BLOCK_SUMS + (2 * pid + 1), tl.sum(tl.where(cmask, total2, 0.0), axis=0))
+            tl.debug_barrier()  # every thread's stores before the ticket (acq_rel: visible to the last)
+            programs = tl.num_programs(0)
+            if tl.atomic_add(COUNTER, 1, sem="acq_rel") == programs - 1:
+                log_total = tl.zeros([BLOCK_K], ACC)
+                data_total = tl.zeros([BLOCK_K], ACC)
+                for start in range(0, programs, BLOCK_K):
+                    b = tl.arange(0, BLOCK_K).to(tl.int64) + start
+                    log_total += tl.load(BLOCK_SUMS + 2 * b, mask=b < programs, other=0.0, volatile=True)
+                    data_total += tl.load(BLOCK_SUMS + (2 * b + 1), mask=b < programs, other=0.0, volatile=True)
+                data = tl.sum(data_total, axis=0) / (2.0 * n * channels)
+                # with the gauge, the mean log sigma cancels in value (it stays in the gradient)
+                tl.store(NLL, tl.where(gauge != 0, data - 0.5, tl.sum(log_total, axis=0) / channels + data))
+        else:
+            # grad_nll times the NLL's gradients (nll::NllGrads), per channel, from the forward's sums
+            g = tl.load(GRAD_NLL).to(ACC) / channels
+            s1 = _load_channel(S1, cols, cmask, ACC)
+            s2 = _load_channel(S2, cols, cmask, ACC)
+            _store(DMEAN + cols, -g * r * (s1 / n), cmask)
+            _store(DPARAM + cols, g * (dlog_sigma + (s2 / n) * dlog_r), cmask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,11 +477,34 @@ def _to_layout(t: torch.Tensor, channels_first: bool) -> torch.Tensor:
     return t if _channels_innermost(t) else t.movedim(1, -1).contiguous().movedim(-1, 1)
 
 
-def _param(t, channels, acc, fill, device):
+# Parametrizations as the kernels take them (_rstd, _sigma). A given r goes in as "inv" (r = p).
+KINDS = {"abs": 0, "log": 1, "inv": 2}
+_R_GIVEN = KINDS["inv"]
+
+
+def _kind(parametrization: str) -> int:
+    if parametrization not in KINDS:
+        raise RuntimeError(f"batchless_norm: parametrization must be 'abs', 'log' or 'inv', got {parametrization!r}")
+    return KINDS[parametrization]
+
+
+def _eps_pair(eps: float) -> tuple[float, float]:
+    """eps as float32 hi + lo (_eps in the kernels)."""
+    if not 0 < eps < math.inf:
+        raise RuntimeError(f"batchless_norm: eps must be positive, got {eps}")
+    hi = struct.unpack("f", struct.pack("f", min(eps, _FLOAT32_MAX)))[0]
+    return hi, eps - hi
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _dense(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
     """A per-channel tensor as the kernels index it, PTR + c: dense. Parameters may be any view (a
     column of a packed tensor, an expanded scalar with stride 0, a ::2 slice); contiguous() copies only
-    those (the C++ host code makes them contiguous alike). An absent one is `fill`."""
-    return t.contiguous() if t is not None else torch.full((channels,), fill, dtype=acc, device=device)
+    those (the C++ host code makes them contiguous alike). An absent one: `stand_in`, never read (the
+    kernels' has_w / has_b flags)."""
+    return t.contiguous() if t is not None else stand_in
 
 
 def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> torch.Tensor:
@@ -394,24 +513,45 @@ def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> 
     return ops.poisoned(torch.empty(launch.slots if needed else (1, 1), dtype=acc, device=device))
 
 
-def _sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
-    """Per-channel totals of one or two statistics' (C, K) per-program partials, in one launch and a
-    fixed order (_sum_partials_kernel)."""
-    channels, k = partials[0].shape
-    if k == 1:  # one program per channel: the partials are the totals
-        return [p.view(channels) for p in partials]
-    totals = [ops.poisoned(p.new_empty((channels,))) for p in partials]
+def _second_pass_grid(channels: int, k: int) -> tuple[int, int, int]:
+    """(programs, BLOCK_C, BLOCK_K) of _sum_partials_kernel over (C, K) partials."""
     block_k = min(triton.next_power_of_2(k), 128)
     block_c = min(triton.next_power_of_2(channels), max(1, 1024 // block_k))
-    second = len(partials) == 2
-    _sum_partials_kernel[(triton.cdiv(channels, block_c),)](
-        partials[0], partials[-1], totals[0], totals[-1], channels, k,
-        BLOCK_C=block_c, BLOCK_K=block_k, TWO=second, ACC=accumulator(partials[0].dtype), num_warps=4)
+    return triton.cdiv(channels, block_c), block_c, block_k
+
+
+def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, device, epilogue: int = 0,
+                 std=None, rstd=None, nll=None, counter=None, grad_nll=None, s1=None, s2=None, dmean=None,
+                 dparam=None, count: int = 1, kind: int = 0, eps: float = 1.0, gauge: bool = False):
+    """Launches _sum_partials_kernel: the per-channel totals of the (C, K) partials (returned), and
+    with `epilogue` the NLL's (1: r and the nll; 2: dmean, dparam), into the tensors given."""
+    k = partials[0].shape[1] if partials else 1
+    programs, block_c, block_k = _second_pass_grid(channels, k)
+    totals = [ops.poisoned(torch.empty((channels,), dtype=acc, device=device)) for _ in partials]
+    any_ = (partials + [std])[0]  # a pointer for the arguments this launch does not read
+    block_sums = ops.poisoned(torch.empty((programs, 2), dtype=acc, device=device)) if epilogue == 1 else any_
+    p1, p2 = (partials * 2)[:2] if partials else (any_, any_)
+    o1, o2 = (totals * 2)[:2] if totals else (any_, any_)
+    pick = lambda t: any_ if t is None else t  # noqa: E731
+    _sum_partials_kernel[(programs,)](
+        p1, p2, o1, o2, pick(std), pick(rstd), pick(nll), block_sums, pick(counter),
+        pick(grad_nll), pick(s1), pick(s2), pick(dmean), pick(dparam),
+        channels, k, count, kind, *_eps_pair(eps), int(gauge),
+        BLOCK_C=block_c, BLOCK_K=block_k, NSUM=len(partials), EPILOGUE=epilogue, ACC=accumulator(acc), num_warps=4)
     return totals
 
 
+def _sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
+    """Per-channel totals of one or two statistics' (C, K) per-program partials, in one launch and a
+    fixed order (_sum_partials_kernel); none where each channel had one program."""
+    channels, k = partials[0].shape
+    if k == 1:  # one program per channel: the partials are the totals
+        return [p.view(channels) for p in partials]
+    return _second_pass(channels, list(partials), partials[0].dtype, partials[0].device)
+
+
 # ------------------------------------------------------------------------------------------------
-# Launchers: the kernels of the ops batchless_kernels::triton_forward/backward (csrc/ops.cpp)
+# Launchers: the kernels of the ops batchless_kernels::triton_* (csrc/ops.cpp)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -431,34 +571,111 @@ def _on_device_of_first(launcher):
     return guarded
 
 
+def _forward(x, mean, r, kind, eps, weight, bias, stats):
+    """Launches the forward kernel on a non-empty x: (y, [ps1, ps2] (C, K) partials, the second pass's
+    counter) with stats; r is std_param (by `kind`) or, with kind _R_GIVEN, rstd."""
+    acc = accumulation_dtype(x.dtype)
+    y = ops.poisoned(ops.output_like(x))
+    first = _channels_first(x)
+    xin = _to_layout(x, first)
+    yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
+    mean, r = mean.contiguous(), r.contiguous()  # as _dense
+    launch = plan_launch(first, x.shape[0], x.shape[1], x.numel(), x.dtype)
+    ps1, ps2 = (_partials(launch, acc, x.device, stats) for _ in range(2))
+    counter = torch.empty((1,), dtype=torch.int32, device=x.device) if stats else ps1
+    FORWARD_KERNELS[first][launch.grid](
+        xin, yout, mean, r, _dense(weight, mean), _dense(bias, mean), ps1, ps2, counter, *launch.sizes,
+        kind, *_eps_pair(eps), int(weight is not None), int(bias is not None),
+        **launch.meta, STATS=stats, ACC=accumulator(acc))
+    if yout is not y:
+        y.copy_(yout)
+    return y, [ps1, ps2], counter
+
+
+def _empty_sums(x, n):
+    acc = accumulation_dtype(x.dtype)
+    return x.new_zeros((n,), dtype=acc), x.new_zeros((n,), dtype=acc)
+
+
 @_on_device_of_first
 def triton_forward(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
     bias: torch.Tensor | None, compute_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = accumulation_dtype(x.dtype)
-    channels = x.shape[1]
-    y = ops.poisoned(ops.output_like(x))
     if x.numel() == 0:
-        n = channels if compute_stats else 0
-        return y, x.new_zeros((n,), dtype=acc), x.new_zeros((n,), dtype=acc)
-    first = _channels_first(x)
-    xin = _to_layout(x, first)
-    yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
-    mean, rstd = mean.contiguous(), rstd.contiguous()  # as _param
-    w = _param(weight, channels, acc, 1.0, x.device)
-    b = _param(bias, channels, acc, 0.0, x.device)
-    launch = plan_launch(first, x.shape[0], channels, x.numel(), x.dtype)
-    ps1, ps2 = (_partials(launch, acc, x.device, compute_stats) for _ in range(2))
-    FORWARD_KERNELS[first][launch.grid](
-        xin, yout, mean, rstd, w, b, ps1, ps2, *launch.sizes,
-        **launch.meta, STATS=compute_stats, ACC=accumulator(acc))
-    if yout is not y:
-        y.copy_(yout)
+        return ops.poisoned(ops.output_like(x)), *_empty_sums(x, x.shape[1] if compute_stats else 0)
+    y, partials, _ = _forward(x, mean, rstd, _R_GIVEN, 1.0, weight, bias, compute_stats)
     if not compute_stats:
-        return y, x.new_empty((0,), dtype=acc), x.new_empty((0,), dtype=acc)
-    s1, s2 = _sum_partials(ps1, ps2)
+        return y, *(x.new_empty((0,), dtype=p.dtype) for p in partials)
+    s1, s2 = _sum_partials(*partials)
     return y, s1, s2
+
+
+@_on_device_of_first
+def triton_train_forward(
+    x: torch.Tensor, mean: torch.Tensor, std_param: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, parametrization: str, eps: float, gauge: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batchless_norm_train_forward's values (csrc/ops.cpp) in two launches: the forward kernel with
+    r computed from std_param, and the second pass with the NLL's epilogue (r, nll)."""
+    kind, acc = _kind(parametrization), accumulation_dtype(x.dtype)
+    channels = x.shape[1]
+    if x.numel() == 0:  # no elements to average: nll = 0 (reference.py)
+        r = rstd_and_log_std(std_param.detach().to(acc, copy=True), parametrization, eps)[0]
+        return ops.poisoned(ops.output_like(x)), *_empty_sums(x, channels), r, x.new_zeros((), dtype=acc)
+    y, partials, counter = _forward(x, mean, std_param, kind, eps, weight, bias, True)
+    rstd = ops.poisoned(torch.empty((channels,), dtype=acc, device=x.device))
+    nll = ops.poisoned(torch.empty((), dtype=acc, device=x.device))
+    s1, s2 = _second_pass(channels, partials, acc, x.device, 1, std=std_param.contiguous(), rstd=rstd, nll=nll,
+                          counter=counter, count=x.numel() // channels, kind=kind, eps=eps, gauge=gauge)
+    return y, s1, s2, rstd, nll
+
+
+@_on_device_of_first
+def triton_inference(
+    x: torch.Tensor, mean: torch.Tensor, std_param: torch.Tensor, weight: torch.Tensor | None,
+    bias: torch.Tensor | None, parametrization: str, eps: float,
+) -> torch.Tensor:
+    """batchless_norm_inference (csrc/ops.cpp): one launch, r computed in it as in training."""
+    kind = _kind(parametrization)
+    _eps_pair(eps)
+    if x.numel() == 0:
+        return ops.poisoned(ops.output_like(x))
+    return _forward(x, mean, std_param, kind, eps, weight, bias, False)[0]
+
+
+def _backward(grad_y, x, mean, rstd, weight, output_mask):
+    """Launches the backward kernel: (dx, partials of the wanted ones of dweight, dbias)."""
+    acc = accumulation_dtype(grad_y.dtype)
+    need_dx, need_dw, need_db = output_mask
+    reference = x if x is not None else grad_y
+    dx = ops.poisoned(ops.output_like(reference)) if need_dx else grad_y.new_empty((0,))
+    first = _channels_first(reference)
+    g = _to_layout(grad_y, first)
+    xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
+    dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
+    mean, rstd = mean.contiguous(), rstd.contiguous()  # as _dense
+    launch = plan_launch(first, grad_y.shape[0], grad_y.shape[1], grad_y.numel(), grad_y.dtype)
+    pw, pb = _partials(launch, acc, g.device, need_dw), _partials(launch, acc, g.device, need_db)
+    BACKWARD_KERNELS[first][launch.grid](
+        g, xin, dx_out if need_dx else g, mean, rstd, _dense(weight, rstd), pw, pb, *launch.sizes,
+        int(weight is not None), **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
+        ACC=accumulator(acc))
+    if need_dx and dx_out is not dx:
+        dx.copy_(dx_out)
+    return dx, [p for p, need in ((pw, need_dw), (pb, need_db)) if need]
+
+
+def _check_backward(grad_y, x, output_mask):
+    if output_mask[1] and x is None:
+        raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
+
+
+def _affine_grads(grad_y, output_mask, totals):
+    """(dweight, dbias) from the wanted ones' totals; empty where not wanted."""
+    acc = accumulation_dtype(grad_y.dtype)
+    totals = iter(totals)
+    return tuple(next(totals) if need else grad_y.new_empty((0,), dtype=acc) for need in output_mask[1:3])
 
 
 @_on_device_of_first
@@ -466,42 +683,64 @@ def triton_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    acc = accumulation_dtype(grad_y.dtype)
-    channels = grad_y.shape[1]
-    need_dx, need_dw, need_db = output_mask
-    if need_dw and x is None:
-        raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
-    reference = x if x is not None else grad_y
-    dx = ops.poisoned(ops.output_like(reference)) if need_dx else grad_y.new_empty((0,))
-    zeros = lambda need: grad_y.new_zeros((channels if need else 0,), dtype=acc)  # noqa: E731
+    _check_backward(grad_y, x, output_mask)
     if grad_y.numel() == 0 or not any(output_mask):
-        return dx, zeros(need_dw), zeros(need_db)
-    first = _channels_first(reference)
-    g = _to_layout(grad_y, first)
-    xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
-    dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
-    mean, rstd = mean.contiguous(), rstd.contiguous()  # as _param
-    w = _param(weight, channels, acc, 1.0, g.device)
-    launch = plan_launch(first, grad_y.shape[0], channels, grad_y.numel(), grad_y.dtype)
-    pw, pb = _partials(launch, acc, g.device, need_dw), _partials(launch, acc, g.device, need_db)
-    BACKWARD_KERNELS[first][launch.grid](
-        g, xin, dx_out if need_dx else g, mean, rstd, w, pw, pb, *launch.sizes,
-        **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db, ACC=accumulator(acc))
-    if need_dx and dx_out is not dx:
-        dx.copy_(dx_out)
-    wanted = [p for p, need in ((pw, need_dw), (pb, need_db)) if need]
-    totals = iter(_sum_partials(*wanted) if wanted else ())
-    dw = next(totals) if need_dw else zeros(False)
-    db = next(totals) if need_db else zeros(False)
-    return dx, dw, db
+        return _empty_backward(grad_y, x, output_mask)
+    dx, partials = _backward(grad_y, x, mean, rstd, weight, output_mask)
+    return dx, *_affine_grads(grad_y, output_mask, _sum_partials(*partials) if partials else ())
+
+
+def _empty_backward(grad_y, x, output_mask):
+    """An empty grad_y (or nothing wanted): an empty dx; zero dweight, dbias where wanted."""
+    dx = ops.output_like(x if x is not None else grad_y) if output_mask[0] else grad_y.new_empty((0,))
+    acc, channels = accumulation_dtype(grad_y.dtype), grad_y.shape[1]
+    return dx, *(grad_y.new_zeros((channels if need else 0,), dtype=acc) for need in output_mask[1:3])
+
+
+@_on_device_of_first
+def triton_train_backward(
+    grad_y: torch.Tensor, grad_nll: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor,
+    std_param: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None, s1: torch.Tensor,
+    s2: torch.Tensor, count: int, parametrization: str, eps: float, output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """batchless_norm_train_backward (csrc/ops.cpp) in two launches: the backward kernel, and the
+    second pass summing dweight, dbias with the NLL's gradients as its epilogue."""
+    _check_backward(grad_y, x, output_mask)
+    kind, acc = _kind(parametrization), accumulation_dtype(grad_y.dtype)
+    need_nll = output_mask[3] or output_mask[4]
+    channels = grad_y.shape[1]
+    if grad_y.numel() == 0 or count == 0:  # no elements: zero NLL gradients (reference.py)
+        dx, dw, db = _empty_backward(grad_y, x, output_mask[:3])
+        dmean, dparam = torch.zeros_like(mean), torch.zeros_like(std_param)
+    else:
+        dx, partials = _backward(grad_y, x, mean, rstd, weight, output_mask[:3]) if any(output_mask[:3]) else (
+            grad_y.new_empty((0,)), [])
+        if not need_nll:
+            return dx, *_affine_grads(grad_y, output_mask, _sum_partials(*partials) if partials else ()), \
+                mean.new_empty((0,)), std_param.new_empty((0,))
+        dmean = ops.poisoned(torch.empty((channels,), dtype=mean.dtype, device=mean.device))
+        dparam = ops.poisoned(torch.empty((channels,), dtype=std_param.dtype, device=std_param.device))
+        totals = _second_pass(
+            channels, partials, acc, grad_y.device, 2, std=std_param.contiguous(), grad_nll=grad_nll.to(acc),
+            s1=s1.to(acc).contiguous(), s2=s2.to(acc).contiguous(), dmean=dmean, dparam=dparam, count=count,
+            kind=kind, eps=eps)
+        dw, db = _affine_grads(grad_y, output_mask, totals)
+    return dx, dw, db, *(t if need else t.new_empty((0,)) for t, need in ((dmean, output_mask[3]),
+                                                                          (dparam, output_mask[4])))
 
 
 # CUDA tensors, and CPU tensors under the interpreter. The fake kernels and the autograd
 # (csrc/autograd.cpp) are those of the compiled backends' ops.
 if ops.extension_loaded():  # which defines the ops (the kernels above compile without it)
     _LIBRARY = torch.library.Library("batchless_kernels", "IMPL")
+    _KERNELS = {"triton_forward": triton_forward, "triton_backward": triton_backward,
+                "triton_train_forward": triton_train_forward, "triton_train_backward": triton_train_backward,
+                "triton_inference": triton_inference}
     for _key in ("CUDA", "CPU") if INTERPRETED else ("CUDA",):
-        _LIBRARY.impl("triton_forward", triton_forward, _key)
-        _LIBRARY.impl("triton_backward", triton_backward, _key)
-    torch.library.register_fake("batchless_kernels::triton_forward")(ops._forward_fake)
-    torch.library.register_fake("batchless_kernels::triton_backward")(ops._backward_fake)
+        for _name, _kernel in _KERNELS.items():
+            _LIBRARY.impl(_name, _kernel, _key)
+    for _name, _fake in (("triton_forward", ops._forward_fake), ("triton_backward", ops._backward_fake),
+                         ("triton_train_forward", ops._train_forward_fake),
+                         ("triton_train_backward", ops._train_backward_fake),
+                         ("triton_inference", ops._inference_fake)):
+        torch.library.register_fake(f"batchless_kernels::{_name}")(_fake)

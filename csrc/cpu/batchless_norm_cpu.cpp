@@ -477,21 +477,20 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
 // ------------------------------------------------------------------------------------------
 
 // r = 1/sigma (C,) in the accumulation dtype by the tensor ops of parametrization.rstd_and_log_std:
-// the same bits on every path (training, inference, batchless_norm_forward's callers). With inv, r
-// may be std_param itself.
-Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
+// the same bits on every path (training, inference, batchless_norm_forward's callers). With inv and
+// not `fresh`, r may be std_param itself.
+Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps, bool fresh) {
   TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CPU);
   host::check_channel_tensor(std_param, "std_param", x);
-  return nll::rstd_of(host::in_dtype(std_param, host::accumulation_type(x.scalar_type())), kind, eps);
+  return nll::rstd_of(std_param, host::accumulation_type(x.scalar_type()), kind, eps, fresh);
 }
 
 // batchless_norm_train_forward (csrc/ops.cpp): y, the sums, r and the NLL.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
-  Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
-  if (rstd.is_same(std_param)) rstd = rstd.clone();  // inv: an op's output never aliases its input
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps, /*fresh=*/true);
   auto [y, s1, s2] = forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/true);
   // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
   Tensor nll = x.numel() == 0 ? at::zeros({}, s1.options())
@@ -517,7 +516,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cpu(
 // batchless_norm_inference (csrc/ops.cpp): y alone, r computed here.
 Tensor inference_cpu(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
                      const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
-  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps, /*fresh=*/false);
   return std::get<0>(forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/false));
 }
 
