@@ -58,7 +58,15 @@ def _load_channel(PTR, c, mask, ACC: tl.constexpr):
 def _rstd(p, kind, eps):
     """r = 1/sigma from std_param p by parametrization `kind` (KINDS; parametrization.py's table):
     abs 1 / (|p| + eps), log exp(-p), inv p itself (so kind inv also passes a given r through)."""
-    return tl.where(kind == 0, 1.0 / (tl.abs(p) + eps), tl.where(kind == 1, tl.exp(-p), p))
+    # Branches on the uniform kind, not tl.where: only one formula computed (float64's exp and
+    # division made a forward variant spill).
+    if kind == 0:
+        r = 1.0 / (tl.abs(p) + eps)
+    elif kind == 1:
+        r = tl.exp(-p)
+    else:
+        r = p
+    return r
 
 
 @triton.jit
@@ -176,8 +184,9 @@ def _forward_rows_kernel(
     # their elements.
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
-    mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
+    # r first: its exp's temporaries are not live beside the other parameters (a float64 variant spilled)
     rstd = _rstd(_load_channel(R, c, pmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))[:, None]
+    mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     w, b = _affine(W, B, c, pmask, has_w, has_b, ACC)
     w, b = w[:, None], b[:, None]
     acc1 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
@@ -210,8 +219,8 @@ def _forward_columns_kernel(
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
+    rstd = _rstd(_load_channel(R, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))  # first, as above
     mean = _load_channel(MEAN, cols, cmask, ACC)
-    rstd = _rstd(_load_channel(R, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))
     w, b = _affine(W, B, cols, cmask, has_w, has_b, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
