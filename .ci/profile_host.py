@@ -8,6 +8,11 @@ step is bound by the host's time to issue it
 Per implementation and shape: the wall time per step over N steps issued back to back (the GPU
 keeps up, so this is the host's time), then torch.profiler's CPU-side table (no CUDA activity
 tracing) of the ops each step dispatches, by self CPU time.
+
+Then a model's step, per layer: MODEL_LAYERS drop-in modules in a row (BatchlessNorm vs
+nn.BatchNorm), one loss and one backward() (the loss adds bk.nll_loss), as training runs them: the
+cost of torch.autograd.grad's Python wrapper, which a one-layer step pays per layer, is paid once
+per model there. Implementations alternate over the repeats; the median is printed.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from torch.profiler import ProfilerActivity, profile
 import batchless_kernels as bk
 
 SHAPES = [(32, 256), (64, 256, 7, 7)]
+MODEL_SHAPES = [(32, 256), (8, 64, 8, 8), (64, 256, 7, 7)]
+MODEL_LAYERS = 8
 
 
 def make_step(impl, x, grad_y, params, inference=False):
@@ -45,6 +52,44 @@ def make_step(impl, x, grad_y, params, inference=False):
             y, nll = bk.batchless_norm(x, mean, std_param, weight, bias, backend=impl)
             return torch.autograd.grad((y, nll), (x, mean, std_param, weight, bias), (grad_y, one))
     return step
+
+
+def make_model_step(impl, shape, device):
+    """One training step of MODEL_LAYERS normalization modules in a row: forward, loss, backward."""
+    modules = {2: (bk.BatchlessNorm1d, torch.nn.BatchNorm1d), 4: (bk.BatchlessNorm2d, torch.nn.BatchNorm2d)}
+    batchless, batchnorm = modules[len(shape)]
+    layers = [batchnorm(shape[1]) if impl == "batchnorm" else batchless(shape[1], backend=impl)
+              for _ in range(MODEL_LAYERS)]
+    model = torch.nn.Sequential(*layers).to(device)
+    x = torch.randn(shape, device=device).requires_grad_()
+
+    def step():
+        loss = model(x).sum()
+        if impl != "batchnorm":
+            loss = loss + bk.nll_loss(model)
+        loss.backward()
+
+    return step
+
+
+def model_steps(impls, device, sync, steps: int) -> None:
+    print(f"\n## A model's step: {MODEL_LAYERS} modules, one backward (host us per layer, median of 5 repeats)")
+    print("| shape | " + " | ".join(impls) + " |\n|---|" + "---|" * len(impls))
+    for shape in MODEL_SHAPES:
+        step_of = {impl: make_model_step(impl, shape, device) for impl in impls}
+        times = {impl: [] for impl in impls}
+        for _ in range(5):
+            for impl, step in step_of.items():  # alternating: the machine's noise hits every impl alike
+                for _ in range(min(10, steps)):
+                    step()
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    step()
+                sync()
+                times[impl].append((time.perf_counter() - t0) / steps / MODEL_LAYERS * 1e6)
+        medians = [sorted(times[impl])[2] for impl in impls]
+        print(f"| {'x'.join(map(str, shape))} | " + " | ".join(f"{t:.1f}" for t in medians) + " |")
 
 
 def main(argv=None) -> None:
@@ -78,6 +123,7 @@ def main(argv=None) -> None:
                     step()
                 sync()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=70))
+    model_steps(impls, device, sync, max(1, args.steps // 4))
 
 
 if __name__ == "__main__":

@@ -137,11 +137,21 @@ inline Tensor channel_param(const c10::optional<Tensor>& t, const Tensor& x, at:
 struct ForwardPlan {
   Geometry geometry;
   Tensor x, y_buffer, mean, rstd, weight, bias;
-  Tensor y, s1, s2;  // the op's outputs
+  Tensor y, s1, s2;  // the op's outputs; the sums undefined without compute_stats, until finish()
+  at::TensorOptions acc_opts;  // the sums' (the accumulation dtype on x's device)
   bool empty;        // nothing to compute: return the outputs as they are
 
-  std::tuple<Tensor, Tensor, Tensor> finish() {
+  // y alone (the inference op): no empty sums allocated.
+  Tensor finish_y() {
     if (!empty && !y_buffer.is_same(y)) y.copy_(y_buffer);
+    return y;
+  }
+  std::tuple<Tensor, Tensor, Tensor> finish() {
+    finish_y();
+    if (!s1.defined()) {  // the forward op's schema returns them: empty
+      s1 = at::empty({0}, acc_opts);
+      s2 = at::empty({0}, acc_opts);
+    }
     return {y, s1, s2};
   }
 };
@@ -159,10 +169,11 @@ inline ForwardPlan plan_forward(const Tensor& x, const Tensor& mean, const Tenso
   const int64_t C = x.size(1);
   const auto acc = accumulation_type(x.scalar_type());
   const auto acc_opts = x.options().dtype(acc);
+  plan.acc_opts = acc_opts;
   plan.empty = x.numel() == 0;
   // Every kernel writes every channel's sums; an empty input sums to zero.
   const auto sums = [&] {
-    if (!compute_stats) return at::empty({0}, acc_opts);
+    if (!compute_stats) return Tensor();
     return plan.empty ? at::zeros({C}, acc_opts) : poisoned(at::empty({C}, acc_opts));
   };
   plan.s1 = sums();

@@ -24,6 +24,20 @@ inline Parametrization parse_parametrization(c10::string_view name) {
               std::string(name), "'");
 }
 
+// r = 1/sigma from p, per docs/method.md's parametrization table: the kernels' r on every device.
+template <typename acc_t>
+C10_HOST_DEVICE acc_t rstd_value(acc_t p, Parametrization kind, acc_t eps) {
+  switch (kind) {
+    case Parametrization::kAbs:
+      return acc_t(1) / (std::abs(p) + eps);
+    case Parametrization::kLog:
+      return std::exp(-p);
+    case Parametrization::kInv:
+      break;
+  }
+  return p;
+}
+
 // r = 1/sigma, log sigma and their derivatives in p, per docs/method.md's parametrization table.
 // d log|r| / dp rather than dr/dp: the NLL's data term needs (s2 / n) dlog|r|/dp, and dr/dp = -r^2
 // (abs) overflows float32 for sigma below ~1e-19 where the product is representable.
@@ -32,24 +46,22 @@ struct Sigma {
   acc_t r = 0, log_sigma = 0, dlog_r_dp = 0, dlog_sigma_dp = 0;
   C10_HOST_DEVICE Sigma(acc_t p, Parametrization kind, acc_t eps) {
     const acc_t sign = p > 0 ? acc_t(1) : (p < 0 ? acc_t(-1) : acc_t(0));  // d|p|/dp, 0 at 0
+    r = rstd_value(p, kind, eps);
     switch (kind) {
       case Parametrization::kAbs: {
         const acc_t sigma = std::abs(p) + eps;
-        r = acc_t(1) / sigma;
         log_sigma = std::log(sigma);
         dlog_sigma_dp = sign * r;
         dlog_r_dp = -dlog_sigma_dp;
         break;
       }
       case Parametrization::kLog:
-        r = std::exp(-p);
         log_sigma = p;
         dlog_r_dp = acc_t(-1);
         dlog_sigma_dp = acc_t(1);
         break;
       case Parametrization::kInv: {
         const acc_t a = std::abs(p) + eps;
-        r = p;
         log_sigma = -std::log(a);
         // p = 0 gives r = 0, hence xhat = 0 and s2 = 0: no data term (0 instead of 1/0).
         dlog_r_dp = p != 0 ? acc_t(1) / p : acc_t(0);

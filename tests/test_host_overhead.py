@@ -23,10 +23,12 @@ DEVICE_TYPES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)  # not
 
 SHAPES = [(32, 256), (8, 64, 8, 8)]  # small inputs, where the host's work is the step's cost
 # Dispatched ops per call, everything counted (the library's ops, allocations, r's tensor ops):
-# forward: the training op, its forward, neg + exp (r), y, s1, s2, the NLL (empty_like's empty_strided
-# counts too); backward: its op, dx (2), dweight, dbias, dmean, dstd_param; inference: its op, neg + exp,
-# y (2), the two empty sums.
-MAX_OPS = {"forward": 9, "backward": 7, "inference": 7}
+# forward: the training op, its forward, r (one loop), y, s1, s2, the NLL (empty_like's empty_strided
+# counts too); backward: its op, dx (2), dweight, dbias, dmean, dstd_param; inference: its op, r, y (2).
+# CUDA computes r in the kernels, and each pass allocates its partial sums' buffer (uncounted on a GPU
+# yet: the CPU's counts plus that buffer).
+MAX_OPS = {"cpu": {"forward": 8, "backward": 7, "inference": 4},
+           "cuda": {"forward": 9, "backward": 8, "inference": 4}}
 COMPILED = [pytest.param(name, device, marks=[pytest.mark.gpu] if device == "cuda" else [])
             for device in DEVICE_TYPES for name in ("cpu", "cuda") if name in bk.available_backends(device)]
 
@@ -110,4 +112,4 @@ def test_training_layer_is_one_node_and_one_op_per_pass(backend, device, shape):
         print(f"{phase}: {sum(ours.values())} ops {ours}; F.batch_norm {sum(batch_norm.values())} ops {batch_norm}")
         assert {n.split("::")[1]: k for n, k in ours.items() if n.startswith("batchless_kernels::")} == expected, \
             (phase, ours)
-        assert sum(ours.values()) <= MAX_OPS[phase], (phase, ours)
+        assert sum(ours.values()) <= MAX_OPS[device][phase], (phase, ours)

@@ -241,6 +241,25 @@ def test_nll_loss_sums_weighted_terms():
             assert p.grad is None or torch.count_nonzero(p.grad) == 0, name
 
 
+def test_nll_loss_adds_up_many_layers_in_a_few_ops():
+    """16 layers with two weights: nll_loss's graph has a stack and a sum per weight (and the
+    weights' multiply and the add of the two groups), not an op per layer, and the same value."""
+    layers = [bk.BatchlessNorm1d(4, nll_weight=1.0 if i % 4 else 0.5) for i in range(16)]
+    model = nn.Sequential(*layers)
+    model(torch.randn(6, 4))
+    total = bk.nll_loss(model)
+    expected = sum(layer.nll_weight * layer.nll for layer in layers)
+    torch.testing.assert_close(total, expected)
+    seen, stack = [], [total.grad_fn]
+    while stack:  # the nodes above the layers' own
+        node = stack.pop()
+        if node is None or node in seen or type(node).__name__ in ("CppFunction", "AccumulateGrad"):
+            continue
+        seen.append(node)
+        stack += [next_fn for next_fn, _ in node.next_functions]
+    assert len(seen) <= 6, [type(n).__name__ for n in seen]
+
+
 def test_nll_loss_edge_cases():
     empty = nn.Sequential(nn.ReLU())
     z = bk.nll_loss(empty)

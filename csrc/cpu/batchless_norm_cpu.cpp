@@ -346,20 +346,25 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   run_tiled<opmath_t>(g, K, kStats, o1, o2, first, last);
 }
 
-std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& mean,
-                                               const Tensor& rstd,
-                                               const c10::optional<Tensor>& weight,
-                                               const c10::optional<Tensor>& bias,
-                                               bool compute_stats) {
-  auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CPU);
-  if (plan.empty) return plan.finish();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_forward", [&] {
+// The forward kernel over a plan (its outputs written, not yet finished).
+void run_forward(host::ForwardPlan& plan, bool compute_stats) {
+  if (plan.empty) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "batchless_forward", [&] {
     dispatch_bool(compute_stats, [&](auto stats) {
       forward_kernel<scalar_t, decltype(stats)::value>(
           plan.geometry, plan.x.const_data_ptr<scalar_t>(), plan.y_buffer.data_ptr<scalar_t>(),
           plan.mean, plan.rstd, plan.weight, plan.bias, plan.s1, plan.s2);
     });
   });
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& mean,
+                                               const Tensor& rstd,
+                                               const c10::optional<Tensor>& weight,
+                                               const c10::optional<Tensor>& bias,
+                                               bool compute_stats) {
+  auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CPU);
+  run_forward(plan, compute_stats);
   return plan.finish();
 }
 
@@ -476,21 +481,28 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
 // no autograd in between), so that a small layer costs the host as little as possible.
 // ------------------------------------------------------------------------------------------
 
-// r = 1/sigma (C,) in the accumulation dtype by the tensor ops of parametrization.rstd_and_log_std:
-// the same bits on every path (training, inference, batchless_norm_forward's callers). With inv and
-// not `fresh`, r may be std_param itself.
-Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps, bool fresh) {
+// r = 1/sigma (C,) in the accumulation dtype, a fresh tensor: one loop over the channels by
+// nll::rstd_value (the NLL's own r), not tensor ops (two to three dispatched ops and allocations
+// for abs and log: microseconds at small shapes). Training and inference share it: the same bits.
+Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
   TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CPU);
   host::check_channel_tensor(std_param, "std_param", x);
-  return nll::rstd_of(std_param, host::accumulation_type(x.scalar_type()), kind, eps, fresh);
+  const Tensor p = host::in_dtype(std_param, host::accumulation_type(x.scalar_type())).contiguous();
+  Tensor r = at::empty({p.numel()}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "batchless_rstd_cpu", [&] {
+    const scalar_t* in = p.const_data_ptr<scalar_t>();
+    scalar_t* out = r.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < p.numel(); ++c) out[c] = nll::rstd_value(in[c], kind, static_cast<scalar_t>(eps));
+  });
+  return r;
 }
 
 // batchless_norm_train_forward (csrc/ops.cpp): y, the sums, r and the NLL.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
-  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps, /*fresh=*/true);
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
   auto [y, s1, s2] = forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/true);
   // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
   Tensor nll = x.numel() == 0 ? at::zeros({}, s1.options())
@@ -516,8 +528,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cpu(
 // batchless_norm_inference (csrc/ops.cpp): y alone, r computed here.
 Tensor inference_cpu(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
                      const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
-  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps, /*fresh=*/false);
-  return std::get<0>(forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/false));
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  auto plan = host::plan_forward(x, mean, rstd, weight, bias, /*compute_stats=*/false, c10::DeviceType::CPU);
+  run_forward(plan, /*compute_stats=*/false);
+  return plan.finish_y();
 }
 
 }  // namespace

@@ -688,7 +688,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const Tensor& m
     dispatch_bool(compute_stats, [&](auto stats) {
       using Op = ForwardOp<scalar_t, decltype(stats)::value>;
       launch(plan.geometry, Op{xp, yp}, params, compute_stats ? plan.s1.data_ptr<acc_t>() : nullptr,
-             compute_stats ? plan.s2.data_ptr<acc_t>() : nullptr, {xp, yp}, plan.s1.options());
+             compute_stats ? plan.s2.data_ptr<acc_t>() : nullptr, {xp, yp}, plan.acc_opts);
     });
   });
   return plan.finish();
@@ -821,10 +821,10 @@ Tensor inference_cuda(const Tensor& x, const Tensor& mean, const Tensor& std_par
       const auto params = params_with_std_param<acc_t>(plan, kind, eps);
       const scalar_t* xp = plan.x.const_data_ptr<scalar_t>();
       scalar_t* yp = plan.y_buffer.data_ptr<scalar_t>();
-      launch(plan.geometry, ForwardOp<scalar_t, false>{xp, yp}, params, nullptr, nullptr, {xp, yp}, plan.s1.options());
+      launch(plan.geometry, ForwardOp<scalar_t, false>{xp, yp}, params, nullptr, nullptr, {xp, yp}, plan.acc_opts);
     });
   }
-  return std::get<0>(plan.finish());
+  return plan.finish_y();
 }
 
 // The training op's backward (csrc/ops.cpp, batchless_norm_train_backward) in two launches when it
