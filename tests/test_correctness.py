@@ -124,6 +124,7 @@ BIG_SHAPES = [
     (2, 3, 131, 129),  # S = 16899 >= 16384: channels-first tiles split along S
     (3, 2053),  # 2-D is channels-innermost: C > 2048 gives several channel blocks
     (300, 2100),
+    (9, 600),  # CPU channels-last forward: rows by groups of 4 (tasks >= 512 channels), a 1-row tail, a partial vector
     (2, 2053, 3, 3),  # channels_last / channels_innermost with C > 2048
     (700, 2, 33),  # channels-first with several blocks of n per channel
     (5, 2, 4099),  # S = 4099: blocks of 3 instances, vector body plus a 3-element tail
