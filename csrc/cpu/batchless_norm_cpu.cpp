@@ -277,6 +277,15 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
 // Forward
 // ------------------------------------------------------------------------------------------
 
+// Adds one chunk's xhat (two vectors, ha and hb) to the sums of xhat and xhat^2.
+template <typename fVec>
+inline void add_stats(const fVec& ha, const fVec& hb, fVec& s1a, fVec& s1b, fVec& s2a, fVec& s2b) {
+  s1a = s1a + ha;
+  s1b = s1b + hb;
+  s2a = at::vec::fmadd(ha, ha, s2a);
+  s2b = at::vec::fmadd(hb, hb, s2b);
+}
+
 // Rows per group in the channels-last forward (see `rows` there), for tasks at least
 // kRowGroupMinChannels wide. Measured on the 2-core EPYC VM (forward with sums against a same-run
 // copy, A/B of two builds, 4 alternations): (8192, 1024) float32 0.70-0.72 of the copy (0.58-0.65 a
@@ -313,12 +322,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
         const int64_t len = std::min(K, s1_ - i);
         auto [xa, xb] = V::load(xp + i, len);
         auto [ha, hb] = V::first_lanes((xa - vm) * vr, (xb - vm) * vr, len);  // no padding in the sums
-        if constexpr (kStats) {
-          a1 = a1 + ha;
-          b1 = b1 + hb;
-          a2 = at::vec::fmadd(ha, ha, a2);
-          b2 = at::vec::fmadd(hb, hb, b2);
-        }
+        if constexpr (kStats) add_stats(ha, hb, a1, b1, a2, b2);
         V::store(yp + i, at::vec::fmadd(ha, vw, vb), at::vec::fmadd(hb, vw, vb), len);
       }
     }
@@ -348,12 +352,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
         const int64_t base = (row + i) * C + c;
         auto [xa, xb] = V::load(x + base, len);
         const fVec ha = (xa - ma) * ra, hb = (xb - mb) * rb;
-        if constexpr (kStats) {
-          s1a = s1a + ha;
-          s1b = s1b + hb;
-          s2a = at::vec::fmadd(ha, ha, s2a);
-          s2b = at::vec::fmadd(hb, hb, s2b);
-        }
+        if constexpr (kStats) add_stats(ha, hb, s1a, s1b, s2a, s2b);
         V::store(y + base, at::vec::fmadd(ha, wa, ba), at::vec::fmadd(hb, wb, bb), len);
       }
       if constexpr (kStats) {
