@@ -286,15 +286,15 @@ inline void add_stats(const fVec& ha, const fVec& hb, fVec& s1a, fVec& s1b, fVec
   s2b = at::vec::fmadd(hb, hb, s2b);
 }
 
-// Rows per group in the channels-last training forward (see `rows` there), for tasks at least
-// kRowGroupMinChannels wide. Measured on the 2-core EPYC VM (forward with sums against a same-run
-// copy, A/B of two builds, 4 alternations): (8192, 1024) float32 0.70-0.72 of the copy (0.58-0.65 a
-// row at a time), (4096, 1024) bfloat16 0.27-0.35 (0.22-0.25); but (64, 256, 14, 14) channels_last
-// float32 0.40-0.56 (0.47-0.71), so narrower tasks keep a row at a time. The same grouping in the
-// backward measured mixed: (8192, 1024) float32 0.78-0.82 against 0.56-0.77, bfloat16 0.41-0.50
-// against 0.51-0.60: not taken. Nor without the sums (inference), where it only saves parameter
-// loads: (8192, 1024) 0.77-0.81 of the copy against 0.84-0.90 float32, 0.56-0.59 against 0.75-0.81
-// bfloat16 (4 rows' streams at a time instead of one).
+// Rows per group in the channels-last training forward and, for 32- and 64-bit elements, backward
+// (see `rows` there), in tasks at least kRowGroupMinChannels wide. Measured on the 2-core EPYC VM
+// against a same-run copy, A/B of two builds, 3-4 alternations each: forward with sums (8192, 1024)
+// float32 0.70-0.73 of the copy (0.58-0.65 a row at a time), (4096, 1024) bfloat16 0.25-0.35
+// (0.22-0.25); backward (8192, 1024) float32 0.80-0.88 of 1.5 copies (0.61-0.79), (4096, 1024)
+// float32 0.75-0.83 (0.56-0.72). Not taken: narrower tasks ((64, 256, 14, 14) channels_last float32
+// forward 0.40-0.56 against 0.47-0.71), the bfloat16 backward ((8192, 1024) 0.41-0.57 against
+// 0.36-0.63: no better), and without sums (inference: 4 rows' streams at a time for fewer parameter
+// loads, (8192, 1024) float32 0.77-0.81 against 0.84-0.90, bfloat16 0.56-0.59 against 0.75-0.81).
 constexpr int kRowGroup = 4;
 constexpr int64_t kRowGroupMinChannels = 512;
 
@@ -442,30 +442,43 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     if constexpr (kDb) *pb = V::hsum(ab, bb);
   };
 
-  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t base = row * C;
-      const scalar_t* gp = gy + base;
-      for (int64_t c = c0; c < c1; c += K) {
-        const int64_t len = std::min(K, c1 - c);  // beyond len: partial stores leave memory alone
-        auto [ga, gb] = V::load(gp + c, len);
-        auto [ra, rb] = V::load_acc(r + c, len);
-        if constexpr (kDx) {
-          auto [wa, wb] = V::load_acc(w + c, len);
-          V::store(dx + base + c, ga * (wa * ra), gb * (wb * rb), len);
-        }
+  // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
+  auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
+    constexpr int kRows = decltype(rows_constant)::value;
+    for (int64_t c = c0; c < c1; c += K) {
+      const int64_t len = std::min(K, c1 - c);  // beyond len: partial stores leave memory alone
+      auto [ra, rb] = V::load_acc(r + c, len);
+      fVec sa(0), sb(0), ta(0), tb(0), wa(0), wb(0), ma(0), mb(0);
+      if constexpr (kDx) std::tie(wa, wb) = V::load_acc(w + c, len);
+      if constexpr (kDw) {
+        std::tie(ma, mb) = V::load_acc(m + c, len);
+        std::tie(sa, sb) = V::load_acc(pw + c, len);
+      }
+      if constexpr (kDb) std::tie(ta, tb) = V::load_acc(pb + c, len);
+      for (int i = 0; i < kRows; ++i) {
+        const int64_t base = (row + i) * C + c;
+        auto [ga, gb] = V::load(gy + base, len);
+        if constexpr (kDx) V::store(dx + base, ga * (wa * ra), gb * (wb * rb), len);
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(x + base + c, len);
-          auto [ma, mb] = V::load_acc(m + c, len);
-          auto [sa, sb] = V::load_acc(pw + c, len);
-          V::store_acc(pw + c, at::vec::fmadd(ga, (xa - ma) * ra, sa), at::vec::fmadd(gb, (xb - mb) * rb, sb), len);
+          auto [xa, xb] = V::load(x + base, len);
+          sa = at::vec::fmadd(ga, (xa - ma) * ra, sa);
+          sb = at::vec::fmadd(gb, (xb - mb) * rb, sb);
         }
         if constexpr (kDb) {
-          auto [sa, sb] = V::load_acc(pb + c, len);
-          V::store_acc(pb + c, sa + ga, sb + gb, len);
+          ta = ta + ga;
+          tb = tb + gb;
         }
       }
+      if constexpr (kDw) V::store_acc(pw + c, sa, sb, len);
+      if constexpr (kDb) V::store_acc(pb + c, ta, tb, len);
     }
+  };
+  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
+    int64_t row = r0;
+    if (kReduce && sizeof(scalar_t) >= 4 && c1 - c0 >= kRowGroupMinChannels) {
+      for (; row + kRowGroup <= r1; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, pw, pb);
+    }
+    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, c1, pw, pb);
   };
 
   opmath_t* o1 = kDw ? dw.data_ptr<opmath_t>() : nullptr;
