@@ -216,7 +216,8 @@ def test_ops_empty(device):
 
 @pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
 @pytest.mark.parametrize("parametrization", ["abs", "log", "inv"])
-@pytest.mark.parametrize("shape, layout", [((2, 3, 4, 3), "contiguous"), ((2, 3, 4, 3), "channels_last"),
+# Small: the numerical Jacobian runs the op twice per input element (triton's interpreter: ~15 ms a call).
+@pytest.mark.parametrize("shape, layout", [((2, 3, 2, 3), "contiguous"), ((2, 3, 2, 3), "channels_last"),
                                            ((5, 3), "contiguous"), ((2, 3, 5), "strided")], ids=str)
 def test_gradcheck(case, parametrization, shape, layout):
     """The stop-gradients split the function: y is differentiable in (x, weight, bias) with mean,

@@ -388,14 +388,16 @@ _ELEMENTS_PER_PROGRAM = 1 << 13
 _PROGRAMS_OF_LARGE_INPUTS = 2048
 # Warps of a full tile (one loop iteration of a program), and elements a thread holds of it: with
 # vector accesses 16 keep the tile, its two accumulators and its addresses in registers; scalar
-# accesses (rows not divisible by 2) carry one 64-bit address per element, and only 8 fit.
+# accesses (rows not divisible by 2) carry one 64-bit address per element, and only 8 fit; so do
+# float64 elements, two registers each (with 16, triton 3.6 spilled in a float64 variant whose r
+# computation, a float64 exp or division, added to the tile's registers).
 # bench/triton_codegen.py checks every variant for spills.
 _WARPS = 8
 
 
-def _tile_plan(vec: int) -> tuple[int, int]:
+def _tile_plan(vec: int, dtype: torch.dtype) -> tuple[int, int]:
     """(elements per full tile, elements per thread)."""
-    per_thread = 16 if vec > 1 else 8
+    per_thread = 16 if vec > 1 and dtype.itemsize < 8 else 8
     return 32 * _WARPS * per_thread, per_thread
 
 
@@ -435,7 +437,7 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
         planes = batch * channels
         spatial = numel // planes
         vec = _vector_width(spatial, dtype)
-        tile, per_thread = _tile_plan(vec)
+        tile, per_thread = _tile_plan(vec, dtype)
         block_s = min(triton.next_power_of_2(spatial), 1024)
         block_p = min(triton.next_power_of_2(planes), max(1, tile // block_s))
         tiles = max(1, min(triton.cdiv(spatial, block_s), _ELEMENTS_PER_PROGRAM // (block_s * block_p)))
@@ -447,7 +449,7 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
                            num_warps=_num_warps(block_p * block_s, per_thread)), (channels, batch * num_sb))
     rows = numel // channels
     vec = _vector_width(channels, dtype)
-    tile, per_thread = _tile_plan(vec)
+    tile, per_thread = _tile_plan(vec, dtype)
     block_c = min(triton.next_power_of_2(channels), 128)
     block_m = max(1, min(triton.next_power_of_2(rows), tile // block_c))
     column_blocks = triton.cdiv(channels, block_c)
