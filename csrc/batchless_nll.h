@@ -81,11 +81,10 @@ struct NllGrads {
       : dmean(-g * s.r * (s1 / count)), dparam(g * (s.dlog_sigma_dp + (s2 / count) * s.dlog_r_dp)) {}
 };
 
-// r = 1/sigma per channel as a tensor in dtype `acc`, by the same ops as
-// parametrization.rstd_and_log_std (same bits as the Python path). With inv, std_param itself when
-// already in `acc`; `fresh` clones it then, for an op's output (which never aliases an input).
-inline Tensor rstd_of(const Tensor& std_param, at::ScalarType acc, Parametrization kind, double eps,
-                      bool fresh = false) {
+// r = 1/sigma per channel as a fresh tensor in dtype `acc`, by the same ops as
+// parametrization.rstd_and_log_std (the CUDA training forward's r for an empty x, where no kernel
+// runs). Never std_param itself: an op's output does not alias its input.
+inline Tensor rstd_of(const Tensor& std_param, at::ScalarType acc, Parametrization kind, double eps) {
   const Tensor p = std_param.scalar_type() == acc ? std_param : std_param.to(acc);
   switch (kind) {
     case Parametrization::kAbs:
@@ -95,7 +94,7 @@ inline Tensor rstd_of(const Tensor& std_param, at::ScalarType acc, Parametrizati
     case Parametrization::kInv:
       break;
   }
-  return fresh && p.is_same(std_param) ? p.clone() : p;
+  return p.is_same(std_param) ? p.clone() : p;
 }
 
 inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mean,

@@ -499,15 +499,15 @@ def _kind(parametrization: str) -> int:
     return KINDS[parametrization]
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def _eps_pair(eps: float) -> tuple[float, float]:
     """eps as float32 hi + lo (_eps in the kernels)."""
     if not 0 < eps < math.inf:
         raise RuntimeError(f"batchless_norm: eps must be positive, got {eps}")
     hi = struct.unpack("f", struct.pack("f", min(eps, _FLOAT32_MAX)))[0]
     return hi, eps - hi
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _dense(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -677,7 +677,7 @@ def _backward(grad_y, x, mean, rstd, weight, output_mask):
     return dx, [p for p, need in ((pw, need_dw), (pb, need_db)) if need]
 
 
-def _check_backward(grad_y, x, output_mask):
+def _check_backward(x, output_mask):
     if output_mask[1] and x is None:
         raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
 
@@ -694,7 +694,7 @@ def triton_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_backward(grad_y, x, output_mask)
+    _check_backward(x, output_mask)
     if grad_y.numel() == 0 or not any(output_mask):
         return _empty_backward(grad_y, x, output_mask)
     dx, partials = _backward(grad_y, x, mean, rstd, weight, output_mask)
@@ -716,7 +716,7 @@ def triton_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batchless_norm_train_backward (csrc/ops.cpp) in two launches: the backward kernel, and the
     second pass summing dweight, dbias with the NLL's gradients as its epilogue."""
-    _check_backward(grad_y, x, output_mask)
+    _check_backward(x, output_mask)
     kind, acc = _kind(parametrization), accumulation_dtype(grad_y.dtype)
     need_nll = output_mask[3] or output_mask[4]
     channels = grad_y.shape[1]

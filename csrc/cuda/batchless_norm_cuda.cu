@@ -779,7 +779,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
   const auto acc_opts = plan.s1.options();
   Tensor rstd, nll;
   if (plan.empty) {  // nothing to launch: r by tensor ops, nll = 0 (reference.py)
-    rstd = nll::rstd_of(std_param, plan.s1.scalar_type(), kind, eps, /*fresh=*/true);
+    rstd = nll::rstd_of(std_param, plan.s1.scalar_type(), kind, eps);
     nll = at::zeros({}, acc_opts);
   } else {
     const int64_t C = x.size(1);
