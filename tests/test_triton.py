@@ -7,14 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
+import os
+import pathlib
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 
 import batchless_kernels as bk
-from conftest import (ALL_BACKENDS, GRAD_NAMES, TOLS, assert_close_scaled, loss_of, make_case, run_batchless,
-                      run_reference64)
+from conftest import (ALL_BACKENDS, GRAD_NAMES, TOLS, assert_close_scaled, backend_params, loss_of, make_case,
+                      run_batchless, run_reference64)
 
 TRITON_CASES = [b for b in ALL_BACKENDS if b.name == "triton"]
 pytestmark = pytest.mark.skipif(not TRITON_CASES, reason="the triton backend cannot run here")
@@ -51,14 +56,64 @@ def test_opcheck_triton_backward(mask, shape, layout):
     torch.library.opcheck(backward, (grad_y, x if mask[1] else None, mean, torch.exp(-std_param), weight, mask))
 
 
-def test_triton_under_torch_compile():
-    """fullgraph=True: the triton ops are opaque custom ops with fake kernels, no graph break."""
-    inputs = [t.requires_grad_() for t in make_case((4, 3, 5, 6), "channels_last", torch.float32, _device(), "log", True)]
+@pytest.mark.parametrize("case", backend_params(TRITON_CASES))  # marked gpu on CUDA: the GPU session runs it
+def test_triton_under_torch_compile(case):
+    """fullgraph=True, no graph break, the values and gradients of eager mode. On a GPU inductor
+    compiles the triton ops' own kernels into the step's code (test_compile_traces_the_triton_kernels
+    checks the trace it compiles from); under the interpreter they stay ops with fake kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    inputs = [t.requires_grad_() for t in make_case((4, 3, 5, 6), "channels_last", torch.float32, case.device, "log",
+                                                    True)]
     eager = loss_of("triton")(*inputs)
-    compiled = torch.compile(loss_of("triton"), fullgraph=True)(*inputs)
+    want_grads = torch.autograd.grad(eager, inputs)
+    compiled_loss = torch.compile(loss_of("triton"), fullgraph=True)
+
+    def step():
+        loss = compiled_loss(*inputs)
+        return loss, torch.autograd.grad(loss, inputs)
+
+    (compiled, grads), code = run_and_get_code(step)
     torch.testing.assert_close(compiled, eager)
-    for got, want in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
+    for got, want in zip(grads, want_grads):
         torch.testing.assert_close(got, want)
+    if case.device == "cuda":
+        code = "\n".join(code)
+        for kernel in ("_forward_columns_kernel", "_backward_columns_kernel", "_sum_partials_kernel"):
+            assert kernel in code, kernel  # inductor names its copy of the kernel f"{kernel}_{i}"
+        assert "batchless_kernels.triton" not in code
+
+
+def _traced_graphs() -> dict:
+    """tests/triton_trace.py's graphs: its own process, without the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(pathlib.Path(__file__).with_name("triton_trace.py"))],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("case", backend_params(TRITON_CASES))  # on a GPU: its own driver's analysis
+def test_compile_traces_the_triton_kernels(case):
+    """torch.compile's trace of the triton ops (AOTAutograd's: fake tensors, FunctionalTensorMode)
+    holds their Triton kernels, which inductor then compiles with the rest of the graph, not opaque
+    ops (issue 12, section 4): a training step is the four kernels of eager mode, channels-first and
+    channels-last, static and dynamic shapes; inference is one. Each kernel writes only its outputs
+    (torch's analysis of the TTIR), so no input is copied to stay unchanged (a copy of x would double
+    the forward's traffic). torch.export keeps the ops, unlowered, as it keeps triton_op's."""
+    graphs = _traced_graphs()
+    layouts = {"planes": "rows", "channels_last": "columns", "rows_symbolic": "columns"}
+    writes = {"forward": {"Y", "PS1", "PS2", "COUNTER"}, "backward": {"DX", "PW", "PB"},
+              "sum": {"OUT1", "OUT2", "RSTD", "NLL", "BLOCK_SUMS", "COUNTER", "DMEAN", "DPARAM"}}
+    for case, layout in layouts.items():
+        kernels = graphs[case]["kernels"]
+        assert [name for name, _ in kernels] == [f"_forward_{layout}_kernel", "_sum_partials_kernel",
+                                                f"_backward_{layout}_kernel", "_sum_partials_kernel"], (case, kernels)
+        for name, written in kernels:
+            assert set(written) <= writes[name.split("_")[1]], (case, name, written)
+        assert not [op for op in graphs[case]["ops"] if op.startswith("batchless_kernels.")], (case, graphs[case])
+    assert graphs["inference"]["kernels"] == [["_forward_rows_kernel", ["Y"]]]
+    assert graphs["export"] == {"kernels": [], "ops": ["batchless_kernels.triton_inference.default"]}
 
 
 def test_triton_ops_read_per_channel_views():

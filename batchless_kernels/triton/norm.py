@@ -20,6 +20,7 @@ import functools
 import math
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -462,6 +463,12 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
                        num_warps=_num_warps(block_m * block_c, per_thread)), (channels, num_mb))
 
 
+def _plan(t: torch.Tensor, channels_first: bool) -> Launch:
+    """plan_launch for t's shape; int() specializes sizes that torch.compile traces symbolically
+    (dynamic shapes): the launch geometry depends on them."""
+    return plan_launch(channels_first, int(t.shape[0]), int(t.shape[1]), int(t.numel()), t.dtype)
+
+
 # By channels_first: the kernels take the same tensors in both layouts, then Launch.sizes.
 FORWARD_KERNELS = {True: _forward_rows_kernel, False: _forward_columns_kernel}
 BACKWARD_KERNELS = {True: _backward_rows_kernel, False: _backward_columns_kernel}
@@ -536,7 +543,8 @@ def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, 
                  dparam=None, count: int = 1, kind: int = 0, eps: float = 1.0, gauge: bool = False):
     """Launches _sum_partials_kernel: the per-channel totals of the (C, K) partials (returned), and
     with `epilogue` the NLL's (1: r and the nll; 2: dmean, dparam), into the tensors given."""
-    k = partials[0].shape[1] if partials else 1
+    # int(): under torch.compile with dynamic shapes these are symbolic; the launch specializes on them
+    channels, k, count = int(channels), int(partials[0].shape[1]) if partials else 1, int(count)
     programs, block_c, block_k = _second_pass_grid(channels, k)
     totals = [ops.poisoned(torch.empty((channels,), dtype=acc, device=device)) for _ in partials]
     any_ = (partials + [std])[0]  # a pointer for the arguments this launch does not read
@@ -544,7 +552,7 @@ def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, 
     p1, p2 = (partials * 2)[:2] if partials else (any_, any_)
     o1, o2 = (totals * 2)[:2] if totals else (any_, any_)
     pick = lambda t: any_ if t is None else t  # noqa: E731
-    _sum_partials_kernel[(programs,)](
+    _launchable(_sum_partials_kernel)[(programs,)](
         p1, p2, o1, o2, pick(std), pick(rstd), pick(nll), block_sums, pick(counter),
         pick(grad_nll), pick(s1), pick(s2), pick(dmean), pick(dparam),
         channels, k, count, kind, *_eps_pair(eps), int(gauge),
@@ -564,6 +572,15 @@ def _sum_partials(*partials: torch.Tensor) -> list[torch.Tensor]:
 # ------------------------------------------------------------------------------------------------
 # Launchers: the kernels of the ops batchless_kernels::triton_* (csrc/ops.cpp)
 # ------------------------------------------------------------------------------------------------
+
+
+_TRACING = threading.local()  # .active: _decomposed runs the launchers for torch.compile's tracing
+
+
+def _launchable(kernel):
+    """The kernel to launch: itself, or while torch.compile traces the ops (_decomposed) its
+    wrap_triton wrapper, whose launch the trace records as a node for inductor."""
+    return torch.library.wrap_triton(kernel) if getattr(_TRACING, "active", False) else kernel
 
 
 def _on_device_of_first(launcher):
@@ -591,10 +608,10 @@ def _forward(x, mean, r, kind, eps, weight, bias, stats):
     xin = _to_layout(x, first)
     yout = y if y.stride() == xin.stride() else ops.poisoned(torch.empty_like(xin))
     mean, r = mean.contiguous(), r.contiguous()  # as _dense
-    launch = plan_launch(first, x.shape[0], x.shape[1], x.numel(), x.dtype)
+    launch = _plan(x, first)
     ps1, ps2 = (_partials(launch, acc, x.device, stats) for _ in range(2))
     counter = torch.empty((1,), dtype=torch.int32, device=x.device) if stats else ps1
-    FORWARD_KERNELS[first][launch.grid](
+    _launchable(FORWARD_KERNELS[first])[launch.grid](
         xin, yout, mean, r, _dense(weight, mean), _dense(bias, mean), ps1, ps2, counter, *launch.sizes,
         kind, *_eps_pair(eps), int(weight is not None), int(bias is not None),
         **launch.meta, STATS=stats, ACC=accumulator(acc))
@@ -666,9 +683,9 @@ def _backward(grad_y, x, mean, rstd, weight, output_mask):
     xin = _to_layout(x, first) if need_dw else g  # unused pointer when dweight is not wanted
     dx_out = dx if (not need_dx or dx.stride() == g.stride()) else ops.poisoned(torch.empty_like(g))
     mean, rstd = mean.contiguous(), rstd.contiguous()  # as _dense
-    launch = plan_launch(first, grad_y.shape[0], grad_y.shape[1], grad_y.numel(), grad_y.dtype)
+    launch = _plan(grad_y, first)
     pw, pb = _partials(launch, acc, g.device, need_dw), _partials(launch, acc, g.device, need_db)
-    BACKWARD_KERNELS[first][launch.grid](
+    _launchable(BACKWARD_KERNELS[first])[launch.grid](
         g, xin, dx_out if need_dx else g, mean, rstd, _dense(weight, rstd), pw, pb, *launch.sizes,
         int(weight is not None), **launch.meta, NEED_DX=need_dx, NEED_DW=need_dw, NEED_DB=need_db,
         ACC=accumulator(acc))
@@ -740,6 +757,32 @@ def triton_train_backward(
                                                                           (dparam, output_mask[4])))
 
 
+def _decomposed(launcher):
+    """The op's rule under FunctionalTensorMode, the mode of torch.compile's AOTAutograd trace (as
+    torch.library.triton_op registers it for its ops): the launcher runs on the traced tensors with its
+    kernels wrapped (_launchable), so that the graph inductor compiles holds the Triton kernels
+    themselves, not an opaque op. torch.export keeps the op, as it does triton_op's."""
+
+    def rule(mode, op, types, args, kwargs):
+        from torch._subclasses.fake_tensor import FakeTensor
+        from torch._subclasses.functional_tensor import FunctionalTensor
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        if any(t is not torch.Tensor and not issubclass(t, (FakeTensor, FunctionalTensor)) for t in types):
+            return NotImplemented  # another tensor subclass: its own __torch_dispatch__ first
+        previous = getattr(_TRACING, "active", False)
+        _TRACING.active = True
+        try:
+            with mode:
+                return launcher(*args, **kwargs)
+        finally:
+            _TRACING.active = previous
+
+    return rule
+
+
 # CUDA tensors, and CPU tensors under the interpreter. The fake kernels and the autograd
 # (csrc/autograd.cpp) are those of the compiled backends' ops.
 if ops.extension_loaded():  # which defines the ops (the kernels above compile without it)
@@ -750,6 +793,12 @@ if ops.extension_loaded():  # which defines the ops (the kernels above compile w
     for _key in ("CUDA", "CPU") if INTERPRETED else ("CUDA",):
         for _name, _kernel in _KERNELS.items():
             _LIBRARY.impl(_name, _kernel, _key)
+    if not INTERPRETED:  # wrap_triton takes compiled kernels only
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+        for _name, _kernel in _KERNELS.items():
+            torch.library.register_torch_dispatch(f"batchless_kernels::{_name}", FunctionalTensorMode,
+                                                  _decomposed(_kernel), lib=_LIBRARY)
     for _name, _fake in (("triton_forward", ops._forward_fake), ("triton_backward", ops._backward_fake),
                          ("triton_train_forward", ops._train_forward_fake),
                          ("triton_train_backward", ops._train_backward_fake),
