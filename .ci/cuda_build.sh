@@ -15,4 +15,4 @@ export BATCHLESS_BUILD_CUDA=1
 touch csrc/cuda/*.cu
 source .ci/setup_env.sh
 "$BATCHLESS_PYTHON" .ci/check_cuda_code.py
-exec "$BATCHLESS_PYTHON" -m pytest tests "$@"
+exec "$BATCHLESS_PYTHON" -m pytest tests "${BATCHLESS_PYTEST_PARALLEL[@]}" "$@"

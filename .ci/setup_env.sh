@@ -40,9 +40,9 @@ else
   # opacus (differential privacy) and onnx, onnxscript, onnxruntime (ONNX export) are what the
   # optional features' tests need.
   _pkgs=("${BATCHLESS_TORCH:-torch==2.13.0}" "${BATCHLESS_TRITON:-triton==3.8.0}" ninja numpy pytest
-         pytest-benchmark matplotlib scikit-learn opacus onnx onnxscript onnxruntime)
+         pytest-xdist pytest-benchmark matplotlib scikit-learn opacus onnx onnxscript onnxruntime)
   read -r -a _extra <<< "${BATCHLESS_EXTRA_PACKAGES:-}"
-  _modules="torch, triton, ninja, pytest, numpy, sklearn, matplotlib, opacus, onnx, onnxscript, onnxruntime"
+  _modules="torch, triton, ninja, pytest, xdist, numpy, sklearn, matplotlib, opacus, onnx, onnxscript, onnxruntime"
   if (( ${#_extra[@]} )); then
     _pkgs+=("${_extra[@]}")
     _modules+=", $(printf '%s\n' "${_extra[@]}" | sed 's/[=<>!~;[].*//' | paste -sd, | sed 's/,/, /g')"
@@ -131,3 +131,8 @@ the CUDA sources add ~5; one line per compiled file; full log: $_log)"
   _say "built batchless_kernels._C in $((SECONDS - _b0)) s"
 fi
 "$BATCHLESS_PYTHON" -c "import batchless_kernels as bk; print('[setup $((SECONDS - _t0)) s] backends available:', bk.available_backends())"
+# pytest's arguments to spread the test files over the cores where pytest-xdist is installed (the
+# venv has it), a file at a time per worker (--dist loadfile: a file's module fixtures, such as the
+# CUDA emulation's builds and sanitizer runs, stay in one process); a later -n 0 runs in one process.
+BATCHLESS_PYTEST_PARALLEL=()
+if "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null; then BATCHLESS_PYTEST_PARALLEL=(-n auto --dist loadfile); fi

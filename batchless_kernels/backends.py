@@ -120,31 +120,36 @@ def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None =
     return backend
 
 
+# The ops of each family of compiled kernels (csrc/ops.cpp), by role: (cpu and cuda's, triton's).
+_FAMILY_OPS = {
+    "forward": ("batchless_norm_forward", "triton_forward"),
+    "backward": ("batchless_norm_backward", "triton_backward"),
+    "train": ("batchless_norm_train", "triton_norm_train"),
+    "inference": ("batchless_norm_inference", "triton_inference"),
+}
+
+
+def _op(backend: str, role: str):
+    if backend in ("cpu", "cuda"):
+        name = _FAMILY_OPS[role][0]
+    elif backend == "triton":
+        triton_backend.register_kernels()
+        name = _FAMILY_OPS[role][1]
+    else:
+        raise ValueError(f"backend {backend!r} has no compiled ops")
+    return getattr(torch.ops.batchless_kernels, name).default
+
+
 def kernel_ops(backend: str):
     """(forward_op, backward_op) of a compiled backend."""
-    if backend in ("cpu", "cuda"):
-        return (
-            torch.ops.batchless_kernels.batchless_norm_forward.default,
-            torch.ops.batchless_kernels.batchless_norm_backward.default,
-        )
-    if backend == "triton":
-        return triton_backend.kernel_ops()
-    raise ValueError(f"backend {backend!r} has no compiled ops")
+    return _op(backend, "forward"), _op(backend, "backward")
 
 
 def train_op(backend: str):
     """The training op of a compiled backend: y and the NLL as one autograd node (csrc/ops.cpp)."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.batchless_kernels.batchless_norm_train.default
-    if backend == "triton":
-        return triton_backend.train_op()
-    raise ValueError(f"backend {backend!r} has no compiled ops")
+    return _op(backend, "train")
 
 
 def inference_op(backend: str):
     """The inference op of a compiled backend: y alone, r computed inside (csrc/ops.cpp)."""
-    if backend in ("cpu", "cuda"):
-        return torch.ops.batchless_kernels.batchless_norm_inference.default
-    if backend == "triton":
-        return triton_backend.inference_op()
-    raise ValueError(f"backend {backend!r} has no compiled ops")
+    return _op(backend, "inference")

@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .ci/setup_env.sh
-exec "$BATCHLESS_PYTHON" -m pytest tests "$@"
+exec "$BATCHLESS_PYTHON" -m pytest tests "${BATCHLESS_PYTEST_PARALLEL[@]}" "$@"

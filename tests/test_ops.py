@@ -395,9 +395,9 @@ _INTERPRETED_TRITON_CASES = {1, 4, 5, 6, 7, 8}
 def _family_op(prefix, name):
     """A family's op (batchless_norm_train_forward, triton_train_forward, ...), its kernels registered."""
     if prefix == "triton":
-        from batchless_kernels.triton import kernel_ops
+        from batchless_kernels.triton import register_kernels
 
-        kernel_ops()
+        register_kernels()
     return getattr(torch.ops.batchless_kernels, f"{prefix}_{name}").default
 
 

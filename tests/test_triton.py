@@ -30,9 +30,7 @@ def _device():
 
 
 def _ops():
-    from batchless_kernels.triton import kernel_ops
-
-    return kernel_ops()
+    return bk.backends.kernel_ops("triton")
 
 
 @pytest.mark.parametrize("shape, layout", [((3, 5, 7), "contiguous"), ((2, 4, 3, 5), "channels_last"),

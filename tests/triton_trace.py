@@ -36,7 +36,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa
 from torch._subclasses.functional_tensor import dispatch_functionalize  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 
-from batchless_kernels import triton as triton_backend  # noqa: E402
+from batchless_kernels import backends  # noqa: E402
 
 WRAPPER = torch.ops.higher_order.triton_kernel_wrapper_functional
 
@@ -51,7 +51,7 @@ def _leaves(shape, layout, affine):
 
 
 def _train_step(parametrization, affine):
-    op = triton_backend.train_op()
+    op = backends.train_op("triton")
 
     def step(grad_y, *leaves):
         x, mean, std_param, *affine_params = leaves
@@ -63,7 +63,7 @@ def _train_step(parametrization, affine):
 
 
 def _inference(x, mean, std_param, weight, bias):
-    return triton_backend.inference_op()(x, mean, std_param, weight, bias, "log", 1e-5)
+    return backends.inference_op("triton")(x, mean, std_param, weight, bias, "log", 1e-5)
 
 
 def _graph(fn, args, mode):

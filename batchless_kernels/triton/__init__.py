@@ -28,23 +28,7 @@ def unavailable_reason(device_type: str) -> str | None:
     return f"the triton backend does not run {device_type} tensors"
 
 
-def kernel_ops():
-    """(forward_op, backward_op) with the signatures of the compiled ops (csrc/ops.cpp)."""
-    from . import norm  # noqa: F401  (registers the kernels of the batchless_kernels::triton_* ops)
-
-    return (
-        torch.ops.batchless_kernels.triton_forward.default,
-        torch.ops.batchless_kernels.triton_backward.default,
-    )
-
-
-def train_op():
-    """The training op (forward and NLL as one autograd node), as batchless_norm_train (csrc/ops.cpp)."""
-    kernel_ops()  # registers the kernels it calls
-    return torch.ops.batchless_kernels.triton_norm_train.default
-
-
-def inference_op():
-    """The inference op (y alone, r computed in the kernel), as batchless_norm_inference (csrc/ops.cpp)."""
-    kernel_ops()  # registers the kernels it calls
-    return torch.ops.batchless_kernels.triton_inference.default
+def register_kernels() -> None:
+    """Registers the Triton launchers as the kernels of the batchless_kernels::triton_* ops (defined in
+    csrc/ops.cpp, with the compiled backends' schemas; batchless_kernels.backends looks them up)."""
+    from . import norm  # noqa: F401
