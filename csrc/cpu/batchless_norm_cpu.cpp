@@ -155,11 +155,27 @@ struct ChannelsLastTiling {
 };
 
 // Sums the partials of K statistics, laid out (num_outer, C, num_inner), into per-channel totals
-// in a fixed order.
+// in a fixed order: total = ((0 + p[0, c, 0]) + p[0, c, 1]) + ... + p[num_outer - 1, c, num_inner - 1].
 template <typename opmath_t, int K>
 void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
                      const std::array<opmath_t*, K>& out, int64_t num_outer, int64_t num_inner) {
   const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_outer * num_inner));
+  if (num_inner == 1) {
+    // Row after row of C partials, added across channels in vector lanes (each channel's total in
+    // the order above: the same bits), not channel after channel down a column: a (64, 256, 14, 14)
+    // bf16 forward spent 8.5% of its time here in serial scalar adds strided by C.
+    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+      for (int k = 0; k < K; ++k) {
+        opmath_t* __restrict__ total = out[k];
+        std::fill(total + c0, total + c1, opmath_t(0));
+        for (int64_t o = 0; o < num_outer; ++o) {
+          const opmath_t* __restrict__ row = partials[k] + o * C;
+          for (int64_t c = c0; c < c1; ++c) total[c] += row[c];
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int k = 0; k < K; ++k) {
