@@ -103,13 +103,13 @@ def test_compile_traces_the_triton_kernels(case):
     layouts = {"planes": "rows", "channels_last": "columns", "rows_symbolic": "columns"}
     writes = {"forward": {"Y", "PS1", "PS2", "COUNTER"}, "backward": {"DX", "PW", "PB"},
               "sum": {"OUT1", "OUT2", "RSTD", "NLL", "BLOCK_SUMS", "COUNTER", "DMEAN", "DPARAM"}}
-    for case, layout in layouts.items():
-        kernels = graphs[case]["kernels"]
+    for traced, layout in layouts.items():
+        kernels = graphs[traced]["kernels"]
         assert [name for name, _ in kernels] == [f"_forward_{layout}_kernel", "_sum_partials_kernel",
-                                                f"_backward_{layout}_kernel", "_sum_partials_kernel"], (case, kernels)
+                                                f"_backward_{layout}_kernel", "_sum_partials_kernel"], (traced, kernels)
         for name, written in kernels:
-            assert set(written) <= writes[name.split("_")[1]], (case, name, written)
-        assert not [op for op in graphs[case]["ops"] if op.startswith("batchless_kernels.")], (case, graphs[case])
+            assert set(written) <= writes[name.split("_")[1]], (traced, name, written)
+        assert not [op for op in graphs[traced]["ops"] if op.startswith("batchless_kernels.")], (traced, graphs[traced])
     assert graphs["inference"]["kernels"] == [["_forward_rows_kernel", ["Y"]]]
     assert graphs["export"] == {"kernels": [], "ops": ["batchless_kernels.triton_inference.default"]}
 
