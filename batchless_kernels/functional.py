@@ -66,7 +66,8 @@ def batchless_norm(
         raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
     if need_nll is None:
         need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
-    name = resolve_backend(backend, x.device, x)
+    device = x.device
+    name = resolve_backend(backend, device, x)
     if need_nll:
         _warn_if_reentrant_checkpoint()
     if name != "reference" and (_under_functorch() or exporting()):
@@ -97,7 +98,7 @@ def batchless_norm(
             if grad_mode:  # mean and std_param are constants of y (sg), as in the training op
                 mean, std_param = mean.detach(), std_param.detach()
             return inference_op(name)(x, mean, std_param, weight, bias, parametrization, eps), None
-    if _HAS_FUSED_NLL.get(x.device.type, False):
+    if _HAS_FUSED_NLL.get(device.type, False):
         # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
         # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
         # Without need_nll, y still comes from this op: its r is the training's (computed inside the
