@@ -53,12 +53,14 @@ PASSES = ("fwd", "bwd", "fwd+bwd", "infer")
 # with its running statistics) reads x, writes y; the copy reads and writes x once.
 BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "infer": 2, "copy": 2}
 
-# (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores and hold
-# the acceptance shape (256, 64, 32, 32); the CUDA default is the GPU target set.
+# (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores; it holds the
+# acceptance shape (256, 64, 32, 32) and the CPU targets of the training step's floor (issue 12:
+# (64, 256, 14, 14) bfloat16, (4096, 1024) float32, and (32, 256) for the host's work per call); the
+# CUDA default is the GPU target set.
 GPU_TARGETS = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 14, 14), (65536, 1024), (32, 256),
                (64, 256, 7, 7)]
 SHAPES = {
-    ("cpu", False): [(256, 64, 32, 32), (64, 128, 16, 16), (8192, 1024), (32, 256)],
+    ("cpu", False): [(256, 64, 32, 32), (64, 256, 14, 14), (4096, 1024), (32, 256)],
     ("cpu", True): [(128, 64, 56, 56), (256, 64, 32, 32), (64, 256, 28, 28), (32, 1024, 14, 14),
                     (64, 128, 16, 16), (16384, 1024), (32, 256)],
     ("cuda", False): GPU_TARGETS,
@@ -394,6 +396,18 @@ def error_text(exc: Exception) -> str:
     return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:200]
 
 
+def copy_ceilings(rows) -> dict[str, float]:
+    """timing -> the bandwidth ceiling of a case's rows: the faster of its copies (pass "copy"). Into a
+    preallocated dst the copy writes memory last touched a rotation of input sets ago; a clone, like
+    every implementation's fresh output, gets the block freed last, which may still be cached: on the
+    CPU at sizes the L3 holds, 1.5-2x faster."""
+    ceilings: dict[str, float] = {}
+    for r in rows:
+        if r["pass"] == "copy" and "gbps" in r:
+            ceilings[r["timing"]] = max(ceilings.get(r["timing"], 0.0), r["gbps"])
+    return ceilings
+
+
 def run_case(case, device, budget_s, impls=None, cuda_graphs=False) -> list[dict]:
     """Rows of one case: the copies, then every implementation and pass, timed eagerly and, with
     cuda_graphs, as CUDA-graph replays (column timing: "eager" or "cuda-graph")."""
@@ -437,7 +451,7 @@ def run_case(case, device, budget_s, impls=None, cuda_graphs=False) -> list[dict
             row.update(median_ms=median, p20_ms=p20, p80_ms=p80, reps=len(result) * calls,
                        gbps=row["bytes"] / (median * 1e-3) / 1e9)
         rows.append(row)
-    copy_gbps = {r["timing"]: r["gbps"] for r in rows if r["impl"] == "copy" and "gbps" in r}
+    copy_gbps = copy_ceilings(rows)
     batchnorm_ms = {(r["pass"], r["timing"]): r.get("median_ms") for r in rows if r["impl"] == "batchnorm"}
     for row in rows:
         if "median_ms" in row and row["timing"] in copy_gbps:
@@ -520,7 +534,8 @@ def summary_markdown(rows, meta, wall_s) -> str:
         "",
         "Forward+backward median time per implementation, called eagerly (on a GPU: device time from the "
         "first launch to the last, host launch gaps included); in brackets the speedup over batchnorm and the "
-        "share of the copy bandwidth (bytes model: 5 x size of x; copy GB/s measured in the same run). "
+        "share of the copy bandwidth (bytes model: 5 x size of x; the faster of the two copies measured in the "
+        "same run, into a preallocated tensor or with a fresh output, alloc+copy). "
         "Other load: cores kept busy by other processes during the case. A case is marked unreliable when "
         f"that exceeds {MAX_OTHER_LOAD} cores, or when an implementation reached more than "
         f"{100 * MAX_FRAC_OF_COPY:.0f}% of the copy bandwidth (the copy itself was slowed).",

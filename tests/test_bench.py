@@ -46,6 +46,16 @@ def test_unreliable_reason(load, fracs, expected):
     assert bench_batchless.unreliable_reason(rows) == expected
 
 
+def test_the_ceiling_is_the_faster_copy_of_each_timing():
+    rows = [{"impl": "copy", "pass": "copy", "timing": "eager", "gbps": 40.0},
+            {"impl": "alloc+copy", "pass": "copy", "timing": "eager", "gbps": 70.0},
+            {"impl": "copy", "pass": "copy", "timing": "cuda-graph", "gbps": 3000.0},
+            {"impl": "alloc+copy", "pass": "copy", "timing": "cuda-graph", "error": "RuntimeError"},
+            {"impl": "batchless-cpu", "pass": "fwd", "timing": "eager", "gbps": 90.0}]
+    assert bench_batchless.copy_ceilings(rows) == {"eager": 70.0, "cuda-graph": 3000.0}
+    assert bench_batchless.copy_ceilings(rows[:1]) == {"eager": 40.0}
+
+
 def test_preferred_timing_takes_graph_replays_only_where_they_were_timed():
     from _results import preferred_timing
 
