@@ -45,7 +45,7 @@ constexpr int64_t kMaxTaskChannels = 2048;
 // A cache line, and the elements of T it holds.
 constexpr int64_t kLineBytes = 64;
 template <typename T>
-constexpr int64_t kLineFloats = kLineBytes / sizeof(T);
+constexpr int64_t kLineElements = kLineBytes / sizeof(T);
 // Channels-first: planes (one n, one c) of at least this many elements get a partial sum each.
 constexpr int64_t kMinPlane = 64;
 
@@ -278,7 +278,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     // (false sharing: the (8, 64, 8, 8) channels_last training forward took 27 us on 2 threads
     // against 17.6 us on one).
     const bool direct = reduce && t.num_rb == 1;
-    const int64_t row_stride = ceil_div(g.C, kLineFloats<opmath_t>) * kLineFloats<opmath_t>;
+    const int64_t row_stride = ceil_div(g.C, kLineElements<opmath_t>) * kLineElements<opmath_t>;
     Partials<opmath_t> partials(reduce && !direct ? 2 * t.num_rb * row_stride : 0);
     opmath_t* q0 = direct ? out0 : reduce ? partials.data() : nullptr;
     opmath_t* q1 = direct ? out1 : reduce ? q0 + t.num_rb * row_stride : nullptr;
