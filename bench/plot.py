@@ -40,10 +40,6 @@ def plot(csv_path, png_path=None) -> Path | None:
     cases = list(dict.fromkeys(case(r) for r in timed))
     impls = list(dict.fromkeys(r["impl"] for r in timed))
     by_key = {(case(r), r["impl"]): r for r in timed}
-    copy_gbps = {}  # the ceiling of frac_of_copy: the faster copy (bench_batchless.copy_ceilings)
-    for r in rows:
-        if r["pass"] == "copy" and r.get("gbps"):
-            copy_gbps[case(r)] = max(copy_gbps.get(case(r), 0.0), float(r["gbps"]))
 
     fig, (ax_time, ax_bw) = plt.subplots(2, 1, figsize=(max(8.0, 1.1 * len(cases) + 2), 9), sharex=True)
     width = 0.8 / len(impls)
@@ -63,9 +59,12 @@ def plot(csv_path, png_path=None) -> Path | None:
     for k in shaky:
         for ax in (ax_time, ax_bw):
             ax.axvspan(k - 0.5, k + 0.5, facecolor="none", edgecolor="red", hatch="//", alpha=0.4, linewidth=0)
-    # The floor: fwd+bwd bytes moved at the copy bandwidth of the same run.
-    floor = [float(next(by_key[(c, i)] for i in impls if (c, i) in by_key)["bytes"]) / copy_gbps[c] / 1e6
-             for c in cases]
+    # The floor: fwd+bwd bytes moved at the bandwidth frac_of_copy is a share of (the case's faster
+    # copy, bench_batchless.copy_ceilings): bytes / ceiling = median * frac_of_copy, for any impl.
+    floor = []
+    for c in cases:
+        r = next(by_key[(c, i)] for i in impls if (c, i) in by_key)
+        floor.append(float(r["median_ms"]) * float(r["frac_of_copy"]))
     ax_time.hlines(floor, [k - 0.45 for k in range(len(cases))], [k + 0.45 for k in range(len(cases))],
                    colors="black", linestyles="dashed",
                    label="floor: fwd+bwd bytes (5 x size of x) at the same run's faster copy's bandwidth")
