@@ -54,7 +54,8 @@ using host::dispatch_bool;
 
 // Loads and stores chunks of kSize = 2 * Vectorized<opmath_t>::size() elements of scalar_t as two
 // opmath vectors; a chunk of n < kSize elements (a row's or plane's tail) uses masked accesses, and
-// the lanes beyond n load as zero.
+// the lanes beyond n load as zero. Always inlined: with n the constant kSize (for_each_chunk) the
+// test of n and the masked path fold away (GCC kept `load` out of line, a call for every chunk).
 template <typename scalar_t>
 struct Chunk {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -62,7 +63,7 @@ struct Chunk {
   static constexpr int64_t kW = fVec::size();
   static constexpr int64_t kSize = 2 * kW;
 
-  static std::pair<fVec, fVec> load(const scalar_t* p, int64_t n = kSize) {
+  C10_ALWAYS_INLINE static std::pair<fVec, fVec> load(const scalar_t* p, int64_t n = kSize) {
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
       const auto v = n == kSize ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
       auto [a, b] = at::vec::convert_to_float<scalar_t>(v);
@@ -71,7 +72,7 @@ struct Chunk {
       return load_acc(p, n);
     }
   }
-  static void store(scalar_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
+  C10_ALWAYS_INLINE static void store(scalar_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       // One instruction rounds 32 floats to nearest even (at::vec's emulation takes ~16): on AVX-512
@@ -93,12 +94,12 @@ struct Chunk {
     }
   }
   // The same for arrays of opmath_t (per-channel parameters and partial sums).
-  static std::pair<fVec, fVec> load_acc(const opmath_t* p, int64_t n = kSize) {
+  C10_ALWAYS_INLINE static std::pair<fVec, fVec> load_acc(const opmath_t* p, int64_t n = kSize) {
     if (n == kSize) return {fVec::loadu(p), fVec::loadu(p + kW)};
     if (n <= kW) return {fVec::loadu(p, n), fVec(0)};
     return {fVec::loadu(p), fVec::loadu(p + kW, n - kW)};
   }
-  static void store_acc(opmath_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
+  C10_ALWAYS_INLINE static void store_acc(opmath_t* p, const fVec& a, const fVec& b, int64_t n = kSize) {
     if (n == kSize) {
       a.store(p);
       b.store(p + kW);
@@ -107,11 +108,27 @@ struct Chunk {
       if (n > kW) b.store(p + kW, n - kW);
     }
   }
-  // a, b with the lanes beyond the first n zeroed.
-  static std::pair<fVec, fVec> first_lanes(const fVec& a, const fVec& b, int64_t n) {
-    if (n == kSize) return {a, b};
-    if (n <= kW) return {fVec::set(fVec(0), a, n), fVec(0)};
-    return {a, fVec::set(fVec(0), b, n - kW)};
+  // a, b with only the lanes [skip, n) kept, the others zeroed: what a chunk adds to a sum when its
+  // lanes from n on lie beyond the data, and its first `skip` lanes were added already (for_each_chunk).
+  C10_ALWAYS_INLINE static std::pair<fVec, fVec> lanes(const fVec& a, const fVec& b, int64_t n, int64_t skip) {
+    fVec u = a, v = b;
+    if (n < kSize) {
+      if (n <= kW) {
+        u = fVec::set(fVec(0), u, n);
+        v = fVec(0);
+      } else {
+        v = fVec::set(fVec(0), v, n - kW);
+      }
+    }
+    if (skip > 0) {
+      if (skip >= kW) {
+        u = fVec(0);
+        v = fVec::set(v, fVec(0), skip - kW);
+      } else {
+        u = fVec::set(u, fVec(0), skip);
+      }
+    }
+    return {u, v};
   }
   // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
   static opmath_t hsum(const fVec& a, const fVec& b) {
@@ -194,15 +211,15 @@ void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
   });
 }
 
-// Zeroed partial sums: on the stack when they are few (a small input's step allocates nothing more
-// than its outputs), else a tensor.
+// A zeroed scratch array (partial sums, per-channel factors): on the stack when it is small (a small
+// input's step allocates nothing more than its outputs), else a tensor.
 template <typename opmath_t>
-class Partials {
+class Scratch {
  public:
   static constexpr int64_t kOnStack = 1024;
-  Partials(const Partials&) = delete;  // data_ may point into this object
-  Partials& operator=(const Partials&) = delete;
-  explicit Partials(int64_t n) {
+  Scratch(const Scratch&) = delete;  // data_ may point into this object
+  Scratch& operator=(const Scratch&) = delete;
+  explicit Scratch(int64_t n) {
     if (n > kOnStack) {
       tensor_ = at::zeros({n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<opmath_t>::value));
       data_ = tensor_.data_ptr<opmath_t>();
@@ -232,7 +249,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     // One slot per channel (one sample block, one segment per plane): the totals themselves.
     const bool direct = reduce && t.num_slots(g.C) == g.C;
     const int64_t slots = reduce && !direct ? t.num_slots(g.C) : 0;
-    Partials<opmath_t> partials(2 * slots);
+    Scratch<opmath_t> partials(2 * slots);
     opmath_t scratch[2];  // the slot of a task that does not reduce
     opmath_t* p0 = slots ? partials.data() : direct ? out0 : scratch;
     opmath_t* p1 = slots ? p0 + slots : direct ? out1 : scratch + 1;
@@ -279,7 +296,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     // against 17.6 us on one).
     const bool direct = reduce && t.num_rb == 1;
     const int64_t row_stride = ceil_div(g.C, kLineElements<opmath_t>) * kLineElements<opmath_t>;
-    Partials<opmath_t> partials(reduce && !direct ? 2 * t.num_rb * row_stride : 0);
+    Scratch<opmath_t> partials(reduce && !direct ? 2 * t.num_rb * row_stride : 0);
     opmath_t* q0 = direct ? out0 : reduce ? partials.data() : nullptr;
     opmath_t* q1 = direct ? out1 : reduce ? q0 + t.num_rb * row_stride : nullptr;
     if (direct) {
@@ -312,6 +329,29 @@ inline void add_stats(const fVec& ha, const fVec& hb, fVec& s1a, fVec& s1b, fVec
   s2b = at::vec::fmadd(hb, hb, s2b);
 }
 
+// Calls body(i, len, skip) for chunks of kSize elements that cover [begin, end): the full chunks, with
+// len = kSize and skip = 0 as compile-time constants so that their loop holds no masked path nor
+// length test; then a tail of t < kSize elements, if any. When [begin, end) holds a full chunk, the
+// tail is the full chunk that ends at `end`, with skip = kSize - t: its first skip elements were
+// handled already, so its elementwise outputs are written twice with the same values, and its sums
+// must drop those lanes (Chunk::lanes). Masked loads and stores, which at::vec's AVX2 code runs
+// through memcpy into a stack buffer (a quarter of a (64, 256, 14, 14) bfloat16 forward's time, in
+// tails of 4 of 196 elements), remain only for ranges shorter than a chunk (len = t). The range is
+// one task's own, so the rewritten outputs are never another thread's.
+template <int64_t kSize, typename Body>
+C10_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
+  using Full = std::integral_constant<int64_t, kSize>;
+  using None = std::integral_constant<int64_t, 0>;
+  int64_t i = begin;
+  for (; i + kSize <= end; i += kSize) body(i, Full{}, None{});
+  if (i == end) return;
+  if (end - begin >= kSize) {
+    body(end - kSize, Full{}, kSize - (end - i));
+  } else {
+    body(i, end - i, None{});
+  }
+}
+
 // Rows per group in the channels-last training forward and, for 32- and 64-bit elements, backward
 // (see `rows` there), in tasks at least kRowGroupMinChannels wide. Measured on the 2-core EPYC VM
 // against a same-run copy, A/B of two builds, 3-4 alternations each: forward with sums (8192, 1024)
@@ -334,25 +374,36 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   constexpr int64_t K = V::kSize;
   const opmath_t* m = mean.data_ptr<opmath_t>();
   const opmath_t* r = rstd.data_ptr<opmath_t>();
-  const opmath_t* w = weight.data_ptr<opmath_t>();
-  const opmath_t* b = bias.data_ptr<opmath_t>();
   const int64_t C = g.C, S = g.S;
+  const opmath_t* b = bias.data_ptr<opmath_t>();
+  // y = (x - m) * scale + b with scale = r * w per channel: a subtraction and an FMA an element where
+  // ((x - m) * r) * w + b takes three operations. Training and inference both run this kernel, so
+  // their y keep the same bits. Not BatchNorm eval's x * scale + (b - m * scale): its rounding of
+  // m * scale costs y about eps * |m| / sigma, 1e-4 in float32 for activations at 1000 sigmas from 0
+  // (test_large_offset_inputs).
+  Scratch<opmath_t> scale_buffer(C);
+  opmath_t* scale = scale_buffer.data();
+  {
+    const opmath_t* w = weight.data_ptr<opmath_t>();
+    for (int64_t c = 0; c < C; ++c) scale[c] = r[c] * w[c];
+  }
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
                    opmath_t* p2) {
-    const fVec vm(m[c]), vr(r[c]), vw(w[c]), vb(b[c]);
+    const fVec vm(m[c]), vr(r[c]), vscale(scale[c]), vb(b[c]);
     fVec a1(0), b1(0), a2(0), b2(0);
     for (int64_t n = n0; n < n1; ++n) {
-      const int64_t base = (n * C + c) * S;
-      const scalar_t* xp = x + base;
-      scalar_t* yp = y + base;
-      for (int64_t i = s0; i < s1_; i += K) {
-        const int64_t len = std::min(K, s1_ - i);
+      const scalar_t* const xp = x + (n * C + c) * S;
+      scalar_t* const yp = y + (n * C + c) * S;
+      for_each_chunk<K>(s0, s1_, [&](int64_t i, auto len, auto skip) {
         auto [xa, xb] = V::load(xp + i, len);
-        auto [ha, hb] = V::first_lanes((xa - vm) * vr, (xb - vm) * vr, len);  // no padding in the sums
-        if constexpr (kStats) add_stats(ha, hb, a1, b1, a2, b2);
-        V::store(yp + i, at::vec::fmadd(ha, vw, vb), at::vec::fmadd(hb, vw, vb), len);
-      }
+        const fVec da = xa - vm, db = xb - vm;
+        if constexpr (kStats) {
+          auto [ha, hb] = V::lanes(da * vr, db * vr, len, skip);
+          add_stats(ha, hb, a1, b1, a2, b2);
+        }
+        V::store(yp + i, at::vec::fmadd(da, vscale, vb), at::vec::fmadd(db, vscale, vb), len);
+      });
     }
     if constexpr (kStats) {
       *p1 = V::hsum(a1, b1);
@@ -365,29 +416,37 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   // the sums have the bits of a row at a time.
   auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
     constexpr int kRows = decltype(rows_constant)::value;
-    for (int64_t c = c0; c < c1; c += K) {
-      const int64_t len = std::min(K, c1 - c);  // beyond len: x, m, r, w, b all load as 0
-      auto [ma, mb] = V::load_acc(m + c, len);
-      auto [ra, rb] = V::load_acc(r + c, len);
-      auto [wa, wb] = V::load_acc(w + c, len);
-      auto [ba, bb] = V::load_acc(b + c, len);
-      fVec s1a(0), s1b(0), s2a(0), s2b(0);
+    // Locals, not the captured references: a bf16 store may alias anything, and would make the
+    // compiler reload every pointer through the closure for every chunk.
+    const scalar_t* const xp = x + row * C;
+    scalar_t* const yp = y + row * C;
+    const int64_t ld = C;
+    const opmath_t *const mp = m, *const rp = r, *const scale_p = scale, *const bp = b;
+    // Beyond len x and the parameters load as 0, and so add 0 to the sums.
+    for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) {
+      fVec ra(0), rb(0), s1a(0), s1b(0), s2a(0), s2b(0);
       if constexpr (kStats) {
+        std::tie(ra, rb) = V::load_acc(rp + c, len);
         std::tie(s1a, s1b) = V::load_acc(p1 + c, len);
         std::tie(s2a, s2b) = V::load_acc(p2 + c, len);
       }
+      auto [ma, mb] = V::load_acc(mp + c, len);
+      auto [ka, kb] = V::load_acc(scale_p + c, len);
+      auto [ba, bb] = V::load_acc(bp + c, len);
       for (int i = 0; i < kRows; ++i) {
-        const int64_t base = (row + i) * C + c;
-        auto [xa, xb] = V::load(x + base, len);
-        const fVec ha = (xa - ma) * ra, hb = (xb - mb) * rb;
-        if constexpr (kStats) add_stats(ha, hb, s1a, s1b, s2a, s2b);
-        V::store(y + base, at::vec::fmadd(ha, wa, ba), at::vec::fmadd(hb, wb, bb), len);
+        auto [xa, xb] = V::load(xp + i * ld + c, len);
+        const fVec da = xa - ma, db = xb - mb;
+        if constexpr (kStats) {
+          auto [ha, hb] = V::lanes(da * ra, db * rb, K, skip);
+          add_stats(ha, hb, s1a, s1b, s2a, s2b);
+        }
+        V::store(yp + i * ld + c, at::vec::fmadd(da, ka, ba), at::vec::fmadd(db, kb, bb), len);
       }
       if constexpr (kStats) {
         V::store_acc(p1 + c, s1a, s1b, len);
         V::store_acc(p2 + c, s2a, s2b, len);
       }
-    }
+    });
   };
   auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
     int64_t row = r0;
@@ -448,21 +507,25 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     fVec aw(0), bw(0), ab(0), bb(0);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
-      const scalar_t* gp = gy + base;
-      for (int64_t i = s0; i < s1_; i += K) {
-        const int64_t len = std::min(K, s1_ - i);  // beyond len grad_y loads as 0: adds nothing
+      const scalar_t* const gp = gy + base;
+      const scalar_t* const xp = kDw ? x + base : nullptr;  // null when not read or written
+      scalar_t* const dxp = kDx ? dx + base : nullptr;
+      // Beyond len grad_y and x load as 0: they add nothing.
+      for_each_chunk<K>(s0, s1_, [&](int64_t i, auto len, auto skip) {
         auto [ga, gb] = V::load(gp + i, len);
-        if constexpr (kDx) V::store(dx + base + i, ga * vscale, gb * vscale, len);
+        if constexpr (kDx) V::store(dxp + i, ga * vscale, gb * vscale, len);
+        std::tie(ga, gb) = V::lanes(ga, gb, K, skip);
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(x + base + i, len);
-          aw = at::vec::fmadd(ga, (xa - vm) * vr, aw);
-          bw = at::vec::fmadd(gb, (xb - vm) * vr, bw);
+          auto [xa, xb] = V::load(xp + i, len);
+          auto [ha, hb] = V::lanes((xa - vm) * vr, (xb - vm) * vr, K, skip);  // 0, not 0 * inf
+          aw = at::vec::fmadd(ga, ha, aw);
+          bw = at::vec::fmadd(gb, hb, bw);
         }
         if constexpr (kDb) {
           ab = ab + ga;
           bb = bb + gb;
         }
-      }
+      });
     }
     if constexpr (kDw) *pw = V::hsum(aw, bw);
     if constexpr (kDb) *pb = V::hsum(ab, bb);
@@ -471,24 +534,31 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
   auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
     constexpr int kRows = decltype(rows_constant)::value;
-    for (int64_t c = c0; c < c1; c += K) {
-      const int64_t len = std::min(K, c1 - c);  // beyond len: partial stores leave memory alone
-      auto [ra, rb] = V::load_acc(r + c, len);
+    // Locals, not the captured references (see the forward's `rows`).
+    const scalar_t* const gp = gy + row * C;
+    const scalar_t* const xp = kDw ? x + row * C : nullptr;  // null when not read or written
+    scalar_t* const dxp = kDx ? dx + row * C : nullptr;
+    const int64_t ld = C;
+    const opmath_t *const mp = m, *const rp = r, *const wp = w;
+    // Beyond len grad_y, x and the parameters load as 0, and partial stores leave memory alone.
+    for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) {
+      auto [ra, rb] = V::load_acc(rp + c, len);
       fVec sa(0), sb(0), ta(0), tb(0), wa(0), wb(0), ma(0), mb(0);
-      if constexpr (kDx) std::tie(wa, wb) = V::load_acc(w + c, len);
+      if constexpr (kDx) std::tie(wa, wb) = V::load_acc(wp + c, len);
       if constexpr (kDw) {
-        std::tie(ma, mb) = V::load_acc(m + c, len);
+        std::tie(ma, mb) = V::load_acc(mp + c, len);
         std::tie(sa, sb) = V::load_acc(pw + c, len);
       }
       if constexpr (kDb) std::tie(ta, tb) = V::load_acc(pb + c, len);
       for (int i = 0; i < kRows; ++i) {
-        const int64_t base = (row + i) * C + c;
-        auto [ga, gb] = V::load(gy + base, len);
-        if constexpr (kDx) V::store(dx + base, ga * (wa * ra), gb * (wb * rb), len);
+        auto [ga, gb] = V::load(gp + i * ld + c, len);
+        if constexpr (kDx) V::store(dxp + i * ld + c, ga * (wa * ra), gb * (wb * rb), len);
+        std::tie(ga, gb) = V::lanes(ga, gb, K, skip);
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(x + base, len);
-          sa = at::vec::fmadd(ga, (xa - ma) * ra, sa);
-          sb = at::vec::fmadd(gb, (xb - mb) * rb, sb);
+          auto [xa, xb] = V::load(xp + i * ld + c, len);
+          auto [ha, hb] = V::lanes((xa - ma) * ra, (xb - mb) * rb, K, skip);  // 0, not 0 * inf
+          sa = at::vec::fmadd(ga, ha, sa);
+          sb = at::vec::fmadd(gb, hb, sb);
         }
         if constexpr (kDb) {
           ta = ta + ga;
@@ -497,7 +567,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
       }
       if constexpr (kDw) V::store_acc(pw + c, sa, sb, len);
       if constexpr (kDb) V::store_acc(pb + c, ta, tb, len);
-    }
+    });
   };
   auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
     int64_t row = r0;
