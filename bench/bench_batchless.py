@@ -86,6 +86,16 @@ def cpu_model() -> str:
     return platform.processor() or "unknown-cpu"
 
 
+def cpu_isa() -> str:
+    """The vector ISA of batchless_kernels' CPU kernels as built (csrc/ops.cpp): AVX512_BF16, AVX512,
+    AVX2 or DEFAULT; "" without the extension. Their speed depends on it more than on the CPU model."""
+    try:
+        from batchless_kernels import _C
+    except ImportError:
+        return ""
+    return getattr(_C, "cpu_capability", "")
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -108,6 +118,7 @@ def machine_info(device: torch.device) -> dict:
         triton_version = ""
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    isa = cpu_isa()
     return {
         "device_name": name,
         "torch_version": torch.__version__,
@@ -119,7 +130,10 @@ def machine_info(device: torch.device) -> dict:
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         # On CPU the allocator decides whether each fresh output pays page faults (see bench/README.md).
         "malloc_env": " ".join(f"{k}={os.environ[k]}" for k in ("GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)),
-        "slug": slug(name) if device.type == "cuda" else f"{slug(name)}-{torch.get_num_threads()}threads",
+        "cpu_isa": isa,
+        # On CPU one folder per CPU model, kernel ISA and thread count.
+        "slug": slug(name) if device.type == "cuda" else "-".join(
+            filter(None, [slug(name), slug(isa), f"{torch.get_num_threads()}threads"])),
     }
 
 
@@ -464,7 +478,7 @@ def run_case(case, device, budget_s, impls=None, cuda_graphs=False) -> list[dict
 # ---------------------------------------------------------------- output
 
 META_COLUMNS = ["device_name", "torch_version", "cuda_version", "cudnn_version", "triton_version",
-                "num_threads", "git_commit", "timestamp", "malloc_env"]
+                "num_threads", "git_commit", "timestamp", "malloc_env", "cpu_isa"]
 COLUMNS = META_COLUMNS + ["impl", "backend_used", "pass", "timing", "shape", "dtype", "layout", "median_ms",
                           "p20_ms", "p80_ms", "reps", "bytes", "gbps", "frac_of_copy",
                           "speedup_vs_batchnorm", "other_load", "unreliable", "error"]
@@ -530,7 +544,8 @@ def summary_markdown(rows, meta, wall_s) -> str:
         "",
         f"torch {meta['torch_version']}, CUDA {meta['cuda_version'] or '-'}, cuDNN {meta['cudnn_version'] or '-'}, "
         f"triton {meta['triton_version'] or '-'}, {meta['num_threads']} threads, commit {meta['git_commit'] or '-'}, "
-        f"{meta['timestamp']}, run took {wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}.",
+        f"{meta['timestamp']}, run took {wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}, CPU kernels "
+        f"built for {meta['cpu_isa'] or '-'}.",
         "",
         "Forward+backward median time per implementation, called eagerly (on a GPU: device time from the "
         "first launch to the last, host launch gaps included); in brackets the speedup over batchnorm and the "

@@ -86,7 +86,7 @@ COLUMNS = [
     "steps", "median_ms", "p20_ms", "p80_ms", "imgs_per_s", "speedup_vs_batchnorm", "peak_step_mb", "first_step_s",
     "other_load", "unreliable", "error",
     "device_name", "torch_version", "torchvision_version", "timm_version", "cuda_version", "triton_version",
-    "num_threads", "git_commit", "timestamp", "malloc_env",
+    "num_threads", "git_commit", "timestamp", "malloc_env", "cpu_isa",
 ]
 
 
@@ -369,7 +369,7 @@ def summary_markdown(rows, meta, args, wall_s) -> str:
         f"torch {meta['torch_version']}, torchvision {meta['torchvision_version'] or '-'}, timm "
         f"{meta['timm_version'] or '-'}, CUDA {meta['cuda_version'] or '-'}, triton {meta['triton_version'] or '-'}, "
         f"{meta['num_threads']} threads, commit {meta['git_commit'] or '-'}, {meta['timestamp']}, run took "
-        f"{wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}.",
+        f"{wall_s:.0f} s, malloc env: {meta['malloc_env'] or 'none'}, CPU kernels built for {meta['cpu_isa'] or '-'}.",
         "",
         f"One training step (forward, cross-entropy loss (+ `bk.nll_loss` for batchless), backward, SGD with "
         f"momentum) on random {args.image_size}x{args.image_size} images, batch {args.batch_size}, "

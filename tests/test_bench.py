@@ -26,6 +26,11 @@ def test_a_run_writes_a_fresh_run_folder_not_the_reference(tmp_path, monkeypatch
     with runs[0].open() as f:
         rows = list(csv.DictReader(f))
     assert rows and "unreliable" in rows[0]
+    # The CPU kernels' ISA is recorded and names the folder: an AVX2 build's numbers never overwrite an AVX-512's.
+    isa = bench_batchless.cpu_isa()
+    assert {row["cpu_isa"] for row in rows} == {isa}
+    if isa:
+        assert f"-{isa.lower().replace('_', '-')}-" in runs[0].parent.parent.name
     summary = (runs[0].parent / "summary.md").read_text()
     assert summary.count("| unreliable |") == 1
     inference = summary.split("## Inference (no_grad)")[1]  # its own table: a header and a row per case

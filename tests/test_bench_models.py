@@ -104,7 +104,7 @@ def test_budget_verdicts_and_summary_from_rows():
     assert verdicts[0].startswith("- batchnorm, whole batch: largest batch within 50 MB: **4**")
     assert "micro-batches of 1: largest batch within 50 MB: **every measured batch, up to 8**" in verdicts[1]
     meta = dict(device_name="cpu", torch_version="2", torchvision_version="", timm_version="", cuda_version="",
-                triton_version="", num_threads=2, git_commit="", timestamp="t", malloc_env="")
+                triton_version="", num_threads=2, git_commit="", timestamp="t", malloc_env="", cpu_isa="AVX2")
     summary = bench_models.summary_markdown(rows, meta, Args, 1.0)
     assert "| resnet18 | batchless-cpu | 120 (1.20x, 41 MB) | failed | 0.4 / - | other load 0.60 cores |" in summary
     assert "batchless-cpu compiled failed: RuntimeError: boom" in summary

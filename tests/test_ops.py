@@ -538,6 +538,22 @@ def test_nll_op_matches_composite(device, parametrization, gauge, param_dtype):
 
 
 @needs_ops
+def test_extension_names_the_cpu_isa_it_was_built_for():
+    """_C.cpu_capability (what benchmarks record) names the vector ISA of the CPU kernels, one this CPU has."""
+    from batchless_kernels import _C
+
+    isa = _C.cpu_capability
+    needs = {"AVX512_BF16": {"avx512f", "avx512bw", "avx512_bf16"}, "AVX512": {"avx512f", "avx512bw"},
+             "AVX2": {"avx2", "fma"}, "DEFAULT": set()}
+    assert isa in needs
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags to check the ISA against")
+    assert needs[isa] <= flags
+
+
+@needs_ops
 def test_nll_op_rejects_bad_input():
     s1, s2, mean, std_param, count = _nll_inputs("cpu", "log", torch.float32)
     nll = torch.ops.batchless_kernels.batchless_nll
