@@ -397,12 +397,12 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
       scalar_t* const yp = y + (n * C + c) * S;
       for_each_chunk<K>(s0, s1_, [&](int64_t i, auto len, auto skip) {
         auto [xa, xb] = V::load(xp + i, len);
-        const fVec da = xa - vm, db = xb - vm;
+        const fVec ca = xa - vm, cb = xb - vm;  // x centred
         if constexpr (kStats) {
-          auto [ha, hb] = V::lanes(da * vr, db * vr, len, skip);
+          auto [ha, hb] = V::lanes(ca * vr, cb * vr, len, skip);
           add_stats(ha, hb, a1, b1, a2, b2);
         }
-        V::store(yp + i, at::vec::fmadd(da, vscale, vb), at::vec::fmadd(db, vscale, vb), len);
+        V::store(yp + i, at::vec::fmadd(ca, vscale, vb), at::vec::fmadd(cb, vscale, vb), len);
       });
     }
     if constexpr (kStats) {
@@ -435,12 +435,12 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
       auto [ba, bb] = V::load_acc(bp + c, len);
       for (int i = 0; i < kRows; ++i) {
         auto [xa, xb] = V::load(xp + i * ld + c, len);
-        const fVec da = xa - ma, db = xb - mb;
+        const fVec ca = xa - ma, cb = xb - mb;  // x centred
         if constexpr (kStats) {
-          auto [ha, hb] = V::lanes(da * ra, db * rb, K, skip);
+          auto [ha, hb] = V::lanes(ca * ra, cb * rb, K, skip);
           add_stats(ha, hb, s1a, s1b, s2a, s2b);
         }
-        V::store(yp + i * ld + c, at::vec::fmadd(da, ka, ba), at::vec::fmadd(db, kb, bb), len);
+        V::store(yp + i * ld + c, at::vec::fmadd(ca, ka, ba), at::vec::fmadd(cb, kb, bb), len);
       }
       if constexpr (kStats) {
         V::store_acc(p1 + c, s1a, s1b, len);
