@@ -85,6 +85,15 @@ _AUTO_CANDIDATES = {d: _usable_in_auto_order(d) for d in ("cpu", "cuda")}
 _MEASURED_CHOICE = {d: all(n in usable for n in gpu_choice.GPU_BACKENDS) for d, usable in _AUTO_CANDIDATES.items()}
 
 
+def fixed_auto_choice(device_type: str) -> str | None:
+    """The backend ``auto`` picks for every tensor of device_type (BATCHLESS_BACKEND unset), or None
+    where the pick depends on the tensor (the measured GPU table)."""
+    usable = _auto_candidates(device_type)
+    if not usable:
+        return "reference"
+    return None if _MEASURED_CHOICE.get(device_type, True) else usable[0]
+
+
 def _auto_candidates(device_type: str) -> tuple[str, ...]:
     """AUTO_ORDER's backends that can run on device_type."""
     if device_type in _AUTO_CANDIDATES:

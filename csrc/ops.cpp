@@ -1,38 +1,10 @@
 // Op schemas of batchless_kernels, defined once. Each backend registers its implementations
 // under its dispatch key (csrc/cpu for CPU; csrc/cuda for CUDA; the triton backend from Python).
 // The autograd is in csrc/autograd.cpp; Python adds the fake (meta) kernels in
-// batchless_kernels/ops.py.
-#include <Python.h>
+// batchless_kernels/ops.py. The Python module that loads them all is csrc/python_module.cpp.
 #include <torch/library.h>
 
 #include <string>
-
-#define BATCHLESS_STRINGIFY_(x) #x
-#define BATCHLESS_STRINGIFY(x) BATCHLESS_STRINGIFY_(x)
-#ifndef CPU_CAPABILITY
-#define CPU_CAPABILITY DEFAULT
-#endif
-
-// The Python module `batchless_kernels._C`: importing it loads this library and with it the
-// TORCH_LIBRARY registrations below. Its one attribute, cpu_capability, names the vector ISA the CPU
-// kernels were compiled for (setup.py, BATCHLESS_CPU_ISA): "AVX512" (with "_BF16" when bf16 rounds
-// in one instruction), "AVX2" or "DEFAULT". Their speed depends on it: benchmarks record it.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  PyObject* module = PyModule_Create(&module_def);
-#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
-  const char* isa = BATCHLESS_STRINGIFY(CPU_CAPABILITY) "_BF16";
-#else
-  const char* isa = BATCHLESS_STRINGIFY(CPU_CAPABILITY);
-#endif
-  if (module != nullptr && PyModule_AddStringConstant(module, "cpu_capability", isa) != 0) {
-    Py_DECREF(module);
-    return nullptr;
-  }
-  return module;
-}
-}
 
 // Signatures shared by the compiled kernels' ops and the triton backend's.
 constexpr const char* kForwardSignature =

@@ -113,3 +113,133 @@ def test_training_layer_is_one_node_and_one_op_per_pass(backend, device, shape):
         assert {n.split("::")[1]: k for n, k in ours.items() if n.startswith("batchless_kernels::")} == expected, \
             (phase, ours)
         assert sum(ours.values()) <= MAX_OPS[device][phase], (phase, ours)
+
+
+# ------------------------------------------------------------------------------------------------
+# The C++ fast path (csrc/python_module.cpp): the common case of batchless_norm checked and
+# dispatched without Python's checks; everything else left to the general path.
+# ------------------------------------------------------------------------------------------------
+
+needs_fast_path = pytest.mark.skipif(bk.functional._fast is None, reason="batchless_kernels._C is not loaded")
+
+
+def _fast_inputs(shape=(6, 5, 3), dtype=torch.float32, device="cpu"):
+    x = torch.randn(shape, dtype=dtype, device=device, requires_grad=True)
+    mean, std_param, weight, bias = (torch.randn(shape[1], device=device, requires_grad=True) for _ in range(4))
+    return x, mean, std_param, weight, bias
+
+
+def _spy_fast_path(monkeypatch) -> list:
+    """Replaces functional._fast with a wrapper recording what each call returned."""
+    results, fast = [], bk.functional._fast
+
+    def spy(*args):
+        out = fast(*args)
+        results.append(out)
+        return out
+
+    monkeypatch.setattr(bk.functional, "_fast", spy)
+    return results
+
+
+@needs_fast_path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("shape", [(6, 5), (4, 7, 3, 5), (2, 3, 4, 5, 6)], ids=str)
+@pytest.mark.parametrize("call", ["train", "train_no_nll", "frozen_params", "frozen", "no_grad"])
+def test_fast_path_equals_the_general_path(monkeypatch, call, shape, dtype):
+    """Every branch of the op choice, taken in C++, gives the general path's values, gradients and
+    graph: y and the NLL bit for bit (the same ops), the NLL None exactly where the general path's is."""
+    torch.manual_seed(0)
+    x, mean, std_param, weight, bias = _fast_inputs(shape, dtype)
+    if call in ("frozen_params", "frozen"):
+        mean.requires_grad_(False)
+        std_param.requires_grad_(False)
+    if call == "frozen":
+        for t in (x, weight, bias):
+            t.requires_grad_(False)
+    kwargs = {"need_nll": False} if call == "train_no_nll" else {}
+    grad_mode = torch.no_grad() if call == "no_grad" else torch.enable_grad()
+    results = _spy_fast_path(monkeypatch)
+    with grad_mode:
+        fast_y, fast_nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="abs", eps=1e-3,
+                                             **kwargs)
+        general_y, general_nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="abs",
+                                                   eps=1e-3, backend="cpu", **kwargs)
+    assert len(results) == 1 and results[0] is not None, "the common case went to the general path"
+    assert torch.equal(fast_y, general_y) and fast_y.stride() == general_y.stride()
+    assert (fast_nll is None) == (general_nll is None)
+    assert (fast_y.grad_fn is None) == (general_y.grad_fn is None)
+    if fast_nll is not None:
+        assert torch.equal(fast_nll, general_nll)
+    if fast_y.grad_fn is not None:
+        leaves = [t for t in (x, mean, std_param, weight, bias) if t.requires_grad]
+        grad_y = torch.randn_like(fast_y)
+        outputs = (fast_y, fast_nll) if fast_nll is not None else (fast_y,)
+        grads = (grad_y, torch.ones_like(fast_nll)) if fast_nll is not None else (grad_y,)
+        fast_grads = torch.autograd.grad(outputs, leaves, grads, allow_unused=True)
+        general_outputs = (general_y, general_nll) if general_nll is not None else (general_y,)
+        general_grads = torch.autograd.grad(general_outputs, leaves, grads, allow_unused=True)
+        for a, b in zip(fast_grads, general_grads):
+            assert (a is None and b is None) or torch.equal(a, b)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+@needs_fast_path
+@pytest.mark.parametrize("change", ["env", "subclass", "shared_axes", "int_eps", "bad_parametrization", "int_gauge",
+                                   "int_need_nll", "int_x", "meta_weight", "dispatch_mode", "reentrant"])
+def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
+    """What the fast path does not handle returns None: the general path then checks it (and raises
+    its errors, tests/test_errors.py), picks the backend BATCHLESS_BACKEND names, runs the reference
+    under modes and transforms, and warns where a reentrant checkpoint recomputes the layer."""
+    x, mean, std_param, weight, bias = _fast_inputs()
+    args = [x, mean, std_param, weight, bias, "log", 1e-5, True, None]
+    fast = bk.functional._fast
+    assert fast(*args) is not None
+    if change == "env":
+        monkeypatch.setenv("BATCHLESS_BACKEND", "reference")
+    elif change == "subclass":
+        args[0] = x.detach().as_subclass(_Subclass)
+    elif change == "shared_axes":
+        args[1] = mean.detach().view(5, 1)
+    elif change == "int_eps":
+        args[6] = 1
+    elif change == "bad_parametrization":
+        args[5] = "exp"
+    elif change == "int_gauge":
+        args[7] = 1
+    elif change == "int_need_nll":
+        args[8] = 1
+    elif change == "int_x":
+        args[0] = torch.ones(6, 5, 3, dtype=torch.int64)
+    elif change == "meta_weight":
+        args[3] = torch.ones(5, device="meta")
+    if change == "dispatch_mode":
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        class Passthrough(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Passthrough():
+            assert fast(*args) is None
+    elif change == "reentrant":
+        seen = []
+
+        class Probe(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, t):
+                return t.clone()
+
+            @staticmethod
+            def backward(ctx, g):
+                with torch.enable_grad():  # as checkpoint's recomputation
+                    seen.append(fast(*args))  # inside a backward pass
+                return g
+
+        Probe.apply(torch.ones(1, requires_grad=True)).sum().backward()
+        assert seen == [None]
+    else:
+        assert fast(*args) is None

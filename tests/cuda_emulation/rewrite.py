@@ -176,17 +176,7 @@ def rewrite_cuda(text: str, *, display_path: str, library: str) -> tuple[str, di
 
 
 def rewrite_ops(text: str, library: str) -> str:
-    """csrc/ops.cpp's schemas under `library`, without the Python module init."""
-    start = text.find('extern "C" {')
-    if start == -1 or "PyInit__C" not in text:
-        raise RewriteError("csrc/ops.cpp: the PyInit block was not found")
-    depth, end = 0, start
-    for end in range(text.index("{", start), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[end], 0)
-        if depth == 0:
-            break
-    # blank lines instead, so that line numbers stay those of csrc/ops.cpp
-    text = text[:start] + "\n" * text[start:end + 1].count("\n") + text[end + 1:]
+    """csrc/ops.cpp's schemas under `library` (the Python module is csrc/python_module.cpp's)."""
     text, n = re.subn(r"TORCH_LIBRARY(_FRAGMENT)?\(\s*batchless_kernels\s*,", rf"TORCH_LIBRARY\1({library},", text)
     if n == 0:
         raise RewriteError("csrc/ops.cpp: no TORCH_LIBRARY block")

@@ -1,0 +1,217 @@
+// The Python module `batchless_kernels._C`. Importing it loads this library and with it the ops'
+// registrations (schemas in csrc/ops.cpp, kernels per backend, autograd in csrc/autograd.cpp).
+//
+// Its attributes:
+//   cpu_capability: the vector ISA the CPU kernels were compiled for (setup.py, BATCHLESS_CPU_ISA):
+//     "AVX512" (with "_BF16" when bf16 rounds in one instruction), "AVX2" or "DEFAULT". Their speed
+//     depends on it: benchmarks record it.
+//   batchless_norm_fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, need_nll):
+//     functional.batchless_norm's common case, checked and dispatched here: (y, nll), or None where
+//     the call is not that case (functional.py then takes its general path, which also raises the
+//     errors). On small inputs the Python checks and torch.ops' argument parsing cost as much as the
+//     kernels (issue 12: ~6 us a call against F.batch_norm's 2.7 us).
+//   set_fast_path(cpu, cuda): the device types whose backend "auto" resolves to this library's
+//     kernels with the one-node training op (functional.py sets it once at import).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/graph_task.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#define BATCHLESS_STRINGIFY_(x) #x
+#define BATCHLESS_STRINGIFY(x) BATCHLESS_STRINGIFY_(x)
+#ifndef CPU_CAPABILITY
+#define CPU_CAPABILITY DEFAULT
+#endif
+
+namespace batchless_kernels {
+namespace {
+
+using at::Tensor;
+
+// Set from Python (set_fast_path): whether "auto" runs CPU / CUDA tensors on this library's kernels.
+bool fast_cpu = false;
+bool fast_cuda = false;
+
+// Keys of tensors whose ops mean something else than the plain kernels': Python subclasses and
+// modes (FakeTensor, torch.export's tracing), functorch's wrappers (vmap, grad), functionalization.
+const c10::DispatchKeySet kWrapperKeys({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+                                        c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+                                        c10::DispatchKey::Functionalize});
+
+bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// obj as a plain dense tensor of a floating dtype on a fast device (torch.Tensor or nn.Parameter:
+// a subclass may override what the ops do), else nullptr.
+const Tensor* plain_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj)) return nullptr;
+  const Tensor& t = THPVariable_Unpack(obj);
+  const bool device_ok = t.is_cpu() ? fast_cpu : (t.is_cuda() && fast_cuda);
+  if (!device_ok || t.layout() != at::kStrided || !is_float_dtype(t.scalar_type()) ||
+      t.key_set().has_any(kWrapperKeys)) {
+    return nullptr;
+  }
+  return &t;
+}
+
+// Whether t is a (C,) parameter of x on x's device.
+bool per_channel(const Tensor* t, const Tensor& x) {
+  return t != nullptr && t->dim() == 1 && t->size(0) == x.size(1) && t->device() == x.device();
+}
+
+// Optional parameter: None, or a (C,) tensor as above. Returns false where it is neither.
+bool optional_per_channel(PyObject* obj, const Tensor& x, std::optional<Tensor>& out) {
+  if (obj == Py_None) return true;
+  const Tensor* t = plain_tensor(obj);
+  if (!per_channel(t, x)) return false;
+  out = *t;
+  return true;
+}
+
+// The one-node training op and the inference op (csrc/ops.cpp), looked up once.
+using TrainSignature = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                  const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                                  c10::string_view, double, bool);
+using InferenceSignature = Tensor(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                  const std::optional<Tensor>&, c10::string_view, double);
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// Releases the GIL for the kernels (other Python threads run meanwhile, as around ATen's own ops),
+// and takes it back also when they throw.
+struct GilRelease {
+  PyThreadState* state = PyEval_SaveThread();
+  ~GilRelease() { PyEval_RestoreThread(state); }
+};
+
+bool transforms_or_modes_active() {
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled();
+}
+
+PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 9) {
+    PyErr_SetString(PyExc_TypeError, "batchless_norm_fast takes 9 positional arguments");
+    return nullptr;
+  }
+  // BATCHLESS_BACKEND (backends.py) overrides "auto": the general path reads it.
+  const char* env = std::getenv("BATCHLESS_BACKEND");
+  if (env != nullptr && std::strcmp(env, "auto") != 0) Py_RETURN_NONE;
+  if (transforms_or_modes_active()) Py_RETURN_NONE;
+
+  const Tensor* x = plain_tensor(args[0]);
+  if (x == nullptr || x->dim() < 2) Py_RETURN_NONE;
+  const Tensor* mean = plain_tensor(args[1]);
+  const Tensor* std_param = plain_tensor(args[2]);
+  std::optional<Tensor> weight, bias;
+  if (!per_channel(mean, *x) || !per_channel(std_param, *x) || !optional_per_channel(args[3], *x, weight) ||
+      !optional_per_channel(args[4], *x, bias)) {
+    Py_RETURN_NONE;
+  }
+  // parametrization one of abs, log, inv; eps a positive finite float; gauge a bool; need_nll None
+  // or a bool: anything else (an int eps too) is checked, converted or refused by the general path.
+  PyObject* parametrization = args[5];
+  if (!PyUnicode_CheckExact(parametrization) || PyUnicode_GET_LENGTH(parametrization) != 3) Py_RETURN_NONE;
+  const char* kind = PyUnicode_AsUTF8(parametrization);
+  if (kind == nullptr) return nullptr;
+  if (std::strcmp(kind, "abs") != 0 && std::strcmp(kind, "log") != 0 && std::strcmp(kind, "inv") != 0) {
+    Py_RETURN_NONE;
+  }
+  if (!PyFloat_CheckExact(args[6])) Py_RETURN_NONE;
+  const double eps = PyFloat_AS_DOUBLE(args[6]);
+  if (!(eps > 0 && std::isfinite(eps))) Py_RETURN_NONE;
+  if (!PyBool_Check(args[7])) Py_RETURN_NONE;
+  const bool gauge = args[7] == Py_True;
+  PyObject* need_nll_arg = args[8];
+  if (need_nll_arg != Py_None && !PyBool_Check(need_nll_arg)) Py_RETURN_NONE;
+
+  // functional.batchless_norm's choice of op, step for step.
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool need_nll = need_nll_arg == Py_None ? grad_mode && (mean->requires_grad() || std_param->requires_grad())
+                                                : need_nll_arg == Py_True;
+  // Inside a backward pass (a reentrant checkpoint's recomputation) the general path may warn.
+  if (need_nll && torch::autograd::get_current_graph_task_id() != -1) Py_RETURN_NONE;
+  const bool y_needs_grad = grad_mode && (x->requires_grad() || (weight && weight->requires_grad()) ||
+                                          (bias && bias->requires_grad()));
+  Tensor y, nll;
+  if (!need_nll && !y_needs_grad) {
+    // mean and std_param are constants of y (sg), as in the training op.
+    static const auto inference = op<InferenceSignature>("batchless_kernels::batchless_norm_inference");
+    const Tensor m = grad_mode ? mean->detach() : *mean;
+    const Tensor p = grad_mode ? std_param->detach() : *std_param;
+    GilRelease released;
+    y = inference.call(*x, m, p, weight, bias, kind, eps);
+  } else {
+    static const auto train = op<TrainSignature>("batchless_kernels::batchless_norm_train");
+    GilRelease released;
+    std::tie(y, nll) = train.call(*x, *mean, *std_param, weight, bias, kind, eps, gauge);
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(y)));
+  if (need_nll) {
+    PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(nll)));
+  } else {
+    Py_INCREF(Py_None);
+    PyTuple_SET_ITEM(result, 1, Py_None);
+  }
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2 || !PyBool_Check(args[0]) || !PyBool_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool)");
+    return nullptr;
+  }
+  fast_cpu = args[0] == Py_True;
+  fast_cuda = args[1] == Py_True;
+  Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"batchless_norm_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batchless_norm_fast)),
+     METH_FASTCALL, "functional.batchless_norm's common case in C++: (y, nll), or None for the general path."},
+    {"set_fast_path", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_fast_path)), METH_FASTCALL,
+     "set_fast_path(cpu, cuda): the device types batchless_norm_fast runs."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace batchless_kernels
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          batchless_kernels::methods};
+  PyObject* module = PyModule_Create(&module_def);
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+  const char* isa = BATCHLESS_STRINGIFY(CPU_CAPABILITY) "_BF16";
+#else
+  const char* isa = BATCHLESS_STRINGIFY(CPU_CAPABILITY);
+#endif
+  if (module != nullptr && PyModule_AddStringConstant(module, "cpu_capability", isa) != 0) {
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}
+}
