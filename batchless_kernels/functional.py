@@ -12,7 +12,8 @@ import torch.utils.checkpoint
 
 from . import ops, reference
 from ._checks import accumulation_dtype, check_inputs, per_channel_inputs
-from .backends import device_type_of, fixed_auto_choice, inference_op, kernel_ops, resolve_backend_for, train_op
+from .backends import (device_type_of, fixed_auto_choice, inference_op, kernel_ops, resolve_backend_for, train_op,
+                       unavailable_reason)
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
 
 
@@ -57,10 +58,10 @@ def batchless_norm(
             over every element of x of the Gaussian NLL; differentiable in mean and std_param only.
             An empty x (N = 0 or C = 0) gives nll = 0 with zero gradients.
     """
-    if backend == "auto" and _fast is not None and not torch.compiler.is_compiling():
-        # The common case (plain tensors, (C,) parameters, a device whose "auto" backend is this
-        # library's kernels) checked and dispatched in C++; None for anything else.
-        out = _fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, need_nll)
+    if _fast is not None and not torch.compiler.is_compiling():
+        # The common case (plain tensors, (C,) parameters, a backend that runs this library's kernels)
+        # checked and dispatched in C++; None for anything else.
+        out = _fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, backend, need_nll)
         if out is not None:
             return out
     # (C,) parameters: the common case, checked fast; anything else is checked in full.
@@ -182,14 +183,15 @@ _HAS_FUSED_NLL = {dev: ops.has_kernel(ops.NLL_OP, key) for dev, key in (("cpu", 
 
 
 def _fast_path():
-    """csrc/python_module.cpp's batchless_norm_fast, set to run the device types where it picks the
-    op this function would: "auto" always picks the cpu / cuda backend there, whose library has the
-    one-node training op. None without the extension."""
+    """csrc/python_module.cpp's batchless_norm_fast, told where it picks the op this function would:
+    the cpu / cuda backend runs (with the one-node training op), and "auto" always picks it. None
+    without the extension."""
     if not ops.extension_loaded():
         return None
     from . import _C
 
-    _C.set_fast_path(*(fixed_auto_choice(d) == d and _HAS_FUSED_NLL[d] for d in ("cpu", "cuda")))
+    runs = [_HAS_FUSED_NLL[d] and unavailable_reason(d, d) is None for d in ("cpu", "cuda")]
+    _C.set_fast_path(*runs, *(fixed_auto_choice(d) == d for d in ("cpu", "cuda")))
     return _C.batchless_norm_fast
 
 

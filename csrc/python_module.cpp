@@ -5,13 +5,14 @@
 //   cpu_capability: the vector ISA the CPU kernels were compiled for (setup.py, BATCHLESS_CPU_ISA):
 //     "AVX512" (with "_BF16" when bf16 rounds in one instruction), "AVX2" or "DEFAULT". Their speed
 //     depends on it: benchmarks record it.
-//   batchless_norm_fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, need_nll):
+//   batchless_norm_fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, backend, need_nll):
 //     functional.batchless_norm's common case, checked and dispatched here: (y, nll), or None where
 //     the call is not that case (functional.py then takes its general path, which also raises the
 //     errors). On small inputs the Python checks and torch.ops' argument parsing cost as much as the
 //     kernels (issue 12: ~6 us a call against F.batch_norm's 2.7 us).
-//   set_fast_path(cpu, cuda): the device types whose backend "auto" resolves to this library's
-//     kernels with the one-node training op (functional.py sets it once at import).
+//   set_fast_path(cpu, cuda, auto_cpu, auto_cuda): whether this library's kernels with the one-node
+//     training op run CPU / CUDA tensors, and whether backend "auto" always picks them there
+//     (functional.py sets it once at import).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -40,9 +41,9 @@ namespace {
 
 using at::Tensor;
 
-// Set from Python (set_fast_path): whether "auto" runs CPU / CUDA tensors on this library's kernels.
-bool fast_cpu = false;
-bool fast_cuda = false;
+// Set from Python (set_fast_path): whether the "cpu" / "cuda" backends run here with the one-node
+// training op, and whether "auto" picks them for every CPU / CUDA tensor.
+bool kernels_cpu = false, kernels_cuda = false, auto_cpu = false, auto_cuda = false;
 
 // Keys of tensors whose ops mean something else than the plain kernels': Python subclasses and
 // modes (FakeTensor, torch.export's tracing), functorch's wrappers (vmap, grad), functionalization.
@@ -54,13 +55,12 @@ bool is_float_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
 }
 
-// obj as a plain dense tensor of a floating dtype on a fast device (torch.Tensor or nn.Parameter:
+// obj as a plain dense tensor of a floating dtype on the CPU or a GPU (torch.Tensor or nn.Parameter:
 // a subclass may override what the ops do), else nullptr.
 const Tensor* plain_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const Tensor& t = THPVariable_Unpack(obj);
-  const bool device_ok = t.is_cpu() ? fast_cpu : (t.is_cuda() && fast_cuda);
-  if (!device_ok || t.layout() != at::kStrided || !is_float_dtype(t.scalar_type()) ||
+  if (!(t.is_cpu() || t.is_cuda()) || t.layout() != at::kStrided || !is_float_dtype(t.scalar_type()) ||
       t.key_set().has_any(kWrapperKeys)) {
     return nullptr;
   }
@@ -100,6 +100,25 @@ struct GilRelease {
   ~GilRelease() { PyEval_RestoreThread(state); }
 };
 
+// Whether `backend` (a str) runs x on this library's kernels: "auto" where it always picks them and
+// BATCHLESS_BACKEND (backends.py) does not override it, or "cpu" / "cuda" naming x's device.
+bool runs_library_kernels(PyObject* backend, const Tensor& x) {
+  if (!PyUnicode_CheckExact(backend)) return false;
+  const char* name = PyUnicode_AsUTF8(backend);
+  if (name == nullptr) {  // not encodable: the general path says what is wrong
+    PyErr_Clear();
+    return false;
+  }
+  if (std::strcmp(name, "auto") == 0) {
+    const char* env = std::getenv("BATCHLESS_BACKEND");
+    if (env != nullptr && std::strcmp(env, "auto") != 0) return false;
+    return x.is_cpu() ? auto_cpu : auto_cuda;
+  }
+  if (std::strcmp(name, "cpu") == 0) return x.is_cpu() && kernels_cpu;
+  if (std::strcmp(name, "cuda") == 0) return x.is_cuda() && kernels_cuda;
+  return false;
+}
+
 bool transforms_or_modes_active() {
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
@@ -109,17 +128,13 @@ bool transforms_or_modes_active() {
 
 PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 9) {
-    PyErr_SetString(PyExc_TypeError, "batchless_norm_fast takes 9 positional arguments");
+  if (nargs != 10) {
+    PyErr_SetString(PyExc_TypeError, "batchless_norm_fast takes 10 positional arguments");
     return nullptr;
   }
-  // BATCHLESS_BACKEND (backends.py) overrides "auto": the general path reads it.
-  const char* env = std::getenv("BATCHLESS_BACKEND");
-  if (env != nullptr && std::strcmp(env, "auto") != 0) Py_RETURN_NONE;
   if (transforms_or_modes_active()) Py_RETURN_NONE;
-
   const Tensor* x = plain_tensor(args[0]);
-  if (x == nullptr || x->dim() < 2) Py_RETURN_NONE;
+  if (x == nullptr || x->dim() < 2 || !runs_library_kernels(args[8], *x)) Py_RETURN_NONE;
   const Tensor* mean = plain_tensor(args[1]);
   const Tensor* std_param = plain_tensor(args[2]);
   std::optional<Tensor> weight, bias;
@@ -132,7 +147,10 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
   PyObject* parametrization = args[5];
   if (!PyUnicode_CheckExact(parametrization) || PyUnicode_GET_LENGTH(parametrization) != 3) Py_RETURN_NONE;
   const char* kind = PyUnicode_AsUTF8(parametrization);
-  if (kind == nullptr) return nullptr;
+  if (kind == nullptr) {  // not encodable (lone surrogates): the general path says what is wrong
+    PyErr_Clear();
+    Py_RETURN_NONE;
+  }
   if (std::strcmp(kind, "abs") != 0 && std::strcmp(kind, "log") != 0 && std::strcmp(kind, "inv") != 0) {
     Py_RETURN_NONE;
   }
@@ -141,7 +159,7 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
   if (!(eps > 0 && std::isfinite(eps))) Py_RETURN_NONE;
   if (!PyBool_Check(args[7])) Py_RETURN_NONE;
   const bool gauge = args[7] == Py_True;
-  PyObject* need_nll_arg = args[8];
+  PyObject* need_nll_arg = args[9];
   if (need_nll_arg != Py_None && !PyBool_Check(need_nll_arg)) Py_RETURN_NONE;
 
   // functional.batchless_norm's choice of op, step for step.
@@ -179,12 +197,15 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
 }
 
 PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 2 || !PyBool_Check(args[0]) || !PyBool_Check(args[1])) {
-    PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool)");
+  if (nargs != 4 || !PyBool_Check(args[0]) || !PyBool_Check(args[1]) || !PyBool_Check(args[2]) ||
+      !PyBool_Check(args[3])) {
+    PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool, auto_cpu: bool, auto_cuda: bool)");
     return nullptr;
   }
-  fast_cpu = args[0] == Py_True;
-  fast_cuda = args[1] == Py_True;
+  kernels_cpu = args[0] == Py_True;
+  kernels_cuda = args[1] == Py_True;
+  auto_cpu = kernels_cpu && args[2] == Py_True;
+  auto_cuda = kernels_cuda && args[3] == Py_True;
   Py_RETURN_NONE;
 }
 
@@ -192,7 +213,7 @@ PyMethodDef methods[] = {
     {"batchless_norm_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batchless_norm_fast)),
      METH_FASTCALL, "functional.batchless_norm's common case in C++: (y, nll), or None for the general path."},
     {"set_fast_path", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_fast_path)), METH_FASTCALL,
-     "set_fast_path(cpu, cuda): the device types batchless_norm_fast runs."},
+     "set_fast_path(cpu, cuda, auto_cpu, auto_cuda): what batchless_norm_fast runs."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

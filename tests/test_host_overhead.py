@@ -146,7 +146,8 @@ def _spy_fast_path(monkeypatch) -> list:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(6, 5), (4, 7, 3, 5), (2, 3, 4, 5, 6)], ids=str)
 @pytest.mark.parametrize("call", ["train", "train_no_nll", "frozen_params", "frozen", "no_grad"])
-def test_fast_path_equals_the_general_path(monkeypatch, call, shape, dtype):
+@pytest.mark.parametrize("backend", ["auto", "cpu"])
+def test_fast_path_equals_the_general_path(monkeypatch, backend, call, shape, dtype):
     """Every branch of the op choice, taken in C++, gives the general path's values, gradients and
     graph: y and the NLL bit for bit (the same ops), the NLL None exactly where the general path's is."""
     torch.manual_seed(0)
@@ -162,10 +163,11 @@ def test_fast_path_equals_the_general_path(monkeypatch, call, shape, dtype):
     results = _spy_fast_path(monkeypatch)
     with grad_mode:
         fast_y, fast_nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="abs", eps=1e-3,
-                                             **kwargs)
+                                             backend=backend, **kwargs)
+        assert len(results) == 1 and results[0] is not None, "the common case went to the general path"
+        monkeypatch.setattr(bk.functional, "_fast", None)
         general_y, general_nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="abs",
-                                                   eps=1e-3, backend="cpu", **kwargs)
-    assert len(results) == 1 and results[0] is not None, "the common case went to the general path"
+                                                   eps=1e-3, backend=backend, **kwargs)
     assert torch.equal(fast_y, general_y) and fast_y.stride() == general_y.stride()
     assert (fast_nll is None) == (general_nll is None)
     assert (fast_y.grad_fn is None) == (general_y.grad_fn is None)
@@ -189,13 +191,14 @@ class _Subclass(torch.Tensor):
 
 @needs_fast_path
 @pytest.mark.parametrize("change", ["env", "subclass", "shared_axes", "int_eps", "bad_parametrization", "int_gauge",
-                                   "int_need_nll", "int_x", "meta_weight", "dispatch_mode", "reentrant"])
+                                   "int_need_nll", "reference_backend", "cuda_backend", "int_x", "meta_weight",
+                                   "dispatch_mode", "reentrant"])
 def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
     """What the fast path does not handle returns None: the general path then checks it (and raises
     its errors, tests/test_errors.py), picks the backend BATCHLESS_BACKEND names, runs the reference
     under modes and transforms, and warns where a reentrant checkpoint recomputes the layer."""
     x, mean, std_param, weight, bias = _fast_inputs()
-    args = [x, mean, std_param, weight, bias, "log", 1e-5, True, None]
+    args = [x, mean, std_param, weight, bias, "log", 1e-5, True, "auto", None]
     fast = bk.functional._fast
     assert fast(*args) is not None
     if change == "env":
@@ -211,7 +214,11 @@ def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
     elif change == "int_gauge":
         args[7] = 1
     elif change == "int_need_nll":
-        args[8] = 1
+        args[9] = 1
+    elif change == "reference_backend":
+        args[8] = "reference"
+    elif change == "cuda_backend":
+        args[8] = "cuda"
     elif change == "int_x":
         args[0] = torch.ones(6, 5, 3, dtype=torch.int64)
     elif change == "meta_weight":
