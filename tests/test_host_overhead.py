@@ -146,12 +146,12 @@ def _spy_fast_path(monkeypatch) -> list:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("shape", [(6, 5), (4, 7, 3, 5), (2, 3, 4, 5, 6)], ids=str)
 @pytest.mark.parametrize("call", ["train", "train_no_nll", "frozen_params", "frozen", "no_grad"])
-@pytest.mark.parametrize("backend", ["auto", "cpu"])
+@pytest.mark.parametrize("backend", ["auto", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fast_path_equals_the_general_path(monkeypatch, backend, call, shape, dtype):
     """Every branch of the op choice, taken in C++, gives the general path's values, gradients and
     graph: y and the NLL bit for bit (the same ops), the NLL None exactly where the general path's is."""
     torch.manual_seed(0)
-    x, mean, std_param, weight, bias = _fast_inputs(shape, dtype)
+    x, mean, std_param, weight, bias = _fast_inputs(shape, dtype, "cuda" if backend == "cuda" else "cpu")
     if call in ("frozen_params", "frozen"):
         mean.requires_grad_(False)
         std_param.requires_grad_(False)
