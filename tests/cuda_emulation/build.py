@@ -72,7 +72,7 @@ test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the 
 
 Cost (2 shared cores, one compile job): building the main variant about 2.5 minutes, the mutant
 variant (-O0) about 1.5 minutes; the emulated backends add about 2 minutes to the correctness
-suite (1730 cases, most of it the 2053-channel shapes: thousands of small blocks), and
+suite (most of it in the 2053-channel shapes: thousands of small blocks), and
 tests/test_cuda_emulation.py about 2 minutes (the mutation check runs the correctness suite in a
 subprocess per mutant, stopping at the first failure), the asan variant about 2 minutes to build
 and 1.5 minutes to run its selection, the tsan variant about 2 minutes to build and 50 s to run it
