@@ -60,8 +60,8 @@ bool is_float_dtype(at::ScalarType t) {
 const Tensor* plain_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj)) return nullptr;
   const Tensor& t = THPVariable_Unpack(obj);
-  if (!(t.is_cpu() || t.is_cuda()) || t.layout() != at::kStrided || !is_float_dtype(t.scalar_type()) ||
-      t.key_set().has_any(kWrapperKeys)) {
+  if (!(t.is_cpu() || t.is_cuda()) || t.layout() != at::kStrided || t.is_nested() ||
+      !is_float_dtype(t.scalar_type()) || t.key_set().has_any(kWrapperKeys)) {
     return nullptr;
   }
   return &t;
@@ -100,22 +100,20 @@ struct GilRelease {
   ~GilRelease() { PyEval_RestoreThread(state); }
 };
 
+// Whether the str `text` is `ascii`, all of it (an embedded NUL does not end it, as it would strcmp).
+bool equals(PyObject* text, const char* ascii) { return PyUnicode_CompareWithASCIIString(text, ascii) == 0; }
+
 // Whether `backend` (a str) runs x on this library's kernels: "auto" where it always picks them and
 // BATCHLESS_BACKEND (backends.py) does not override it, or "cpu" / "cuda" naming x's device.
 bool runs_library_kernels(PyObject* backend, const Tensor& x) {
   if (!PyUnicode_CheckExact(backend)) return false;
-  const char* name = PyUnicode_AsUTF8(backend);
-  if (name == nullptr) {  // not encodable: the general path says what is wrong
-    PyErr_Clear();
-    return false;
-  }
-  if (std::strcmp(name, "auto") == 0) {
+  if (equals(backend, "auto")) {
     const char* env = std::getenv("BATCHLESS_BACKEND");
     if (env != nullptr && std::strcmp(env, "auto") != 0) return false;
     return x.is_cpu() ? auto_cpu : auto_cuda;
   }
-  if (std::strcmp(name, "cpu") == 0) return x.is_cpu() && kernels_cpu;
-  if (std::strcmp(name, "cuda") == 0) return x.is_cuda() && kernels_cuda;
+  if (equals(backend, "cpu")) return x.is_cpu() && kernels_cpu;
+  if (equals(backend, "cuda")) return x.is_cuda() && kernels_cuda;
   return false;
 }
 
@@ -133,27 +131,26 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
     return nullptr;
   }
   if (transforms_or_modes_active()) Py_RETURN_NONE;
-  const Tensor* x = plain_tensor(args[0]);
-  if (x == nullptr || x->dim() < 2 || !runs_library_kernels(args[8], *x)) Py_RETURN_NONE;
-  const Tensor* mean = plain_tensor(args[1]);
-  const Tensor* std_param = plain_tensor(args[2]);
+  const Tensor* x_arg = plain_tensor(args[0]);
+  if (x_arg == nullptr || x_arg->dim() < 2 || !runs_library_kernels(args[8], *x_arg)) Py_RETURN_NONE;
+  const Tensor* mean_arg = plain_tensor(args[1]);
+  const Tensor* std_param_arg = plain_tensor(args[2]);
   std::optional<Tensor> weight, bias;
-  if (!per_channel(mean, *x) || !per_channel(std_param, *x) || !optional_per_channel(args[3], *x, weight) ||
-      !optional_per_channel(args[4], *x, bias)) {
+  if (!per_channel(mean_arg, *x_arg) || !per_channel(std_param_arg, *x_arg) ||
+      !optional_per_channel(args[3], *x_arg, weight) || !optional_per_channel(args[4], *x_arg, bias)) {
     Py_RETURN_NONE;
   }
+  // Owned references: the kernels run without the GIL, while another thread may swap the tensors
+  // behind these Python objects (torch.utils.swap_tensors).
+  const Tensor x = *x_arg, mean = *mean_arg, std_param = *std_param_arg;
   // parametrization one of abs, log, inv; eps a positive finite float; gauge a bool; need_nll None
   // or a bool: anything else (an int eps too) is checked, converted or refused by the general path.
   PyObject* parametrization = args[5];
-  if (!PyUnicode_CheckExact(parametrization) || PyUnicode_GET_LENGTH(parametrization) != 3) Py_RETURN_NONE;
-  const char* kind = PyUnicode_AsUTF8(parametrization);
-  if (kind == nullptr) {  // not encodable (lone surrogates): the general path says what is wrong
-    PyErr_Clear();
-    Py_RETURN_NONE;
+  const char* kind = nullptr;
+  for (const char* name : {"abs", "log", "inv"}) {
+    if (PyUnicode_CheckExact(parametrization) && equals(parametrization, name)) kind = name;
   }
-  if (std::strcmp(kind, "abs") != 0 && std::strcmp(kind, "log") != 0 && std::strcmp(kind, "inv") != 0) {
-    Py_RETURN_NONE;
-  }
+  if (kind == nullptr) Py_RETURN_NONE;
   if (!PyFloat_CheckExact(args[6])) Py_RETURN_NONE;
   const double eps = PyFloat_AS_DOUBLE(args[6]);
   if (!(eps > 0 && std::isfinite(eps))) Py_RETURN_NONE;
@@ -164,34 +161,41 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
 
   // functional.batchless_norm's choice of op, step for step.
   const bool grad_mode = at::GradMode::is_enabled();
-  const bool need_nll = need_nll_arg == Py_None ? grad_mode && (mean->requires_grad() || std_param->requires_grad())
+  const bool need_nll = need_nll_arg == Py_None ? grad_mode && (mean.requires_grad() || std_param.requires_grad())
                                                 : need_nll_arg == Py_True;
   // Inside a backward pass (a reentrant checkpoint's recomputation) the general path may warn.
   if (need_nll && torch::autograd::get_current_graph_task_id() != -1) Py_RETURN_NONE;
-  const bool y_needs_grad = grad_mode && (x->requires_grad() || (weight && weight->requires_grad()) ||
+  const bool y_needs_grad = grad_mode && (x.requires_grad() || (weight && weight->requires_grad()) ||
                                           (bias && bias->requires_grad()));
   Tensor y, nll;
   if (!need_nll && !y_needs_grad) {
     // mean and std_param are constants of y (sg), as in the training op.
     static const auto inference = op<InferenceSignature>("batchless_kernels::batchless_norm_inference");
-    const Tensor m = grad_mode ? mean->detach() : *mean;
-    const Tensor p = grad_mode ? std_param->detach() : *std_param;
+    const Tensor m = grad_mode ? mean.detach() : mean;
+    const Tensor p = grad_mode ? std_param.detach() : std_param;
     GilRelease released;
-    y = inference.call(*x, m, p, weight, bias, kind, eps);
+    y = inference.call(x, m, p, weight, bias, kind, eps);
   } else {
     static const auto train = op<TrainSignature>("batchless_kernels::batchless_norm_train");
     GilRelease released;
-    std::tie(y, nll) = train.call(*x, *mean, *std_param, weight, bias, kind, eps, gauge);
+    std::tie(y, nll) = train.call(x, mean, std_param, weight, bias, kind, eps, gauge);
   }
-  PyObject* result = PyTuple_New(2);
-  if (result == nullptr) return nullptr;
-  PyTuple_SET_ITEM(result, 0, THPVariable_Wrap(std::move(y)));
+  PyObject* py_y = THPVariable_Wrap(std::move(y));
+  PyObject* py_nll = nullptr;
   if (need_nll) {
-    PyTuple_SET_ITEM(result, 1, THPVariable_Wrap(std::move(nll)));
+    py_nll = THPVariable_Wrap(std::move(nll));
   } else {
     Py_INCREF(Py_None);
-    PyTuple_SET_ITEM(result, 1, Py_None);
+    py_nll = Py_None;
   }
+  PyObject* result = py_y != nullptr && py_nll != nullptr ? PyTuple_New(2) : nullptr;
+  if (result == nullptr) {
+    Py_XDECREF(py_y);
+    Py_XDECREF(py_nll);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, py_y);
+  PyTuple_SET_ITEM(result, 1, py_nll);
   return result;
   END_HANDLE_TH_ERRORS
 }

@@ -6,6 +6,7 @@ are the benchmark's (bench/bench_batchless.py, passes fwd+bwd and infer)."""
 from __future__ import annotations
 
 import collections
+import math
 import json
 import os
 import subprocess
@@ -144,22 +145,28 @@ def _spy_fast_path(monkeypatch) -> list:
 
 @needs_fast_path
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-@pytest.mark.parametrize("shape", [(6, 5), (4, 7, 3, 5), (2, 3, 4, 5, 6)], ids=str)
-@pytest.mark.parametrize("call", ["train", "train_no_nll", "frozen_params", "frozen", "no_grad"])
+@pytest.mark.parametrize("shape", [(6, 5), (4, 7, 3, 5), (2, 3, 4, 5, 6), (0, 5)], ids=str)
+@pytest.mark.parametrize("call", ["train", "train_no_nll", "frozen_params", "frozen", "no_grad", "need_nll_no_grad",
+                                  "inference_mode", "no_affine", "channels_last"])
 @pytest.mark.parametrize("backend", ["auto", "cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_fast_path_equals_the_general_path(monkeypatch, backend, call, shape, dtype):
     """Every branch of the op choice, taken in C++, gives the general path's values, gradients and
     graph: y and the NLL bit for bit (the same ops), the NLL None exactly where the general path's is."""
     torch.manual_seed(0)
     x, mean, std_param, weight, bias = _fast_inputs(shape, dtype, "cuda" if backend == "cuda" else "cpu")
+    if call == "no_affine":
+        weight = bias = None
+    if call == "channels_last" and x.dim() == 4:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     if call in ("frozen_params", "frozen"):
         mean.requires_grad_(False)
         std_param.requires_grad_(False)
     if call == "frozen":
         for t in (x, weight, bias):
             t.requires_grad_(False)
-    kwargs = {"need_nll": False} if call == "train_no_nll" else {}
-    grad_mode = torch.no_grad() if call == "no_grad" else torch.enable_grad()
+    kwargs = {"train_no_nll": {"need_nll": False}, "need_nll_no_grad": {"need_nll": True}}.get(call, {})
+    grad_mode = {"no_grad": torch.no_grad(), "need_nll_no_grad": torch.no_grad(),
+                 "inference_mode": torch.inference_mode()}.get(call, torch.enable_grad())
     results = _spy_fast_path(monkeypatch)
     with grad_mode:
         fast_y, fast_nll = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization="abs", eps=1e-3,
@@ -174,7 +181,7 @@ def test_fast_path_equals_the_general_path(monkeypatch, backend, call, shape, dt
     if fast_nll is not None:
         assert torch.equal(fast_nll, general_nll)
     if fast_y.grad_fn is not None:
-        leaves = [t for t in (x, mean, std_param, weight, bias) if t.requires_grad]
+        leaves = [t for t in (x, mean, std_param, weight, bias) if t is not None and t.requires_grad]
         grad_y = torch.randn_like(fast_y)
         outputs = (fast_y, fast_nll) if fast_nll is not None else (fast_y,)
         grads = (grad_y, torch.ones_like(fast_nll)) if fast_nll is not None else (grad_y,)
@@ -190,9 +197,11 @@ class _Subclass(torch.Tensor):
 
 
 @needs_fast_path
-@pytest.mark.parametrize("change", ["env", "subclass", "shared_axes", "int_eps", "bad_parametrization", "int_gauge",
-                                   "int_need_nll", "reference_backend", "cuda_backend", "int_x", "meta_weight",
-                                   "dispatch_mode", "reentrant"])
+@pytest.mark.parametrize("change", ["env", "subclass", "shared_axes", "int_eps", "nan_eps", "inf_eps", "negative_eps",
+                                   "bad_parametrization", "int_gauge", "int_need_nll", "reference_backend",
+                                   "cuda_backend", "nul_backend", "str_subclass_backend", "int_x", "one_dim_x",
+                                   "nested_x", "meta_weight", "dispatch_mode", "function_mode", "functorch",
+                                   "reentrant"])
 def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
     """What the fast path does not handle returns None: the general path then checks it (and raises
     its errors, tests/test_errors.py), picks the backend BATCHLESS_BACKEND names, runs the reference
@@ -207,8 +216,8 @@ def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
         args[0] = x.detach().as_subclass(_Subclass)
     elif change == "shared_axes":
         args[1] = mean.detach().view(5, 1)
-    elif change == "int_eps":
-        args[6] = 1
+    elif change in ("int_eps", "nan_eps", "inf_eps", "negative_eps"):
+        args[6] = {"int_eps": 1, "nan_eps": math.nan, "inf_eps": math.inf, "negative_eps": -1e-5}[change]
     elif change == "bad_parametrization":
         args[5] = "exp"
     elif change == "int_gauge":
@@ -219,6 +228,14 @@ def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
         args[8] = "reference"
     elif change == "cuda_backend":
         args[8] = "cuda"
+    elif change == "nul_backend":  # a C string would end at the NUL, and read "auto"
+        args[8] = "auto\x00junk"
+    elif change == "str_subclass_backend":
+        args[8] = type("Name", (str,), {})("auto")
+    elif change == "one_dim_x":
+        args[0] = torch.randn(5)
+    elif change == "nested_x":
+        args[0] = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(5, 2)])
     elif change == "int_x":
         args[0] = torch.ones(6, 5, 3, dtype=torch.int64)
     elif change == "meta_weight":
@@ -232,6 +249,24 @@ def test_fast_path_leaves_other_calls_to_the_general_path(monkeypatch, change):
 
         with Passthrough():
             assert fast(*args) is None
+    elif change == "function_mode":
+        from torch.overrides import TorchFunctionMode
+
+        class Passthrough(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+
+        with Passthrough():
+            assert fast(*args) is None
+    elif change == "functorch":  # inside a transform, x and the parameters are wrapped or not
+        def probe(t):
+            seen.append(fast(t, *args[1:]))
+            seen.append(fast(*args))
+            return t.sum()
+
+        seen = []
+        torch.func.grad(probe)(x.detach())
+        assert seen == [None, None]
     elif change == "reentrant":
         seen = []
 
