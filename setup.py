@@ -115,10 +115,7 @@ def _extension():
         kwargs["include_dirs"] += _nvidia_include_dirs()
         kwargs["extra_compile_args"]["nvcc"] = ["-O3", "-lineinfo"]
         kwargs["define_macros"] = [("BATCHLESS_WITH_CUDA", "1")]
-        # The longest compiles first (ninja starts them in this order): batchless_norm_cuda.cu alone
-        # takes ~280 of the build's ~480 CPU-seconds; started last, it ran alone for 200 s on 2 cores.
-        cuda_sources.sort(key=os.path.getsize, reverse=True)
-        return CUDAExtension(sources=cuda_sources + cpp_sources, **kwargs)
+        return CUDAExtension(sources=cpp_sources + cuda_sources, **kwargs)
     return CppExtension(sources=cpp_sources, **kwargs)
 
 
