@@ -298,6 +298,37 @@ def test_large_offset_inputs(case, shape, layout):
     check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
 
 
+# The shapes whose per-channel sums are longest in each backend: narrow channels-last (many rows per
+# channel), one long plane, many small planes.
+LONG_SUM_SHAPES = [((24000, 2), "contiguous"), ((5, 2, 4099), "channels_innermost"),
+                   ((2, 2, 96, 96), "channels_last"), ((1, 1, 200, 200), "contiguous"), ((8000, 2, 3), "contiguous")]
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("shape, layout", LONG_SUM_SHAPES, ids=str)
+def test_long_sums_stay_accurate(case, shape, layout):
+    """n equal terms added one after another in float32 are off by about n * 6e-9 of their sum (5e-5
+    at n = 8192, where torch.sum's cascade keeps 1e-7): x constant per channel and a constant grad_y
+    make dbias, dweight and the NLL's s1 such sums, so a long chain of adds anywhere in a backend's
+    reductions shows. 5e-6 allows chains of a few hundred adds; the kernels' are shorter. Not for
+    triton under the interpreter: its tl.sum is numpy's, which adds a tile's rows one after another
+    where the compiled reduction is a tree (test_triton.py::test_sums_add_short_chains checks the
+    plan instead)."""
+    if case.name == "triton" and case.device == "cpu":
+        pytest.skip("the interpreter's tl.sum adds rows in sequence, unlike the compiled kernels")
+    channels = shape[1]
+    mean, std_param, weight, bias = make_params(channels, "log")
+    level = mean + (torch.rand(channels) + 0.25) * torch.exp(std_param)  # xhat in about [0.25, 1.25)
+    x = make_x(shape, layout, torch.float32, case.device, mu=level, sigma=torch.zeros(channels))
+    mean, std_param, weight, bias = (t.to(case.device) for t in (mean, std_param, weight, bias))
+    grad_y = torch.empty_like(x).fill_(0.7)
+    out = run_batchless(x, mean, std_param, weight, bias, backend=case.name, grad_y=grad_y)
+    ref = run_reference64(x, mean, std_param, weight, bias, grad_y=grad_y)
+    for name in ("weight", "bias", "mean"):
+        error = ((out[name].cpu().double() - ref[name].cpu()).abs() / ref[name].cpu().abs()).max().item()
+        assert error <= 5e-6, f"d{name}: relative error {error:.2e} (allowed 5e-6)"
+
+
 def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
     """A copy of t (same strides) that starts `offset` elements into a larger buffer."""
     size = t.untyped_storage().nbytes() // t.element_size()

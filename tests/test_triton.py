@@ -246,6 +246,40 @@ def test_launch_covers_every_row(shape):
         assert_close_scaled(got[name], want[name], *TOLS[torch.float32], what=name)
 
 
+@pytest.mark.parametrize("channels_first, batch, channels, numel", [
+    (False, 1 << 22, 1024, 1 << 32), (False, 1 << 24, 2, 1 << 25), (False, 65536, 1024, 1 << 26),
+    (True, 8, 1, 8 << 24), (True, 1 << 20, 2, 6 << 20), (True, 64, 256, 64 * 256 * 3136), (True, 60000, 2, 360000)],
+    ids=str)
+def test_sums_add_short_chains(channels_first, batch, channels, numel):
+    """The adds an accumulator makes one after another stay near _MAX_CHAIN whatever the size (the
+    rounding of each add accumulates along a chain; test_long_sums_stay_accurate measures it on
+    moderate shapes): a program's tiles, then the second pass's blocks of partials, in segments.
+    Checked on the plan, since the interpreter's tl.sum (numpy's) adds rows in sequence where the
+    compiled reduction is a tree."""
+    from batchless_kernels.triton import norm
+
+    launch = norm.plan_launch(channels_first, batch, channels, numel, torch.float32)
+    assert launch.sizes[-1] <= norm._MAX_CHAIN, launch
+    _, _, block_k, segment = norm._second_pass_grid(channels, launch.slots[1])
+    blocks = -(-launch.slots[1] // block_k)
+    chain = segment + -(-blocks // segment) if segment > 1 else blocks
+    assert chain <= 2 * norm._MAX_CHAIN, (launch.slots, block_k, segment)
+
+
+@pytest.mark.parametrize("channels, k", [(3, 2), (5, 129), (2, 8193), (3, 70001), (1, 200003)], ids=str)
+def test_second_pass_sums_in_segments(channels, k):
+    """The second pass over (C, K) partials, in one block loop or (K > 64 blocks of 1024) in
+    segments whose last one runs past K: the totals of positive terms, to float32's accuracy."""
+    from batchless_kernels.triton import norm
+
+    partials = [torch.rand(channels, k, device=_device()) for _ in range(2)]
+    segment = norm._second_pass_grid(channels, k)[3]
+    assert (segment > 1) == (k > 64 * 1024)
+    for got, p in zip(norm._sum_partials(*partials), partials):
+        want = p.double().sum(1)
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+
+
 # Tensor ops that would each be a launch of their own on a GPU (r, the NLL, reductions, stand-ins).
 _COMPUTE_OPS = {f"aten::{name}" for name in (
     "exp", "neg", "abs", "reciprocal", "add", "sub", "mul", "div", "log", "sum", "mean", "full", "zeros",

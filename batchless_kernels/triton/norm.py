@@ -320,11 +320,14 @@ def _sum_partials_kernel(
     STD,  # (C,) std_param (EPILOGUE 1 or 2)
     RSTD, NLL, BLOCK_SUMS, COUNTER,  # EPILOGUE 1 (forward): r (C,), the nll (), (programs, 2) scratch, ticket
     GRAD_NLL, S1, S2, DMEAN, DPARAM,  # EPILOGUE 2 (backward): grad_nll (), the forward's sums (C,); (C,) grads
-    C, K, count, kind, eps_hi, eps_lo, gauge,  # count: elements per channel
+    C, K, segment, count, kind, eps_hi, eps_lo, gauge,  # segment: see below; count: elements per channel
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NSUM: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
 ):
     # The second pass: a program adds up BLOCK_C channels' rows, BLOCK_K partials at a time (a fixed
     # order for a given shape: deterministic), every statistic in one launch; then the NLL's epilogue.
+    # Each `segment` blocks of BLOCK_K are summed afresh before they join the total, so that an
+    # accumulator adds segment + K / (BLOCK_K * segment) terms in sequence, not K / BLOCK_K
+    # (_second_pass_grid).
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
     total2 = tl.zeros([BLOCK_C], ACC)
@@ -332,12 +335,18 @@ def _sum_partials_kernel(
         rows = cols[:, None] * K
         acc1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
         acc2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
-        for start in range(0, K, BLOCK_K):
-            ks = tl.arange(0, BLOCK_K).to(tl.int64) + start
-            mask = cmask[:, None] & (ks < K)[None, :]
-            acc1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
+        for outer in range(0, K, BLOCK_K * segment):
+            seg1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+            seg2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
+            for j in range(0, segment):
+                ks = tl.arange(0, BLOCK_K).to(tl.int64) + (outer + j * BLOCK_K)
+                mask = cmask[:, None] & (ks < K)[None, :]
+                seg1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
+                if NSUM == 2:
+                    seg2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
+            acc1 += seg1
             if NSUM == 2:
-                acc2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
+                acc2 += seg2
         tl.store(OUT1 + cols, tl.sum(acc1, axis=1), mask=cmask)
         if NSUM == 2:
             total2 = tl.sum(acc2, axis=1)
@@ -387,6 +396,11 @@ _ELEMENTS_PER_PROGRAM = 1 << 13
 # the traffic (6% for bf16 at 64 rows). Large inputs therefore get about this many programs, with
 # more rows each (256 rows for (65536, 1024): 1.6% in bf16), which is still several waves on an H100.
 _PROGRAMS_OF_LARGE_INPUTS = 2048
+# Tiles a program adds into its accumulators at most: each add rounds, so a longer chain loses
+# accuracy that torch.sum's cascade keeps (the CPU kernels' kMaxChain, csrc/cpu/batchless_norm_cpu.cpp).
+# Huge channels-last inputs get more programs instead (and more partials, which the second pass
+# adds in segments).
+_MAX_CHAIN = 64
 # Warps of a full tile (one loop iteration of a program), and elements a thread holds of it: with
 # vector accesses 16 keep the tile, its two accumulators and its addresses in registers; scalar
 # accesses (rows not divisible by 2) carry one 64-bit address per element, and only 8 fit; so do
@@ -456,7 +470,7 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
     column_blocks = triton.cdiv(channels, block_c)
     tiles = max(_ELEMENTS_PER_PROGRAM // (block_m * block_c),
                 triton.cdiv(rows * column_blocks, block_m * _PROGRAMS_OF_LARGE_INPUTS))
-    tiles = max(1, min(triton.cdiv(rows, block_m), tiles))
+    tiles = max(1, min(triton.cdiv(rows, block_m), tiles, _MAX_CHAIN))
     num_mb = triton.cdiv(rows, tiles * block_m)
     return Launch(False, (num_mb, column_blocks), (rows, channels // vec, tiles),
                   dict(BLOCK_M=block_m, BLOCK_C=block_c, VEC=vec,
@@ -531,11 +545,18 @@ def _partials(launch: Launch, acc: torch.dtype, device, needed: bool = True) -> 
     return ops.poisoned(torch.empty(launch.slots if needed else (1, 1), dtype=acc, device=device))
 
 
-def _second_pass_grid(channels: int, k: int) -> tuple[int, int, int]:
-    """(programs, BLOCK_C, BLOCK_K) of _sum_partials_kernel over (C, K) partials."""
+def _second_pass_grid(channels: int, k: int) -> tuple[int, int, int, int]:
+    """(programs, BLOCK_C, BLOCK_K, segment) of _sum_partials_kernel over (C, K) partials. Up to
+    _MAX_CHAIN blocks of BLOCK_K are added one after the other; beyond, blocks of 1024 partials,
+    ceil(sqrt(blocks)) per segment, which bounds an accumulator's adds to about 2 sqrt(blocks)
+    (K = 2**20: 2 x 32). Channels-first inputs get there: a partial per plane or piece of one."""
     block_k = min(triton.next_power_of_2(k), 128)
+    if triton.cdiv(k, block_k) > _MAX_CHAIN:
+        block_k = 1024
     block_c = min(triton.next_power_of_2(channels), max(1, 1024 // block_k))
-    return triton.cdiv(channels, block_c), block_c, block_k
+    blocks = triton.cdiv(k, block_k)
+    segment = 1 if blocks <= _MAX_CHAIN else math.isqrt(blocks - 1) + 1
+    return triton.cdiv(channels, block_c), block_c, block_k, segment
 
 
 def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, device, epilogue: int = 0,
@@ -545,7 +566,7 @@ def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, 
     with `epilogue` the NLL's (1: r and the nll; 2: dmean, dparam), into the tensors given."""
     # int(): under torch.compile with dynamic shapes these are symbolic; the launch specializes on them
     channels, k, count = int(channels), int(partials[0].shape[1]) if partials else 1, int(count)
-    programs, block_c, block_k = _second_pass_grid(channels, k)
+    programs, block_c, block_k, segment = _second_pass_grid(channels, k)
     totals = [ops.poisoned(torch.empty((channels,), dtype=acc, device=device)) for _ in partials]
     any_ = (partials + [std])[0]  # a pointer for the arguments this launch does not read
     block_sums = ops.poisoned(torch.empty((programs, 2), dtype=acc, device=device)) if epilogue == 1 else any_
@@ -555,7 +576,7 @@ def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, 
     _launchable(_sum_partials_kernel)[(programs,)](
         p1, p2, o1, o2, pick(std), pick(rstd), pick(nll), block_sums, pick(counter),
         pick(grad_nll), pick(s1), pick(s2), pick(dmean), pick(dparam),
-        channels, k, count, kind, *_eps_pair(eps), int(gauge),
+        channels, k, segment, count, kind, *_eps_pair(eps), int(gauge),
         BLOCK_C=block_c, BLOCK_K=block_k, NSUM=len(partials), EPILOGUE=epilogue, ACC=accumulator(acc), num_warps=4)
     return totals
 

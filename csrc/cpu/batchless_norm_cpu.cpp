@@ -35,11 +35,14 @@ namespace {
 using at::Tensor;
 using at::vec::Vectorized;
 
-// Elements one task handles, about 64 KiB of fp32: large enough to amortize the task, small
-// enough to give every core work.
+// Elements one task handles at most, about 64 KiB of fp32: large enough to amortize the task, small
+// enough to give every core work; and the elements one parallel_for chunk takes at least.
 constexpr int64_t kTaskElements = 16384;
-// Channels-last: rows one task handles at least, which bounds the partial sums to 1/kMinRows of x.
-constexpr int64_t kMinRows = 128;
+// The sequential adds into one accumulator (a vector lane, a partial sum) a task makes at most:
+// each adds its rounding error, so the tiles bound them and the partials are summed as a tree
+// (reduce_partials). A chain of up to 16384 / C rows (channels-last, narrow C) made float32 sums
+// 20-70x less accurate than torch.sum's, whose cascade sums grow their error with log(n).
+constexpr int64_t kMaxChain = 128;
 // Channels-last: channels one task handles at most, so its partial-sum row stays in L1.
 constexpr int64_t kMaxTaskChannels = 2048;
 // A cache line, and the elements of T it holds.
@@ -141,60 +144,76 @@ using host::Layout;
 
 // Cuts a channels-first (N, C, S) tensor into segments of one channel each: a block of n and a
 // block of s, with partial sums in slots t = (nb * C + c) * num_sb + sb.
-//   Planes (one n, one c) of kMinPlane elements or more: a segment per plane, or per kTaskElements
-//   of a larger plane (n_block = 1). Slot order is then memory order: a thread walks contiguous
-//   memory, and the partials stay under 2/kMinPlane of x.
+//   Planes (one n, one c) of kMinPlane elements or more: a segment per plane, or per kMaxChain
+//   chunks of a larger plane (n_block = 1; the last segment takes the rest, so that it holds a
+//   chunk or more: a lane adds fewer than 2 kMaxChain chunks). Slot order is then memory order: a
+//   thread walks contiguous memory, and the partials stay under 2/kMinPlane of x.
 //   Smaller planes: a task takes n_block whole samples, contiguous, and adds each plane's sums to
-//   the slot of its channel; n_block * S >= kMinPlane bounds the partials alike.
+//   the slot of its channel; n_block * S >= kMinPlane bounds the partials alike, and
+//   n_block <= kMinPlane <= kMaxChain the adds into a slot.
 struct ChannelsFirstTiling {
   int64_t n_block, s_block, num_nb, num_sb;
-  ChannelsFirstTiling(int64_t N, int64_t C, int64_t S, int64_t chunk) {
+  ChannelsFirstTiling(int64_t N, int64_t S, int64_t chunk) {
+    static_assert(kMinPlane <= kMaxChain, "a slot of small planes adds n_block < kMinPlane sums");
     n_block = 1;
     s_block = S;
-    if (S > kTaskElements) {
-      s_block = kTaskElements / chunk * chunk;
+    if (S > kMaxChain * chunk) {
+      s_block = kMaxChain * chunk;
     } else if (S < kMinPlane) {
-      n_block = std::min(N, std::max(ceil_div(kMinPlane, S), ceil_div(kTaskElements, C * S)));
+      n_block = std::min(N, ceil_div(kMinPlane, S));
     }
     num_nb = ceil_div(N, n_block);
-    num_sb = ceil_div(S, s_block);
+    num_sb = S / s_block;
   }
   bool small_planes() const { return n_block > 1; }
+  int64_t segment_end(int64_t sb, int64_t S) const { return sb + 1 == num_sb ? S : (sb + 1) * s_block; }
   int64_t num_slots(int64_t C) const { return num_nb * C * num_sb; }
 };
 
-// Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels.
-// Partial sums are laid out (num_rb, C).
+// Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels: each
+// row adds once to the task's partial row, so r_block <= kMaxChain rows bound the chain, and the
+// partials stay under 1/kMaxChain of x. Partial sums are laid out (num_rb, C).
 struct ChannelsLastTiling {
   int64_t r_block, c_block, num_rb, num_cb;
   ChannelsLastTiling(int64_t M, int64_t C) {
     c_block = std::min(C, kMaxTaskChannels);
-    r_block = std::min(M, std::max(kMinRows, kTaskElements / c_block));
-    num_rb = (M + r_block - 1) / r_block;
-    num_cb = (C + c_block - 1) / c_block;
+    r_block = std::min(M, kMaxChain);
+    num_rb = ceil_div(M, r_block);
+    num_cb = ceil_div(C, c_block);
   }
 };
 
-// Sums the partials of K statistics, laid out (num_outer, C, num_inner), into per-channel totals
-// in a fixed order: total = ((0 + p[0, c, 0]) + p[0, c, 1]) + ... + p[num_outer - 1, c, num_inner - 1].
-// With num_inner == 1 the rows of C partials may lie row_stride >= C apart (padded rows).
+// Calls add(i, j), meaning "item i += item j", so that item 0 ends holding the sum of items [0, n)
+// added as a balanced tree: pass k adds item i + 2^k into item i for every i divisible by 2^(k+1).
+// The order depends on n alone, and each item passes through at most ceil(log2(n)) adds.
+template <typename Add>
+C10_ALWAYS_INLINE void tree_sum(int64_t n, const Add& add) {
+  for (int64_t step = 1; step < n; step *= 2) {
+    for (int64_t i = 0; i + step < n; i += 2 * step) add(i, i + step);
+  }
+}
+
+// Sums the partials of K statistics, laid out (num_outer, C, num_inner), into per-channel totals:
+// channel c's num_outer * num_inner partials, in the order j = o * num_inner + i, by tree_sum, in
+// place (the partials are scratch). With num_inner == 1 the rows of C partials may lie
+// row_stride >= C apart (padded rows).
 template <typename opmath_t, int K>
-void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
-                     const std::array<opmath_t*, K>& out, int64_t num_outer, int64_t num_inner,
-                     int64_t row_stride) {
+void reduce_partials(int64_t C, const std::array<opmath_t*, K>& partials, const std::array<opmath_t*, K>& out,
+                     int64_t num_outer, int64_t num_inner, int64_t row_stride) {
   const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_outer * num_inner));
   if (num_inner == 1) {
-    // Row after row of C partials, added across channels in vector lanes (each channel's total in
-    // the order above: the same bits), not channel after channel down a column: a (64, 256, 14, 14)
-    // bf16 forward spent 8.5% of its time here in serial scalar adds strided by C.
+    // Row into row, across channels in vector lanes (each channel's adds in the tree's order), not
+    // channel after channel down a column: a (64, 256, 14, 14) bf16 forward spent 8.5% of its time
+    // here in serial scalar adds strided by C.
     at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
       for (int k = 0; k < K; ++k) {
-        opmath_t* __restrict__ total = out[k];
-        std::fill(total + c0, total + c1, opmath_t(0));
-        for (int64_t o = 0; o < num_outer; ++o) {
-          const opmath_t* __restrict__ row = partials[k] + o * row_stride;
-          for (int64_t c = c0; c < c1; ++c) total[c] += row[c];
-        }
+        opmath_t* const base = partials[k];
+        tree_sum(num_outer, [&](int64_t i, int64_t j) {
+          opmath_t* __restrict__ into = base + i * row_stride;
+          const opmath_t* __restrict__ from = base + j * row_stride;
+          for (int64_t c = c0; c < c1; ++c) into[c] += from[c];
+        });
+        std::copy(base + c0, base + c1, out[k] + c0);
       }
     });
     return;
@@ -202,10 +221,10 @@ void reduce_partials(int64_t C, const std::array<const opmath_t*, K>& partials,
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int k = 0; k < K; ++k) {
-        opmath_t total = 0;
-        for (int64_t o = 0; o < num_outer; ++o)
-          for (int64_t i = 0; i < num_inner; ++i) total += partials[k][(o * C + c) * num_inner + i];
-        out[k][c] = total;
+        opmath_t* const p = partials[k];
+        const auto at = [&](int64_t j) -> opmath_t& { return p[(j / num_inner * C + c) * num_inner + j % num_inner]; };
+        tree_sum(num_outer * num_inner, [&](int64_t i, int64_t j) { at(i) += at(j); });
+        out[k][c] = at(0);
       }
     }
   });
@@ -245,7 +264,7 @@ template <typename opmath_t, typename FirstBody, typename LastBody>
 void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
                const FirstBody& first_body, const LastBody& last_body) {
   if (g.layout == Layout::kChannelsFirst) {
-    const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
+    const ChannelsFirstTiling t(g.N, g.S, chunk);
     // One slot per channel (one sample block, one segment per plane): the totals themselves.
     const bool direct = reduce && t.num_slots(g.C) == g.C;
     const int64_t slots = reduce && !direct ? t.num_slots(g.C) : 0;
@@ -281,7 +300,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
           const int64_t c = (slot / t.num_sb) % g.C;
           const int64_t n = slot / (t.num_sb * g.C);
           const int64_t own = reduce ? slot : 0;  // one scratch slot when not reducing
-          first_body(n, n + 1, c, sb * t.s_block, std::min(g.S, (sb + 1) * t.s_block), p0 + own, p1 + own);
+          first_body(n, n + 1, c, sb * t.s_block, t.segment_end(sb, g.S), p0 + own, p1 + own);
         }
       });
     }
@@ -303,7 +322,8 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
       std::fill_n(out0, g.C, opmath_t(0));
       std::fill_n(out1, g.C, opmath_t(0));
     }
-    at::parallel_for(0, t.num_rb * t.num_cb, 1, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kTaskElements / (t.r_block * t.c_block));
+    at::parallel_for(0, t.num_rb * t.num_cb, grain, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rb = task / t.num_cb;
         const int64_t cb = task % t.num_cb;
