@@ -133,23 +133,28 @@ GAUGE_AFFINE = list(itertools.product((True, False), (True, False)))
 
 
 def _shape_layout_cases():
-    """Every shape x applicable layout x dtype x parametrization; gauge and affine are cycled."""
-    cases = []
+    """Every shape x applicable layout x dtype, with one parametrization each, cycled so that every
+    shape and layout sees the three (r's formula is per channel: the tiling and the layout do not
+    change it; test_matrix crosses every parametrization with every dtype, gauge and affine).
+    Gauge and affine follow the dtype: float32 has both (the sanitizers' selection,
+    tests/test_cuda_emulation.py, runs float32 for weight's and bias's accesses)."""
+    cases, group = [], 0
     for shape in SMALL_SHAPES + BIG_SHAPES:
         for layout in ("contiguous", "channels_last", "channels_innermost", "strided"):
             if not layout_applies(layout, len(shape)):
                 continue
             if shape == (2, 2053, 3, 3) and layout == "contiguous":
                 continue  # channels-first: nothing the other big shapes do not cover
-            for dtype_param in DTYPE_TOLS:
+            for i, dtype_param in enumerate(DTYPE_TOLS):
                 dtype, atol, rtol = dtype_param.values
-                for parametrization in PARAMETRIZATIONS:
-                    gauge, affine = GAUGE_AFFINE[len(cases) % len(GAUGE_AFFINE)]
-                    cases.append(pytest.param(
-                        shape, layout, dtype, atol, rtol, parametrization, gauge, affine,
-                        id=f"{shape}-{layout}-{dtype_param.id}-{parametrization}-{'gauge' if gauge else 'nogauge'}"
-                           f"-{'affine' if affine else 'noaffine'}".replace(" ", ""),
-                    ))
+                parametrization = PARAMETRIZATIONS[(group + i) % len(PARAMETRIZATIONS)]
+                gauge, affine = GAUGE_AFFINE[i % len(GAUGE_AFFINE)]
+                cases.append(pytest.param(
+                    shape, layout, dtype, atol, rtol, parametrization, gauge, affine,
+                    id=f"{shape}-{layout}-{dtype_param.id}-{parametrization}-{'gauge' if gauge else 'nogauge'}"
+                       f"-{'affine' if affine else 'noaffine'}".replace(" ", ""),
+                ))
+            group += 1
     return cases
 
 

@@ -55,6 +55,11 @@ constexpr int kUnroll = 4;
 constexpr int kWaves = 4;
 // Elements per tile at least, so that a tile amortizes its reduction.
 constexpr int64_t kMinTileElements = 4096;
+// Vectors a thread adds into its accumulators at most, and rows the channels-last epilogue adds one
+// after another: each add rounds, so a long chain loses accuracy that torch.sum's cascade keeps (the
+// CPU kernels' kMaxChain). Huge inputs get more tiles than the waves above instead.
+constexpr int64_t kMaxChain = 128;
+constexpr int kFoldRows = 16;
 // Channels-last: a block spans one warp of V-wide channel vectors (32 * V channels, coalesced
 // rows of up to 512 bytes) and walks rows; about one wave of blocks keeps the partial sums small.
 constexpr int kWarp = 32;
@@ -359,10 +364,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
   for (int j = threadIdx.x; j < c_len; j += kThreads) {
+    // kFoldRows rows at a time summed afresh (up to 256 rows when C <= V): a chain of
+    // kFoldRows + rows / kFoldRows adds, not rows.
     acc_t t0 = 0, t1 = 0;
-    for (int k = 0; k < rows; ++k) {
-      t0 += sh0[k * c_len + j];
-      t1 += sh1[k * c_len + j];
+    for (int k0 = 0; k0 < rows; k0 += kFoldRows) {
+      acc_t f0 = 0, f1 = 0;
+      for (int k = k0; k < std::min(rows, k0 + kFoldRows); ++k) {
+        f0 += sh0[k * c_len + j];
+        f1 += sh1[k * c_len + j];
+      }
+      t0 += f0;
+      t1 += f1;
     }
     part0[rb * C + c0 + j] = t0;
     part1[rb * C + c0 + j] = t1;
@@ -607,7 +619,8 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
         // Tiles from the aligned variant's occupancy, so that alignment never changes the tiling.
         const auto sized_by = channels_first_kernel<Op, V, V>;
         const int64_t tiles_wanted = resident_blocks(reinterpret_cast<const void*>(sized_by), 0) * kWaves;
-        const int64_t per_tile = std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted));
+        const int64_t per_tile = std::min(std::max(kMinTileElements, ceil_div(g.N * g.C * g.S, tiles_wanted)),
+                                          kMaxChain * kThreads * V);
         int64_t n_block = 1, s_block = g.S, num_sb = 1;
         if (g.S >= per_tile) {  // large planes: split each along S
           num_sb = ceil_div(g.S, per_tile);
@@ -639,12 +652,14 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
         const int64_t c_block = std::min<int64_t>(g.C, int64_t(kWarp) * V);
         const int64_t num_cb = ceil_div(g.C, c_block);
         TORCH_CHECK(num_cb <= 65535, "batchless_norm (cuda): too many channels (", g.C, ")");
-        // About one wave of blocks, each walking at least a few rows per thread.
+        // About one wave of blocks, each walking at least a few rows per thread and at most
+        // kMaxChain (huge inputs: more waves).
         const int64_t rows_per_pass = kThreads / (c_block / V);
         const auto sized_by = channels_last_kernel<Op, V, V>;  // as above: alignment-independent
         const int64_t wave = resident_blocks(reinterpret_cast<const void*>(sized_by), shared);
-        const int64_t r_block = std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
-                                         std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block)));
+        const int64_t r_block = std::min(std::max(ceil_div(M, std::max<int64_t>(1, wave / num_cb)),
+                                                  std::max<int64_t>(rows_per_pass, ceil_div(kMinTileElements, c_block))),
+                                         rows_per_pass * kMaxChain);
         const int64_t num_rb = ceil_div(M, r_block);
         TORCH_CHECK(num_rb <= INT32_MAX, "batchless_norm (cuda): input too large (", num_rb, " row tiles)");
         const auto [p0, p1] = slots(num_rb * g.C);
