@@ -207,27 +207,31 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
 def _sum_partials_rows() -> list[dict]:
     """The second pass over the partial sums (norm._sum_partials_kernel), per accumulation dtype, at
     (C, K) = (1024, 528): summing two statistics or one, and the training's two NLL epilogues (forward:
-    r, the NLL by the last program's ticket; backward: the NLL's gradients, beside two sums or none).
-    No spill and 64-bit offsets (its loads run along K, a runtime length, so their width is not
-    checked)."""
+    r, the NLL by the last program's ticket; backward: the NLL's gradients, beside two sums or none);
+    and at (2, 70001), long rows of partials added in segments (blocks of 1024). Blocks as the
+    launcher picks them (norm._second_pass_grid). No spill and 64-bit offsets (its loads run along K,
+    a runtime length, so their width is not checked)."""
     from batchless_kernels.triton import norm
 
-    variants = {"sum-partials": (2, 0), "sum-partials-one": (1, 0), "sum-partials-nll": (2, 1),
-                "sum-partials-nll-grads": (2, 2), "nll-grads": (0, 2)}
+    variants = {"sum-partials": (2, 0, 1024, 528), "sum-partials-one": (1, 0, 1024, 528),
+                "sum-partials-nll": (2, 1, 1024, 528), "sum-partials-nll-grads": (2, 2, 1024, 528),
+                "nll-grads": (0, 2, 1024, 528), "sum-partials-segments": (2, 0, 2, 70001)}
     rows = []
     for acc in (torch.float32, torch.float64):
         partial = torch.empty(64, dtype=acc)
         counter = torch.empty(1, dtype=torch.int32)
         tensors = (partial,) * 8 + (counter,) + (partial,) * 5  # P1 .. BLOCK_SUMS, COUNTER, GRAD_NLL .. DPARAM
-        for name, (nsum, epilogue) in variants.items():
+        for name, (nsum, epilogue, channels, k) in variants.items():
+            programs, block_c, block_k, segment = norm._second_pass_grid(channels, k)
+            # C, K, segment, count, kind, eps_hi, eps_lo, gauge
             compiled = norm._sum_partials_kernel.warmup(
-                *tensors, 1024, 528, 3136, 1, 1e-5, 0.0, 1, BLOCK_C=8, BLOCK_K=128, NSUM=nsum, EPILOGUE=epilogue,
-                ACC=norm.accumulator(acc), num_warps=4, grid=(128,))
+                *tensors, channels, k, segment, 3136, 1, 1e-5, 0.0, 1, BLOCK_C=block_c, BLOCK_K=block_k, NSUM=nsum,
+                EPILOGUE=epilogue, ACC=norm.accumulator(acc), num_warps=4, grid=(programs,))
             registers, spills = _resources(compiled.asm["ptx"])
             widths = _access_widths(compiled.asm["ptx"], acc.itemsize * 8)
             offsets32 = narrow_offsets(compiled.asm["ttir"])
             rows.append(dict(
-                kernel=name, shape="1024x528", layout="partials",
+                kernel=name, shape=f"{channels}x{k}", layout="partials",
                 dtype=str(acc).removeprefix("torch."), warps=compiled.metadata.num_warps, registers=registers,
                 spill_bytes=spills, vec=1, expected_bytes=0, load_bytes=sorted(set(widths["ld"])),
                 store_bytes=sorted(set(widths["st"])), offsets_32bit=offsets32,

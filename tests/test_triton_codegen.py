@@ -48,7 +48,8 @@ def test_codegen_covers_the_gpu_targets(codegen):
     shapes = {r["shape"] for r in rows}
     assert {"x".join(map(str, s)) for s in GPU_TARGETS} <= shapes
     assert {r["kernel"] for r in rows} == {"fwd", "fwd-inference", "bwd", "bwd-dx", "sum-partials", "sum-partials-one",
-                                           "sum-partials-nll", "sum-partials-nll-grads", "nll-grads"}
+                                           "sum-partials-nll", "sum-partials-nll-grads", "nll-grads",
+                                           "sum-partials-segments"}
     assert {r["dtype"] for r in rows} == {"float32", "bfloat16", "float16", "float64"}
 
 

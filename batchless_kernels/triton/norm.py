@@ -338,12 +338,13 @@ def _sum_partials_kernel(
         for outer in range(0, K, BLOCK_K * segment):
             seg1 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
             seg2 = tl.zeros([BLOCK_C, BLOCK_K], ACC)
-            for j in range(0, segment):
-                ks = tl.arange(0, BLOCK_K).to(tl.int64) + (outer + j * BLOCK_K)
+            ks = tl.arange(0, BLOCK_K).to(tl.int64) + outer
+            for _ in range(0, segment):
                 mask = cmask[:, None] & (ks < K)[None, :]
                 seg1 += tl.load(P1 + rows + ks[None, :], mask=mask, other=0.0)
                 if NSUM == 2:
                     seg2 += tl.load(P2 + rows + ks[None, :], mask=mask, other=0.0)
+                ks += BLOCK_K
             acc1 += seg1
             if NSUM == 2:
                 acc2 += seg2

@@ -45,6 +45,11 @@ constexpr int64_t kTaskElements = 16384;
 constexpr int64_t kMaxChain = 128;
 // Channels-last: channels one task handles at most, so its partial-sum row stays in L1.
 constexpr int64_t kMaxTaskChannels = 2048;
+// Tasks of narrow inputs (C < kNarrow channels-last, C * S < kNarrow small planes) hold more than
+// kMaxChain rows or planes: they sum each block of kMaxChain afresh, in a (2, kNarrow) array on the
+// stack, before adding it to their partials, which keeps their tasks and partials as large as wide
+// inputs' (a chain of kMaxChain + kTaskElements / kMaxChain adds at most).
+constexpr int64_t kNarrow = kTaskElements / kMaxChain;
 // A cache line, and the elements of T it holds.
 constexpr int64_t kLineBytes = 64;
 template <typename T>
@@ -149,18 +154,17 @@ using host::Layout;
 //   chunk or more: a lane adds fewer than 2 kMaxChain chunks). Slot order is then memory order: a
 //   thread walks contiguous memory, and the partials stay under 2/kMinPlane of x.
 //   Smaller planes: a task takes n_block whole samples, contiguous, and adds each plane's sums to
-//   the slot of its channel; n_block * S >= kMinPlane bounds the partials alike, and
-//   n_block <= kMinPlane <= kMaxChain the adds into a slot.
+//   the slot of its channel (by blocks of kMaxChain samples when n_block is larger, see kNarrow);
+//   n_block * S >= kMinPlane bounds the partials alike.
 struct ChannelsFirstTiling {
   int64_t n_block, s_block, num_nb, num_sb;
-  ChannelsFirstTiling(int64_t N, int64_t S, int64_t chunk) {
-    static_assert(kMinPlane <= kMaxChain, "a slot of small planes adds n_block < kMinPlane sums");
+  ChannelsFirstTiling(int64_t N, int64_t C, int64_t S, int64_t chunk) {
     n_block = 1;
     s_block = S;
     if (S > kMaxChain * chunk) {
       s_block = kMaxChain * chunk;
     } else if (S < kMinPlane) {
-      n_block = std::min(N, ceil_div(kMinPlane, S));
+      n_block = std::min(N, std::max(ceil_div(kMinPlane, S), ceil_div(kTaskElements, C * S)));
     }
     num_nb = ceil_div(N, n_block);
     num_sb = S / s_block;
@@ -170,14 +174,14 @@ struct ChannelsFirstTiling {
   int64_t num_slots(int64_t C) const { return num_nb * C * num_sb; }
 };
 
-// Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels: each
-// row adds once to the task's partial row, so r_block <= kMaxChain rows bound the chain, and the
-// partials stay under 1/kMaxChain of x. Partial sums are laid out (num_rb, C).
+// Cuts a channels-last (M, C) tensor into tasks of a block of rows and a block of channels: at least
+// kMaxChain rows, which bounds the partial sums to 1/kMaxChain of x, and more for narrow C (each
+// block of kMaxChain rows then summed on its own, see kNarrow). Partial sums are laid out (num_rb, C).
 struct ChannelsLastTiling {
   int64_t r_block, c_block, num_rb, num_cb;
   ChannelsLastTiling(int64_t M, int64_t C) {
     c_block = std::min(C, kMaxTaskChannels);
-    r_block = std::min(M, kMaxChain);
+    r_block = std::min(M, std::max(kMaxChain, kTaskElements / c_block));
     num_rb = ceil_div(M, r_block);
     num_cb = ceil_div(C, c_block);
   }
@@ -200,7 +204,9 @@ C10_ALWAYS_INLINE void tree_sum(int64_t n, const Add& add) {
 template <typename opmath_t, int K>
 void reduce_partials(int64_t C, const std::array<opmath_t*, K>& partials, const std::array<opmath_t*, K>& out,
                      int64_t num_outer, int64_t num_inner, int64_t row_stride) {
-  const int64_t grain = std::max<int64_t>(1, kTaskElements / (num_outer * num_inner));
+  // Whole cache lines of channels per thread: the tree writes the partials it reads.
+  constexpr int64_t kLine = kLineElements<opmath_t>;
+  const int64_t grain = ceil_div(std::max<int64_t>(1, kTaskElements / (num_outer * num_inner)), kLine) * kLine;
   if (num_inner == 1) {
     // Row into row, across channels in vector lanes (each channel's adds in the tree's order), not
     // channel after channel down a column: a (64, 256, 14, 14) bf16 forward spent 8.5% of its time
@@ -264,7 +270,7 @@ template <typename opmath_t, typename FirstBody, typename LastBody>
 void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
                const FirstBody& first_body, const LastBody& last_body) {
   if (g.layout == Layout::kChannelsFirst) {
-    const ChannelsFirstTiling t(g.N, g.S, chunk);
+    const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
     // One slot per channel (one sample block, one segment per plane): the totals themselves.
     const bool direct = reduce && t.num_slots(g.C) == g.C;
     const int64_t slots = reduce && !direct ? t.num_slots(g.C) : 0;
@@ -278,15 +284,35 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     }
     if (t.small_planes()) {
       const int64_t grain = std::max<int64_t>(1, kTaskElements / (t.n_block * g.C * g.S));
+      const bool in_blocks = reduce && t.n_block > kMaxChain;  // then C * S < kNarrow
+      TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!in_blocks || g.C <= kNarrow);
       at::parallel_for(0, t.num_nb, grain, [&](int64_t begin, int64_t end) {
+        alignas(kLineBytes) opmath_t block[2][kNarrow];
         for (int64_t nb = begin; nb < end; ++nb) {
-          for (int64_t n = nb * t.n_block; n < std::min(g.N, (nb + 1) * t.n_block); ++n) {
-            for (int64_t c = 0; c < g.C; ++c) {
-              opmath_t plane0 = 0, plane1 = 0;
-              first_body(n, n + 1, c, 0, g.S, &plane0, &plane1);
-              if (reduce) {
-                p0[nb * g.C + c] += plane0;
-                p1[nb * g.C + c] += plane1;
+          opmath_t* const slot0 = reduce ? p0 + nb * g.C : nullptr;  // p0: one scratch slot otherwise
+          opmath_t* const slot1 = reduce ? p1 + nb * g.C : nullptr;
+          const int64_t n_end = std::min(g.N, (nb + 1) * t.n_block);
+          for (int64_t b0 = nb * t.n_block; b0 < n_end; b0 += kMaxChain) {
+            opmath_t* const sum0 = in_blocks ? block[0] : slot0;
+            opmath_t* const sum1 = in_blocks ? block[1] : slot1;
+            if (in_blocks) {
+              std::fill_n(sum0, g.C, opmath_t(0));
+              std::fill_n(sum1, g.C, opmath_t(0));
+            }
+            for (int64_t n = b0; n < std::min(n_end, b0 + kMaxChain); ++n) {
+              for (int64_t c = 0; c < g.C; ++c) {
+                opmath_t plane0 = 0, plane1 = 0;
+                first_body(n, n + 1, c, 0, g.S, &plane0, &plane1);
+                if (reduce) {
+                  sum0[c] += plane0;
+                  sum1[c] += plane1;
+                }
+              }
+            }
+            if (in_blocks) {
+              for (int64_t c = 0; c < g.C; ++c) {
+                slot0[c] += sum0[c];
+                slot1[c] += sum1[c];
               }
             }
           }
@@ -322,14 +348,29 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
       std::fill_n(out0, g.C, opmath_t(0));
       std::fill_n(out1, g.C, opmath_t(0));
     }
-    const int64_t grain = std::max<int64_t>(1, kTaskElements / (t.r_block * t.c_block));
-    at::parallel_for(0, t.num_rb * t.num_cb, grain, [&](int64_t begin, int64_t end) {
+    const bool in_blocks = reduce && t.r_block > kMaxChain;  // then C = c_block < kNarrow
+    TORCH_INTERNAL_ASSERT_DEBUG_ONLY(!in_blocks || (t.num_cb == 1 && g.C <= kNarrow));
+    at::parallel_for(0, t.num_rb * t.num_cb, 1, [&](int64_t begin, int64_t end) {
+      alignas(kLineBytes) opmath_t block[2][kNarrow];
       for (int64_t task = begin; task < end; ++task) {
         const int64_t rb = task / t.num_cb;
         const int64_t cb = task % t.num_cb;
         const int64_t row = reduce ? rb * row_stride : 0;
-        last_body(rb * t.r_block, std::min(M, (rb + 1) * t.r_block), cb * t.c_block,
-                  std::min(g.C, (cb + 1) * t.c_block), q0 + row, q1 + row);
+        const int64_t r0 = rb * t.r_block, r1 = std::min(M, (rb + 1) * t.r_block);
+        const int64_t c0 = cb * t.c_block, c1 = std::min(g.C, (cb + 1) * t.c_block);
+        if (!in_blocks) {
+          last_body(r0, r1, c0, c1, q0 + row, q1 + row);
+          continue;
+        }
+        for (int64_t b0 = r0; b0 < r1; b0 += kMaxChain) {
+          std::fill_n(block[0], g.C, opmath_t(0));
+          std::fill_n(block[1], g.C, opmath_t(0));
+          last_body(b0, std::min(r1, b0 + kMaxChain), 0, g.C, block[0], block[1]);
+          for (int64_t c = 0; c < g.C; ++c) {
+            q0[row + c] += block[0][c];
+            q1[row + c] += block[1][c];
+          }
+        }
       }
     });
     if (reduce && !direct) reduce_partials<opmath_t, 2>(g.C, {q0, q1}, {out0, out1}, t.num_rb, 1, row_stride);
