@@ -358,17 +358,22 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
         const int64_t row = reduce ? rb * row_stride : 0;
         const int64_t r0 = rb * t.r_block, r1 = std::min(M, (rb + 1) * t.r_block);
         const int64_t c0 = cb * t.c_block, c1 = std::min(g.C, (cb + 1) * t.c_block);
-        if (!in_blocks) {
-          last_body(r0, r1, c0, c1, q0 + row, q1 + row);
-          continue;
-        }
-        for (int64_t b0 = r0; b0 < r1; b0 += kMaxChain) {
-          std::fill_n(block[0], g.C, opmath_t(0));
-          std::fill_n(block[1], g.C, opmath_t(0));
-          last_body(b0, std::min(r1, b0 + kMaxChain), 0, g.C, block[0], block[1]);
-          for (int64_t c = 0; c < g.C; ++c) {
-            q0[row + c] += block[0][c];
-            q1[row + c] += block[1][c];
+        // One call of last_body in the code: with a second one for the blocks, the (16, 2, 128, 128)
+        // channels_last inference took 4.5-7.5 ms against 2.4-3.8 ms (A/B of the two builds, this VM).
+        const int64_t step = in_blocks ? kMaxChain : r1 - r0;
+        for (int64_t b0 = r0; b0 < r1; b0 += step) {
+          opmath_t* const sum0 = in_blocks ? block[0] : q0 + row;
+          opmath_t* const sum1 = in_blocks ? block[1] : q1 + row;
+          if (in_blocks) {
+            std::fill_n(sum0, g.C, opmath_t(0));
+            std::fill_n(sum1, g.C, opmath_t(0));
+          }
+          last_body(b0, std::min(r1, b0 + step), c0, c1, sum0, sum1);
+          if (in_blocks) {
+            for (int64_t c = 0; c < g.C; ++c) {
+              q0[row + c] += sum0[c];
+              q1[row + c] += sum1[c];
+            }
           }
         }
       }
