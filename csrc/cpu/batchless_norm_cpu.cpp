@@ -38,9 +38,10 @@ using at::vec::Vectorized;
 // Elements one task handles at most, about 64 KiB of fp32: large enough to amortize the task, small
 // enough to give every core work; and the elements one parallel_for chunk takes at least.
 constexpr int64_t kTaskElements = 16384;
-// The sequential adds into one accumulator (a vector lane, a partial sum) a task makes at most:
-// each adds its rounding error, so the tiles bound them and the partials are summed as a tree
-// (reduce_partials). A chain of up to 16384 / C rows (channels-last, narrow C) made float32 sums
+// The sequential adds into one accumulator (a vector lane, a partial sum) a task makes before it
+// starts afresh (a plane's last segment: fewer than twice; a narrow task then adds its blocks, see
+// kNarrow): each adds its rounding error, so the tiles bound them, and the partials are summed as
+// a tree (reduce_partials). A chain of up to 16384 / C rows (channels-last, narrow C) made float32 sums
 // 20-70x less accurate than torch.sum's, whose cascade sums grow their error with log(n).
 constexpr int64_t kMaxChain = 128;
 // Channels-last: channels one task handles at most, so its partial-sum row stays in L1.
