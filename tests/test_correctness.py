@@ -183,6 +183,45 @@ def test_cpu_channels_last_row_groups(case, shape, layout, dtype, atol, rtol, af
                             gauge=True)
 
 
+# Inputs whose rows are narrower than a vector chunk of the CPU kernels (K = 16 float32, bfloat16 or
+# float16 elements with AVX2, 8 float64; 32 and 16 with AVX-512): channels-last C < K, channels-first
+# planes S < K. The CPU walks them as channels-last rows of P "wide channels" (WideRows in
+# csrc/cpu/batchless_norm_cpu.cpp: P a multiple of the row and of K, >= 256; e.g. 288 for C = 3 in
+# float32), with a partial last row when P does not divide x (its tail shorter or longer than K).
+NARROW_ROW_SHAPES = [
+    ((4099, 3), "contiguous"),  # 2-D is channels-last: C = 3, 42 rows of 288 and a tail of 201
+    ((1923, 3), "contiguous"),  # a tail of 9 < K: masked chunks
+    ((50021, 1), "contiguous"),  # C = 1, several row blocks
+    ((37, 5, 11, 13), "channels_last"),
+    ((1, 7, 61, 67), "channels_last"),  # one sample
+    ((9, 15, 40, 41), "channels_last"),  # C = 15 < K in float32, >= K in float64 (its own path)
+    ((5, 2, 4099), "channels_innermost"),
+    ((700, 6, 2, 2), "contiguous"),  # planes of 4: samples of 24 elements, P = 264 holds 11, a tail
+    ((409, 3, 1, 5), "contiguous"),  # planes of 5: samples of 15 < K elements, P = 480
+    ((131, 5, 3, 3), "contiguous"),  # planes of 9: 45-element samples, P = 270
+    ((97, 300, 2, 3), "contiguous"),  # P = 1800 >= 512: the row groups of the training forward and backward
+    ((20, 700, 2, 2), "contiguous"),  # P = 2800 > 2048: tasks of two channel blocks
+    ((7, 64, 3, 3), "contiguous"),  # 7 rows: below kMinWideRows, walked as they lie
+]
+
+
+@pytest.mark.parametrize("case", CPU_CASES)
+@pytest.mark.parametrize("shape, layout", NARROW_ROW_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLS)
+def test_cpu_narrow_rows(case, shape, layout, dtype, atol, rtol):
+    """Rows narrower than a chunk against the float64 spec (every output, sums folded from the wide
+    channels back to the channels), and inference's y with the training y's bits."""
+    i = NARROW_ROW_SHAPES.index((shape, layout))
+    parametrization = PARAMETRIZATIONS[i % len(PARAMETRIZATIONS)]
+    gauge, affine = GAUGE_AFFINE[i % len(GAUGE_AFFINE)]
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization, affine)
+    out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
+                                     dense=is_dense_layout(layout), parametrization=parametrization, gauge=gauge)
+    with torch.no_grad():
+        y, _ = bk.batchless_norm(x, mean, std_param, weight, bias, parametrization=parametrization, backend=case.name)
+    assert torch.equal(y, out["y"])
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("x_layout, g_layout", [
     ("contiguous", "channels_last"),

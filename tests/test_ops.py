@@ -266,6 +266,8 @@ DETERMINISM_CASES = [
     ((2, 3, 131, 129), "contiguous", "abs"),  # split-S tiles
     ((16, 40, 33, 31), "channels_last", "inv"),  # channels-last, many row blocks
     ((300, 2100), "contiguous", "log"),  # channel blocks
+    ((50021, 3), "contiguous", "abs"),  # narrow rows: wide channels (CPU), several row blocks
+    ((3001, 7, 2, 2), "contiguous", "inv"),  # planes smaller than a chunk: wide channels, several row blocks
 ]
 
 

@@ -25,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <numeric>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -262,6 +263,66 @@ class Scratch {
   opmath_t* data_;
 };
 
+// Rows narrower than a chunk: a channels-last row of C < K channels, or a channels-first sample of
+// planes smaller than a chunk (S < K). Walked as they lie, each row or plane is a masked chunk, which
+// at::vec's AVX2 code copies through a stack buffer: float32 (16, 2, 128, 128) channels_last
+// forward+backward took 21 ms (2% of the copy bandwidth), (4096, 64, 2, 2) NCHW 23 ms. Such inputs
+// are walked instead as channels-last rows of P "wide channels": x flattened and cut every P
+// elements, P a multiple of the row's R elements (R = C channels-last, C * S channels-first) and of K
+// when R < K (when R >= K a row's tail is an overlapping full chunk, see for_each_chunk), of at least
+// kMinWideChannels. Wide channel j belongs to channel channel(j) = (j % R) / Q (Q = 1 channels-last,
+// S channels-first); the kernels read the per-channel parameters expanded to the P wide channels
+// (expand), and their sums are folded back (fold). Those two inputs now take about 1 ms and 1.4-1.9 ms.
+// Rows of P >= 256 rather than the least multiple (16 for C = 2): (64, 2, 256, 256) channels_last
+// 11.7-15 ms against 16-17.6 ms (3 alternations of the builds, this VM; 512: 14.5-23.5 ms).
+// Only inputs of kMinWideRows rows of P or more: the expansion writes a few P elements. Planes of K to
+// 63 elements keep their own path: (64, 256, 7, 7) as 64 rows of 12544 took twice as long.
+constexpr int64_t kMinWideRows = 8;
+constexpr int64_t kMinWideChannels = 256;
+struct WideRows {
+  Geometry geometry;  // what the kernels walk: the input's own, or (rows, P) channels-last
+  bool active = false;
+  int64_t R = 0, Q = 1, P = 0;
+  int64_t full_rows;  // channels-last: the rows of geometry that x fills
+  int64_t tail = 0;   // then the elements of the last, partial row, if any
+
+  WideRows(const Geometry& g, int64_t K) : geometry(g), full_rows(g.N * g.S) {
+    const bool channels_last = g.layout == Layout::kChannelsLast;
+    if (channels_last ? g.C >= K : g.S >= K) return;
+    R = channels_last ? g.C : g.C * g.S;
+    Q = channels_last ? 1 : g.S;
+    P = R < K ? std::lcm(R, K) : R;
+    P *= ceil_div(kMinWideChannels, P);
+    const int64_t numel = g.N * g.C * g.S;
+    if (numel < kMinWideRows * P) return;
+    active = true;
+    geometry = Geometry{Layout::kChannelsLast, ceil_div(numel, P), P, 1};
+    full_rows = numel / P;
+    tail = numel % P;
+  }
+  // The end of the channel range [c0, c1) of a row within x.
+  int64_t row_end(int64_t row, int64_t c0, int64_t c1) const {
+    return row < full_rows ? c1 : std::max(c0, std::min(c1, tail));
+  }
+  // into[j] = from[channel(j)] for j in [0, P): each wide channel's parameter (no division: with
+  // j % R / Q per element, a (8, 256, 3, 3) inference took 65-75 us, against 19-20 us without).
+  template <typename T>
+  const T* expand(const T* from, T* into) const {
+    for (int64_t c = 0; c < R / Q; ++c) std::fill_n(into + c * Q, Q, from[c]);
+    for (int64_t j = R; j < P; ++j) into[j] = into[j - R];
+    return into;
+  }
+  // into[c] = the sum of from[j] over the wide channels j of channel c: the P / R rows of R as a
+  // tree (in place: from is scratch), then a channel's Q < K terms in sequence.
+  template <typename T>
+  void fold(T* from, T* into) const {
+    tree_sum(P / R, [&](int64_t i, int64_t j) {
+      for (int64_t k = 0; k < R; ++k) from[i * R + k] += from[j * R + k];
+    });
+    for (int64_t c = 0; c < R / Q; ++c) into[c] = std::accumulate(from + c * Q, from + (c + 1) * Q, T(0));
+  }
+};
+
 // Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
 // the partials into out0, out1 (C,) when `reduce` is set.
 //   channels-first body(n0, n1, c, s0, s1, p0, p1): sums of its segment into *p0, *p1;
@@ -449,11 +510,24 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   // m * scale costs y about eps * |m| / sigma, 1e-4 in float32 for activations at 1000 sigmas from 0
   // (test_large_offset_inputs).
   Scratch<opmath_t> scale_buffer(C);
-  opmath_t* scale = scale_buffer.data();
+  const opmath_t* scale = scale_buffer.data();
   {
     const opmath_t* w = weight.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) scale[c] = r[c] * w[c];
+    for (int64_t c = 0; c < C; ++c) scale_buffer.data()[c] = r[c] * w[c];
   }
+  // Rows narrower than a chunk are walked as rows of wide channels (WideRows), with the parameters
+  // expanded and the sums of the wide channels in wide_sums (2, P).
+  const WideRows wide(g, K);
+  const int64_t P = wide.P;
+  Scratch<opmath_t> wide_buffer(wide.active ? 6 * P : 0);
+  opmath_t* const wide_sums = wide_buffer.data() + 4 * P;
+  if (wide.active) {
+    m = wide.expand(m, wide_buffer.data());
+    r = wide.expand(r, wide_buffer.data() + P);
+    scale = wide.expand(scale, wide_buffer.data() + 2 * P);
+    b = wide.expand(b, wide_buffer.data() + 3 * P);
+  }
+  const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
                    opmath_t* p2) {
@@ -485,9 +559,9 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
     constexpr int kRows = decltype(rows_constant)::value;
     // Locals, not the captured references: a bf16 store may alias anything, and would make the
     // compiler reload every pointer through the closure for every chunk.
-    const scalar_t* const xp = x + row * C;
-    scalar_t* const yp = y + row * C;
-    const int64_t ld = C;
+    const int64_t ld = row_length;
+    const scalar_t* const xp = x + row * ld;
+    scalar_t* const yp = y + row * ld;
     const opmath_t *const mp = m, *const rp = r, *const scale_p = scale, *const bp = b;
     // Beyond len x and the parameters load as 0, and so add 0 to the sums.
     for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) {
@@ -518,14 +592,20 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
     int64_t row = r0;
     if (kStats && c1 - c0 >= kRowGroupMinChannels) {
-      for (; row + kRowGroup <= r1; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, p1, p2);
+      const int64_t full = std::min(r1, wide.full_rows);
+      for (; row + kRowGroup <= full; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, p1, p2);
     }
-    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, c1, p1, p2);
+    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, wide.row_end(row, c0, c1), p1, p2);
   };
 
   opmath_t* o1 = kStats ? s1.data_ptr<opmath_t>() : nullptr;
   opmath_t* o2 = kStats ? s2.data_ptr<opmath_t>() : nullptr;
-  run_tiled<opmath_t>(g, K, kStats, o1, o2, first, last);
+  const bool fold = kStats && wide.active;
+  run_tiled<opmath_t>(wide.geometry, K, kStats, fold ? wide_sums : o1, fold ? wide_sums + P : o2, first, last);
+  if (fold) {
+    wide.fold(wide_sums, o1);
+    wide.fold(wide_sums + P, o2);
+  }
 }
 
 // The forward kernel over a plan (its outputs written, not yet finished).
@@ -567,6 +647,17 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   const opmath_t* r = rstd.data_ptr<opmath_t>();
   const opmath_t* w = weight.data_ptr<opmath_t>();
   const int64_t C = g.C, S = g.S;
+  // Rows narrower than a chunk, as in the forward: wide channels, their sums in wide_sums (2, P).
+  const WideRows wide(g, K);
+  const int64_t P = wide.P;
+  Scratch<opmath_t> wide_buffer(wide.active ? 5 * P : 0);
+  opmath_t* const wide_sums = wide_buffer.data() + 3 * P;
+  if (wide.active) {
+    m = wide.expand(m, wide_buffer.data());
+    r = wide.expand(r, wide_buffer.data() + P);
+    w = wide.expand(w, wide_buffer.data() + 2 * P);
+  }
+  const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
                    opmath_t* pb) {
@@ -602,10 +693,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
     constexpr int kRows = decltype(rows_constant)::value;
     // Locals, not the captured references (see the forward's `rows`).
-    const scalar_t* const gp = gy + row * C;
-    const scalar_t* const xp = kDw ? x + row * C : nullptr;  // null when not read or written
-    scalar_t* const dxp = kDx ? dx + row * C : nullptr;
-    const int64_t ld = C;
+    const int64_t ld = row_length;
+    const scalar_t* const gp = gy + row * ld;
+    const scalar_t* const xp = kDw ? x + row * ld : nullptr;  // null when not read or written
+    scalar_t* const dxp = kDx ? dx + row * ld : nullptr;
     const opmath_t *const mp = m, *const rp = r, *const wp = w;
     // Beyond len grad_y, x and the parameters load as 0, and partial stores leave memory alone.
     for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) {
@@ -639,9 +730,10 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
     int64_t row = r0;
     if (kReduce && sizeof(scalar_t) >= 4 && c1 - c0 >= kRowGroupMinChannels) {
-      for (; row + kRowGroup <= r1; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, pw, pb);
+      const int64_t full = std::min(r1, wide.full_rows);
+      for (; row + kRowGroup <= full; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, pw, pb);
     }
-    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, c1, pw, pb);
+    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, wide.row_end(row, c0, c1), pw, pb);
   };
 
   opmath_t* o1 = kDw ? dw.data_ptr<opmath_t>() : nullptr;
@@ -652,9 +744,14 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     if (!(kDw && kDb)) scratch = at::empty({g.C}, kDw ? dw.options() : db.options());
     if (!o1) o1 = scratch.data_ptr<opmath_t>();
     if (!o2) o2 = scratch.data_ptr<opmath_t>();
-    run_tiled<opmath_t>(g, K, true, o1, o2, first, last);
+    run_tiled<opmath_t>(wide.geometry, K, true, wide.active ? wide_sums : o1, wide.active ? wide_sums + P : o2,
+                        first, last);
+    if (wide.active) {
+      wide.fold(wide_sums, o1);
+      wide.fold(wide_sums + P, o2);
+    }
   } else {
-    run_tiled<opmath_t>(g, K, false, o1, o2, first, last);
+    run_tiled<opmath_t>(wide.geometry, K, false, o1, o2, first, last);
   }
 }
 
