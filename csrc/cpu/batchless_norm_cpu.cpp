@@ -323,6 +323,25 @@ struct WideRows {
   }
 };
 
+// A kernel's per-channel parameters as the walk reads them: with `wide` active, each pointer is
+// replaced by its expansion to the P wide channels, and `sums` (2, P) takes the wide channels' sums
+// (to be folded back); otherwise nothing changes.
+template <typename opmath_t, size_t N>
+class WideParams {
+ public:
+  WideParams(const WideRows& wide, const std::array<const opmath_t**, N>& params)
+      : buffer_(wide.active ? (N + 2) * wide.P : 0), sums(buffer_.data() + N * wide.P) {
+    if (!wide.active) return;
+    for (size_t i = 0; i < N; ++i) *params[i] = wide.expand(*params[i], buffer_.data() + i * wide.P);
+  }
+
+ private:
+  Scratch<opmath_t> buffer_;
+
+ public:
+  opmath_t* const sums;
+};
+
 // Calls body(sum0, sum1) with sum0, sum1 the slot's partial sums (C,), or in blocks (a narrow task's
 // block of kMaxChain rows or samples, see kNarrow) with a zeroed (2, kNarrow) block, then added into
 // the slot's. One call of body in the code: with a second one for the blocks, the float32
@@ -516,18 +535,11 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
     const opmath_t* w = weight.data_ptr<opmath_t>();
     for (int64_t c = 0; c < C; ++c) scale_buffer.data()[c] = r[c] * w[c];
   }
-  // Rows narrower than a chunk are walked as rows of wide channels (WideRows), with the parameters
-  // expanded and the sums of the wide channels in wide_sums (2, P).
+  // Rows narrower than a chunk are walked as rows of wide channels (WideRows).
   const WideRows wide(g, K);
+  const WideParams<opmath_t, 4> wide_params(wide, {&m, &r, &scale, &b});
+  opmath_t* const wide_sums = wide_params.sums;
   const int64_t P = wide.P;
-  Scratch<opmath_t> wide_buffer(wide.active ? 6 * P : 0);
-  opmath_t* const wide_sums = wide_buffer.data() + 4 * P;
-  if (wide.active) {
-    m = wide.expand(m, wide_buffer.data());
-    r = wide.expand(r, wide_buffer.data() + P);
-    scale = wide.expand(scale, wide_buffer.data() + 2 * P);
-    b = wide.expand(b, wide_buffer.data() + 3 * P);
-  }
   const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
@@ -648,16 +660,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   const opmath_t* r = rstd.data_ptr<opmath_t>();
   const opmath_t* w = weight.data_ptr<opmath_t>();
   const int64_t C = g.C, S = g.S;
-  // Rows narrower than a chunk, as in the forward: wide channels, their sums in wide_sums (2, P).
+  // Rows narrower than a chunk, as in the forward: wide channels.
   const WideRows wide(g, K);
+  const WideParams<opmath_t, 3> wide_params(wide, {&m, &r, &w});
+  opmath_t* const wide_sums = wide_params.sums;
   const int64_t P = wide.P;
-  Scratch<opmath_t> wide_buffer(wide.active ? 5 * P : 0);
-  opmath_t* const wide_sums = wide_buffer.data() + 3 * P;
-  if (wide.active) {
-    m = wide.expand(m, wide_buffer.data());
-    r = wide.expand(r, wide_buffer.data() + P);
-    w = wide.expand(w, wide_buffer.data() + 2 * P);
-  }
   const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
