@@ -186,8 +186,9 @@ def test_cpu_channels_last_row_groups(case, shape, layout, dtype, atol, rtol, af
 # Inputs whose rows are narrower than a vector chunk of the CPU kernels (K = 16 float32, bfloat16 or
 # float16 elements with AVX2, 8 float64; 32 and 16 with AVX-512): channels-last C < K, channels-first
 # planes S < K. The CPU walks them as channels-last rows of P "wide channels" (WideRows in
-# csrc/cpu/batchless_norm_cpu.cpp: P a multiple of the row and of K, >= 256; e.g. 288 for C = 3 in
-# float32), with a partial last row when P does not divide x (its tail shorter or longer than K).
+# csrc/cpu/batchless_norm_cpu.cpp: P >= 256 a multiple of the row's R elements, and of K when R < K;
+# e.g. 288 for C = 3 in float32), with a partial last row when P does not divide x (its tail shorter
+# or longer than K). The numbers below are float32's with AVX2.
 NARROW_ROW_SHAPES = [
     ((4099, 3), "contiguous"),  # 2-D is channels-last: C = 3, 42 rows of 288 and a tail of 201
     ((1923, 3), "contiguous"),  # a tail of 9 < K: masked chunks
@@ -195,6 +196,7 @@ NARROW_ROW_SHAPES = [
     ((37, 5, 11, 13), "channels_last"),
     ((1, 7, 61, 67), "channels_last"),  # one sample
     ((9, 15, 40, 41), "channels_last"),  # C = 15 < K in float32, >= K in float64 (its own path)
+    ((9, 17, 20, 21), "channels_last"),  # with AVX-512 (K = 32): P = 544, row groups and a partial row
     ((5, 2, 4099), "channels_innermost"),
     ((700, 6, 2, 2), "contiguous"),  # planes of 4: samples of 24 elements, P = 264 holds 11, a tail
     ((409, 3, 1, 5), "contiguous"),  # planes of 5: samples of 15 < K elements, P = 480
@@ -213,8 +215,9 @@ def test_cpu_narrow_rows(case, shape, layout, dtype, atol, rtol):
     channels back to the channels), and inference's y with the training y's bits."""
     i = NARROW_ROW_SHAPES.index((shape, layout))
     parametrization = PARAMETRIZATIONS[i % len(PARAMETRIZATIONS)]
-    gauge, affine = GAUGE_AFFINE[i % len(GAUGE_AFFINE)]
-    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization, affine)
+    # affine: the backward's sums (dweight, dbias) folded too; without, test_partial_requires_grad
+    x, mean, std_param, weight, bias = make_case(shape, layout, dtype, case.device, parametrization, affine=True)
+    gauge = i % 2 == 0
     out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol,
                                      dense=is_dense_layout(layout), parametrization=parametrization, gauge=gauge)
     with torch.no_grad():
@@ -284,13 +287,17 @@ def test_weight_or_bias_only(case, has_weight, has_bias, shape, layout):
                             atol=atol, rtol=rtol, parametrization="abs")
 
 
-@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("case, shape", [
+    *(pytest.param(*c.values, (3, 4, 5, 6), id=c.id, marks=c.marks) for c in BACKENDS),
+    # the CPU's wide channels (test_cpu_narrow_rows), both layouts
+    *(pytest.param(*c.values, (600, 3, 2, 2), id=f"{c.id}-narrow", marks=c.marks) for c in CPU_CASES),
+])
 @pytest.mark.parametrize("wanted", ["x", "weight", "bias", "x,bias", "weight,bias", "x,weight", "mean",
                                     "none"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_partial_requires_grad(case, wanted, layout):
+def test_partial_requires_grad(case, shape, wanted, layout):
     """Backward with only some of x, weight, bias wanted (the op's output_mask variations)."""
-    x, mean, std_param, weight, bias = make_case((3, 4, 5, 6), layout, torch.float32, case.device, "log")
+    x, mean, std_param, weight, bias = make_case(shape, layout, torch.float32, case.device, "log")
     wanted = set(wanted.split(","))
     leaves = {n: t.detach().requires_grad_(n in wanted) for n, t in
               zip(GRAD_NAMES, (x, mean, std_param, weight, bias))}
@@ -346,7 +353,10 @@ def test_large_offset_inputs(case, shape, layout):
 # The shapes whose per-channel sums are longest in each backend: narrow channels-last (many rows per
 # channel), one long plane, many small planes.
 LONG_SUM_SHAPES = [((24000, 2), "contiguous"), ((5, 2, 4099), "channels_innermost"),
-                   ((2, 2, 96, 96), "channels_last"), ((1, 1, 200, 200), "contiguous"), ((8000, 2, 3), "contiguous")]
+                   ((2, 2, 96, 96), "channels_last"), ((1, 1, 200, 200), "contiguous"), ((8000, 2, 3), "contiguous"),
+                   # the CPU's blocks of 128 rows or samples (kNarrow), where rows and planes are not narrower
+                   # than a chunk (narrower ones: wide channels, see NARROW_ROW_SHAPES)
+                   ((4096, 16), "contiguous"), ((2000, 2, 17), "contiguous")]
 
 
 @pytest.mark.parametrize("case", BACKENDS)
