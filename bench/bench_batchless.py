@@ -56,15 +56,17 @@ BYTES_PER_X = {"fwd": 2, "bwd": 3, "fwd+bwd": 5, "infer": 2, "copy": 2}
 # (device type, --full) -> shapes. The CPU default must stay under 5 minutes on 2 cores; it holds the
 # acceptance shape (256, 64, 32, 32) and the CPU targets of the training step's floor (issue 12:
 # (64, 256, 14, 14) bfloat16, (4096, 1024) float32, and (32, 256) for the host's work per call); the
-# CUDA default is the GPU target set.
+# CUDA default is the GPU target set. --full adds rows narrower than a vector (3 channels, as images
+# have; planes of 2 x 2), which the CPU kernels walk as wide channels.
 GPU_TARGETS = [(256, 64, 56, 56), (256, 256, 28, 28), (256, 1024, 14, 14), (65536, 1024), (32, 256),
                (64, 256, 7, 7)]
+NARROW = [(32, 3, 128, 128), (4096, 64, 2, 2)]
 SHAPES = {
     ("cpu", False): [(256, 64, 32, 32), (64, 256, 14, 14), (4096, 1024), (32, 256)],
     ("cpu", True): [(128, 64, 56, 56), (256, 64, 32, 32), (64, 256, 28, 28), (32, 1024, 14, 14),
-                    (64, 128, 16, 16), (16384, 1024), (32, 256)],
+                    (64, 128, 16, 16), (16384, 1024), (32, 256)] + NARROW,
     ("cuda", False): GPU_TARGETS,
-    ("cuda", True): GPU_TARGETS + [(256, 64, 32, 32), (8192, 1024)],
+    ("cuda", True): GPU_TARGETS + [(256, 64, 32, 32), (8192, 1024)] + NARROW,
 }
 DTYPES = {False: ("float32", "bfloat16"), True: ("float32", "bfloat16", "float16")}
 LAYOUTS = ("contiguous", "channels_last")
