@@ -272,7 +272,7 @@ class Scratch {
 // when R < K (when R >= K a row's tail is an overlapping full chunk, see for_each_chunk), of at least
 // kMinWideChannels. Wide channel j belongs to channel channel(j) = (j % R) / Q (Q = 1 channels-last,
 // S channels-first); the kernels read the per-channel parameters expanded to the P wide channels
-// (expand), and their sums are folded back (fold). Those two inputs now take about 1 ms and 1.4-1.9 ms.
+// (expand), and their sums are folded back (fold). Those two inputs now take 0.5-0.7 ms and 0.9-2.4 ms.
 // Rows of P >= 256 rather than the least multiple (16 for C = 2): (64, 2, 256, 256) channels_last
 // 11.7-15 ms against 16-17.6 ms (3 alternations of the builds, this VM; 512: 14.5-23.5 ms).
 // Only inputs of kMinWideRows rows of P or more: the expansion writes a few P elements. Planes of K to
@@ -324,22 +324,32 @@ struct WideRows {
 };
 
 // A kernel's per-channel parameters as the walk reads them: with `wide` active, each pointer is
-// replaced by its expansion to the P wide channels, and `sums` (2, P) takes the wide channels' sums
-// (to be folded back); otherwise nothing changes.
+// replaced by its expansion to the P wide channels, and the sums go to (2, P) wide sums, folded back
+// afterwards; otherwise nothing changes.
 template <typename opmath_t, size_t N>
 class WideParams {
  public:
   WideParams(const WideRows& wide, const std::array<const opmath_t**, N>& params)
-      : buffer_(wide.active ? (N + 2) * wide.P : 0), sums(buffer_.data() + N * wide.P) {
+      : wide_(wide), buffer_(wide.active ? (N + 2) * wide.P : 0) {
     if (!wide.active) return;
     for (size_t i = 0; i < N; ++i) *params[i] = wide.expand(*params[i], buffer_.data() + i * wide.P);
   }
+  // Where run_tiled is to put the totals of out0, out1 (C,).
+  std::pair<opmath_t*, opmath_t*> sums_for(opmath_t* out0, opmath_t* out1) {
+    if (!wide_.active) return {out0, out1};
+    return {sums(), sums() + wide_.P};
+  }
+  // Then the totals of out0, out1.
+  void fold(opmath_t* out0, opmath_t* out1) {
+    if (!wide_.active) return;
+    wide_.fold(sums(), out0);
+    wide_.fold(sums() + wide_.P, out1);
+  }
 
  private:
+  opmath_t* sums() { return buffer_.data() + N * wide_.P; }
+  const WideRows& wide_;
   Scratch<opmath_t> buffer_;
-
- public:
-  opmath_t* const sums;
 };
 
 // Calls body(sum0, sum1) with sum0, sum1 the slot's partial sums (C,), or in blocks (a narrow task's
@@ -537,9 +547,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   }
   // Rows narrower than a chunk are walked as rows of wide channels (WideRows).
   const WideRows wide(g, K);
-  const WideParams<opmath_t, 4> wide_params(wide, {&m, &r, &scale, &b});
-  opmath_t* const wide_sums = wide_params.sums;
-  const int64_t P = wide.P;
+  WideParams<opmath_t, 4> wide_params(wide, {&m, &r, &scale, &b});
   const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
@@ -613,12 +621,9 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
 
   opmath_t* o1 = kStats ? s1.data_ptr<opmath_t>() : nullptr;
   opmath_t* o2 = kStats ? s2.data_ptr<opmath_t>() : nullptr;
-  const bool fold = kStats && wide.active;
-  run_tiled<opmath_t>(wide.geometry, K, kStats, fold ? wide_sums : o1, fold ? wide_sums + P : o2, first, last);
-  if (fold) {
-    wide.fold(wide_sums, o1);
-    wide.fold(wide_sums + P, o2);
-  }
+  const auto [t1, t2] = wide_params.sums_for(o1, o2);
+  run_tiled<opmath_t>(wide.geometry, K, kStats, t1, t2, first, last);
+  if constexpr (kStats) wide_params.fold(o1, o2);
 }
 
 // The forward kernel over a plan (its outputs written, not yet finished).
@@ -662,9 +667,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   const int64_t C = g.C, S = g.S;
   // Rows narrower than a chunk, as in the forward: wide channels.
   const WideRows wide(g, K);
-  const WideParams<opmath_t, 3> wide_params(wide, {&m, &r, &w});
-  opmath_t* const wide_sums = wide_params.sums;
-  const int64_t P = wide.P;
+  WideParams<opmath_t, 3> wide_params(wide, {&m, &r, &w});
   const int64_t row_length = wide.geometry.C;  // channels-last
 
   auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
@@ -752,12 +755,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     if (!(kDw && kDb)) scratch = at::empty({g.C}, kDw ? dw.options() : db.options());
     if (!o1) o1 = scratch.data_ptr<opmath_t>();
     if (!o2) o2 = scratch.data_ptr<opmath_t>();
-    run_tiled<opmath_t>(wide.geometry, K, true, wide.active ? wide_sums : o1, wide.active ? wide_sums + P : o2,
-                        first, last);
-    if (wide.active) {
-      wide.fold(wide_sums, o1);
-      wide.fold(wide_sums + P, o2);
-    }
+    const auto [t1, t2] = wide_params.sums_for(o1, o2);
+    run_tiled<opmath_t>(wide.geometry, K, true, t1, t2, first, last);
+    wide_params.fold(o1, o2);
   } else {
     run_tiled<opmath_t>(wide.geometry, K, false, o1, o2, first, last);
   }
