@@ -425,12 +425,22 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     } else {
       const int64_t grain = std::max<int64_t>(1, kTaskElements / t.s_block);
       at::parallel_for(0, t.num_slots(g.C), grain, [&](int64_t begin, int64_t end) {
+        // The slot's (n, c, sb) counted along, not divided out of it (three 64-bit divisions a
+        // plane): (64, 256, 14, 14) bfloat16 inference 0.51-0.52 ms against 0.53-0.56 ms (A/B of
+        // the two builds, 3 alternations, this VM).
+        int64_t sb = begin % t.num_sb;
+        int64_t c = (begin / t.num_sb) % g.C;
+        int64_t n = begin / (t.num_sb * g.C);
         for (int64_t slot = begin; slot < end; ++slot) {
-          const int64_t sb = slot % t.num_sb;
-          const int64_t c = (slot / t.num_sb) % g.C;
-          const int64_t n = slot / (t.num_sb * g.C);
           const int64_t own = reduce ? slot : 0;  // one scratch slot when not reducing
           first_body(n, n + 1, c, sb * t.s_block, t.segment_end(sb, g.S), p0 + own, p1 + own);
+          if (++sb == t.num_sb) {
+            sb = 0;
+            if (++c == g.C) {
+              c = 0;
+              ++n;
+            }
+          }
         }
       });
     }
