@@ -4,7 +4,12 @@
 // plan's dense views, then finish() copies back to the user-visible output when a copy was needed.
 #pragma once
 
-#include <ATen/ATen.h>
+// The ATen headers of the ops used, not <ATen/ATen.h> (every operator: seconds more per compile).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
 
 #include <array>
 #include <cstdlib>

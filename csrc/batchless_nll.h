@@ -2,7 +2,7 @@
 // sigma's parametrizations (docs/method.md's table) with their derivatives, and the argument checks.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/macros/Macros.h>
 
 #include <cmath>
@@ -88,7 +88,7 @@ inline Tensor rstd_of(const Tensor& std_param, at::ScalarType acc, Parametrizati
   const Tensor p = std_param.scalar_type() == acc ? std_param : std_param.to(acc);
   switch (kind) {
     case Parametrization::kAbs:
-      return (p.abs() + eps).reciprocal();
+      return p.abs().add(eps).reciprocal();
     case Parametrization::kLog:
       return p.neg().exp();
     case Parametrization::kInv:

@@ -1,6 +1,6 @@
 // The NLL term and its gradients from the per-channel sums s1, s2 (schemas in csrc/ops.cpp):
 // O(C) scalar work, done in one loop instead of a chain of small tensor ops.
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 

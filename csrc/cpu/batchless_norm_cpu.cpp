@@ -12,7 +12,6 @@
 // Determinism: the work is cut into tasks whose bounds depend only on the shape, never on the
 // thread count; each task writes its partial sums to its own slot, and the slots are summed per
 // channel in a fixed order. The result has the same bits whatever the number of threads.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -1,7 +1,7 @@
 // The NLL term and its gradients from the per-channel sums s1, s2 on the GPU (schemas in
 // csrc/ops.cpp): one small kernel each, instead of the ~25 tensor ops of the composite formula,
 // and no host synchronization (grad_nll is read on the device).
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

@@ -20,7 +20,6 @@
 // every pointer is aligned to it, else the widest access the alignment allows (V / W instructions a
 // pack); each thread issues kUnroll independent loads before using them, so that enough bytes are
 // in flight; offsets are 64-bit.
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>

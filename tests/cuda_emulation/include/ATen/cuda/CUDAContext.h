@@ -3,7 +3,7 @@
 // run synchronously).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include "emu_cuda.h"
 #include <c10/cuda/CUDAException.h>
