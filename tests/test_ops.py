@@ -249,10 +249,13 @@ def test_gradcheck(case, parametrization, shape, layout):
     def nll_of(m_, p_):
         return bk.batchless_norm(x, m_, p_, weight, bias, gauge=False, **kw)[1]
 
+    # Under the interpreter, gradcheck's fast mode: the Jacobian checked along random directions (a few
+    # calls) rather than column by column (two calls per input element; 20-27 s a case in CI).
+    fast = case.name == "triton" and case.device == "cpu"
     leaves = [t.detach().requires_grad_() for t in (x, weight, bias)]
-    assert torch.autograd.gradcheck(y_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(y_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
     leaves = [t.detach().requires_grad_() for t in (mean, std_param)]
-    assert torch.autograd.gradcheck(nll_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6)
+    assert torch.autograd.gradcheck(nll_of, leaves, eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=fast)
 
 
 # ------------------------------------------------------------------------------------------------

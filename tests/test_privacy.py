@@ -53,13 +53,14 @@ def test_opacus_per_sample_gradients_equal_a_loop(case, norm):
             noise_multiplier=0.0, max_grad_norm=1e9)
         xb, tb = x, target
         (F.cross_entropy(private(xb), tb) + bk.nll_loss(private)).backward()
-    for (name, p), (_, q) in zip(private._module.named_parameters(), reference.named_parameters()):
-        expected = []
-        for i in range(len(x)):
-            single = copy.deepcopy(reference)
-            (F.cross_entropy(single(x[i:i + 1]), target[i:i + 1]) + bk.nll_loss(single)).backward()
-            expected.append(dict(single.named_parameters())[name].grad)
-        expected = torch.stack(expected)
+    # The loop: each sample's gradients on its own (one backward per sample, every parameter's).
+    per_sample = []
+    for i in range(len(x)):
+        single = copy.deepcopy(reference)
+        (F.cross_entropy(single(x[i:i + 1]), target[i:i + 1]) + bk.nll_loss(single)).backward()
+        per_sample.append({name: q.grad for name, q in single.named_parameters()})
+    for name, p in private._module.named_parameters():
+        expected = torch.stack([grads[name] for grads in per_sample])
         assert torch.count_nonzero(expected) > 0, name
         torch.testing.assert_close(p.grad_sample, expected, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
