@@ -32,7 +32,7 @@ ELEMENT_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 # channels_{first,last}_kernel<ForwardOp<T, kStats>, V, W> or <BackwardOp<T, kDx, kDw, kDb>, V, W>
 NORM_KERNEL = re.compile(r"channels_(?:first|last)_kernel<[^<]*(Forward|Backward)Op<(float|double|c10::Half|"
                          r"c10::BFloat16)((?:, (?:true|false))*)>, (\d+), (\d+)>")
-CUDA_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "batchless_norm_cuda.cu"
+CUDA_SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "batchless_norm_kernels.cuh"
 UNROLL = int(re.search(r"constexpr int kUnroll = (\d+);", CUDA_SOURCE.read_text()).group(1))
 
 

@@ -47,17 +47,20 @@ def test_rewrite_of_the_cuda_sources(tmp_path):
     result = rewrite.rewrite_tree(tmp_path, "batchless_emulated")
     counts = result["counts"]
     assert set(counts) == {p.name for p in (rewrite.CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh")}
-    for name, c in counts.items():
-        if name.endswith(".cu"):
-            assert c["launches"] >= 1 and c["library_impls"] == 1 and c["launch_bounds"] >= 1, (name, c)
+    # the ops' registrations (one per file that has them) and every launch and __launch_bounds__
+    assert {name for name, c in counts.items() if c["library_impls"]} == {"batchless_norm_cuda.cu",
+                                                                          "batchless_nll_cuda.cu"}
+    assert all(c["library_impls"] <= 1 for c in counts.values()), counts
+    for name in ("batchless_norm_kernels.cuh", "batchless_nll_cuda.cu"):
+        assert counts[name]["launches"] >= 1 and counts[name]["launch_bounds"] >= 1, (name, counts[name])
     for path in result["sources"]:
         text = path.read_text()
         assert "<<<" not in text and "__shared__" not in text and "batchless_kernels, CUDA" not in text
     ops = (tmp_path / "ops.cpp").read_text()
     assert "TORCH_LIBRARY(batchless_emulated," in ops and "PyInit" not in ops
     # line numbers are kept, so that messages point into csrc/
-    original = (rewrite.CSRC / "cuda" / "batchless_norm_cuda.cu").read_text().splitlines()
-    rewritten = (tmp_path / "cuda" / "batchless_norm_cuda.cpp").read_text().splitlines()[2:]
+    original = (rewrite.CSRC / "cuda" / "batchless_norm_kernels.cuh").read_text().splitlines()
+    rewritten = (tmp_path / "cuda" / "batchless_norm_kernels.cuh").read_text().splitlines()[2:]
     assert len(rewritten) == len(original)
 
 
