@@ -51,17 +51,23 @@ else
     _say "installing ${_pkgs[*]} into $_venv (torch from local wheels: ~1 minute for the CPU build, ~1.5 for the 5.5 GB CUDA build)"
     "$BATCHLESS_PYTHON" -m pip install --quiet --upgrade pip setuptools wheel
     mkdir -p "$_root/build"
-    if ! "$BATCHLESS_PYTHON" -m pip install --progress-bar off "${_pkgs[@]}" 2>&1 | tee "$_root/build/setup_env-pip.log" \
+    _piplog="$_root/build/setup_env-pip-$(basename "$_venv").log"  # one per venv: .ci/run installs two at once
+    if ! "$BATCHLESS_PYTHON" -m pip install --progress-bar off "${_pkgs[@]}" 2>&1 | tee "$_piplog" \
          | { grep --line-buffered -E '^(Collecting|Processing|Installing collected)' || true; } \
          | sed -u -E 's/^Collecting ([^ ]+).*/  collecting \1/; s|^Processing (.*/)?([^-/ ]+-[^-/ ]+)-.*|  collecting \2|; s/^Installing collected packages: .*/  unpacking them.../'; then
-      tail -n 30 "$_root/build/setup_env-pip.log"
-      _say "pip install FAILED (full log: $_root/build/setup_env-pip.log)"
+      tail -n 30 "$_piplog"
+      _say "pip install FAILED (full log: $_piplog)"
       exit 1
     fi
     _say "installed"
   fi
 fi
 export BATCHLESS_PYTHON
+# BATCHLESS_SETUP_PACKAGES_ONLY=1: the venv and its packages, no build (.ci/run prepares the CUDA
+# stages' venvs in the background this way).
+if [[ "${BATCHLESS_SETUP_PACKAGES_ONLY:-0}" == "1" ]]; then
+  return 0 2>/dev/null || exit 0
+fi
 # torch's BuildExtension looks for `ninja` on PATH; a venv's ninja lies beside its python.
 export PATH="$(dirname "$BATCHLESS_PYTHON"):$PATH"
 
