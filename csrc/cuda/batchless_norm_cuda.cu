@@ -1,6 +1,9 @@
-// The CUDA norm ops' host side (schemas in csrc/ops.cpp; checks and plans in csrc/batchless_host.h,
-// shared with the CPU kernels): each op checks its inputs, plans the outputs, dispatches on the dtype
-// and runs the kernels (batchless_norm_kernels.cuh, through the interface batchless_norm_cuda.cuh).
+// The CUDA norm ops (schemas in csrc/ops.cpp; checks and plans in csrc/batchless_host.h, shared with
+// the CPU kernels): each op checks its inputs, plans the outputs, dispatches on the dtype and runs the
+// kernels (batchless_norm_kernels.cuh, through the interface batchless_norm_cuda.cuh). This file
+// compiles the kernels of float32 and bfloat16; batchless_norm_kernels_fp64_fp16.cu those of float64
+// and float16, in parallel (one file held 80% of the extension's build and compiled last, alone, for
+// 100-130 s of CI's two cores; a third file would cost its headers' ~30 CPU-seconds again).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,6 +16,7 @@
 #include "batchless_host.h"
 #include "batchless_nll.h"
 #include "cuda/batchless_norm_cuda.cuh"
+#include "cuda/batchless_norm_kernels.cuh"
 
 namespace batchless_kernels {
 namespace {
@@ -249,3 +253,6 @@ TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
 }
 
 }  // namespace batchless_kernels
+
+BATCHLESS_NORM_CUDA_KERNELS(float)
+BATCHLESS_NORM_CUDA_KERNELS(c10::BFloat16)

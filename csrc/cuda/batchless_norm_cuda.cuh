@@ -1,8 +1,7 @@
 // The interface between the host side of the CUDA norm ops (batchless_norm_cuda.cu: checks, plans,
 // dtype dispatch, registration) and their kernels (batchless_norm_kernels.cuh), which are compiled
-// per dtype in two translation units, batchless_norm_kernels_fp32_bf16.cu and
-// batchless_norm_kernels_fp64_fp16.cu, so that the build compiles them in parallel (in one file they
-// were 80% of the extension's build and compiled last, alone, for 100-130 s of CI's two cores).
+// per dtype in two translation units, batchless_norm_cuda.cu (float32, bfloat16) and
+// batchless_norm_kernels_fp64_fp16.cu, so that the build compiles them in parallel.
 #pragma once
 
 #include <ATen/OpMathType.h>

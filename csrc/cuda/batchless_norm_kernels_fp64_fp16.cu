@@ -1,5 +1,5 @@
-// The norm kernels of x in float64 and float16 (batchless_norm_kernels.cuh): one of the two translation
-// units that split them so that the build compiles them in parallel. The dtypes are paired by
+// The norm kernels of x in float64 and float16 (batchless_norm_kernels.cuh), compiled in parallel
+// with batchless_norm_cuda.cu, which has those of float32 and bfloat16. The dtypes are paired by
 // weight: a kernel is instantiated per access width, and the 16-bit dtypes have the most (8
 // elements a 16-byte pack: 10 (V, W) pairs, float 6, double 3).
 #include "cuda/batchless_norm_kernels.cuh"
