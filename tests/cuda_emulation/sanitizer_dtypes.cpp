@@ -7,19 +7,20 @@
 
 #include "cuda/batchless_norm_cuda.cuh"
 
-#define BATCHLESS_NOT_IN_SANITIZER_VARIANT(T)                                                                 \
-  template <>                                                                                                 \
-  void run_forward<T>(const ForwardArgs<T>&) {                                                                \
-    TORCH_CHECK(false, "the CUDA emulation's sanitizer variants compile the norm kernels of float32 and "    \
-                       "bfloat16 only, not " #T);                                                             \
-  }                                                                                                           \
-  template <>                                                                                                 \
-  void run_backward<T>(const BackwardArgs<T>&) {                                                              \
-    TORCH_CHECK(false, "the CUDA emulation's sanitizer variants compile the norm kernels of float32 and "    \
-                       "bfloat16 only, not " #T);                                                             \
-  }
-
 namespace batchless_kernels::cuda_norm {
+namespace {
+[[noreturn]] void not_compiled(const char* dtype) {
+  TORCH_CHECK(false, "the CUDA emulation's sanitizer variants compile the norm kernels of float32 and "
+                     "bfloat16 only, not ", dtype);
+}
+}  // namespace
+
+#define BATCHLESS_NOT_IN_SANITIZER_VARIANT(T)                                  \
+  template <>                                                                  \
+  void run_forward<T>(const ForwardArgs<T>&) { not_compiled(#T); }             \
+  template <>                                                                  \
+  void run_backward<T>(const BackwardArgs<T>&) { not_compiled(#T); }
+
 BATCHLESS_NOT_IN_SANITIZER_VARIANT(double)
 BATCHLESS_NOT_IN_SANITIZER_VARIANT(c10::Half)
 }  // namespace batchless_kernels::cuda_norm
