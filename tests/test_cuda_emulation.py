@@ -319,7 +319,7 @@ def _run_under_sanitizer(variant: str, environment: dict, mutant: str, log_dir: 
     env = {**os.environ, **environment, backend.SANITIZER_ENV: SANITIZERS[variant], backend.MUTANT_ENV: mutant,
            build.ENV: "1", backend.SCHEDULE_ENV: schedule,
            backend.DEVICES_ENV: "132:0",  # what the selections name
-           "OMP_NUM_THREADS": "1"}  # a core each: the clean runs go two at a time (clean_runs)
+           "OMP_NUM_THREADS": "1"}  # a core each: the runs go two at a time (sanitizer_runs)
     env[options_variable] += f":log_path={log_dir / variant}"
     env.pop("PYTEST_ADDOPTS", None)
     run = subprocess.run(
@@ -330,59 +330,6 @@ def _run_under_sanitizer(variant: str, environment: dict, mutant: str, log_dir: 
     return run.returncode, run.stdout + run.stderr, reports
 
 
-CLEAN_RUNS = {"asan": ("test_kernels_clean_under_asan", SANITIZER_SELECTION),
-              "tsan": ("test_kernels_race_free_under_tsan", TSAN_SELECTION)}
-
-
-@pytest.fixture(scope="module")
-def clean_runs(request, tmp_path_factory):
-    """The sanitizers' runs of the unchanged kernels (CLEAN_RUNS: the test that reads each, and its
-    selection), those of selected tests started together on first use: two child processes, one per
-    core of a CI machine, each building its variant first (one after the other, 185 + 112 s with
-    the builds, they made CI run over 30 minutes).
-    Futures of _run_under_sanitizer's result; none where the sanitizer is missing (its test then skips
-    through its environment fixture)."""
-    selected = {item.originalname for item in request.session.items}
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
-    runs = {}
-    for variant, (test, selection) in CLEAN_RUNS.items():
-        environment = build.sanitizer_environment(variant) if EMULATED_BACKENDS and test in selected else None
-        if environment is not None:
-            runs[variant] = pool.submit(_run_under_sanitizer, variant, environment, "none",
-                                        tmp_path_factory.mktemp(variant), selection=selection)
-    yield runs
-    pool.shutdown(wait=True, cancel_futures=True)
-
-
-def test_kernels_clean_under_asan(asan_environment, clean_runs):
-    """The kernel variants of every shape and layout, under AddressSanitizer: no access outside the
-    tensors (the value checks cannot see a read past the end whose value goes unused)."""
-    returncode, output, reports = clean_runs["asan"].result()
-    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
-    # (the reports hold ASan's warnings about fibers too: swapcontext and longjmp between stacks)
-    assert returncode == 0 and " passed" in output and "ERROR: AddressSanitizer" not in reports, (
-        output[-2000:], reports[:4000])
-
-
-@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS if m.sanitizer == "address"])
-def test_asan_catches_mutant(asan_environment, mutant, tmp_path):
-    """A read past a tensor's end whose value goes unused passes every value check; under
-    AddressSanitizer it fails."""
-    returncode, output, reports = _run_under_sanitizer("asan", asan_environment, mutant, tmp_path)
-    assert returncode != 0 and "ERROR: AddressSanitizer: heap-buffer-overflow" in reports, (
-        f"mutant {mutant} ({rewrite.MUTANTS_BY_NAME[mutant].what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")
-
-
-def test_kernels_race_free_under_tsan(tsan_environment, clean_runs):
-    """The kernel variants of every shape and layout, under ThreadSanitizer: no two warps of a block
-    touch the same byte, one of them writing, without a barrier between them (in the order CUDA
-    defines, not the order the fibers happened to run; lanes of one warp share a TSan thread)."""
-    returncode, output, reports = clean_runs["tsan"].result()
-    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
-    assert returncode == 0 and " passed" in output and "ThreadSanitizer" not in reports, (
-        output[-2000:], reports[:4000])
-
-
 # Mutants whose race the values do not show in the forward order: block_sum's second call writes
 # the warps' sums over the first call's, with no barrier after warp 0 read them; in index order warp
 # 0 reads before the other warps write, so every value is right (the suite's alternating schedule,
@@ -391,12 +338,79 @@ RACE_MUTANTS = ("reuse_barrier",)
 # Contiguous inputs of test_shapes_layouts: their second stages call block_sum twice.
 RACE_SELECTION = "cuda_emu-sm132 and test_shapes_layouts and float32 and contiguous and not 2100"
 
+# Every child run under a sanitizer: (the test that reads it, variant, mutant, schedule, selection),
+# the clean runs first (the longest: each child builds its variant before it runs).
+SANITIZER_RUNS = (
+    [("test_kernels_clean_under_asan", "asan", "none", "alternate", SANITIZER_SELECTION),
+     ("test_kernels_race_free_under_tsan", "tsan", "none", "alternate", TSAN_SELECTION)]
+    + [("test_asan_catches_mutant", "asan", m.name, "alternate", SANITIZER_SELECTION)
+       for m in rewrite.MUTANTS if m.sanitizer == "address"]
+    + [("test_tsan_catches_race_the_values_miss", "tsan", m, "forward", RACE_SELECTION) for m in RACE_MUTANTS])
+
+
+@pytest.fixture(scope="module")
+def sanitizer_runs(request, tmp_path_factory):
+    """The SANITIZER_RUNS of the selected tests, started together when the module starts (autouse
+    below), two child processes at a time, one per core of a CI machine: the chain of builds and
+    runs (~5 minutes in CI) then overlaps the mutation check and the other worker's files, where
+    run one after another at the end of the module (185 + 112 s with the builds) they left one
+    worker busy after the other had finished.
+    Futures of _run_under_sanitizer's result by (variant, mutant); none where the sanitizer is
+    missing (its tests then skip through their environment fixture)."""
+    selected = {item.originalname for item in request.session.items}
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2)
+    environments = {}
+    runs = {}
+    for test, variant, mutant, schedule, selection in SANITIZER_RUNS:
+        if test not in selected or not EMULATED_BACKENDS:
+            continue
+        if variant not in environments:
+            environments[variant] = build.sanitizer_environment(variant)
+        if environments[variant] is not None:
+            runs[variant, mutant] = pool.submit(_run_under_sanitizer, variant, environments[variant], mutant,
+                                                tmp_path_factory.mktemp(f"{variant}-{mutant}"), schedule, selection)
+    yield runs
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_sanitizer_runs(sanitizer_runs):
+    """Starts them with the module's first test."""
+
+
+def test_kernels_clean_under_asan(asan_environment, sanitizer_runs):
+    """The kernel variants of every shape and layout, under AddressSanitizer: no access outside the
+    tensors (the value checks cannot see a read past the end whose value goes unused)."""
+    returncode, output, reports = sanitizer_runs["asan", "none"].result()
+    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
+    # (the reports hold ASan's warnings about fibers too: swapcontext and longjmp between stacks)
+    assert returncode == 0 and " passed" in output and "ERROR: AddressSanitizer" not in reports, (
+        output[-2000:], reports[:4000])
+
+
+@pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS if m.sanitizer == "address"])
+def test_asan_catches_mutant(asan_environment, sanitizer_runs, mutant):
+    """A read past a tensor's end whose value goes unused passes every value check; under
+    AddressSanitizer it fails."""
+    returncode, output, reports = sanitizer_runs["asan", mutant].result()
+    assert returncode != 0 and "ERROR: AddressSanitizer: heap-buffer-overflow" in reports, (
+        f"mutant {mutant} ({rewrite.MUTANTS_BY_NAME[mutant].what}) was not caught:\n{output[-2000:]}\n{reports[:2000]}")
+
+
+def test_kernels_race_free_under_tsan(tsan_environment, sanitizer_runs):
+    """The kernel variants of every shape and layout, under ThreadSanitizer: no two warps of a block
+    touch the same byte, one of them writing, without a barrier between them (in the order CUDA
+    defines, not the order the fibers happened to run; lanes of one warp share a TSan thread)."""
+    returncode, output, reports = sanitizer_runs["tsan", "none"].result()
+    print(output.strip().splitlines()[-1] if output.strip() else "(no output)")
+    assert returncode == 0 and " passed" in output and "ThreadSanitizer" not in reports, (
+        output[-2000:], reports[:4000])
+
 
 @pytest.mark.parametrize("mutant", RACE_MUTANTS)
-def test_tsan_catches_race_the_values_miss(tsan_environment, mutant, tmp_path):
+def test_tsan_catches_race_the_values_miss(tsan_environment, sanitizer_runs, mutant):
     """With the threads run in index order the values are right, and ThreadSanitizer reports the race."""
-    returncode, output, reports = _run_under_sanitizer("tsan", tsan_environment, mutant, tmp_path,
-                                                       schedule="forward", selection=RACE_SELECTION)
+    returncode, output, reports = sanitizer_runs["tsan", mutant].result()
     what = rewrite.MUTANTS_BY_NAME[mutant].what
     assert " passed" in output and " failed" not in output, f"mutant {mutant}: the values changed:\n{output[-2000:]}"
     assert "WARNING: ThreadSanitizer: data race" in reports and "block_reduce.cuh" in reports, (
