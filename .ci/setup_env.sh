@@ -9,7 +9,7 @@
 # Set BATCHLESS_VENV=1 to always use a venv, and BATCHLESS_VENV_DIR to name another one than .venv
 # (.ci/cuda_build.sh keeps the CUDA build of torch in .venv-cuda, bench/run.sh --models .venv-models).
 # Every step prints a line with the seconds since the start. On a fresh 2-core machine the venv
-# takes ~20 s (uv, local wheels; ~1.5 minutes with pip) and the extension's CPU build ~1-1.5 minutes (measured under load).
+# takes ~35 s (uv, local wheels; ~1.5 minutes with pip) and the extension's CPU build ~1-1.5 minutes (measured under load).
 #
 # The extension is built in place (batchless_kernels/_C*.so), which every venv of this checkout
 # shares. build/_C.built-for names the Python and torch it was built for, and each build is kept in
@@ -22,7 +22,7 @@ _venv="$_root/${BATCHLESS_VENV_DIR:-.venv}"
 _t0=$SECONDS
 _say() { echo "[setup $((SECONDS - _t0)) s] $*"; }
 
-# The venv's packages with uv (Astral's package installer, from PyPI), which installs them in 10-20 s where pip
+# The venv's packages with uv (Astral's package installer, from PyPI), which installs them in ~35 s where pip
 # spends ~100 CPU-seconds a venv (CI's two cores install three); uv does not read pip's configuration,
 # so pip's package sources are passed on (.ci/uv_index_args.py). Where uv cannot be had or fails,
 # pip installs them. BATCHLESS_UV=0: pip only.
