@@ -12,25 +12,15 @@
 #include <ATen/ops/zeros.h>
 
 #include <array>
-#include <cstdlib>
 #include <limits>
 #include <tuple>
-#include <type_traits>
+
+#include "batchless_common.h"
 
 namespace batchless_kernels {
 namespace host {
 
 using at::Tensor;
-
-// The two dense layouts the kernels read without copies.
-//   channels-first  (N, C, S) contiguous, S = product of the spatial dims (NCHW, NCDHW, NCL);
-//   channels-last   (M, C) with channels innermost (channels_last 4-D/5-D, (N, C), transposed (N, L, C)).
-enum class Layout { kChannelsFirst, kChannelsLast };
-
-struct Geometry {
-  Layout layout;
-  int64_t N, C, S;  // x viewed as (N, C, S); channels-last kernels see rows M = N * S
-};
 
 // t.movedim(1, -1).is_contiguous(), read from the strides without making the view (a view costs
 // about a microsecond, and every call asks several times). Size-1 dims take any stride.
@@ -74,32 +64,14 @@ inline at::ScalarType accumulation_type(at::ScalarType st) {
   return st == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // t.to(dtype) without calling aten::to when t already has it: a dispatched no-op costs host time on
 // every call, and ops called above the backend keys may not return an input (torch.library.opcheck's
 // schema check), which aten::to would.
 inline Tensor in_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
 
-// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
-template <typename F>
-void dispatch_bool(bool value, const F& f) {
-  if (value) {
-    f(std::true_type{});
-  } else {
-    f(std::false_type{});
-  }
-}
-
-// Tests set BATCHLESS_POISON_OUTPUTS=1 (before the first op call): fresh outputs then start as NaN,
-// so that an element a kernel fails to write shows (at::empty would often hand back zeros or a
-// previous result). Read once, not on every call.
+// t filled with NaN where tests poison fresh outputs (poison_outputs, batchless_common.h).
 inline Tensor poisoned(Tensor t) {
-  static const bool enabled = [] {
-    const char* flag = std::getenv("BATCHLESS_POISON_OUTPUTS");
-    return flag != nullptr && flag[0] == '1';
-  }();
-  if (enabled && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  if (poison_outputs() && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
 

@@ -12,6 +12,7 @@
 #include <array>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "batchless_host.h"
 #include "batchless_nll.h"
@@ -25,6 +26,20 @@ using at::Tensor;
 using cuda_norm::NllEpilogue;
 using cuda_norm::Params;
 
+// The kernels' scratch memory (cuda_norm::ScratchAllocator): tensors of `options` (the accumulation
+// dtype on x's device), held until the op returns.
+class TensorScratch final : public cuda_norm::ScratchAllocator {
+ public:
+  explicit TensorScratch(at::TensorOptions options) : options_(options) {}
+  void* allocate(int64_t count) override {
+    return held_.emplace_back(host::poisoned(at::empty({count}, options_))).data_ptr();
+  }
+
+ private:
+  at::TensorOptions options_;
+  std::vector<Tensor> held_;
+};
+
 template <typename acc_t>
 Params<acc_t> params_of(const Tensor& mean, const Tensor& rstd, const Tensor& weight,
                         const Tensor* bias) {
@@ -35,13 +50,14 @@ Params<acc_t> params_of(const Tensor& mean, const Tensor& rstd, const Tensor& we
 // A forward's arguments over a plan, without sums or NLL (the caller sets them where wanted).
 template <typename scalar_t>
 cuda_norm::ForwardArgs<scalar_t> forward_args(const host::ForwardPlan& plan,
-                                              const Params<at::opmath_type<scalar_t>>& params) {
+                                              const Params<at::opmath_type<scalar_t>>& params,
+                                              TensorScratch& scratch) {
   cuda_norm::ForwardArgs<scalar_t> args;
   args.geometry = plan.geometry;
   args.x = plan.x.const_data_ptr<scalar_t>();
   args.y = plan.y_buffer.data_ptr<scalar_t>();
   args.params = params;
-  args.acc_opts = plan.acc_opts;
+  args.scratch = &scratch;
   return args;
 }
 
@@ -54,9 +70,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const Tensor& m
   const c10::cuda::CUDAGuard guard(x.device());
   auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CUDA);
   if (plan.empty) return plan.finish();
+  TensorScratch scratch(plan.acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto args = forward_args<scalar_t>(plan, params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias));
+    auto args = forward_args<scalar_t>(plan, params_of<acc_t>(plan.mean, plan.rstd, plan.weight, &plan.bias), scratch);
     if (compute_stats) {
       args.s1 = plan.s1.data_ptr<acc_t>();
       args.s2 = plan.s2.data_ptr<acc_t>();
@@ -71,6 +88,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cuda(const Tensor& x, const Tensor& m
 template <typename acc_t>
 void run_backward(const host::BackwardPlan& plan, std::array<bool, 3> output_mask,
                   const NllEpilogue<acc_t>& epilogue) {
+  TensorScratch scratch(plan.dweight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.grad_y.scalar_type(), "batchless_backward_cuda", [&] {
     if constexpr (std::is_same_v<acc_t, at::opmath_type<scalar_t>>) {
       cuda_norm::BackwardArgs<scalar_t> args;
@@ -83,7 +101,7 @@ void run_backward(const host::BackwardPlan& plan, std::array<bool, 3> output_mas
       }
       if (output_mask[2]) args.dbias = plan.dbias.data_ptr<acc_t>();
       args.params = params_of<acc_t>(plan.mean, plan.rstd, plan.weight, nullptr);
-      args.acc_opts = plan.dweight.options();
+      args.scratch = &scratch;
       args.epilogue = epilogue;
       cuda_norm::run_backward(args);
     }
@@ -151,6 +169,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
     const int64_t C = x.size(1);
     rstd = host::poisoned(at::empty({C}, acc_opts));
     nll = host::poisoned(at::empty({}, acc_opts));
+    TensorScratch scratch(acc_opts);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_train_forward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const auto params = params_with_std_param<acc_t>(plan, kind, eps);
@@ -162,7 +181,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
       epilogue.gauge = gauge;
       epilogue.rstd = rstd.data_ptr<acc_t>();
       epilogue.nll = nll.data_ptr<acc_t>();
-      auto args = forward_args<scalar_t>(plan, params);
+      auto args = forward_args<scalar_t>(plan, params, scratch);
       args.s1 = plan.s1.data_ptr<acc_t>();
       args.s2 = plan.s2.data_ptr<acc_t>();
       args.epilogue = epilogue;
@@ -183,9 +202,10 @@ Tensor inference_cuda(const Tensor& x, const Tensor& mean, const Tensor& std_par
   auto plan = plan_with_std_param(x, mean, std_param, weight, bias, eps, /*compute_stats=*/false,
                                   "batchless_norm_inference");
   if (!plan.empty) {
+    TensorScratch scratch(plan.acc_opts);  // unused: no sums
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batchless_inference_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      cuda_norm::run_forward(forward_args<scalar_t>(plan, params_with_std_param<acc_t>(plan, kind, eps)));
+      cuda_norm::run_forward(forward_args<scalar_t>(plan, params_with_std_param<acc_t>(plan, kind, eps), scratch));
     });
   }
   return plan.finish_y();

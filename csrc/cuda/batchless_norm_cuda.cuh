@@ -4,14 +4,29 @@
 // batchless_norm_kernels_fp64_fp16.cu, so that the build compiles them in parallel.
 #pragma once
 
+// No ATen tensor headers here nor in the kernels (batchless_common.h says why).
 #include <ATen/OpMathType.h>
-#include <c10/core/TensorOptions.h>
 
-#include "batchless_host.h"
-#include "batchless_nll.h"
+#include <cstdint>
+
+#include "batchless_common.h"
+#include "batchless_nll_math.h"
 
 namespace batchless_kernels {
 namespace cuda_norm {
+
+// Device memory for the kernels' partial sums, which the host side provides (batchless_norm_cuda.cu:
+// tensors on the op's device, freed when the op returns; the caching allocator reuses them only after
+// the kernels queued on the stream), so that the kernels' translation units need no tensor headers.
+class ScratchAllocator {
+ public:
+  // count elements of the accumulation dtype, valid until the op returns (NaN where tests poison
+  // fresh outputs: host::poison_outputs).
+  virtual void* allocate(int64_t count) = 0;
+
+ protected:
+  ~ScratchAllocator() = default;
+};
 
 // Per-channel parameters (C,) in the accumulation dtype; the op's plan fills absent ones. Where
 // rstd is null, each thread computes r = 1/sigma from std_param (the training op: no separate kernel).
@@ -62,7 +77,7 @@ struct ForwardArgs {
   Params<acc_t> params;
   acc_t* s1 = nullptr;
   acc_t* s2 = nullptr;
-  at::TensorOptions acc_opts;  // of the partial sums' buffer
+  ScratchAllocator* scratch = nullptr;  // for the partial sums (where s1 is set)
   NllEpilogue<acc_t> epilogue = {};
 };
 
@@ -78,7 +93,7 @@ struct BackwardArgs {
   Params<acc_t> params;
   acc_t* dweight = nullptr;
   acc_t* dbias = nullptr;
-  at::TensorOptions acc_opts;
+  ScratchAllocator* scratch = nullptr;  // for the partial sums (where dweight or dbias is set)
   NllEpilogue<acc_t> epilogue = {};
 };
 

@@ -26,9 +26,12 @@
 // its dtypes (BATCHLESS_NORM_CUDA_KERNELS below; batchless_norm_cuda.cuh is the interface).
 #pragma once
 
+// c10's CUDA headers, not ATen's: no tensor headers here (batchless_common.h says why).
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -39,8 +42,8 @@
 #include <tuple>
 #include <type_traits>
 
-#include "batchless_host.h"
-#include "batchless_nll.h"
+#include "batchless_common.h"
+#include "batchless_nll_math.h"
 #include "cuda/batchless_norm_cuda.cuh"
 #include "cuda/block_reduce.cuh"
 
@@ -51,7 +54,6 @@ namespace {
 
 using cuda_norm::NllEpilogue;
 using cuda_norm::Params;
-using at::Tensor;
 using host::Geometry;
 using host::Layout;
 
@@ -534,7 +536,8 @@ int64_t resident_blocks(const void* kernel, size_t shared_bytes) {
   if (it == cache.end()) {
     int per_sm = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, shared_bytes));
-    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    int sms = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     it = cache.emplace(key, int64_t(std::max(per_sm, 1)) * sms).first;
   }
   return it->second;
@@ -547,13 +550,13 @@ int64_t resident_blocks(const void* kernel, size_t shared_bytes) {
 template <typename Op>
 void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& params,
             typename Op::acc_t* out0, typename Op::acc_t* out1,
-            std::initializer_list<const void*> pointers, const at::TensorOptions& acc_opts,
+            std::initializer_list<const void*> pointers, cuda_norm::ScratchAllocator* scratch,
             NllEpilogue<typename Op::acc_t> epilogue = {}) {
   using acc_t = typename Op::acc_t;
   using scalar_t = typename Op::scalar_type;
   constexpr bool reduce = Op::kReduce;
-  auto stream = at::cuda::getCurrentCUDAStream();
-  Tensor partials;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  acc_t* partials = nullptr;
   int64_t num_outer = 0, num_inner = 0, num_slots = 0;
   const bool with_nll = epilogue.nll != nullptr;  // the forward's NLL: block sums and counter
   const bool second_stage = reduce && epilogue.std_param != nullptr;  // runs even with one slot per channel
@@ -570,8 +573,9 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     }
     // The NLL epilogue's block sums and counter after the slots, in the same allocation.
     num_slots = count;
-    partials = host::poisoned(at::empty({2 * count + (with_nll ? 2 * int64_t(reduce_blocks) + 1 : 0)}, acc_opts));
-    acc_t* base = partials.data_ptr<acc_t>();
+    TORCH_CHECK(scratch != nullptr, "batchless_norm (cuda): the launcher has no scratch memory for its partial sums");
+    partials = static_cast<acc_t*>(scratch->allocate(2 * count + (with_nll ? 2 * int64_t(reduce_blocks) + 1 : 0)));
+    acc_t* base = partials;
     if (with_nll) {
       epilogue.block_sums = base + 2 * count;
       counter = reinterpret_cast<unsigned int*>(epilogue.block_sums + 2 * reduce_blocks);
@@ -642,7 +646,7 @@ void launch(const Geometry& g, const Op& op, const Params<typename Op::acc_t>& p
     });
   }
   if (reduce && !direct) {
-    const acc_t* p0 = partials.const_data_ptr<acc_t>();
+    const acc_t* p0 = partials;
     reduce_partials_kernel<acc_t><<<reduce_blocks, kReduceWarps * 32, 0, stream>>>(
         p0, p0 + num_slots, g.C, num_outer, num_inner, out0, out1, epilogue);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -653,7 +657,7 @@ template <typename scalar_t>
 void forward_kernels(const cuda_norm::ForwardArgs<scalar_t>& a) {
   dispatch_bool(a.s1 != nullptr, [&](auto stats) {
     using Op = ForwardOp<scalar_t, decltype(stats)::value>;
-    launch(a.geometry, Op{a.x, a.y}, a.params, a.s1, a.s2, {a.x, a.y}, a.acc_opts, a.epilogue);
+    launch(a.geometry, Op{a.x, a.y}, a.params, a.s1, a.s2, {a.x, a.y}, a.scratch, a.epilogue);
   });
 }
 
@@ -667,7 +671,7 @@ void backward_kernels(const cuda_norm::BackwardArgs<scalar_t>& a) {
                               std::decay_t<decltype(kdb)>::value>;
         if constexpr (std::decay_t<decltype(kdx)>::value || Op::kReduce) {  // the plan returned early otherwise
           launch(a.geometry, Op{a.grad_y, a.x, a.dx}, a.params, a.dweight, a.dbias, {a.grad_y, a.x, a.dx},
-                 a.acc_opts, a.epilogue);
+                 a.scratch, a.epilogue);
         }
       });
     });

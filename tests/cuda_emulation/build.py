@@ -10,7 +10,7 @@ How:
                        __syncthreads, __shfl_{,up_,down_,xor_}sync, __ballot/__any/__all_sync,
                        __syncwarp, cache-hint loads/stores (__ldg, __ldcs, __stcs, __stwb, ...),
                        __launch_bounds__, occupancy and device-property queries, kernel launches.
-  include/ATen/cuda/CUDAContext.h, include/c10/cuda/{CUDAGuard,CUDAException,CUDAFunctions}.h
+  include/ATen/cuda/CUDAContext.h, include/c10/cuda/{CUDAGuard,CUDAException,CUDAFunctions,CUDAStream}.h
                        stubs of the CUDA headers the launchers include: the current device is the
                        engine's simulated device (its SM count and blocks per SM are settings, so that
                        tests force different tilings), streams are dummies, C10_CUDA_CHECK works.
@@ -171,7 +171,7 @@ def impossible_reason() -> str | None:
 def _inputs(variant: str) -> list[pathlib.Path]:
     """Every file the build reads: a build older than one of them is stale."""
     files = [p for p in (CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh")]
-    files += [CSRC / "ops.cpp", CSRC / "batchless_host.h", CSRC / "batchless_nll.h"]
+    files += [CSRC / "ops.cpp"] + sorted(CSRC.glob("*.h"))  # the host headers
     files += [p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".cu") and BUILD_ROOT not in p.parents]
     return files + [HERE / "rewrite.py", HERE / "build.py"]
 

@@ -9,19 +9,18 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace at {
 namespace cuda {
 
-struct CUDAStream {
-  operator cudaStream_t() const { return nullptr; }
-  cudaStream_t stream() const { return nullptr; }
-};
+// As ATen's: c10's streams under at::cuda.
+using c10::cuda::CUDAStream;
+using c10::cuda::getCurrentCUDAStream;
+using c10::cuda::getDefaultCUDAStream;
 
 inline cudaDeviceProp* getCurrentDeviceProperties() { return ::emu::device_properties(); }
 inline cudaDeviceProp* getDeviceProperties(c10::DeviceIndex) { return ::emu::device_properties(); }
-inline CUDAStream getCurrentCUDAStream(c10::DeviceIndex = -1) { return {}; }
-inline CUDAStream getDefaultCUDAStream(c10::DeviceIndex = -1) { return {}; }
 
 }  // namespace cuda
 }  // namespace at
