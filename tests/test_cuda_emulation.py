@@ -350,11 +350,12 @@ SANITIZER_RUNS = (
 
 @pytest.fixture(scope="module")
 def sanitizer_runs(request, tmp_path_factory):
-    """The SANITIZER_RUNS of the selected tests, started together when the module starts (autouse
-    below), two child processes at a time, one per core of a CI machine: the chain of builds and
-    runs (~5 minutes in CI) then overlaps the mutation check and the other worker's files, where
-    run one after another at the end of the module (185 + 112 s with the builds) they left one
-    worker busy after the other had finished.
+    """The SANITIZER_RUNS of the selected tests, started together on first use, two child processes
+    at a time, one per core of a CI machine (one after another, the clean runs took 185 + 112 s with
+    their builds, and the mutants' runs then used one core). Started with the module's first test
+    instead (for the builds to overlap the mutation check and the other worker's files), the two CI
+    runs that tried it took 768 and 839 s of pytest in their first stage against 661 before (other
+    changes came with it, and the VM's speed varies by the hour): not kept.
     Futures of _run_under_sanitizer's result by (variant, mutant); none where the sanitizer is
     missing (its tests then skip through their environment fixture)."""
     selected = {item.originalname for item in request.session.items}
@@ -371,11 +372,6 @@ def sanitizer_runs(request, tmp_path_factory):
                                                 tmp_path_factory.mktemp(f"{variant}-{mutant}"), schedule, selection)
     yield runs
     pool.shutdown(wait=True, cancel_futures=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _start_sanitizer_runs(sanitizer_runs):
-    """Starts them with the module's first test."""
 
 
 def test_kernels_clean_under_asan(asan_environment, sanitizer_runs):
