@@ -1,5 +1,6 @@
-"""Builds batchless_kernels._C from csrc/: always the C++ CPU kernels, plus the CUDA kernels
-(csrc/cuda/*.cu) when a CUDA toolkit and a CUDA build of torch are present.
+"""Builds batchless_kernels._C from csrc/: always the C++ CPU kernels, plus the CUDA ops (csrc/cuda:
+kernels in *.cu, compiled by nvcc; their host side in *.cpp, compiled by the host compiler) when a
+CUDA toolkit and a CUDA build of torch are present.
 
 Environment switches:
   BATCHLESS_BUILD_CUDA=1|0   force the CUDA sources on or off (default: auto-detect)
@@ -87,7 +88,7 @@ def _nvidia_include_dirs():
 
 def _extension():
     cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     build_cuda = _env_flag("BATCHLESS_BUILD_CUDA")
     cuda_possible = torch.version.cuda is not None and CUDA_HOME is not None
     if build_cuda is None:

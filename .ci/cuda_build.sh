@@ -12,7 +12,7 @@ export BATCHLESS_VENV=1 BATCHLESS_VENV_DIR="${BATCHLESS_VENV_DIR:-.venv-cuda}"
 export BATCHLESS_TORCH="${BATCHLESS_TORCH:-torch==2.14.1}" BATCHLESS_TRITON="${BATCHLESS_TRITON:-triton==3.8.0}"
 export BATCHLESS_BUILD_CUDA=1
 # A build of the CPU kernels alone must not pass for this one.
-touch csrc/cuda/*.cu
+touch csrc/cuda/*.cu csrc/cuda/*.cpp
 source .ci/setup_env.sh
 "$BATCHLESS_PYTHON" .ci/check_cuda_code.py
 exec "$BATCHLESS_PYTHON" -m pytest tests "${BATCHLESS_PYTEST_PARALLEL[@]}" "$@"

@@ -46,12 +46,13 @@ def test_requested_build_succeeded():
 def test_rewrite_of_the_cuda_sources(tmp_path):
     result = rewrite.rewrite_tree(tmp_path, "batchless_emulated")
     counts = result["counts"]
-    assert set(counts) == {p.name for p in (rewrite.CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh")}
-    # the ops' registrations (one per file that has them) and every launch and __launch_bounds__
-    assert {name for name, c in counts.items() if c["library_impls"]} == {"batchless_norm_cuda.cu",
-                                                                          "batchless_nll_cuda.cu"}
+    assert set(counts) == {p.name for p in (rewrite.CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh", ".cpp")}
+    # the ops' registrations (one per file that has them, the host side's) and every launch and
+    # __launch_bounds__ (the kernels')
+    assert {name for name, c in counts.items() if c["library_impls"]} == {"batchless_norm_cuda.cpp",
+                                                                          "batchless_nll_cuda.cpp"}
     assert all(c["library_impls"] <= 1 for c in counts.values()), counts
-    for name in ("batchless_norm_kernels.cuh", "batchless_nll_cuda.cu"):
+    for name in ("batchless_norm_kernels.cuh", "batchless_nll_kernels.cu"):
         assert counts[name]["launches"] >= 1 and counts[name]["launch_bounds"] >= 1, (name, counts[name])
     for path in result["sources"]:
         text = path.read_text()

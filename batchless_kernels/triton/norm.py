@@ -358,7 +358,7 @@ def _sum_partials_kernel(
         r, log_sigma, dlog_r, dlog_sigma = _sigma(_load_channel(STD, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))
         if EPILOGUE == 1:
             # nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2), as the
-            # CUDA second stage (csrc/cuda/batchless_norm_cuda.cu, NllEpilogue): each program adds its
+            # CUDA second stage (csrc/cuda/batchless_norm_kernels.cuh, NllEpilogue): each program adds its
             # channels' terms; the last to take a ticket adds the programs' sums in program order.
             tl.store(RSTD + cols, r, mask=cmask)
             pid = tl.program_id(0).to(tl.int64)

@@ -1,7 +1,7 @@
-// The interface between the host side of the CUDA norm ops (batchless_norm_cuda.cu: checks, plans,
+// The interface between the host side of the CUDA norm ops (batchless_norm_cuda.cpp: checks, plans,
 // dtype dispatch, registration) and their kernels (batchless_norm_kernels.cuh), which are compiled
-// per dtype in two translation units, batchless_norm_cuda.cu (float32, bfloat16) and
-// batchless_norm_kernels_fp64_fp16.cu, so that the build compiles them in parallel.
+// per dtype in two translation units, batchless_norm_kernels_fp32_bf16.cu and _fp64_fp16.cu, so that
+// the build compiles them in parallel. Plain C++ on the host side: no CUDA syntax here.
 #pragma once
 
 // No ATen tensor headers here nor in the kernels (batchless_common.h says why).
@@ -15,7 +15,7 @@
 namespace batchless_kernels {
 namespace cuda_norm {
 
-// Device memory for the kernels' partial sums, which the host side provides (batchless_norm_cuda.cu:
+// Device memory for the kernels' partial sums, which the host side provides (batchless_norm_cuda.cpp:
 // tensors on the op's device, freed when the op returns; the caching allocator reuses them only after
 // the kernels queued on the stream), so that the kernels' translation units need no tensor headers.
 class ScratchAllocator {

@@ -21,9 +21,9 @@
 // pack); each thread issues kUnroll independent loads before using them, so that enough bytes are
 // in flight; offsets are 64-bit.
 //
-// This header is compiled by batchless_norm_cuda.cu (the ops' host side, and the kernels of float32
-// and bfloat16) and batchless_norm_kernels_fp64_fp16.cu: each defines run_forward and run_backward of
-// its dtypes (BATCHLESS_NORM_CUDA_KERNELS below; batchless_norm_cuda.cuh is the interface).
+// This header is compiled by batchless_norm_kernels_fp32_bf16.cu and _fp64_fp16.cu: each defines
+// run_forward and run_backward of its dtypes (BATCHLESS_NORM_CUDA_KERNELS below), which the ops' host
+// side (batchless_norm_cuda.cpp) calls through batchless_norm_cuda.cuh.
 #pragma once
 
 // c10's CUDA headers, not ATen's: no tensor headers here (batchless_common.h says why).

@@ -1,4 +1,4 @@
-"""Source rewrite of the CUDA emulation: csrc/cuda/*.cu(h) -> sources g++ compiles against
+"""Source rewrite of the CUDA emulation: csrc/cuda/*.{cu,cuh,cpp} -> sources g++ compiles against
 include/emu_cuda.h (see build.py for the whole picture). Only what g++ cannot parse or what must
 point at CPU tensors changes; each substitution stays on its line (a ``#line`` directive keeps file
 names and line numbers of the original in messages):
@@ -191,12 +191,13 @@ def _write_if_changed(path: pathlib.Path, text: str) -> None:
 
 
 def rewrite_tree(out_dir: pathlib.Path, library: str, mutants: bool = False) -> dict:
-    """Writes out_dir/cuda/<file> for every csrc/cuda file (.cu as .cpp, for g++) and
-    out_dir/ops.cpp; returns {"sources": [...], "counts": {file: counts}, "mutants": [...]}."""
+    """Writes out_dir/cuda/<file> for every csrc/cuda file (.cu as .cpp, for g++; the host side's .cpp
+    for its registrations and device checks) and out_dir/ops.cpp; returns {"sources": [...],
+    "kernels": [those of the .cu files], "counts": {file: counts}, "mutants": [...]}."""
     out_dir = pathlib.Path(out_dir)
-    sources, report, applied = [], {}, []
+    sources, kernels, report, applied = [], [], {}, []
     for src in sorted((CSRC / "cuda").iterdir()):
-        if src.suffix not in (".cu", ".cuh"):
+        if src.suffix not in (".cu", ".cuh", ".cpp"):
             continue
         text, names = apply_mutants(src.read_text(), src.name, mutants)
         applied += names
@@ -204,13 +205,15 @@ def rewrite_tree(out_dir: pathlib.Path, library: str, mutants: bool = False) -> 
         report[src.name] = counts
         dest = out_dir / "cuda" / (src.stem + ".cpp" if src.suffix == ".cu" else src.name)
         _write_if_changed(dest, text)
-        if src.suffix == ".cu":
+        if src.suffix != ".cuh":
             sources.append(dest)
+        if src.suffix == ".cu":
+            kernels.append(dest)
     if mutants and sorted(applied) != sorted(m.name for m in MUTANTS):
         raise RewriteError(f"mutants applied {applied}, expected {[m.name for m in MUTANTS]}")
     ops = out_dir / "ops.cpp"
     _write_if_changed(ops, rewrite_ops((CSRC / "ops.cpp").read_text(), library))
-    return {"sources": sources + [ops], "counts": report, "mutants": applied}
+    return {"sources": sources + [ops], "kernels": kernels, "counts": report, "mutants": applied}
 
 
 def main(argv=None) -> int:

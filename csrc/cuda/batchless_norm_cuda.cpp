@@ -1,9 +1,9 @@
-// The CUDA norm ops (schemas in csrc/ops.cpp; checks and plans in csrc/batchless_host.h, shared with
-// the CPU kernels): each op checks its inputs, plans the outputs, dispatches on the dtype and runs the
-// kernels (batchless_norm_kernels.cuh, through the interface batchless_norm_cuda.cuh). This file
-// compiles the kernels of float32 and bfloat16; batchless_norm_kernels_fp64_fp16.cu those of float64
-// and float16, in parallel (one file held 80% of the extension's build and compiled last, alone, for
-// 100-130 s of CI's two cores; a third file would cost its headers' ~30 CPU-seconds again).
+// The host side of the CUDA norm ops (schemas in csrc/ops.cpp; checks and plans in
+// csrc/batchless_host.h, shared with the CPU kernels): each op checks its inputs, plans the outputs,
+// dispatches on the dtype and calls the kernels' entry points (batchless_norm_cuda.cuh), which the
+// kernels' translation units define: batchless_norm_kernels_fp32_bf16.cu and _fp64_fp16.cu.
+// Plain C++ compiled by the host compiler: no device code here, so nvcc's device passes do not
+// parse ATen's tensor headers (nvcc took ~45 CPU-seconds for such a file, g++ ~15).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,7 +17,6 @@
 #include "batchless_host.h"
 #include "batchless_nll.h"
 #include "cuda/batchless_norm_cuda.cuh"
-#include "cuda/batchless_norm_kernels.cuh"
 
 namespace batchless_kernels {
 namespace {
@@ -274,5 +273,3 @@ TORCH_LIBRARY_IMPL(batchless_kernels, CUDA, m) {
 
 }  // namespace batchless_kernels
 
-BATCHLESS_NORM_CUDA_KERNELS(float)
-BATCHLESS_NORM_CUDA_KERNELS(c10::BFloat16)
