@@ -58,6 +58,13 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
               s2.device(), ", ", mean.device(), ", ", std_param.device());
 }
 
+// The NLL's incoming gradient where a kernel reads it on the device: one element on s1's device.
+inline void check_grad_nll(const Tensor& grad_nll, const Tensor& s1, const char* op) {
+  TORCH_CHECK(grad_nll.numel() == 1 && grad_nll.device() == s1.device(), op,
+              ": grad_nll must be a one-element tensor on ", s1.device(), ", got shape ", grad_nll.sizes(),
+              " on ", grad_nll.device());
+}
+
 }  // namespace nll
 
 // batchless_nll and batchless_nll_backward on the CPU (csrc/cpu/batchless_nll_cpu.cpp), also called
@@ -69,7 +76,7 @@ std::tuple<at::Tensor, at::Tensor> nll_backward_cpu(const at::Tensor& grad_nll, 
                                                     const at::Tensor& std_param, int64_t count,
                                                     c10::string_view parametrization, double eps);
 
-// batchless_nll_backward's CUDA kernel (csrc/cuda/batchless_nll_cuda.cu), also run by the training
+// batchless_nll_backward on the GPU (csrc/cuda/batchless_nll_cuda.cpp), also run by the training
 // backward where its second stage does not compute the NLL's gradients.
 std::tuple<at::Tensor, at::Tensor> nll_backward_cuda(const at::Tensor& grad_nll, const at::Tensor& s1,
                                                      const at::Tensor& s2, const at::Tensor& mean,

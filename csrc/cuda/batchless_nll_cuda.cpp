@@ -39,9 +39,7 @@ std::tuple<Tensor, Tensor> nll_backward_cuda(const Tensor& grad_nll, const Tenso
                                              const Tensor& std_param, int64_t count,
                                              c10::string_view parametrization, double eps) {
   nll::check_nll_args(s1, s2, mean, std_param, count, eps);
-  TORCH_CHECK(grad_nll.numel() == 1 && grad_nll.device() == s1.device(),
-              "batchless_nll_backward: grad_nll must be a one-element tensor on ", s1.device(),
-              ", got shape ", grad_nll.sizes(), " on ", grad_nll.device());
+  nll::check_grad_nll(grad_nll, s1, "batchless_nll_backward");
   const auto kind = nll::parse_parametrization(parametrization);
   const c10::cuda::CUDAGuard guard(s1.device());
   const auto acc = s1.scalar_type();

@@ -232,9 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cuda(
     return {dx, dw, db, unselected(dmean, mask[3]), unselected(dparam, mask[4])};
   }
   nll::check_nll_args(s1, s2, mean, std_param, count, eps);
-  TORCH_CHECK(grad_nll.numel() == 1 && grad_nll.device() == s1.device(),
-              "batchless_norm_train_backward: grad_nll must be a one-element tensor on ", s1.device(),
-              ", got shape ", grad_nll.sizes(), " on ", grad_nll.device());
+  nll::check_grad_nll(grad_nll, s1, "batchless_norm_train_backward");
   const auto kind = nll::parse_parametrization(parametrization);
   const c10::cuda::CUDAGuard guard(grad_y.device());
   host::check_x(grad_y, "grad_y", c10::DeviceType::CUDA);  // before std_param's check reads its dim 1

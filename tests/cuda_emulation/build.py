@@ -40,8 +40,7 @@ This module builds the extension with torch.utils.cpp_extension.load (g++, ninja
 installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
   variant "main"    library batchless_emulated: the kernels as they are;
   variant "asan"    library batchless_emulated_asan: the mutant variant's sources (the norm
-                    kernels of float32 and bfloat16 only: SANITIZER_SKIPS), the kernels and the engine
-                    under AddressSanitizer (sanitizer_cxx.sh: the host side is not instrumented) (heap
+                    kernels of float32 and bfloat16 only: SANITIZER_SKIPS) under AddressSanitizer (heap
                     accesses: an out-of-bounds read of a tensor fails), loaded
                     in a process started with the ASan runtime preloaded (sanitizer_environment();
                     BATCHLESS_CUDA_EMULATION_SANITIZER=address selects it, tests/test_cuda_emulation.py);
@@ -89,7 +88,6 @@ another).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -175,7 +173,7 @@ def _inputs(variant: str) -> list[pathlib.Path]:
     """Every file the build reads: a build older than one of them is stale."""
     files = [p for p in (CSRC / "cuda").iterdir() if p.suffix in (".cu", ".cuh", ".cpp")]
     files += [CSRC / "ops.cpp"] + sorted(CSRC.glob("*.h"))  # the host headers
-    files += [p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".cu", ".sh") and BUILD_ROOT not in p.parents]
+    files += [p for p in HERE.rglob("*") if p.suffix in (".h", ".cpp", ".cu") and BUILD_ROOT not in p.parents]
     return files + [HERE / "rewrite.py", HERE / "build.py"]
 
 
@@ -256,42 +254,20 @@ def build(variant: str = "main", verbose: bool = False):
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
     _remove_stale_lock(out)
     started = time.monotonic()
-    # The sanitizer variants instrument the kernels and the engine only (sanitizer_cxx.sh says why).
-    compiler = {}
-    if variant in SANITIZE:
-        instrumented = [p.name for p in result["kernels"] if p.name not in SANITIZER_SKIPS] + ["engine.cpp"]
-        compiler = {"CXX": str(HERE / "sanitizer_cxx.sh"), "BATCHLESS_EMU_CXX": os.environ.get("CXX", "c++"),
-                    "BATCHLESS_EMU_INSTRUMENTED": " ".join(instrumented)}
-    with _environment(compiler):
-        module = cpp.load(
-            name=module_name(variant),
-            sources=sources,
-            extra_include_paths=[str(HERE / "include"), str(src), str(CSRC)],
-            extra_cflags=[OPTIMIZE[variant]] + CFLAGS + SANITIZE.get(variant, []),
-            extra_ldflags=SANITIZE.get(variant, [])[:1],
-            build_directory=str(out),
-            verbose=verbose,
-        )
+    module = cpp.load(
+        name=module_name(variant),
+        sources=sources,
+        extra_include_paths=[str(HERE / "include"), str(src), str(CSRC)],
+        extra_cflags=[OPTIMIZE[variant]] + CFLAGS + SANITIZE.get(variant, []),
+        extra_ldflags=SANITIZE.get(variant, [])[:1],
+        build_directory=str(out),
+        verbose=verbose,
+    )
     _stamp(variant).write_text(fingerprint)
     if verbose:
         print(f"[cuda-emulation] {variant}: built/loaded in {time.monotonic() - started:.1f}s ({out})")
     _LOADED[variant] = module
     return module
-
-
-@contextlib.contextmanager
-def _environment(variables: dict[str, str]):
-    """os.environ with `variables` set for the duration (the compiler that torch's build runs)."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 # A build takes minutes (the sanitizer variants ~2); torch's build lock older than this was left by a

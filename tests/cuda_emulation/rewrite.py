@@ -193,9 +193,9 @@ def _write_if_changed(path: pathlib.Path, text: str) -> None:
 def rewrite_tree(out_dir: pathlib.Path, library: str, mutants: bool = False) -> dict:
     """Writes out_dir/cuda/<file> for every csrc/cuda file (.cu as .cpp, for g++; the host side's .cpp
     for its registrations and device checks) and out_dir/ops.cpp; returns {"sources": [...],
-    "kernels": [those of the .cu files], "counts": {file: counts}, "mutants": [...]}."""
+    "counts": {file: counts}, "mutants": [...]}."""
     out_dir = pathlib.Path(out_dir)
-    sources, kernels, report, applied = [], [], {}, []
+    sources, report, applied = [], {}, []
     for src in sorted((CSRC / "cuda").iterdir()):
         if src.suffix not in (".cu", ".cuh", ".cpp"):
             continue
@@ -207,13 +207,11 @@ def rewrite_tree(out_dir: pathlib.Path, library: str, mutants: bool = False) -> 
         _write_if_changed(dest, text)
         if src.suffix != ".cuh":
             sources.append(dest)
-        if src.suffix == ".cu":
-            kernels.append(dest)
     if mutants and sorted(applied) != sorted(m.name for m in MUTANTS):
         raise RewriteError(f"mutants applied {applied}, expected {[m.name for m in MUTANTS]}")
     ops = out_dir / "ops.cpp"
     _write_if_changed(ops, rewrite_ops((CSRC / "ops.cpp").read_text(), library))
-    return {"sources": sources + [ops], "kernels": kernels, "counts": report, "mutants": applied}
+    return {"sources": sources + [ops], "counts": report, "mutants": applied}
 
 
 def main(argv=None) -> int:
