@@ -34,10 +34,9 @@ _install_with_uv() {
   while IFS= read -r _line; do
     if [[ "$_line" == SSL_CERT_FILE=* ]]; then _env+=("$_line"); else _args+=("$_line"); fi
   done < <("$BATCHLESS_PYTHON" "$_root/.ci/uv_index_args.py" 2>> "$_piplog")
-  # --compile-bytecode: as pip does. Without it every process compiled torch's modules again on
-  # import (PYTHONDONTWRITEBYTECODE=1 on these machines: 6 s instead of 2.5 for `import torch`), which
-  # made CI's test stages ~20% longer.
-  env "${_env[@]}" "$BATCHLESS_PYTHON" -m uv pip install --compile-bytecode --python "$BATCHLESS_PYTHON" "${_args[@]}" \
+  # No bytecode compiled at install (pip compiles all of it): the venv's processes compile what they
+  # import, once, into build/pycache (below).
+  env "${_env[@]}" "$BATCHLESS_PYTHON" -m uv pip install --python "$BATCHLESS_PYTHON" "${_args[@]}" \
       --upgrade-package pip --upgrade-package setuptools --upgrade-package wheel pip setuptools wheel "${_pkgs[@]}" \
       2>&1 | tee -a "$_piplog" | { grep --line-buffered -E '^(Resolved|Prepared|Installed|Uninstalled|error)' || true; } \
       | sed -u 's/^/  /'
@@ -59,6 +58,14 @@ else
     "$_python" -m venv "$_venv"
   fi
   BATCHLESS_PYTHON="$_venv/bin/python"
+  # The bytecode of what the venv's processes import, compiled by the first that imports a module and
+  # kept in build/pycache (PYTHONPYCACHEPREFIX: nothing written beside the sources), also where
+  # PYTHONDONTWRITEBYTECODE is set (these machines): without a cache every process compiled torch's
+  # modules again (6 s instead of 2.5 for `import torch`). Compiling all of a venv at install took 81
+  # CPU-seconds (10618 modules); a test process's imports (torch with dynamo and inductor, triton,
+  # onnx, onnxruntime, sklearn, matplotlib, opacus) compile 3889 of them in ~25.
+  export PYTHONPYCACHEPREFIX="$_root/build/pycache"
+  unset PYTHONDONTWRITEBYTECODE
   # triton lets the tests run the triton backend under its interpreter; ninja compiles the
   # extension's files in parallel; scikit-learn ships the handwritten digits of examples/digits_cnn.py;
   # opacus (differential privacy) and onnx, onnxscript, onnxruntime (ONNX export) are what the
