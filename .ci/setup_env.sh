@@ -148,20 +148,6 @@ the CUDA sources add ~5; one line per compiled file; full log: $_log)"
   # pip -v passes the build's output through; ninja prints "[n/N] <command>" as each file is done.
   (cd "$_root" && exec "$BATCHLESS_PYTHON" -m pip install -v --no-build-isolation --no-deps -e .) > "$_log" 2>&1 < /dev/null &
   _pid=$!
-  # Beside the build, in a venv of ours: the modules the tests import, once, so that their bytecode is
-  # in build/pycache before pytest's workers would each compile it for itself.
-  _warm=""
-  if [[ -n "${PYTHONPYCACHEPREFIX:-}" ]]; then
-    (cd / && exec "$BATCHLESS_PYTHON" -c "
-import importlib
-for name in ('torch', 'torch._dynamo', 'torch._inductor.compile_fx', 'torch.export', 'torch.onnx', 'triton', 'numpy',
-             'pytest', 'xdist', 'sklearn.datasets', 'matplotlib.pyplot', 'opacus', 'onnx', 'onnxscript', 'onnxruntime'):
-    try:
-        importlib.import_module(name)
-    except Exception:
-        pass") > /dev/null 2>&1 < /dev/null &
-    _warm=$!
-  fi
   _seen=0
   while kill -0 "$_pid" 2>/dev/null; do
     sleep 2
@@ -181,7 +167,6 @@ for name in ('torch', 'torch._dynamo', 'torch._inductor.compile_fx', 'torch.expo
     _say "the build FAILED (full log: $_log)"
     exit 1
   fi
-  [[ -z "$_warm" ]] || wait "$_warm" || true
   _so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
   printf '%s\n' "$_key" > "$_stamp"
   rm -rf "$_cache" && mkdir -p "$_cache" && cp -p "$_so" "$_cache/"
