@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "batchless_common.h"
 #include "batchless_nll_math.h"
 #include "cuda/batchless_nll_cuda.cuh"
 #include "cuda/block_reduce.cuh"
@@ -66,7 +67,7 @@ void launch_nll_backward(const acc_t* grad_nll, const acc_t* s1, const acc_t* s2
                          int64_t C, acc_t count, Parametrization kind, acc_t eps, acc_t* dmean,
                          acc_t* dparam) {
   constexpr int kThreads = 256;
-  const auto blocks = static_cast<unsigned>((C + kThreads - 1) / kThreads);
+  const auto blocks = static_cast<unsigned>(host::ceil_div(C, kThreads));
   nll_backward_kernel<acc_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       grad_nll, s1, s2, std_param, C, count, kind, eps, dmean, dparam);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

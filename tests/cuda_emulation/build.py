@@ -244,13 +244,13 @@ def build(variant: str = "main", verbose: bool = False):
     text, _ = rewrite.rewrite_cuda((HERE / "selftest.cu").read_text(), display_path="tests/cuda_emulation/selftest.cu",
                                    library=library)
     rewrite._write_if_changed(selftest, text)
-    translated = result["sources"]
+    kernels = result["sources"]
     if variant in SANITIZE:
-        missing = set(SANITIZER_SKIPS) - {p.name for p in translated}
+        missing = set(SANITIZER_SKIPS) - {p.name for p in kernels}
         if missing:
             raise RuntimeError(f"SANITIZER_SKIPS names {sorted(missing)}, which csrc/cuda no longer has")
-        translated = [SANITIZER_SKIPS.get(p.name, p) for p in translated]
-    sources = [str(p) for p in translated] + [str(selftest), str(HERE / "engine.cpp"), str(HERE / "bindings.cpp")]
+        kernels = [SANITIZER_SKIPS.get(p.name, p) for p in kernels]
+    sources = [str(p) for p in kernels] + [str(selftest), str(HERE / "engine.cpp"), str(HERE / "bindings.cpp")]
     os.environ.setdefault("MAX_JOBS", str(len(os.sched_getaffinity(0))))
     _remove_stale_lock(out)
     started = time.monotonic()
