@@ -230,18 +230,6 @@ MUTANT_SELECTION = "cuda_emu-sm132 and (test_matrix or test_shapes_layouts)"
 MUTANT_SELECTIONS = {"reduce_load": "cuda_emu-sm132 and test_shapes_layouts and 139264"}
 
 
-@pytest.fixture(scope="module")
-def mutant_build():
-    if not EMULATED_BACKENDS:
-        pytest.skip(backend.unavailable_reason())
-    if backend.setting() == "1":
-        return build.build("mutant")
-    reason = build.stale_reason("mutant")
-    if reason is not None:
-        pytest.skip(f"{reason} --mutant (or set {build.ENV}=1)")
-    return None
-
-
 def _run_correctness_suite(mutant: str, selection: str) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env[backend.MUTANT_ENV] = mutant
@@ -254,7 +242,7 @@ def _run_correctness_suite(mutant: str, selection: str) -> subprocess.CompletedP
 
 
 @pytest.mark.parametrize("mutant", [m.name for m in rewrite.MUTANTS if not m.sanitizer])
-def test_suite_catches_mutant(mutant_build, mutant):
+def test_suite_catches_mutant(ext, mutant):
     """The suite fails on the kernels with the bug `mutant` (rewrite.MUTANTS says what it breaks)."""
     run = _run_correctness_suite(mutant, MUTANT_SELECTIONS.get(mutant, MUTANT_SELECTION))
     output = run.stdout + run.stderr
@@ -263,9 +251,9 @@ def test_suite_catches_mutant(mutant_build, mutant):
     assert run.returncode == 1 and failed, f"mutant {mutant} was not caught:\n{output[-3000:]}"
 
 
-def test_mutant_variant_passes_with_no_mutant(mutant_build):
-    """The same selection passes on the mutant variant with every mutant off: the failures above
-    come from the bugs, not from the variant."""
+def test_suite_passes_with_no_mutant(ext):
+    """The same selection passes with every mutant off: the failures above come from the bugs, not
+    from the switches or the child process."""
     run = _run_correctness_suite("none", "cuda_emu-sm132 and test_matrix and float32")
     assert run.returncode == 0 and " passed" in run.stdout, (run.stdout + run.stderr)[-3000:]
 

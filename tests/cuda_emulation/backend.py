@@ -10,9 +10,9 @@ Environment:
   BATCHLESS_CUDA_EMULATION          1: build what is missing; 0: no emulated backends; unset: use a
                                     current build where one exists.
   BATCHLESS_CUDA_EMULATION_DEVICES  the simulated devices, SMS:BLOCKS_PER_SM,... (default 132:0,1:1).
-  BATCHLESS_CUDA_EMULATION_MUTANT   name of a rewrite.MUTANTS entry: the emulated backends run the
-                                    mutant variant with that bug switched on (the mutation check);
-                                    "none": the mutant variant with every mutant off.
+  BATCHLESS_CUDA_EMULATION_MUTANT   name of a rewrite.MUTANTS entry: the emulated backends run
+                                    with that bug switched on (the mutation check); "none" (or
+                                    unset): every mutant off.
   BATCHLESS_CUDA_EMULATION_SANITIZER  address / thread: the asan / tsan variant (in a process started
                                     with build.sanitizer_environment() of that variant).
   BATCHLESS_CUDA_EMULATION_SCHEDULE the engine's thread order (default alternate; see engine.cpp).
@@ -61,7 +61,7 @@ def setting() -> str:
 
 
 def mutant_name() -> str | None:
-    """The mutant to switch on ("none": the mutant variant with every mutant off), or None."""
+    """The mutant to switch on ("none": every mutant off, as when None), or None."""
     name = os.environ.get(MUTANT_ENV, "").strip()
     if name and name != "none" and name not in build.rewrite.MUTANTS_BY_NAME:
         raise ValueError(f"{MUTANT_ENV}={name!r}: not 'none' nor one of {sorted(build.rewrite.MUTANTS_BY_NAME)}")
@@ -76,13 +76,13 @@ SANITIZER_VARIANTS = {"address": "asan", "thread": "tsan"}
 
 def variant() -> str:
     """"asan" / "tsan" where BATCHLESS_CUDA_EMULATION_SANITIZER=address / thread (a process started
-    with build.sanitizer_environment() of that variant), "mutant" where a mutant is named, else "main"."""
+    with build.sanitizer_environment() of that variant), else "main"."""
     sanitizer = os.environ.get(SANITIZER_ENV, "").strip()
     if sanitizer and sanitizer not in SANITIZER_VARIANTS:
         raise ValueError(f"{SANITIZER_ENV}={sanitizer!r}: expected one of {sorted(SANITIZER_VARIANTS)} or nothing")
     if sanitizer:
         return SANITIZER_VARIANTS[sanitizer]
-    return "mutant" if mutant_name() else "main"
+    return "main"
 
 
 SCHEDULE_ENV = "BATCHLESS_CUDA_EMULATION_SCHEDULE"

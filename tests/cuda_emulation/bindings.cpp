@@ -98,8 +98,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("take_unchecked", &emu::take_unchecked,
         "Whether the last launch was not followed by C10_CUDA_KERNEL_LAUNCH_CHECK (and forget it)");
-  m.def("set_mutant", [](int id) { emu::mutant_id() = id; });
-  m.def("mutant", [] { return emu::mutant_id(); });
+  m.def("set_mutant", [](int id) { emu::active_mutant = id; });
+  m.def("mutant", [] { return emu::active_mutant; });
   m.def("selftest_names", &emu_selftest::selftest_names);
   m.def("run_selftest", &emu_selftest::run_selftest);
 }

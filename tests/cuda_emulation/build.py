@@ -38,8 +38,15 @@ How:
 
 This module builds the extension with torch.utils.cpp_extension.load (g++, ninja, against the
 installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-ignored):
-  variant "main"    library batchless_emulated: the kernels as they are;
-  variant "asan"    library batchless_emulated_asan: the mutant variant's sources (the norm
+  variant "main"    library batchless_emulated: the kernels with rewrite.MUTANTS compiled in (a
+                    mutant schema), each off until switched on (set_mutant) for the mutation check
+                    of tests/test_cuda_emulation.py: a dropped tail element (channels-last and
+                    channels-first remainder loops), each of block_sum's two barriers removed, a
+                    barrier taken only by some threads, a shuffle mask naming half the warp, a load of
+                    the second stage dropped, ... With every mutant off (the default) they compute
+                    what csrc/cuda says; one build serves the suite and the mutation check (a
+                    separate mutant variant at -O0 took ~90 CPU-seconds more of CI);
+  variant "asan"    library batchless_emulated_asan: the same sources (the norm
                     kernels of float32 and bfloat16 only: SANITIZER_SKIPS) under AddressSanitizer (heap
                     accesses: an out-of-bounds read of a tensor fails), loaded
                     in a process started with the ASan runtime preloaded (sanitizer_environment();
@@ -48,17 +55,11 @@ installed torch) into tests/cuda_emulation/build/<variant>-torch<version>/ (git-
                     block a TSan fiber, synchronized as __syncthreads synchronizes it: a race between
                     the warps of a block is reported even where the values come out right (the
                     lanes of one warp share a TSan thread: races between them are not seen)
-                    (BATCHLESS_CUDA_EMULATION_SANITIZER=thread);
-  variant "mutant"  library batchless_emulated_mutant: the same with rewrite.MUTANTS compiled in,
-                    each off until switched on (set_mutant), for tests/test_cuda_emulation.py:
-                    a dropped tail element (channels-last and channels-first remainder loops),
-                    each of block_sum's two barriers removed, a barrier taken only by some threads,
-                    a shuffle mask naming half the warp, a load of the second stage dropped.
+                    (BATCHLESS_CUDA_EMULATION_SANITIZER=thread).
 A build is current when the fingerprint (content hash) of its inputs, recorded in built.stamp,
 matches csrc/cuda, csrc/ops.cpp, the host headers and this folder's sources.
 
     python tests/cuda_emulation/build.py            # build (or bring up to date) the main variant
-    python tests/cuda_emulation/build.py --mutant   # and the mutant variant
 
 Test integration (tests/conftest.py, tests/cuda_emulation/backend.py): where the main variant is
 built and up to date for this torch, the correctness suite gets two more backends, cuda_emu-sm132-cpu
@@ -71,12 +72,11 @@ test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the 
 =0 leaves the emulated backends out; unset uses a build that exists. Where the build is impossible
 (no g++, no ninja, not Linux) the emulated tests skip with the reason.
 
-Cost (2 shared cores, one compile job): building the main variant about 2 minutes, the mutant
-variant (-O0) about 1.5 minutes; the emulated backends add about 2 minutes to the correctness
+Cost (2 shared cores, one compile job): building the main variant about 2 minutes; the emulated backends add about 2 minutes to the correctness
 suite (most of it in the 2053-channel shapes: thousands of small blocks), and
 tests/test_cuda_emulation.py about 2 minutes (the mutation check runs the correctness suite in a
 subprocess per mutant, stopping at the first failure), the asan variant about 2 minutes to build
-and 1.5 minutes to run its selection, the tsan variant about 2 minutes to build and 50 s to run it
+and 20 s to run its selection (62 s while the engine's switches called __asan_handle_no_return), the tsan variant about 2 minutes to build and 50 s to run it
 (plus 15 s for the race mutant on the contiguous cases). MAX_JOBS sets the compile jobs (default: the
 cores this process may use).
 
@@ -104,21 +104,18 @@ CSRC = ROOT / "csrc"
 BUILD_ROOT = HERE / "build"
 ENV = "BATCHLESS_CUDA_EMULATION"
 
-VARIANTS = {"main": "batchless_emulated", "mutant": "batchless_emulated_mutant", "asan": "batchless_emulated_asan",
-            "tsan": "batchless_emulated_tsan"}
+VARIANTS = {"main": "batchless_emulated", "asan": "batchless_emulated_asan", "tsan": "batchless_emulated_tsan"}
 CFLAGS = ["-g0", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
-# The mutant variant runs a few small cases only: compiled without optimization (half the build time).
 # The main variant at -O1: its kernels compiled in 64 s against 83-104 s at -O2, and the suite's 1248
 # emulated cases ran in the same time (51 s against 53 s, 2 workers); at -O0 (40 s) they took 81 s.
-OPTIMIZE = {"main": "-O1", "mutant": "-O0", "asan": "-O1", "tsan": "-O1"}
-# The asan variant: the mutant variant's sources under AddressSanitizer, for heap accesses only
+OPTIMIZE = {"main": "-O1", "asan": "-O1", "tsan": "-O1"}
+# The asan variant: the main variant's sources under AddressSanitizer, for heap accesses only
 # (asan-stack=0: the fibers switch stacks with longjmp, which stack instrumentation would misread).
 # The tsan variant: the same under ThreadSanitizer, the engine telling TSan the synchronization CUDA
 # gives (engine.cpp, "Race detection"). Each process needs its runtime loaded first:
 # sanitizer_environment().
 SANITIZE = {"asan": ["-fsanitize=address", "-fno-omit-frame-pointer", "--param=asan-stack=0"],
             "tsan": ["-fsanitize=thread", "-fno-omit-frame-pointer", "-g1"]}  # -g1: file:line in reports
-MUTANT_VARIANTS = ("mutant", "asan", "tsan")
 # The sanitizer variants leave out the norm kernels of float64 and float16 (their translation unit;
 # sanitizer_dtypes.cpp stands in): their selections run float32 and bfloat16.
 SANITIZER_SKIPS = {"batchless_norm_kernels_fp64_fp16.cpp": HERE / "sanitizer_dtypes.cpp"}
@@ -239,7 +236,7 @@ def build(variant: str = "main", verbose: bool = False):
     src = out / "src"
     fingerprint = _fingerprint(variant)  # of the inputs this build reads
     library = library_of(variant)
-    result = rewrite.rewrite_tree(src, library, mutants=variant in MUTANT_VARIANTS)
+    result = rewrite.rewrite_tree(src, library, mutants=True)
     selftest = src / "selftest.cpp"
     text, _ = rewrite.rewrite_cuda((HERE / "selftest.cu").read_text(), display_path="tests/cuda_emulation/selftest.cu",
                                    library=library)
@@ -324,17 +321,15 @@ def load(variant: str = "main", build_if_needed: bool = False):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Builds the CUDA emulation extension (see the module docstring).")
-    parser.add_argument("--mutant", action="store_true", help="also build the mutant variant")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     reason = impossible_reason()
     if reason is not None:
         print(f"[cuda-emulation] cannot build here: {reason}")
         return 0
-    for variant in ["main"] + (["mutant"] if args.mutant else []):
-        started = time.monotonic()
-        build(variant, verbose=not args.quiet)
-        print(f"[cuda-emulation] {variant} ready in {time.monotonic() - started:.1f}s: {build_dir(variant)}")
+    started = time.monotonic()
+    build("main", verbose=not args.quiet)
+    print(f"[cuda-emulation] main ready in {time.monotonic() - started:.1f}s: {build_dir('main')}")
     return 0
 
 

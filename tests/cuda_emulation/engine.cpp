@@ -18,9 +18,12 @@
 // block wrote shows.
 //
 // Switching: a fiber is created with makecontext and entered the first time with swapcontext; after
-// that the scheduler and the fibers switch with _setjmp/_longjmp, which save what a call must
-// preserve without swapcontext's signal-mask system call (about 20x faster; the fibers never
-// change the signal mask).
+// that the scheduler and the fibers switch with GCC's __builtin_setjmp/__builtin_longjmp, which
+// save the frame pointer, stack pointer and resume address (the compiler reloads the rest where a
+// jump lands), without swapcontext's signal-mask system call (_setjmp/_longjmp were about 20x faster
+// than swapcontext; the fibers never change the signal mask). Built-ins rather than _longjmp: the
+// sanitizers intercept _longjmp, and ASan's interceptor made a system call (sigaltstack) and
+// unpoisoned stacks at every switch, a third of the asan run's time (perf).
 //
 // Schedules (the order in which a pass runs the runnable threads): "forward" (index order),
 // "reverse", "lagging" (index order, but one warp runs only when no other thread can, so that the
@@ -50,10 +53,8 @@
 // selection ran for over 25 minutes); lanes of one warp exchange data through shuffles here.
 // Fibers rather than OS threads: with OS threads the engine's state needs a lock, and a lock taken
 // at every barrier and shuffle would order all threads of the block, hiding the races sought.
-#undef _FORTIFY_SOURCE  // __longjmp_chk would refuse to jump between fiber stacks
 #include "emu_cuda.h"
 
-#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -82,7 +83,10 @@ namespace emu {
 // record its entry on one TSan thread's shadow stack and its exit on another's). They must not
 // write shared engine state through instrumented or intercepted calls (memset, std::string,
 // device_properties()): only their error paths build strings, and an error ends the launch.
-#define EMU_ENGINE __attribute__((no_sanitize("thread")))
+// Nor by ASan, whose subject is the kernels too: it calls __asan_handle_no_return before every
+// call of a noreturn function, and so at every switch (a sigaltstack system call and a stack's
+// shadow unpoisoned each time: a third of the asan run, perf).
+#define EMU_ENGINE __attribute__((no_sanitize("thread", "address")))
 
 // ThreadSanitizer's view of the engine's synchronization (no-ops in the other builds).
 namespace race {
@@ -138,9 +142,12 @@ struct Thread : ThreadView {
 
 // A fiber runs the kernel for one thread index, block after block and launch after launch: after
 // a thread exits, its fiber waits at the bottom of trampoline() for the next block.
+// What __builtin_setjmp saves (five words, GCC's documentation).
+using JumpBuffer = void* [5];
+
 struct Fiber {
   ucontext_t context;
-  jmp_buf jump;
+  JumpBuffer jump;
   bool started = false;
   char* stack = nullptr;
 };
@@ -175,7 +182,7 @@ struct Engine {
   Thread* current = nullptr;
   int done = 0;
   ucontext_t scheduler;
-  jmp_buf scheduler_jump;
+  JumpBuffer scheduler_jump;
   std::string error;
   unsigned char* shared = nullptr;
   size_t shared_dirty = 0;
@@ -184,7 +191,6 @@ struct Engine {
   StaticShared statics[kMaxStatics];  // this block's __shared__ variables, in the order first reached
   int static_count = 0;
   cudaDeviceProp properties;
-  int mutant = 0;
   // Race detection: the scheduler's TSan fiber, the warps' (one each), the barrier tokens (by turns:
   // the parity of the block's completed barriers), the token exiting threads release.
   void* race_scheduler = nullptr;
@@ -265,12 +271,18 @@ EMU_ENGINE Thread& self(const char* what) {
   return *e.current;
 }
 
+// Resumes where `to` was saved by __builtin_setjmp, which returns 1 there. Out of line: the built-in
+// longjmp may not be called from the function that called the built-in setjmp. Not declared
+// noreturn, and kept out of interprocedural analysis (noipa), which would find it noreturn: the
+// scheduler (run_block, instrumented) calls it, and ASan would call __asan_handle_no_return first.
+__attribute__((noinline, noipa)) EMU_ENGINE void jump_to(JumpBuffer& to) { __builtin_longjmp(to, 1); }
+
 // Back to the scheduler until the engine resumes this thread.
 EMU_ENGINE void yield(Thread& t, State state) {
   t.state = state;
-  if (_setjmp(t.fiber->jump) == 0) {
+  if (__builtin_setjmp(t.fiber->jump) == 0) {
     race::leave_to(engine().race_scheduler);
-    _longjmp(engine().scheduler_jump, 1);
+    jump_to(engine().scheduler_jump);
   }
 }
 
@@ -279,7 +291,8 @@ EMU_ENGINE void yield(Thread& t, State state) {
   Engine& e = engine();
   race::release(&e.block_end_token);
   race::leave_to(e.race_scheduler);
-  _longjmp(e.scheduler_jump, 1);
+  jump_to(e.scheduler_jump);
+  __builtin_unreachable();
 }
 
 EMU_ENGINE void trampoline() {
@@ -295,7 +308,7 @@ EMU_ENGINE void trampoline() {
     }
     t->state = State::kDone;
     ++e.done;
-    if (_setjmp(t->fiber->jump) == 0) leave();
+    if (__builtin_setjmp(t->fiber->jump) == 0) leave();
     // resumed as the thread of the same index of the next block
   }
 }
@@ -521,17 +534,17 @@ void run_block(uint3 index, bool reverse, uint64_t seed, int victim) {
       ran = true;
       e.current = &t;
       tls_thread = &t;
-      if (_setjmp(e.scheduler_jump) == 0) {
+      if (__builtin_setjmp(e.scheduler_jump) == 0) {
         Fiber& f = *t.fiber;
         race::enter(e.race_warps[t.linear / 32]);
-        if (f.started) _longjmp(f.jump, 1);
+        if (f.started) jump_to(f.jump);
         getcontext(&f.context);
         f.context.uc_stack.ss_sp = f.stack;
         f.context.uc_stack.ss_size = kStackBytes;
         f.context.uc_link = nullptr;
         makecontext(&f.context, trampoline, 0);
         f.started = true;
-        swapcontext(&e.scheduler, &f.context);  // first entry; it comes back by _longjmp
+        swapcontext(&e.scheduler, &f.context);  // first entry; it comes back by jump_to
       }
       e.current = nullptr;
       tls_thread = nullptr;
@@ -837,7 +850,5 @@ bool take_unchecked() {
   e.unchecked = false;
   return was;
 }
-int& mutant_id() { return engine().mutant; }
-bool mutant(int id) { return engine().mutant == id; }
 
 }  // namespace emu

@@ -132,8 +132,11 @@ void* static_shared_bytes(const char* key, size_t bytes, size_t align);
 void* dynamic_shared_bytes(size_t align);
 // Also records the kernel's instance (its __PRETTY_FUNCTION__: template arguments) in the launch log.
 void check_launch_bounds(int max_threads, const char* file, int line, const char* instance);
-// Whether mutant `id` is active (mutant builds only: rewrite.py's mutations test the test stage).
-bool mutant(int id);
+// The mutant switched on (set_mutant; 0: none), and whether it is `id`: rewrite.py's mutations,
+// compiled into every variant, test the test stage. Inline, a load and a compare: the mutants of the
+// loop bounds test it once per iteration.
+inline int active_mutant = 0;
+inline bool mutant(int id) { return active_mutant == id; }
 
 // The current simulated device (settings of the engine).
 cudaDeviceProp* device_properties();

@@ -39,8 +39,5 @@ Settings& settings();
 Stats& stats();
 std::vector<LaunchRecord>& launch_log();
 bool take_unchecked();
-// Mutants (rewrite.py --mutant): which one is active, 0 for none.
-int& mutant_id();
-bool mutant(int id);
 
 }  // namespace emu
