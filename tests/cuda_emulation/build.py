@@ -72,12 +72,13 @@ test-only code path. BATCHLESS_CUDA_EMULATION=1 builds what is missing when the 
 =0 leaves the emulated backends out; unset uses a build that exists. Where the build is impossible
 (no g++, no ninja, not Linux) the emulated tests skip with the reason.
 
-Cost (2 shared cores, one compile job): building the main variant about 2 minutes; the emulated backends add about 2 minutes to the correctness
-suite (most of it in the 2053-channel shapes: thousands of small blocks), and
-tests/test_cuda_emulation.py about 2 minutes (the mutation check runs the correctness suite in a
-subprocess per mutant, stopping at the first failure), the asan variant about 2 minutes to build
-and 20 s to run its selection (62 s while the engine's switches called __asan_handle_no_return), the tsan variant about 2 minutes to build and 50 s to run it
-(plus 15 s for the race mutant on the contiguous cases). MAX_JOBS sets the compile jobs (default: the
+Cost (2 shared cores, one compile job): building the main variant about 2 minutes; the emulated
+backends add about 2 minutes to the correctness suite (most of it in the 2053-channel shapes:
+thousands of small blocks), and tests/test_cuda_emulation.py about 2 minutes (the mutation check
+runs the correctness suite in a subprocess per mutant, stopping at the first failure), the asan
+variant about 2 minutes to build and 20 s to run its selection (62 s while the engine's switches
+called __asan_handle_no_return), the tsan variant about 2 minutes to build and 50 s to run it (plus
+15 s for the race mutant on the contiguous cases). MAX_JOBS sets the compile jobs (default: the
 cores this process may use).
 
 Out-of-bounds global accesses are checked by the asan variant only (heap: the tensors; the fibers'
@@ -110,7 +111,7 @@ CFLAGS = ["-g0", "-Wno-unknown-pragmas", "-fno-strict-aliasing"]
 # emulated cases ran in the same time (51 s against 53 s, 2 workers); at -O0 (40 s) they took 81 s.
 OPTIMIZE = {"main": "-O1", "asan": "-O1", "tsan": "-O1"}
 # The asan variant: the main variant's sources under AddressSanitizer, for heap accesses only
-# (asan-stack=0: the fibers switch stacks with longjmp, which stack instrumentation would misread).
+# (asan-stack=0: the fibers switch stacks by jumps, which stack instrumentation would misread).
 # The tsan variant: the same under ThreadSanitizer, the engine telling TSan the synchronization CUDA
 # gives (engine.cpp, "Race detection"). Each process needs its runtime loaded first:
 # sanitizer_environment().

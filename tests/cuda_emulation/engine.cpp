@@ -140,11 +140,11 @@ struct Thread : ThreadView {
   struct Fiber* fiber = nullptr;
 };
 
-// A fiber runs the kernel for one thread index, block after block and launch after launch: after
-// a thread exits, its fiber waits at the bottom of trampoline() for the next block.
 // What __builtin_setjmp saves (five words, GCC's documentation).
 using JumpBuffer = void* [5];
 
+// A fiber runs the kernel for one thread index, block after block and launch after launch: after
+// a thread exits, its fiber waits at the bottom of trampoline() for the next block.
 struct Fiber {
   ucontext_t context;
   JumpBuffer jump;
