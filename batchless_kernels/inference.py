@@ -7,12 +7,14 @@ from __future__ import annotations
 import collections
 import copy
 import warnings
+from typing import NamedTuple
 
 import torch
 import torch.fx
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .modules import _BatchlessNorm
+from .modules import BatchlessNorm, _BatchlessNorm
 from .parametrization import rstd_and_log_std
 
 _FOLD_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
@@ -36,34 +38,49 @@ def _own_behaviour(module: nn.Module, base: type) -> str | None:
 
 
 class ChannelAffine(nn.Module):
-    """y = x * scale + shift per channel (dim 1): an inference-time Batchless layer. Like the layer,
-    it returns x's dtype and memory format (computing in the buffers' dtype when it is wider)."""
+    """y = x * scale + shift: an inference-time Batchless layer. Like the layer, it returns x's dtype
+    and memory format (computing in the buffers' dtype when it is wider).
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    Args:
+        scale, shift: tensors of one shape: (C,) per channel (dim 1 of (N, C, *) inputs), or the shape
+            of the input's dims after the batch dim, size-1 dims broadcasting (a BatchlessNorm's
+            param_shape). A 1-D pair is per channel unless per_channel=False.
+        per_channel: whether a 1-D scale is per channel; False: it is a param_shape (C,), for
+            (N, C) inputs, or (1,), one scale and shift for every feature of (N, D) inputs.
+
+    Raises:
+        TypeError, ValueError: scale or shift not tensors of one shape (construction); an input that
+            scale does not fit (forward).
+    """
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, per_channel: bool = True) -> None:
         super().__init__()
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
             raise TypeError("scale and shift must be tensors")
+        if not isinstance(per_channel, bool):
+            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         if scale.dim() < 1 or scale.shape != shift.shape:
             raise ValueError(
                 "scale and shift must be tensors of one shape, (C,) or a Batchless layer's param_shape, got "
                 f"{tuple(scale.shape)} and {tuple(shift.shape)}"
             )
+        self.per_channel = per_channel and scale.dim() == 1
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = tuple(self.scale.shape)
-        if self.scale.dim() == 1:  # per channel
+        if self.per_channel:
             shape += (1,) * max(0, x.dim() - 2)
         if x.dim() != len(shape) + 1 or any(d not in (1, full) for d, full in zip(shape, x.shape[1:])) \
-                or (self.scale.dim() == 1 and shape[0] != x.shape[1]):
-            expected = f"{shape[0]}, *" if self.scale.dim() == 1 else ", ".join(map(str, shape))
+                or (self.per_channel and shape[0] != x.shape[1]):
+            expected = f"{shape[0]}, *" if self.per_channel else ", ".join(map(str, shape))
             raise ValueError(f"expected an (N, {expected}) input (size-1 dims broadcast), got shape {tuple(x.shape)}")
         view = (1,) + shape
         return torch.addcmul(self.shift.view(view), x, self.scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.scale.shape[0]}" if self.scale.dim() == 1 else f"param_shape={tuple(self.scale.shape)}"
+        return f"{self.scale.shape[0]}" if self.per_channel else f"param_shape={tuple(self.scale.shape)}"
 
 
 def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +95,14 @@ def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
-    """Whether `layer` can be folded into `prev`: a plain conv/linear (no own forward, no hooks, not
-    used elsewhere in the model, nor its weight or bias: folding rewrites them) whose output channels
+    """Whether `layer` can be folded into `prev`: a plain conv/linear (no own forward, no hooks, no
+    parametrization, not used elsewhere in the model, nor its weight or bias: folding rewrites them) whose output channels
     are the layer's channels. A Linear scales its last dim: only a 1-D param_shape (inputs (N, C)) fits."""
     base = next((cls for cls in _FOLD_INTO if isinstance(prev, cls)), None)
+    # A parametrized weight (weight_norm, spectral_norm, ...) is recomputed at every access: a write
+    # to it would be lost.
     if base is None or not layer.per_channel or _own_behaviour(prev, base) or uses[id(prev)] > 1 \
+            or parametrize.is_parametrized(prev) \
             or nn.parameter.is_lazy(prev.weight) or any(uses.get(id(p), 0) > 1 for p in (prev.weight, prev.bias)):
         return False
     if isinstance(prev, nn.Linear) and len(layer.param_shape) != 1:
@@ -98,35 +118,45 @@ class _LeafTracer(torch.fx.Tracer):
         return isinstance(m, (_BatchlessNorm, *_FOLD_INTO)) or super().is_leaf_module(m, qualname)
 
 
-def _traced_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(conv name, Batchless layer name) where, in the forward traced in training and in eval mode
-    alike, the layer is called once, on the output of a conv called once, which nothing else reads,
-    and no other node reads the conv's parameters: the pairs that PyTorch's own conv-bn fusion
-    (torch.fx.experimental.optimization.fuse) finds. Empty when the model does not trace."""
+class _Trace(NamedTuple):
+    """What the traced forward says, by module name (a shared module's first name)."""
+
+    pairs: set[tuple[str, str]]  # (conv/linear, Batchless layer): the layer reads the conv's output, alone
+    calls: collections.Counter  # how many times each module is called
+
+
+def _trace(model: nn.Module) -> _Trace | None:
+    """The pairs of the forward traced in training and in eval mode alike (the calls: the most of
+    the two): a conv/linear called once, whose output nothing but one call of a Batchless layer
+    reads, and whose parameters no other node reads; the pairs that PyTorch's own conv-bn fusion
+    (torch.fx.experimental.optimization.fuse) finds. None when the model does not trace."""
     flags = {m: m.training for m in model.modules()}
     try:
-        return sorted(set(_pairs_in(model.train(True))) & set(_pairs_in(model.train(False))))
+        in_train, in_eval = _trace_in(model.train(True)), _trace_in(model.train(False))
     finally:
         for m, flag in flags.items():
             m.training = flag
+    if in_train is None or in_eval is None:
+        return None
+    return _Trace(in_train.pairs & in_eval.pairs, in_train.calls | in_eval.calls)
 
 
-def _pairs_in(model: nn.Module) -> list[tuple[str, str]]:
+def _trace_in(model: nn.Module) -> _Trace | None:
     try:
         graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read, keep today's rule
-        return []
+    except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read
+        return None
     read = {n.target for n in graph.nodes if n.op == "get_attr"}  # parameters read directly
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
-    pairs = []
+    pairs = set()
     for node in graph.nodes:
-        if node.op != "call_module" or calls[node.target] != 1 or len(node.args) != 1 or node.kwargs:
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
             continue
         src = node.args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and calls[src.target] == 1
                 and len(src.users) == 1 and not any(t.startswith(f"{src.target}.") for t in read)):
-            pairs.append((src.target, node.target))
-    return pairs
+            pairs.add((src.target, node.target))
+    return _Trace(pairs, calls)
 
 
 def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -159,12 +189,16 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     directly follows (as the next child) a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many
     output channels is folded into that layer's weight and bias, and replaced by nn.Identity (indices,
     hence state_dict keys, are kept). A Linear is assumed to see (N, in_features) inputs, the case
-    where BatchlessNorm1d's channels are its output features. Elsewhere (e.g. ResNet blocks, whose
-    forward calls self.bn1(self.conv1(x))), the model is traced with torch.fx: a Batchless layer used
-    once, called on the output of a conv (not Linear) called once whose output nothing else reads, is
-    folded likewise; models that do not trace keep the Sequential rule only. Conv/linear modules used
-    more than once, with hooks, or subclasses with their own forward are not folded. Every other
-    Batchless layer becomes a ChannelAffine.
+    where BatchlessNorm1d's channels are its output features. Where the model traces with torch.fx,
+    the trace must agree: the conv is called once, only the layer reads its output, and the layer is
+    not called more often than it is registered (a model that calls a Sequential's children itself,
+    or keeps their outputs, is not folded there). Elsewhere (e.g. ResNet blocks, whose forward calls
+    self.bn1(self.conv1(x))), a Batchless layer used once, called on the output of a conv (not
+    Linear) called once whose output nothing else reads, is folded likewise; models that do not
+    trace keep the Sequential rule only. Conv/linear modules used more than once, with hooks, with a
+    parametrized weight or bias (weight_norm, spectral_norm: recomputed at each access), or
+    subclasses with their own forward are not folded. Every other Batchless layer becomes a
+    ChannelAffine (of param_shape for BatchlessNorm, which broadcasts as the layer does).
 
     Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
     or their pre-hooks) or whose class or instance overrides forward, since their function is not the
@@ -195,26 +229,40 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         if id(layer) not in affines:
             a, b = _affine_of(layer)
             dtype = layer.mean.dtype
-            affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype))
+            # BatchlessNorm's 1-D param_shape is no channel count: (1,) broadcasts over (N, D) inputs
+            affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype), per_channel=not isinstance(layer, BatchlessNorm))
         return affines[id(layer)]
 
     folded: set[int] = set()
+    # The data flow, where the model traces: a pair of a Sequential's children is folded only if the
+    # trace agrees that the layer reads the conv's output alone and nothing else does, and the layer
+    # is not called more often than it is registered (a model may call a Sequential's children
+    # itself, or keep their outputs).
+    trace = _trace(model)
+    first_name = {id(m): n for n, m in model.named_modules()}
+
+    def data_flow_allows(prev: nn.Module, layer: nn.Module) -> bool:
+        if trace is None:
+            return True
+        prev_name, name = first_name[id(prev)], first_name[id(layer)]
+        return (prev_name, name) in trace.pairs and trace.calls[name] <= uses[id(layer)]
+
     # a Sequential with its own forward may not run its children one after the other
-    for seq in [m for m in model.modules()
-                if isinstance(m, nn.Sequential) and not _overrides_forward(m, nn.Sequential)]:
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and not _overrides_forward(m, nn.Sequential)]:
         names = list(seq._modules)
         for prev_name, name in zip(names, names[1:]):
             prev, layer = seq._modules[prev_name], seq._modules[name]
-            if fusable(layer) and id(prev) not in folded and _foldable(prev, layer, uses):
+            if fusable(layer) and id(prev) not in folded and _foldable(prev, layer, uses) \
+                    and data_flow_allows(prev, layer):
                 _fold(prev, *_affine_of(layer))
                 folded.add(id(prev))
                 seq._modules[name] = nn.Identity()
     # Elsewhere, from the traced graph: convolutions only, whose channel dim is dim 1 whatever the
     # input (a Linear's features are dim 1 only for 2-D inputs, which a graph without shapes can't tell).
-    for prev_name, name in _traced_pairs(model):
+    for prev_name, name in sorted(trace.pairs if trace is not None else ()):
         prev, layer = model.get_submodule(prev_name), model.get_submodule(name)
-        if (fusable(layer) and uses[id(layer)] == 1 and not isinstance(prev, nn.Linear) and id(prev) not in folded
-                and _foldable(prev, layer, uses)):
+        if (fusable(layer) and uses[id(layer)] == 1 and trace.calls[name] == 1 and not isinstance(prev, nn.Linear)
+                and id(prev) not in folded and _foldable(prev, layer, uses)):
             _fold(prev, *_affine_of(layer))
             folded.add(id(prev))
             parent_name, _, child_name = name.rpartition(".")

@@ -169,6 +169,71 @@ def test_root_layer():
     assert fused.state_dict().keys() == {"scale", "shift"}
 
 
+class KeepsStageOutputs(nn.Module):
+    """Runs its Sequential's children itself and keeps each output (UNet/FPN style): the conv's
+    output is read by the layer and by the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bk.BatchlessNorm2d(4), nn.ReLU())
+
+    def forward(self, x):
+        outputs = []
+        for layer in self.features:
+            x = layer(x)
+            outputs.append(x)
+        return torch.cat(outputs, 1)
+
+
+class CallsAChildAgain(nn.Module):
+    def __init__(self, again):
+        super().__init__()
+        self.again = again
+        self.seq = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), bk.BatchlessNorm2d(4))
+
+    def forward(self, x):
+        y = self.seq(x)
+        return y + (self.seq[0](x) if self.again == "conv" else self.seq[1](y))
+
+
+@pytest.mark.parametrize("model", [KeepsStageOutputs, lambda: CallsAChildAgain("conv"),
+                                   lambda: CallsAChildAgain("norm")], ids=["kept-outputs", "conv-again", "norm-again"])
+def test_sequential_pairs_are_folded_only_where_the_data_flow_allows(model):
+    """The Sequential rule checks the traced data flow: a conv whose output the model also reads, or a
+    child the model calls outside the Sequential, is not folded (it changed the outputs by up to 1.4)."""
+    x = make_x((2, 3, 6, 6))
+    fused = fused_outputs_match(randomize(model(), x), x, rtol=1e-5)
+    assert not any(isinstance(m, nn.Identity) for m in fused.modules())
+
+
+@pytest.mark.parametrize("parametrize", [
+    lambda conv: nn.utils.parametrizations.weight_norm(conv),
+    lambda conv: nn.utils.parametrizations.spectral_norm(conv),
+], ids=["weight_norm", "spectral_norm"])
+def test_parametrized_conv_is_not_folded(parametrize):
+    """A parametrized weight is recomputed at each access: folding wrote into a copy and was lost."""
+    x = make_x((2, 3, 6, 6))
+    sequential = nn.Sequential(parametrize(nn.Conv2d(3, 4, 3)), bk.BatchlessNorm2d(4))
+    fused = fused_outputs_match(randomize(sequential, x), x, rtol=1e-5)
+    assert isinstance(fused[1], bk.ChannelAffine)
+    block = BasicBlockOfBatchless()
+    block.conv1 = parametrize(block.conv1)
+    fused = fused_outputs_match(randomize(block, x), x, rtol=1e-5)
+    assert isinstance(fused.bn1, bk.ChannelAffine) and isinstance(fused.bn2, nn.Identity)
+
+
+@pytest.mark.parametrize("param_shape", [(1,), (5,)])
+def test_shared_axis_layer_on_features(param_shape):
+    """BatchlessNorm((1,)) shares one Gaussian over the features of (N, D) inputs: its ChannelAffine
+    broadcasts like the layer (it took the 1 for a channel count and refused (4, 5) inputs)."""
+    x = make_x((4, 3))
+    model = randomize(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), bk.BatchlessNorm(param_shape)), x)
+    fused = fused_outputs_match(model, x, rtol=1e-5)
+    assert isinstance(fused[2], bk.ChannelAffine) and not fused[2].per_channel
+    with pytest.raises(ValueError, match=r"expected an \(N, " + str(param_shape[0]) + r"\) input"):
+        fused[2](make_x((4, 5, 2)))  # as the layer: (N, D) inputs only
+
+
 def test_channel_affine():
     m = bk.ChannelAffine(torch.tensor([2.0, 3.0]), torch.tensor([1.0, -1.0]))
     x = torch.randn(3, 2, 4, 5).contiguous(memory_format=torch.channels_last)
