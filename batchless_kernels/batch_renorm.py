@@ -77,7 +77,9 @@ class _BatchRenorm(nn.Module):
         self.num_features = num_features
         self.eps = check_eps(eps)
         self.momentum = _check_float("momentum", momentum, 0.0, 1.0)
-        self.affine = bool(affine)
+        if not isinstance(affine, bool):
+            raise TypeError(f"affine must be a bool, got {affine!r}")
+        self.affine = affine
         self.rmax = _check_float("rmax", rmax, 1.0)
         self.dmax = _check_float("dmax", dmax, 0.0)
         self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
@@ -119,7 +121,8 @@ class _BatchRenorm(nn.Module):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        x = input
         self._check_input_dim(x)
         acc = accumulation_dtype(x.dtype)
         view = (1, self.num_features) + (1,) * (x.dim() - 2)

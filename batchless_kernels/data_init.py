@@ -93,9 +93,22 @@ def _batches(data, max_batches):
     return data
 
 
-def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, preserve_function: bool) -> None:
+def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, preserve_function: bool,
+               name: str) -> None:
     """Writes mu, sigma into `layer`; with preserve_function, gamma' = gamma * r_old * sigma and
-    beta' = beta + gamma * r_old * (mu - mu_old) keep y = (x - mu) / sigma * gamma' + beta' unchanged."""
+    beta' = beta + gamma * r_old * (mu - mu_old) keep y = (x - mu) / sigma * gamma' + beta' unchanged.
+    Raises ValueError naming the layer, before writing anything, when the statistics cannot be its
+    mean and std (non-finite input, a std not above eps for the 'abs' parametrization)."""
+    bad = ~(torch.isfinite(mean) & torch.isfinite(std))
+    if bool(bad.any()):
+        raise ValueError(f"layer {name!r}: its input holds non-finite values (NaN or inf) in "
+                         f"{int(bad.sum())} of its {bad.numel()} Gaussians (first at index "
+                         f"{tuple(int(i) for i in bad.nonzero()[0])}): no mean and std to take")
+    try:
+        std_param = param_from_std(std, layer.parametrization, layer.eps)
+    except ValueError as e:
+        raise ValueError(f"layer {name!r}: {e} (its input's std is {float(std.min()):.3g} at least; "
+                         "a smaller eps or parametrization='log' fits it)") from None
     if preserve_function:
         r_old, _ = rstd_and_log_std(layer.std_param.detach().to(torch.float64), layer.parametrization, layer.eps)
         scale = layer.weight.detach().to(torch.float64) * r_old
@@ -103,7 +116,7 @@ def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, pre
         layer.bias.add_(shift.to(layer.bias.dtype))
         layer.weight.copy_(scale * std)
     layer.mean.copy_(mean)
-    layer.std_param.copy_(param_from_std(std, layer.parametrization, layer.eps))
+    layer.std_param.copy_(std_param)
 
 
 def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, max_batches: int | None = None,
@@ -120,6 +133,10 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     max_batches: use at most this many batches per pass.
     train_mode: run the model in training mode (e.g. with dropout active); default eval mode. The
         modules' train/eval flags are restored afterwards.
+
+    Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
+    reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
+    not above eps). TypeError for data or options of the wrong type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -142,12 +159,20 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
 
     remaining = list(names)  # in registration order; the execution order decides
     flags = {m: m.training for m in model.modules()}
+    # An error in any pass leaves the model as it was: the layers of earlier strata are restored too.
+    saved = [(p, p.detach().clone()) for m in names for p in (m.mean, m.std_param, m.weight, m.bias)
+             if p is not None]
     model.train(train_mode)
     try:
         with torch.no_grad():
             while remaining:
                 done = _one_pass(model, batches, max_batches, device, remaining, preserve_function, names)
                 remaining = [m for m in remaining if m not in done]
+    except BaseException:
+        with torch.no_grad():
+            for p, value in saved:
+                p.copy_(value)
+        raise
     finally:
         for m, flag in flags.items():
             m.training = flag
@@ -159,8 +184,10 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
     stats: dict[nn.Module, _ChannelStats] = {}
     target: list[nn.Module] = []  # the stratum's layer (preserve_function=False)
 
-    def pre_hook(layer, args):
-        x = args[0]
+    def pre_hook(layer, args, kwargs):
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor):
+            return  # the layer's forward raises its own error
         if not preserve_function:
             if not target:
                 target.append(layer)
@@ -168,7 +195,7 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
                 raise _StopForward
         stats.setdefault(layer, _ChannelStats(tuple(layer.mean.shape))).add(x)
 
-    handles = [m.register_forward_pre_hook(pre_hook) for m in remaining]
+    handles = [m.register_forward_pre_hook(pre_hook, with_kwargs=True) for m in remaining]
     seen = 0
     try:
         for i, batch in enumerate(itertools.islice(batches, max_batches)):
@@ -190,5 +217,5 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
         missing = [names[m] for m in remaining if m not in ready]
         raise ValueError(f"BatchlessNorm layers {missing} never saw data (no element reached them)")
     for layer in ready:
-        _set_layer(layer, *stats[layer].mean_std(layer.eps), preserve_function)
+        _set_layer(layer, *stats[layer].mean_std(layer.eps), preserve_function, names[layer])
     return set(ready)

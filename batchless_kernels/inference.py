@@ -68,7 +68,8 @@ class ChannelAffine(nn.Module):
         self.register_buffer("scale", scale.detach().clone())
         self.register_buffer("shift", shift.detach().clone())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        x = input
         shape = tuple(self.scale.shape)
         if self.per_channel:
             shape += (1,) * max(0, x.dim() - 2)

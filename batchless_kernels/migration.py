@@ -93,6 +93,10 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
 
     layer_kwargs: options of the new layers: parametrization, nll_weight, gauge, backend, and eps
     (default: each BN's own eps; it enters only the std parametrization, sigma keeps BN's eps).
+
+    Raises ValueError naming the layer, with `module` left unchanged (every layer is converted
+    before any is replaced), when a layer's statistics cannot be expressed (e.g. a dead channel's
+    sigma = sqrt(eps) not above the new eps for parametrization="abs"), or for a lazy BN layer.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
@@ -101,6 +105,8 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
         raise TypeError(f"convert_batchnorm got unexpected layer_kwargs {unknown}; accepted: {_LAYER_KWARGS}")
     BatchlessNorm1d(1, **layer_kwargs)  # validates the values now, even for a model without BN
     memo: dict[int, nn.Module] = {}  # a BN in several slots (of one parent or several): one layer
+    # The replacements are made once every layer has converted: an error leaves `module` as it was.
+    swaps: list[tuple[nn.Module, str, nn.Module]] = []
 
     def convert(m: nn.Module, name: str) -> nn.Module:
         if id(m) in memo:
@@ -111,7 +117,11 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
         match = _match(m)
         why = _own_behaviour(m, match[0]) if match else None
         if match and not why:
-            memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__)
+            try:
+                memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__)
+            except ValueError as e:  # e.g. a std at or below eps for the 'abs' parametrization
+                raise ValueError(f"module {name or type(m).__name__!r} ({type(m).__name__}): {e}; "
+                                 "no layer was converted") from None
             return memo[id(m)]
         if why:
             warnings.warn(f"module {name or type(m).__name__!r} ({type(m).__name__}) is not converted: "
@@ -121,7 +131,10 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
         for child_name, child in list(m._modules.items()):
             new = child if child is None else convert(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
-                setattr(m, child_name, new)
+                swaps.append((m, child_name, new))
         return m
 
-    return convert(module, "")
+    converted = convert(module, "")
+    for parent, child_name, new in swaps:
+        setattr(parent, child_name, new)
+    return converted

@@ -57,13 +57,14 @@ class _BatchlessNorm(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not (isinstance(nll_weight, (int, float)) and math.isfinite(nll_weight) and nll_weight >= 0):
+        if isinstance(nll_weight, bool) or not (isinstance(nll_weight, (int, float)) and math.isfinite(nll_weight)
+                                                and nll_weight >= 0):
             raise ValueError(f"nll_weight must be a finite float >= 0, got {nll_weight!r}")
         if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
             raise ValueError(f"init_std must be a positive finite float, got {init_std!r}")
         if not (isinstance(init_mean, (int, float)) and math.isfinite(init_mean)):
             raise ValueError(f"init_mean must be a finite float, got {init_mean!r}")
-        for name, flag in (("affine", affine), ("bias", bias)):
+        for name, flag in (("affine", affine), ("bias", bias), ("gauge", gauge)):
             if not isinstance(flag, bool):  # also catches a parametrization passed positionally
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
         if backend not in BACKENDS:
@@ -74,7 +75,7 @@ class _BatchlessNorm(nn.Module):
         self.affine = affine
         self.parametrization = check_parametrization(parametrization)
         self.nll_weight = float(nll_weight)
-        self.gauge = bool(gauge)
+        self.gauge = gauge
         self.init_mean = float(init_mean)
         self.init_std = float(init_std)
         param_from_std(self.init_std, self.parametrization, self.eps)  # validates init_std vs eps
@@ -137,7 +138,8 @@ class _BatchlessNorm(nn.Module):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        x = input
         self._check_input_dim(x)
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,

@@ -267,6 +267,14 @@ def test_bad_arguments(kwargs, match):
         bk.BatchRenorm2d(**kwargs)
 
 
+def test_bad_affine_and_input_keyword():
+    with pytest.raises(TypeError, match="affine must be a bool"):
+        bk.BatchRenorm2d(3, affine="False")
+    layer = bk.BatchRenorm2d(3).eval()
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(layer(input=x), layer(x))  # nn.BatchNorm's argument name
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="4D"):
         bk.BatchRenorm2d(3)(torch.randn(2, 3))

@@ -233,6 +233,41 @@ def test_unreached_layer_named():
         bk.init_from_data(model, torch.randn(3, 2), preserve_function=True)
 
 
+@pytest.mark.parametrize("preserve_function", [False, True])
+@pytest.mark.parametrize("fault", ["nan", "inf", "std-below-eps"])
+def test_failure_leaves_the_model_unchanged_and_names_the_layer(preserve_function, fault):
+    """The statistics are checked before any write, and a failing pass restores earlier layers
+    too: a NaN input left mean, weight and bias NaN, with no layer named."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bk.BatchlessNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                          bk.BatchlessNorm2d(4, parametrization="abs", eps=2.0, init_std=3.0))
+    x = make_x((8, 3, 6, 6))
+    with torch.no_grad():
+        model[3].weight.zero_()
+        model[3].bias.fill_(1.0)  # the second layer's input: constant channels, std sqrt(0 + eps) < eps
+        if fault != "std-below-eps":
+            model[3].bias[2] = float(fault)
+    before = copy.deepcopy(model.state_dict())
+    match = "layer '4': " + ("std must exceed eps=2.0" if fault == "std-below-eps" else "its input holds non-finite")
+    with pytest.raises(ValueError, match=match):
+        bk.init_from_data(model, x, preserve_function=preserve_function)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k], rtol=0, atol=0, equal_nan=True, msg=k)
+
+
+def test_layer_called_with_a_keyword():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = bk.BatchlessNorm1d(3)
+
+        def forward(self, x):
+            return self.norm(input=x)
+
+    x = make_x((16, 3)) * 2 + 5
+    model = bk.init_from_data(Model(), x)
+    torch.testing.assert_close(model.norm.mean, x.mean(0))
+
+
 @pytest.mark.parametrize("bad, error, match", [
     ([], ValueError, "data is empty"),
     ((x for x in []), ValueError, "data is empty"),

@@ -245,6 +245,9 @@ def test_env_var_unavailable(monkeypatch, backend):
     (dict(num_features=3, eps=-1e-5), ValueError, r"eps must be a positive"),
     (dict(num_features=3, nll_weight=-1.0), ValueError, r"nll_weight"),
     (dict(num_features=3, nll_weight=float("nan")), ValueError, r"nll_weight"),
+    (dict(num_features=3, nll_weight=True), ValueError, r"nll_weight"),
+    (dict(num_features=3, gauge="False"), TypeError, r"gauge must be a bool"),
+    (dict(num_features=3, gauge=0), TypeError, r"gauge must be a bool"),
     (dict(num_features=3, backend="gpu"), ValueError, r"backend must be one of"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_module_constructor_errors(cls, kwargs, exc, pattern):
@@ -254,6 +257,8 @@ def test_module_constructor_errors(cls, kwargs, exc, pattern):
 
 def test_module_input_errors():
     layer = bk.BatchlessNorm2d(3)
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.equal(layer(input=x), layer(x))  # nn.BatchNorm's argument name
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         layer(torch.randn(2, 3, 4))
     with pytest.raises(TypeError, match=r"input must be a torch.Tensor"):

@@ -209,6 +209,17 @@ def test_bad_layer_kwargs(kwargs, error, match):
         bk.convert_batchnorm(nn.Sequential(nn.Linear(2, 2)), **kwargs)
 
 
+def test_failing_layer_named_and_nothing_converted():
+    """Every layer converts before any is replaced: a dead channel (running_var 0, sigma = sqrt(eps)
+    below the 'abs' parametrization's eps) left a half-converted model and named no layer."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[4].running_var[0] = 0.0
+    with pytest.raises(ValueError, match=r"module '4' \(BatchNorm2d\): std must exceed eps=0.01.*no layer was converted"):
+        bk.convert_batchnorm(model, parametrization="abs", eps=0.01)
+    assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d]
+
+
 def test_bad_module():
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         bk.convert_batchnorm(lambda x: x)
