@@ -185,6 +185,38 @@ def test_ops_direct(device, shape, layout, dtype, tol, affine):
 
 @needs_ops
 @pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape, layout", [((3, 5, 14, 14), "contiguous"), ((3, 5, 7, 7), "contiguous"),
+                                           ((2, 3, 37), "contiguous"), ((4, 3, 5), "contiguous"),
+                                           ((3, 40, 5, 7), "channels_last"), ((70, 19), "contiguous")], ids=str)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_ops_round_outputs_to_nearest_even(device, shape, layout, dtype):
+    """y and dx are the exact products x * 1.5 and grad_y * 1.5 (float32 holds them) rounded once, to
+    nearest even, as torch rounds: ties (a third of the elements: those with an odd last bit), half
+    rounding to an odd neighbour, overflow to inf, inf, NaN, and the tails of planes and rows (the
+    CPU kernels' bfloat16 planes convert in their own lane order)."""
+    s = 1.5
+    x = make_x(shape, layout, dtype, device)
+    flat = x.view(-1) if x.is_contiguous() else x.permute(0, *range(2, x.dim()), 1).reshape(-1)
+    specials = [float("inf"), float("-inf"), float("nan"), torch.finfo(dtype).max, -torch.finfo(dtype).max]
+    with torch.no_grad():
+        flat[-len(specials):] = torch.tensor(specials, dtype=dtype)
+        if x.is_contiguous():
+            x.copy_(flat.view(x.shape))
+    C = x.shape[1]
+    zeros = torch.zeros(C, device=device)
+    rstd, weight = torch.ones(C, device=device), torch.full((C,), s, device=device)
+    expected = (x.float() * s).to(dtype)
+    for compute_stats in (True, False):
+        poison_allocator(x.numel(), dtype, device)
+        y = fwd_op()(x, zeros, rstd, weight, zeros, compute_stats)[0]
+        torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    poison_allocator(x.numel(), dtype, device)
+    dx = bwd_op()(x, x, zeros, rstd, weight, [True, True, True])[0]
+    torch.testing.assert_close(dx, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
 def test_ops_mixed_param_dtypes(device):
     """mean/rstd/weight/bias of any floating dtype are accepted (converted to the accumulation dtype)."""
     x, mean, rstd, weight, bias = op_inputs((3, 4, 5), "contiguous", torch.float32, device)
