@@ -71,13 +71,20 @@ def batchless_norm(
     eps = check_eps(eps)
     if not isinstance(gauge, bool):
         raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
+    if need_nll is not None and not isinstance(need_nll, bool):
+        raise TypeError(f"need_nll must be a bool or None, got {type(need_nll).__name__}")
+    functorch = _under_functorch()
     if need_nll is None:
-        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad)
+        # Under torch.compile, Dynamo reads requires_grad as False for the tensors a torch.func.grad
+        # traces: the NLL is computed there whatever it says (torch.compile(vmap(grad(loss))) gave
+        # mean and std_param zero per-sample gradients).
+        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad
+                                                or (functorch and torch.compiler.is_compiling()))
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
     if need_nll:
         _warn_if_reentrant_checkpoint()
-    if name != "reference" and (_under_functorch() or exporting()):
+    if name != "reference" and (functorch or exporting()):
         # torch.func (grad, vjp, jacrev, vmap) cannot see through the compiled ops' C++ autograd:
         # run the executable spec, which it differentiates and batches exactly (per-sample gradients).
         # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
@@ -153,7 +160,9 @@ def exporting() -> bool:
 
 
 def _under_functorch() -> bool:
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running this call, eagerly or
+    inside torch.compile (Dynamo folds this query to its value at trace time)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _warn_if_reentrant_checkpoint() -> None:

@@ -243,9 +243,15 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     groups: dict[tuple, list[torch.Tensor]] = {}
+    # torch.compile of a torch.func transform (compile(vmap(grad(loss)))): a term is a tensor of the
+    # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph
+    # ("Cannot access storage of TensorWrapper"); it has no meaning outside it: taken, not kept.
+    take = torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
+            if take:
+                object.__setattr__(module, "nll", None)
     total = None
     for (weight, _, _), terms in groups.items():
         # One stack and one sum per weight, not a multiply and an add per layer: each op is an

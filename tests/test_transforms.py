@@ -70,6 +70,31 @@ def test_per_sample_gradients_equal_a_loop(case):
 
 
 @pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
+def test_compiled_per_sample_gradients_equal_eager(case, compiler):
+    """torch.compile(vmap(grad(loss))): Dynamo reads requires_grad as False inside the transform, which
+    dropped the NLL (zero gradients for mean and std_param, the reference backend), and the compiled
+    backends' ops met functorch's tensors (an error); the stored NLL term, a tensor of the transform,
+    made AOTAutograd fail."""
+    net = _mlp(case.name, case.device)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    xs = torch.randn(5, 3, dtype=torch.float64, device=case.device)
+    per_sample = vmap(grad(_sample_loss(net)), in_dims=(None, 0))
+    expected = per_sample(params, xs)
+    torch._dynamo.reset()
+    actual = torch.compile(per_sample, backend=compiler)(params, xs)
+    for name, g in expected.items():
+        assert torch.count_nonzero(g) > 0, name
+        torch.testing.assert_close(actual[name], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_need_nll_must_be_a_bool_or_none():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(TypeError, match="need_nll must be a bool or None, got str"):
+        bk.batchless_norm(x, torch.zeros(3), torch.zeros(3), need_nll="False")
+
+
+@pytest.mark.parametrize("case", BACKENDS)
 def test_vjp_and_jacrev_match_autograd(case):
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=case.device)
     mean, std_param, weight, bias = (torch.randn(3, dtype=torch.float64, device=case.device) for _ in range(4))
