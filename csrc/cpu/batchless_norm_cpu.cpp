@@ -205,6 +205,22 @@ struct Chunk {
 #endif
     return lanes(a, b, n, skip);
   }
+  // The ordered or the any-order access, chosen at compile time.
+  template <bool kAnyOrder, typename Len>
+  C10_ALWAYS_INLINE static std::pair<fVec, fVec> load_in(const scalar_t* p, Len n) {
+    if constexpr (kAnyOrder) return load_any_order(p, n);
+    else return load(p, n);
+  }
+  template <bool kAnyOrder, typename Len>
+  C10_ALWAYS_INLINE static void store_in(scalar_t* p, const fVec& a, const fVec& b, Len n) {
+    if constexpr (kAnyOrder) store_any_order(p, a, b, n);
+    else store(p, a, b, n);
+  }
+  template <bool kAnyOrder, typename Len, typename Skip>
+  C10_ALWAYS_INLINE static std::pair<fVec, fVec> lanes_in(const fVec& a, const fVec& b, Len n, Skip skip) {
+    if constexpr (kAnyOrder) return lanes_any_order(a, b, n, skip);
+    else return lanes(a, b, n, skip);
+  }
   // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
   static opmath_t hsum(const fVec& a, const fVec& b) {
     return at::vec::vec_reduce_all<opmath_t>([](const fVec& u, const fVec& v) { return u + v; }, a + b);
@@ -417,6 +433,55 @@ class WideParams {
   Scratch<opmath_t> buffer_;
 };
 
+// Channels-last rows in the chunks' lane order (Chunk::load_any_order; bfloat16 on AVX2): a row's
+// full chunks, which start at multiples of K, read x in that order, so they read the per-channel
+// parameters from copies permuted alike, block by block of K channels (`permuted`), and add to the
+// partial sums at the permuted places; `restore` puts the totals back in channel order. The row's
+// last C % K channels stay in channel order: its tail (an overlapping full chunk, or a masked one)
+// runs the ordered path on the parameters as given, and adds its new lanes only to sums there. Not
+// for rows of wide channels (WideRows), whose partial last row would break the block pattern.
+template <typename opmath_t, int64_t K, size_t N>
+class LaneOrder {
+ public:
+  LaneOrder(bool active, int64_t C, const std::array<const opmath_t*, N>& params)
+      : active_(active), blocks_(active ? C / K : 0), buffer_(N * blocks_ * K) {
+    for (size_t i = 0; i < N; ++i) {
+      permuted_[i] = buffer_.data() + i * blocks_ * K;
+      for (int64_t c = 0; c < blocks_ * K; ++c) permuted_[i][place(c)] = params[i][c];
+    }
+  }
+  bool active() const { return active_; }
+  const opmath_t* permuted(size_t i) const { return permuted_[i]; }
+  // sums (C,) from permuted to channel order (in place).
+  void restore(opmath_t* sums) const {
+    if (!active_) return;
+    Scratch<opmath_t> copy(blocks_ * K);
+    std::copy_n(sums, blocks_ * K, copy.data());
+    for (int64_t c = 0; c < blocks_ * K; ++c) sums[c] = copy.data()[place(c)];
+  }
+
+ private:
+  // Where channel c sits: even elements of a block in its first half, odd ones in its second.
+  static int64_t place(int64_t c) {
+    const int64_t j = c % K;
+    return c - j + (j % 2 ? K / 2 : 0) + j / 2;
+  }
+  bool active_;
+  int64_t blocks_;
+  Scratch<opmath_t> buffer_;
+  std::array<opmath_t*, N> permuted_{};
+};
+
+// f(std::bool_constant<active>), instantiated for false alone where no chunk has a lane order.
+template <bool kPossible, typename F>
+void dispatch_lane_order(bool active, const F& f) {
+  if constexpr (kPossible) {
+    dispatch_bool(active, f);
+  } else {
+    f(std::false_type{});
+  }
+}
+
 // Calls body(sum0, sum1) with sum0, sum1 the slot's partial sums (C,), or in blocks (a narrow task's
 // block of kMaxChain rows or samples, see kNarrow) with a zeroed (2, kNarrow) block, then added into
 // the slot's. One call of body in the code: with a second one for the blocks, the float32
@@ -575,10 +640,21 @@ inline void add_stats(const fVec& ha, const fVec& hb, fVec& s1a, fVec& s1b, fVec
 // out of line, a call per chunk with its prologue, stack realignment and reloads of the captured
 // pointers ((64, 256, 14, 14) bfloat16 channels_last training backward 1.7-2.1 ms against 2.45-2.95,
 // A/B of the two builds, 2 alternations, this VM; float32 unchanged).
+template <int64_t kSize>
+using FullChunk = std::integral_constant<int64_t, kSize>;
+using NoSkip = std::integral_constant<int64_t, 0>;
+// Whether for_each_chunk called its body for one of the full chunks that start at begin + k * kSize.
+template <typename Len, typename Skip>
+struct StridedFullChunk : std::false_type {};
+template <int64_t n>
+struct StridedFullChunk<std::integral_constant<int64_t, n>, NoSkip> : std::bool_constant<(n > 0)> {};
+template <typename Len, typename Skip>
+constexpr bool kStridedFullChunk = StridedFullChunk<Len, Skip>::value;
+
 template <int64_t kSize, typename Body>
 C10_ALWAYS_INLINE void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
-  using Full = std::integral_constant<int64_t, kSize>;
-  using None = std::integral_constant<int64_t, 0>;
+  using Full = FullChunk<kSize>;
+  using None = NoSkip;
   int64_t i = begin;
   for (; i + kSize <= end; i += kSize) body(i, Full{}, None{});
   if (i == end) return;
@@ -655,7 +731,11 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   // kRows consecutive rows at a time: the per-channel parameters and partial sums are loaded (and
   // the sums stored) once per group, not per row; the rows are still added one after the other, so
   // the sums have the bits of a row at a time.
-  auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
+  // Channels-last rows in lane order where the chunks have one (LaneOrder).
+  const LaneOrder<opmath_t, K, 4> lane_order(V::kEvenOdd && !wide.active && wide.geometry.layout == Layout::kChannelsLast,
+                                             row_length, {m, r, scale, b});
+  auto rows = [&](auto rows_constant, auto order_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* p1,
+                  opmath_t* p2) {
     constexpr int kRows = decltype(rows_constant)::value;
     // Locals, not the captured references: a bf16 store may alias anything, and would make the
     // compiler reload every pointer through the closure for every chunk.
@@ -663,25 +743,28 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
     const scalar_t* const xp = x + row * ld;
     scalar_t* const yp = y + row * ld;
     const opmath_t *const mp = m, *const rp = r, *const scale_p = scale, *const bp = b;
+    const opmath_t *const mq = lane_order.permuted(0), *const rq = lane_order.permuted(1),
+                          *const scale_q = lane_order.permuted(2), *const bq = lane_order.permuted(3);
     // Beyond len x and the parameters load as 0, and so add 0 to the sums.
     for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) C10_ALWAYS_INLINE_ATTRIBUTE {
+      constexpr bool kAnyOrder = decltype(order_constant)::value && kStridedFullChunk<decltype(len), decltype(skip)>;
       fVec ra(0), rb(0), s1a(0), s1b(0), s2a(0), s2b(0);
       if constexpr (kStats) {
-        std::tie(ra, rb) = V::load_acc(rp + c, len);
+        std::tie(ra, rb) = V::load_acc((kAnyOrder ? rq : rp) + c, len);
         std::tie(s1a, s1b) = V::load_acc(p1 + c, len);
         std::tie(s2a, s2b) = V::load_acc(p2 + c, len);
       }
-      auto [ma, mb] = V::load_acc(mp + c, len);
-      auto [ka, kb] = V::load_acc(scale_p + c, len);
-      auto [ba, bb] = V::load_acc(bp + c, len);
+      auto [ma, mb] = V::load_acc((kAnyOrder ? mq : mp) + c, len);
+      auto [ka, kb] = V::load_acc((kAnyOrder ? scale_q : scale_p) + c, len);
+      auto [ba, bb] = V::load_acc((kAnyOrder ? bq : bp) + c, len);
       for (int i = 0; i < kRows; ++i) {
-        auto [xa, xb] = V::load(xp + i * ld + c, len);
+        auto [xa, xb] = V::template load_in<kAnyOrder>(xp + i * ld + c, len);
         const fVec ca = xa - ma, cb = xb - mb;  // x centred
         if constexpr (kStats) {
-          auto [ha, hb] = V::lanes(ca * ra, cb * rb, K, skip);
+          auto [ha, hb] = V::lanes(ca * ra, cb * rb, K, skip);  // skip: 0 in lane order
           add_stats(ha, hb, s1a, s1b, s2a, s2b);
         }
-        V::store(yp + i * ld + c, at::vec::fmadd(ca, ka, ba), at::vec::fmadd(cb, kb, bb), len);
+        V::template store_in<kAnyOrder>(yp + i * ld + c, at::vec::fmadd(ca, ka, ba), at::vec::fmadd(cb, kb, bb), len);
       }
       if constexpr (kStats) {
         V::store_acc(p1 + c, s1a, s1b, len);
@@ -689,20 +772,30 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
       }
     });
   };
-  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
-    int64_t row = r0;
-    if (kStats && c1 - c0 >= kRowGroupMinChannels) {
-      const int64_t full = std::min(r1, wide.full_rows);
-      for (; row + kRowGroup <= full; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, p1, p2);
-    }
-    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, wide.row_end(row, c0, c1), p1, p2);
+  const auto last_in = [&](auto order) {
+    return [&, order](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* p1, opmath_t* p2) {
+      int64_t row = r0;
+      if (kStats && c1 - c0 >= kRowGroupMinChannels) {
+        const int64_t full = std::min(r1, wide.full_rows);
+        for (; row + kRowGroup <= full; row += kRowGroup) {
+          rows(std::integral_constant<int, kRowGroup>{}, order, row, c0, c1, p1, p2);
+        }
+      }
+      for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, order, row, c0, wide.row_end(row, c0, c1), p1, p2);
+    };
   };
 
   opmath_t* o1 = kStats ? s1.data_ptr<opmath_t>() : nullptr;
   opmath_t* o2 = kStats ? s2.data_ptr<opmath_t>() : nullptr;
   const auto [t1, t2] = wide_params.sums_for(o1, o2);
-  run_tiled<opmath_t>(wide.geometry, K, kStats, t1, t2, first, last);
-  if constexpr (kStats) wide_params.fold(o1, o2);
+  dispatch_lane_order<V::kEvenOdd>(lane_order.active(), [&](auto order) {
+    run_tiled<opmath_t>(wide.geometry, K, kStats, t1, t2, first, last_in(order));
+  });
+  if constexpr (kStats) {
+    lane_order.restore(t1);
+    lane_order.restore(t2);
+    wide_params.fold(o1, o2);
+  }
 }
 
 // The forward kernel over a plan (its outputs written, not yet finished).
@@ -780,7 +873,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   };
 
   // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
-  auto rows = [&](auto rows_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
+  // Channels-last rows in lane order where the chunks have one (LaneOrder).
+  const LaneOrder<opmath_t, K, 3> lane_order(V::kEvenOdd && !wide.active && wide.geometry.layout == Layout::kChannelsLast,
+                                             row_length, {m, r, w});
+  auto rows = [&](auto rows_constant, auto order_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw,
+                  opmath_t* pb) {
     constexpr int kRows = decltype(rows_constant)::value;
     // Locals, not the captured references (see the forward's `rows`).
     const int64_t ld = row_length;
@@ -788,22 +885,25 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     const scalar_t* const xp = kDw ? x + row * ld : nullptr;  // null when not read or written
     scalar_t* const dxp = kDx ? dx + row * ld : nullptr;
     const opmath_t *const mp = m, *const rp = r, *const wp = w;
+    const opmath_t *const mq = lane_order.permuted(0), *const rq = lane_order.permuted(1),
+                          *const wq = lane_order.permuted(2);
     // Beyond len grad_y, x and the parameters load as 0, and partial stores leave memory alone.
     for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) C10_ALWAYS_INLINE_ATTRIBUTE {
-      auto [ra, rb] = V::load_acc(rp + c, len);
+      constexpr bool kAnyOrder = decltype(order_constant)::value && kStridedFullChunk<decltype(len), decltype(skip)>;
+      auto [ra, rb] = V::load_acc((kAnyOrder ? rq : rp) + c, len);
       fVec sa(0), sb(0), ta(0), tb(0), wa(0), wb(0), ma(0), mb(0);
-      if constexpr (kDx) std::tie(wa, wb) = V::load_acc(wp + c, len);
+      if constexpr (kDx) std::tie(wa, wb) = V::load_acc((kAnyOrder ? wq : wp) + c, len);
       if constexpr (kDw) {
-        std::tie(ma, mb) = V::load_acc(mp + c, len);
+        std::tie(ma, mb) = V::load_acc((kAnyOrder ? mq : mp) + c, len);
         std::tie(sa, sb) = V::load_acc(pw + c, len);
       }
       if constexpr (kDb) std::tie(ta, tb) = V::load_acc(pb + c, len);
       for (int i = 0; i < kRows; ++i) {
-        auto [ga, gb] = V::load(gp + i * ld + c, len);
-        if constexpr (kDx) V::store(dxp + i * ld + c, ga * (wa * ra), gb * (wb * rb), len);
-        std::tie(ga, gb) = V::lanes(ga, gb, K, skip);
+        auto [ga, gb] = V::template load_in<kAnyOrder>(gp + i * ld + c, len);
+        if constexpr (kDx) V::template store_in<kAnyOrder>(dxp + i * ld + c, ga * (wa * ra), gb * (wb * rb), len);
+        std::tie(ga, gb) = V::lanes(ga, gb, K, skip);  // skip: 0 in lane order
         if constexpr (kDw) {
-          auto [xa, xb] = V::load(xp + i * ld + c, len);
+          auto [xa, xb] = V::template load_in<kAnyOrder>(xp + i * ld + c, len);
           auto [ha, hb] = V::lanes((xa - ma) * ra, (xb - mb) * rb, K, skip);  // 0, not 0 * inf
           sa = at::vec::fmadd(ga, ha, sa);
           sb = at::vec::fmadd(gb, hb, sb);
@@ -817,28 +917,36 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
       if constexpr (kDb) V::store_acc(pb + c, ta, tb, len);
     });
   };
-  auto last = [&](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
-    int64_t row = r0;
-    if (kReduce && sizeof(scalar_t) >= 4 && c1 - c0 >= kRowGroupMinChannels) {
-      const int64_t full = std::min(r1, wide.full_rows);
-      for (; row + kRowGroup <= full; row += kRowGroup) rows(std::integral_constant<int, kRowGroup>{}, row, c0, c1, pw, pb);
-    }
-    for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, row, c0, wide.row_end(row, c0, c1), pw, pb);
+  const auto last_in = [&](auto order) {
+    return [&, order](int64_t r0, int64_t r1, int64_t c0, int64_t c1, opmath_t* pw, opmath_t* pb) {
+      int64_t row = r0;
+      if (kReduce && sizeof(scalar_t) >= 4 && c1 - c0 >= kRowGroupMinChannels) {
+        const int64_t full = std::min(r1, wide.full_rows);
+        for (; row + kRowGroup <= full; row += kRowGroup) {
+          rows(std::integral_constant<int, kRowGroup>{}, order, row, c0, c1, pw, pb);
+        }
+      }
+      for (; row < r1; ++row) rows(std::integral_constant<int, 1>{}, order, row, c0, wide.row_end(row, c0, c1), pw, pb);
+    };
   };
 
   opmath_t* o1 = kDw ? dw.data_ptr<opmath_t>() : nullptr;
   opmath_t* o2 = kDb ? db.data_ptr<opmath_t>() : nullptr;
+  Tensor scratch;
   if constexpr (kReduce) {
-    // Reduce both slots; the one not asked for is summed into a scratch buffer.
-    Tensor scratch;
+    // Reduce both slots; the one not asked for is summed into a scratch buffer of its own.
     if (!(kDw && kDb)) scratch = at::empty({g.C}, kDw ? dw.options() : db.options());
     if (!o1) o1 = scratch.data_ptr<opmath_t>();
     if (!o2) o2 = scratch.data_ptr<opmath_t>();
-    const auto [t1, t2] = wide_params.sums_for(o1, o2);
-    run_tiled<opmath_t>(wide.geometry, K, true, t1, t2, first, last);
+  }
+  const auto [t1, t2] = kReduce ? wide_params.sums_for(o1, o2) : std::pair<opmath_t*, opmath_t*>{o1, o2};
+  dispatch_lane_order<V::kEvenOdd>(lane_order.active(), [&](auto order) {
+    run_tiled<opmath_t>(wide.geometry, K, kReduce, t1, t2, first, last_in(order));
+  });
+  if constexpr (kReduce) {
+    if (kDw) lane_order.restore(t1);
+    if (kDb) lane_order.restore(t2);
     wide_params.fold(o1, o2);
-  } else {
-    run_tiled<opmath_t>(wide.geometry, K, false, o1, o2, first, last);
   }
 }
 
