@@ -37,7 +37,8 @@ def per_channel_inputs(x, mean, std_param, weight, bias) -> bool:
     floating (N, C, *) tensor, mean and std_param (and weight, bias unless None) floating (C,) tensors
     on x's device. The common case, checked with fewer Python operations than check_inputs (this
     runs on every call); False says nothing: check_inputs then raises or returns the shared shape."""
-    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 2:
+    if not isinstance(x, torch.Tensor) or x.layout != torch.strided or x.is_nested or x.dtype not in FLOAT_DTYPES \
+            or x.dim() < 2:
         return False
     # mean's torch.Size, compared with the others': x.shape[1:2] takes 0.5 us on the development VM,
     # a comparison of two torch.Size 0.2 us.
@@ -47,7 +48,8 @@ def per_channel_inputs(x, mean, std_param, weight, bias) -> bool:
     for t in (mean, std_param, weight, bias):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.shape != size or t.dtype not in FLOAT_DTYPES or t.device != device:
+        if not isinstance(t, torch.Tensor) or t.shape != size or t.dtype not in FLOAT_DTYPES or t.device != device \
+                or t.layout != torch.strided:
             return False
     return std_param is not None
 
@@ -59,6 +61,8 @@ def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
     (C, 1, ..., 1); a size-1 dim is an axis the Gaussian shares (docs/method.md, "Shared axes")."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got {'a nested tensor' if x.is_nested else x.layout}")
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"x must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}"
@@ -79,6 +83,9 @@ def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.is_nested or t.layout != torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got "
+                            f"{'a nested tensor' if t.is_nested else t.layout}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
         if tuple(t.shape) == (channels,):

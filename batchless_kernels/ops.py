@@ -70,8 +70,55 @@ def _check_same_device(op: str, **tensors) -> None:
         raise RuntimeError(f"{op}: all tensors must be on one device, got {listed}")
 
 
+def check_x(x: torch.Tensor, name: str = "x") -> None:
+    """csrc/batchless_host.h's check_x, for the ops whose kernels are Python (Triton) and the fake
+    kernels: an (N, C, *) floating tensor. RuntimeError, as TORCH_CHECK raises."""
+    if x.dim() < 2:
+        raise RuntimeError(f"batchless_norm: {name} must have shape (N, C, *), got {list(x.shape)}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise RuntimeError(f"batchless_norm: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+
+
+def check_channel_tensors(x: torch.Tensor, **tensors) -> None:
+    """check_channel_tensor of csrc/batchless_host.h: each given tensor (None: absent) is a floating
+    (C,) tensor on x's device; a kernel reads C elements of each."""
+    channels = x.shape[1]
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise RuntimeError(f"batchless_norm: {name} must have shape ({channels},), got {list(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise RuntimeError(f"batchless_norm: {name} must have a floating dtype, got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"batchless_norm: {name} must be on {x.device} like the input, got {t.device}")
+
+
+def check_backward_inputs(op: str, grad_y, x, output_mask, **tensors) -> None:
+    """plan_backward's checks (csrc/batchless_host.h): grad_y and x alike, x present for dweight."""
+    check_x(grad_y, "grad_y")
+    if x is not None:
+        check_x(x, "x")
+        for what, a, b in (("shape", list(grad_y.shape), list(x.shape)), ("dtype", grad_y.dtype, x.dtype),
+                           ("device", grad_y.device, x.device)):
+            if a != b:
+                raise RuntimeError(f"{op}: grad_y has {what} {a} but x has {what} {b}")
+    if output_mask[1] and x is None:
+        raise RuntimeError(f"{op}: dweight needs x")
+    check_channel_tensors(grad_y, **tensors)
+
+
+def check_grad_nll(op: str, grad_nll: torch.Tensor, like: torch.Tensor) -> None:
+    """nll::check_grad_nll (csrc/batchless_nll.h): one element, on the sums' device."""
+    if grad_nll.numel() != 1 or grad_nll.device != like.device:
+        raise RuntimeError(f"{op}: grad_nll must be a one-element tensor on {like.device}, got shape "
+                           f"{list(grad_nll.shape)} on {grad_nll.device}")
+
+
 def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
     _check_same_device(FORWARD_OP, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
+    check_x(x)
+    check_channel_tensors(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
     n = x.shape[1] if compute_stats else 0
     return output_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
@@ -79,6 +126,7 @@ def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
 
 def _backward_fake(grad_y, x, mean, rstd, weight, output_mask):
     _check_same_device(BACKWARD_OP, grad_y=grad_y, x=x, mean=mean, rstd=rstd, weight=weight)
+    check_backward_inputs(BACKWARD_OP, grad_y, x, output_mask, mean=mean, rstd=rstd, weight=weight)
     acc = accumulation_dtype(grad_y.dtype)
     channels = grad_y.shape[1]
     dx = output_like(x if x is not None else grad_y) if output_mask[0] else grad_y.new_empty((0,))
@@ -94,6 +142,8 @@ def _train_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
 
 def _train_forward_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
     _check_same_device(TRAIN_FORWARD_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    check_x(x)
+    check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
     channels = x.shape[1]
     sums = [x.new_empty((channels,), dtype=acc) for _ in range(3)]  # s1, s2, rstd
@@ -104,6 +154,9 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
                          output_mask):
     _check_same_device(TRAIN_BACKWARD_OP, grad_y=grad_y, grad_nll=grad_nll, x=x, mean=mean, std_param=std_param,
                        rstd=rstd, weight=weight, s1=s1, s2=s2)
+    check_backward_inputs(TRAIN_BACKWARD_OP, grad_y, x, output_mask, mean=mean, std_param=std_param, rstd=rstd,
+                          weight=weight, s1=s1, s2=s2)
+    check_grad_nll(TRAIN_BACKWARD_OP, grad_nll, s1)
     dx, dw, db = _backward_fake(grad_y, x, mean, rstd, weight, output_mask[:3])
     dmean = mean.new_empty(mean.shape) if output_mask[3] else mean.new_empty((0,))
     dparam = std_param.new_empty(std_param.shape) if output_mask[4] else std_param.new_empty((0,))
@@ -112,6 +165,8 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
 
 def _inference_fake(x, mean, std_param, weight, bias, parametrization, eps):
     _check_same_device(INFERENCE_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    check_x(x)
+    check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     return output_like(x)
 
 

@@ -5,6 +5,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <cmath>
 #include <string>
 #include <tuple>
 
@@ -51,7 +52,10 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
               "batchless_nll: s1 and s2 must both be float32 or float64");
   TORCH_CHECK(count > 0 && C > 0, "batchless_nll: needs count > 0 and C > 0 (an empty input has no NLL "
               "to compute), got count=", count, ", C=", C);
-  TORCH_CHECK(eps > 0, "batchless_nll: eps must be positive, got ", eps);
+  TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(std_param.scalar_type()),
+              "batchless_nll: mean and std_param must have floating dtypes, got ", mean.scalar_type(), " and ",
+              std_param.scalar_type());
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), "batchless_nll: eps must be a positive finite float, got ", eps);
   TORCH_CHECK(s2.device() == s1.device() && mean.device() == s1.device() &&
                   std_param.device() == s1.device(),
               "batchless_nll: s1, s2, mean, std_param must be on one device, got ", s1.device(), ", ",

@@ -279,12 +279,19 @@ def test_module_input_errors():
 # ------------------------------------------------------------------------------------------------
 
 
-def _fwd():
-    return torch.ops.batchless_kernels.batchless_norm_forward
+def _fwd(family="batchless_norm"):
+    return getattr(torch.ops.batchless_kernels, "triton_forward" if family == "triton" else "batchless_norm_forward")
 
 
-def _bwd():
-    return torch.ops.batchless_kernels.batchless_norm_backward
+def _bwd(family="batchless_norm"):
+    return getattr(torch.ops.batchless_kernels, "triton_backward" if family == "triton" else "batchless_norm_backward")
+
+
+# The ops' families on this machine: the C++ kernels' (CPU), their fake kernels (meta tensors, what
+# torch.compile traces with), and the Triton backend's (Python launchers; on the CPU under the interpreter),
+# which checked nothing: a short std_param was read past its end.
+OP_FAMILIES = [("batchless_norm", "cpu"), ("batchless_norm", "meta")] + (
+    [("triton", "cpu")] if "triton" in bk.available_backends("cpu") else [])
 
 
 @needs_ops
@@ -300,12 +307,14 @@ def _bwd():
     ("bias", torch.zeros(1), r"bias must have shape \(3,\)"),
     ("bias", torch.zeros(3, dtype=torch.int64), r"bias must have a floating dtype"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 10 else None)
-def test_forward_op_errors(which, value, pattern):
+@pytest.mark.parametrize("family, device", OP_FAMILIES, ids=str)
+def test_forward_op_errors(which, value, pattern, family, device):
     args = {"x": torch.randn(2, 3), "mean": torch.zeros(3), "rstd": torch.ones(3), "weight": torch.ones(3),
             "bias": torch.zeros(3)}
     args[which] = value
+    args = {k: v.to(device) for k, v in args.items()}
     with pytest.raises(RuntimeError, match=pattern):
-        _fwd()(args["x"], args["mean"], args["rstd"], args["weight"], args["bias"], True)
+        _fwd(family)(args["x"], args["mean"], args["rstd"], args["weight"], args["bias"], True)
 
 
 @needs_ops
@@ -319,12 +328,60 @@ def test_forward_op_errors(which, value, pattern):
     ("rstd", torch.ones(4), [True, False, False], r"rstd must have shape \(3,\)"),
     ("weight", torch.ones(2), [True, False, False], r"weight must have shape \(3,\)"),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 10 else None)
-def test_backward_op_errors(which, value, mask, pattern):
+@pytest.mark.parametrize("family, device", OP_FAMILIES, ids=str)
+def test_backward_op_errors(which, value, mask, pattern, family, device):
     args = {"grad_y": torch.randn(2, 3, 4), "x": torch.randn(2, 3, 4), "mean": torch.zeros(3),
             "rstd": torch.ones(3), "weight": torch.ones(3)}
     args[which] = value
+    args = {k: v if v is None else v.to(device) for k, v in args.items()}
     with pytest.raises(RuntimeError, match=pattern):
-        _bwd()(args["grad_y"], args["x"], args["mean"], args["rstd"], args["weight"], mask)
+        _bwd(family)(args["grad_y"], args["x"], args["mean"], args["rstd"], args["weight"], mask)
+
+
+@needs_ops
+@pytest.mark.parametrize("family", ["batchless_norm", "triton"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_training_op_errors(family, device):
+    """The one-pass training ops check what the forward and backward ops check, eps and grad_nll too
+    (a (2,) grad_nll raised 'a Tensor with 2 elements cannot be converted to Scalar')."""
+    if family == "triton" and ("triton" not in bk.available_backends("cpu") or device == "meta"):
+        pytest.skip("the triton ops run on the CPU under the interpreter only; their fakes are the C++ ops'")
+    ops = torch.ops.batchless_kernels
+    forward = getattr(ops, f"{family}_train_forward" if family == "triton" else "batchless_norm_train_forward")
+    backward = getattr(ops, f"{family}_train_backward" if family == "triton" else "batchless_norm_train_backward")
+    x, p = torch.randn(2, 3, 4, device=device), torch.zeros(3, device=device)
+    with pytest.raises(RuntimeError, match=r"std_param must have shape \(3,\)"):
+        forward(x, p, p[:1], None, None, "log", 1e-5, True)
+    if device == "cpu":
+        with pytest.raises(RuntimeError, match="eps must be a positive finite float"):
+            forward(x, p, p, None, None, "log", float("inf"), True)
+    s = torch.ones(3, device=device)
+    with pytest.raises(RuntimeError, match="grad_nll must be a one-element tensor"):
+        backward(x, torch.ones(2, device=device), x, p, p, s, None, s, s, 8, "log", 1e-5, [True] * 5)
+    with pytest.raises(RuntimeError, match=r"rstd must have shape \(3,\)"):
+        backward(x, torch.ones((), device=device), x, p, p, s[:2], None, s, s, 8, "log", 1e-5, [True] * 5)
+
+
+@needs_ops
+def test_nll_op_errors():
+    s, ops = torch.ones(3), torch.ops.batchless_kernels
+    with pytest.raises(RuntimeError, match="mean and std_param must have floating dtypes"):
+        ops.batchless_nll(s, s, s, torch.ones(3, dtype=torch.int64), 4, "log", 1e-5, True)
+    with pytest.raises(RuntimeError, match="eps must be a positive finite float"):
+        ops.batchless_nll(s, s, s, s, 4, "log", float("inf"), True)
+    with pytest.raises(RuntimeError, match="grad_nll must be a one-element tensor"):
+        ops.batchless_nll_backward(torch.ones(2), s, s, s, s, 4, "log", 1e-5)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("layout", ["sparse", "nested"])
+def test_x_not_dense(case, layout):
+    x = torch.randn(2, 3, 4)
+    x = x.to_sparse() if layout == "sparse" else torch.nested.nested_tensor([x[0], x[1]])
+    with pytest.raises(TypeError, match="x must be a dense \\(strided\\) tensor"):
+        bk.batchless_norm(x, torch.zeros(3), torch.zeros(3), backend=case.name)
+    with pytest.raises(TypeError, match="mean must be a dense \\(strided\\) tensor"):
+        bk.batchless_norm(torch.randn(2, 3, 4), torch.zeros(3).to_sparse(), torch.zeros(3), backend=case.name)
 
 
 @needs_ops

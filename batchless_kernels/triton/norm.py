@@ -527,7 +527,7 @@ _FLOAT32_MAX = 3.4028234663852886e38
 def _eps_pair(eps: float) -> tuple[float, float]:
     """eps as float32 hi + lo (_eps in the kernels)."""
     if not 0 < eps < math.inf:
-        raise RuntimeError(f"batchless_norm: eps must be positive, got {eps}")
+        raise RuntimeError(f"batchless_norm: eps must be a positive finite float, got {eps}")
     hi = struct.unpack("f", struct.pack("f", min(eps, _FLOAT32_MAX)))[0]
     return hi, eps - hi
 
@@ -652,6 +652,8 @@ def triton_forward(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
     bias: torch.Tensor | None, compute_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ops.check_x(x)
+    ops.check_channel_tensors(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     if x.numel() == 0:
         return ops.poisoned(ops.output_like(x)), *_empty_sums(x, x.shape[1] if compute_stats else 0)
     y, partials, _ = _forward(x, mean, rstd, _R_GIVEN, 1.0, weight, bias, compute_stats)
@@ -668,7 +670,10 @@ def triton_train_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batchless_norm_train_forward's values (csrc/ops.cpp) in two launches: the forward kernel with
     r computed from std_param, and the second pass with the NLL's epilogue (r, nll)."""
+    ops.check_x(x)
+    ops.check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind, acc = _kind(parametrization), accumulation_dtype(x.dtype)
+    _eps_pair(eps)
     channels = x.shape[1]
     if x.numel() == 0:  # no elements to average: nll = 0 (reference.py)
         r = rstd_and_log_std(std_param.detach().to(acc, copy=True), parametrization, eps)[0]
@@ -687,6 +692,8 @@ def triton_inference(
     bias: torch.Tensor | None, parametrization: str, eps: float,
 ) -> torch.Tensor:
     """batchless_norm_inference (csrc/ops.cpp): one launch, r computed in it as in training."""
+    ops.check_x(x)
+    ops.check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind = _kind(parametrization)
     _eps_pair(eps)
     if x.numel() == 0:
@@ -716,9 +723,6 @@ def _backward(grad_y, x, mean, rstd, weight, output_mask):
     return dx, [p for p, need in ((pw, need_dw), (pb, need_db)) if need]
 
 
-def _check_backward(x, output_mask):
-    if output_mask[1] and x is None:
-        raise RuntimeError("batchless_kernels::triton_backward: dweight needs x")
 
 
 def _affine_grads(grad_y, output_mask, totals):
@@ -733,7 +737,8 @@ def triton_backward(
     grad_y: torch.Tensor, x: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
     weight: torch.Tensor | None, output_mask: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_backward(x, output_mask)
+    ops.check_backward_inputs("batchless_kernels::triton_backward", grad_y, x, output_mask, mean=mean, rstd=rstd,
+                              weight=weight)
     if grad_y.numel() == 0 or not any(output_mask):
         return _empty_backward(grad_y, x, output_mask)
     dx, partials = _backward(grad_y, x, mean, rstd, weight, output_mask)
@@ -755,7 +760,10 @@ def triton_train_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batchless_norm_train_backward (csrc/ops.cpp) in two launches: the backward kernel, and the
     second pass summing dweight, dbias with the NLL's gradients as its epilogue."""
-    _check_backward(x, output_mask)
+    op = "batchless_kernels::triton_train_backward"
+    ops.check_backward_inputs(op, grad_y, x, output_mask, mean=mean, std_param=std_param, rstd=rstd, weight=weight,
+                              s1=s1, s2=s2)
+    ops.check_grad_nll(op, grad_nll, s1)
     kind, acc = _kind(parametrization), accumulation_dtype(grad_y.dtype)
     need_nll = output_mask[3] or output_mask[4]
     channels = grad_y.shape[1]

@@ -51,6 +51,7 @@ std::tuple<Tensor, Tensor> nll_backward_cpu(const Tensor& grad_nll, const Tensor
                                             const Tensor& std_param, int64_t count,
                                             c10::string_view parametrization, double eps) {
   check_nll_args(s1, s2, mean, std_param, count, eps);
+  nll::check_grad_nll(grad_nll, s1, "batchless_nll_backward");
   const auto kind = parse_parametrization(parametrization);
   const auto acc = s1.scalar_type();
   Tensor dmean = at::empty({mean.numel()}, s1.options());

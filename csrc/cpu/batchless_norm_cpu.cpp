@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <numeric>
 #include <tuple>
 #include <type_traits>
@@ -983,7 +984,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
 // nll::rstd_value (the NLL's own r), not tensor ops (two to three dispatched ops and allocations
 // for abs and log: microseconds at small shapes). Training and inference share it: the same bits.
 Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
-  TORCH_CHECK(eps > 0, "batchless_norm: eps must be positive, got ", eps);
+  TORCH_CHECK(eps > 0 && std::isfinite(eps), "batchless_norm: eps must be a positive finite float, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CPU);
   host::check_channel_tensor(std_param, "std_param", x);
   const Tensor p = host::in_dtype(std_param, host::accumulation_type(x.scalar_type())).contiguous();
