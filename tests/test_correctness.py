@@ -439,6 +439,23 @@ def test_tiny_sigma_gradients_stay_finite(case, parametrization):
     assert out["std_param"].abs().max() > 1e20 or parametrization != "abs"
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("parametrization, bad", [("log", math.inf), ("abs", math.inf), ("abs", -math.inf),
+                                                  ("log", math.nan), ("inv", math.nan)], ids=str)
+@pytest.mark.parametrize("gauge", [True, False], ids=["gauge", "nogauge"])
+def test_non_finite_sigma_gives_a_non_finite_nll(case, parametrization, bad, gauge):
+    """A diverged std_param reaches the loss as inf or NaN on every backend, as in the reference (NaN
+    with the gauge: log sigma - sg(log sigma)): with the gauge, the compiled backends cancelled mean
+    log sigma analytically and returned a finite NLL."""
+    x = make_x((2, 3, 4), "contiguous", torch.float32, case.device)
+    std_param = torch.tensor([0.5, bad, 0.3], device=case.device)
+    nlls = [bk.batchless_norm(x, torch.zeros(3, device=case.device), std_param.clone().requires_grad_(),
+                              parametrization=parametrization, gauge=gauge, backend=backend)[1]
+            for backend in (case.name, "reference")]
+    assert not torch.isfinite(nlls[1])
+    torch.testing.assert_close(nlls[0], nlls[1], equal_nan=True)
+
+
 def _pinned_case(parametrization):
     """x = [[1], [3]] (N=2, C=1), mean 1, sigma 2 (r = 0.5), weight 3, bias -1: xhat = [0, 1],
     y = [-1, 2], S1 = 1, S2 = 1, n = 2. Values from docs/method.md by hand:

@@ -374,8 +374,10 @@ def _sum_partials_kernel(
                     log_total += tl.load(BLOCK_SUMS + 2 * b, mask=b < programs, other=0.0, volatile=True)
                     data_total += tl.load(BLOCK_SUMS + (2 * b + 1), mask=b < programs, other=0.0, volatile=True)
                 data = tl.sum(data_total, axis=0) / (2.0 * n * channels)
-                # with the gauge, the mean log sigma cancels in value (it stays in the gradient)
-                tl.store(NLL, tl.where(gauge != 0, data - 0.5, tl.sum(log_total, axis=0) / channels + data))
+                # with the gauge, the mean log sigma cancels in value (it stays in the gradient), as
+                # mean_log - sg(mean_log): NaN, as in the reference, where a sigma is not finite
+                mean_log = tl.sum(log_total, axis=0) / channels
+                tl.store(NLL, tl.where(gauge != 0, data - 0.5 + (mean_log - mean_log), mean_log + data))
         else:
             # grad_nll times the NLL's gradients (nll::NllGrads), per channel, from the forward's sums
             g = tl.load(GRAD_NLL).to(ACC) / channels

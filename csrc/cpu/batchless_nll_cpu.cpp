@@ -40,8 +40,9 @@ Tensor nll_cpu(const Tensor& s1, const Tensor& s2, const Tensor& mean, const Ten
     }
     const scalar_t mean_log = log_total / C;
     const scalar_t data = data_total / (scalar_t(2) * scalar_t(count) * C);
-    // With the gauge, mean_log cancels in value (it stays in the gradient through nll_backward).
-    *out.data_ptr<scalar_t>() = gauge ? data - scalar_t(0.5) : mean_log + data;
+    // With the gauge, mean_log cancels in value (it stays in the gradient through nll_backward), as
+    // mean_log - sg(mean_log): NaN, as in the reference, where a sigma is not finite.
+    *out.data_ptr<scalar_t>() = gauge ? data - scalar_t(0.5) + (mean_log - mean_log) : mean_log + data;
   });
   return out;
 }

@@ -34,8 +34,10 @@ __global__ void __launch_bounds__(kNllThreads)
   data_total = block_sum<kNllThreads>(data_total, scratch);
   if (threadIdx.x == 0) {
     const acc_t data = data_total / (acc_t(2) * count * acc_t(C));
-    // With the gauge, the mean log sigma cancels in value (it stays in the gradient).
-    *out = gauge ? data - acc_t(0.5) : log_total / acc_t(C) + data;
+    // With the gauge, the mean log sigma cancels in value (it stays in the gradient), as
+    // mean_log - sg(mean_log): NaN, as in the reference, where a sigma is not finite.
+    const acc_t mean_log = log_total / acc_t(C);
+    *out = gauge ? data - acc_t(0.5) + (mean_log - mean_log) : mean_log + data;
   }
 }
 

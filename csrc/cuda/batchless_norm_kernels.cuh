@@ -490,8 +490,10 @@ __global__ void __launch_bounds__(kReduceWarps * 32)
   if (threadIdx.x != 0) return;
   const acc_t channels = static_cast<acc_t>(C);
   const acc_t data = data_total / (acc_t(2) * epilogue.count * channels);
-  // With the gauge, the mean log sigma cancels in value (it stays in the gradient).
-  *epilogue.nll = epilogue.gauge ? data - acc_t(0.5) : log_total / channels + data;
+  // With the gauge, the mean log sigma cancels in value (it stays in the gradient), as
+  // mean_log - sg(mean_log): NaN, as in the reference, where a sigma is not finite.
+  const acc_t mean_log = log_total / channels;
+  *epilogue.nll = epilogue.gauge ? data - acc_t(0.5) + (mean_log - mean_log) : mean_log + data;
 }
 
 // The widest V (elements per access, up to 16 bytes) that divides the inner extent. It depends on
