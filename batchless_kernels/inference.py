@@ -191,9 +191,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     output channels is folded into that layer's weight and bias, and replaced by nn.Identity (indices,
     hence state_dict keys, are kept). A Linear is assumed to see (N, in_features) inputs, the case
     where BatchlessNorm1d's channels are its output features. Where the model traces with torch.fx,
-    the trace must agree: the conv is called once, only the layer reads its output, and the layer is
-    not called more often than it is registered (a model that calls a Sequential's children itself,
-    or keeps their outputs, is not folded there). Elsewhere (e.g. ResNet blocks, whose forward calls
+    the trace must agree: the conv and the layer are each called once, and only the layer reads the
+    conv's output (a model that calls a Sequential's children itself, or keeps their outputs, is
+    not folded there). Elsewhere (e.g. ResNet blocks, whose forward calls
     self.bn1(self.conv1(x))), a Batchless layer used once, called on the output of a conv (not
     Linear) called once whose output nothing else reads, is folded likewise; models that do not
     trace keep the Sequential rule only. Conv/linear modules used more than once, with hooks, with a
@@ -236,9 +236,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 
     folded: set[int] = set()
     # The data flow, where the model traces: a pair of a Sequential's children is folded only if the
-    # trace agrees that the layer reads the conv's output alone and nothing else does, and the layer
-    # is not called more often than it is registered (a model may call a Sequential's children
-    # itself, or keep their outputs).
+    # trace agrees that the layer reads the conv's output alone, that nothing else does, and that the
+    # layer runs only there (a model may call a Sequential's children itself, through the slot that
+    # folding empties, or keep their outputs).
     trace = _trace(model)
     first_name = {id(m): n for n, m in model.named_modules()}
 
@@ -246,7 +246,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         if trace is None:
             return True
         prev_name, name = first_name[id(prev)], first_name[id(layer)]
-        return (prev_name, name) in trace.pairs and trace.calls[name] <= uses[id(layer)]
+        return (prev_name, name) in trace.pairs and trace.calls[name] == 1
 
     # a Sequential with its own forward may not run its children one after the other
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and not _overrides_forward(m, nn.Sequential)]:

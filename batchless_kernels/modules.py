@@ -141,11 +141,16 @@ class _BatchlessNorm(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         x = input
         self._check_input_dim(x)
+        # An exported program (torch.export, ONNX) is for inference: a module attribute is no output.
+        # Under torch.compile of a torch.func transform, batchless_norm computes the NLL whatever
+        # requires_grad says, and the term kept here must be taken by nll_loss in the compiled
+        # function (AOTAutograd cannot return it): an eval-mode layer does not compute one there.
+        need_nll = False if exporting() or (not self.training and torch.compiler.is_compiling()
+                                            and torch._C._are_functorch_transforms_active()) else None
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
-            # an exported program (torch.export, ONNX) is for inference: a module attribute is no output
-            need_nll=False if exporting() else None,
+            need_nll=need_nll,
         )
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.

@@ -217,6 +217,22 @@ def test_ops_round_outputs_to_nearest_even(device, shape, layout, dtype):
 
 @needs_ops
 @pytest.mark.parametrize("device", _device_params())
+@pytest.mark.parametrize("shape", [(1, 2, 3, 3), (2, 2, 5, 5), (3, 2, 17)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_sums_ignore_lanes_beyond_a_short_plane(device, shape, dtype):
+    """x = mean = 1e30, rstd = 1e10: every xhat is 0, so dweight is 0; a plane shorter than a vector
+    chunk loads 0 beyond its end, where (0 - mean) * rstd overflows to inf, and 0 * inf made dweight
+    NaN on the CPU."""
+    x = torch.full(shape, 1e30, dtype=dtype, device=device)
+    C = shape[1]
+    mean, rstd = x[0, :, 0].float() if x.dim() == 3 else x[0, :, 0, 0].float(), torch.full((C,), 1e10, device=device)
+    dx, dw, db = bwd_op()(torch.ones_like(x), x, mean, rstd, None, [True, True, True])
+    assert torch.equal(dw, torch.zeros_like(dw)), dw
+    torch.testing.assert_close(db, torch.full_like(db, x.numel() // C))
+
+
+@needs_ops
+@pytest.mark.parametrize("device", _device_params())
 def test_ops_mixed_param_dtypes(device):
     """mean/rstd/weight/bias of any floating dtype are accepted (converted to the accumulation dtype)."""
     x, mean, rstd, weight, bias = op_inputs((3, 4, 5), "contiguous", torch.float32, device)

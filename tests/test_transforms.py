@@ -88,6 +88,16 @@ def test_compiled_per_sample_gradients_equal_eager(case, compiler):
         torch.testing.assert_close(actual[name], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+def test_compiled_vmap_of_an_eval_layer():
+    """An eval-mode layer under torch.compile(vmap(...)) keeps no NLL term, which AOTAutograd could not
+    return ("Cannot access storage of BatchedTensorImpl")."""
+    layer = bk.BatchlessNorm1d(4).requires_grad_(False).eval()
+    x = torch.randn(6, 3, 4)
+    expected = vmap(layer)(x)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(vmap(layer), backend="aot_eager")(x), expected)
+
+
 def test_need_nll_must_be_a_bool_or_none():
     x = torch.randn(2, 3, 4)
     with pytest.raises(TypeError, match="need_nll must be a bool or None, got str"):

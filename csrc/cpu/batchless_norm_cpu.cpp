@@ -859,7 +859,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
         std::tie(ga, gb) = V::lanes_any_order(ga, gb, K, skip);
         if constexpr (kDw) {
           auto [xa, xb] = V::load_any_order(xp + i, len);
-          auto [ha, hb] = V::lanes_any_order((xa - vm) * vr, (xb - vm) * vr, K, skip);  // 0, not 0 * inf
+          // len, not K: beyond it x loads as 0, and (0 - m) * r may overflow: 0, not 0 * inf
+          auto [ha, hb] = V::lanes_any_order((xa - vm) * vr, (xb - vm) * vr, len, skip);
           aw = at::vec::fmadd(ga, ha, aw);
           bw = at::vec::fmadd(gb, hb, bw);
         }
