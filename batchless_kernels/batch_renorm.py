@@ -124,6 +124,8 @@ class _BatchRenorm(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         x = input
         self._check_input_dim(x)
+        if not x.dtype.is_floating_point:  # nn.BatchNorm refuses them too; the math would truncate
+            raise TypeError(f"input must have a floating dtype, got {x.dtype}")
         acc = accumulation_dtype(x.dtype)
         view = (1, self.num_features) + (1,) * (x.dim() - 2)
         xf = x.to(acc)

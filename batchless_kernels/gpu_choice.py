@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -37,12 +38,24 @@ def case_key(shape, dtype: str, contiguous: bool) -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_table(path: str = str(TABLE_PATH)) -> dict:
-    """{gpu name: {case key: backend}}; empty when no GPU has been measured."""
+    """{gpu name: {case key: backend}}; empty when no GPU has been measured. A file that cannot be
+    read or is not such a table is ignored with a RuntimeWarning naming it (auto then keeps the static
+    order): it is read when the package is imported, on CPU-only machines too."""
     try:
         with open(path) as f:
-            return json.load(f).get("devices", {})
+            devices = json.load(f).get("devices", {})
     except FileNotFoundError:
         return {}
+    except (OSError, ValueError, AttributeError) as error:  # unreadable, not JSON, not an object
+        warnings.warn(f"ignoring {path}: not a GPU choice table ({error})", RuntimeWarning, stacklevel=2)
+        return {}
+    if not (isinstance(devices, dict) and all(
+            isinstance(cases, dict) and all(isinstance(k, str) and v in GPU_BACKENDS for k, v in cases.items())
+            for cases in devices.values())):
+        warnings.warn(f"ignoring {path}: 'devices' must map GPU names to {{case: one of {GPU_BACKENDS}}}",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return devices
 
 
 @functools.lru_cache(maxsize=None)

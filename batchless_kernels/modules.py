@@ -38,6 +38,14 @@ class _BatchlessNorm(nn.Module):
     """
 
     _accepted_dims: tuple[int, ...] | None = ()
+    # Called with every subclass defined from now on (batchless_kernels.privacy registers its Opacus
+    # grad sampler for each: Opacus looks samplers up by exact class).
+    _subclass_hooks: list = []
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        for hook in _BatchlessNorm._subclass_hooks:
+            hook(cls)
 
     def __init__(
         self,
@@ -78,7 +86,14 @@ class _BatchlessNorm(nn.Module):
         self.gauge = gauge
         self.init_mean = float(init_mean)
         self.init_std = float(init_std)
-        param_from_std(self.init_std, self.parametrization, self.eps)  # validates init_std vs eps
+        try:  # init_std against eps, and its std_param against the parameters' dtype
+            p = param_from_std(self.init_std, self.parametrization, self.eps)
+        except ValueError as e:
+            raise ValueError(f"init_std={init_std!r} cannot be the initial std: {e}") from None
+        limit = torch.finfo(dtype if dtype is not None else torch.get_default_dtype()).max
+        if not abs(float(p)) <= limit:
+            raise ValueError(f"init_std={init_std!r} gives std_param={float(p):.3g} with parametrization="
+                             f"{self.parametrization!r}, beyond the range of {dtype or torch.get_default_dtype()}")
         self.backend = backend
         shape = self._parameter_shape(num_features)
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
@@ -247,6 +262,10 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     device. Raises TypeError when `model` is not an nn.Module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "force_functorch", False):  # Opacus' GradSampleModule, grad_sample_mode="functorch"
+        raise ValueError("nll_loss: Opacus' grad_sample_mode='functorch' computes per-sample gradients from the "
+                         "layers' outputs only, so mean and std_param would get none from the NLL and train "
+                         "unclipped; use grad_sample_mode='hooks' with batchless_kernels.privacy imported")
     groups: dict[tuple, list[torch.Tensor]] = {}
     # torch.compile of a torch.func transform (compile(vmap(grad(loss)))): a term is a tensor of the
     # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph

@@ -103,8 +103,8 @@ def param_from_std(std, parametrization: str, eps: float) -> torch.Tensor:
     for ``abs`` it must exceed ``eps``.
     """
     std = std if isinstance(std, torch.Tensor) else torch.tensor(std, dtype=torch.float64)
-    if not bool((std > 0).all()):
-        raise ValueError("std must be positive to be expressed as a std_param")
+    if not bool(((std > 0) & (std < math.inf)).all()):
+        raise ValueError("std must be positive and finite to be expressed as a std_param")
     if parametrization == "abs":
         if not bool((std > eps).all()):
             raise ValueError(f"std must exceed eps={eps} for the 'abs' parametrization")

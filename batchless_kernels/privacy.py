@@ -18,13 +18,18 @@ whose mean over the batch is the layer's NLL), for mean, std_param, weight and b
 per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
 default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
 set to match. A layer called more than once per forward is refused (ValueError): its ``nll`` holds
-the last call's term only.
+the last call's term only. So are Opacus' grad_sample_mode="ghost" (fast gradient clipping reweights
+each sample's loss, but the NLL enters the loss once for the batch) and "functorch" (which never
+calls the sampler; nll_loss refuses it). Subclasses of the layers get the sampler too.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from opacus.grad_sample import register_grad_sampler
+from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from torch.func import grad, vmap
 
 from . import reference
@@ -54,11 +59,29 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
     return {present[n]: g.to(present[n].dtype) for n, g in grads.items()}
 
 
-@register_grad_sampler([BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd])
 def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch.Tensor) -> dict:
+    caller = sys._getframe(1).f_locals.get("self")
+    if isinstance(caller, GradSampleModuleFastGradientClipping):
+        raise ValueError(
+            "batchless_kernels.privacy supports Opacus' grad_sample_mode='hooks' only: fast gradient (ghost) "
+            "clipping reweights each sample's loss by its clipping factor, but the NLL term enters the loss "
+            "once for the whole batch, so its per-sample gradients would escape clipping")
     if getattr(layer, "activations", None):  # Opacus pops one call's input per backward: more remain
         raise ValueError(
             f"{type(layer).__name__} was called more than once in one forward: its nll (which nll_loss adds) "
             "holds the last call's NLL only, so per-sample gradients would not match the loss. Use one layer "
             "per call under Opacus.")
     return per_sample_grads(layer, activations[0], backprops)
+
+
+def _register(cls: type) -> None:
+    """Opacus looks grad samplers up by exact class: every Batchless class, and each subclass (through
+    _BatchlessNorm's subclass hook; one defined before this import too)."""
+    register_grad_sampler(cls)(_batchless_grad_sampler)
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+for _cls in (BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd):
+    _register(_cls)
+_BatchlessNorm._subclass_hooks.append(_register)

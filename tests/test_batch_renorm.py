@@ -267,6 +267,15 @@ def test_bad_arguments(kwargs, match):
         bk.BatchRenorm2d(**kwargs)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
+def test_integer_input_refused(dtype):
+    """An int64 input came back truncated, and updated the running statistics (nn.BatchNorm refuses it)."""
+    layer = bk.BatchRenorm1d(2)
+    with pytest.raises(TypeError, match="input must have a floating dtype"):
+        layer(torch.tensor([[0, 10], [5, 20], [9, 40]]).to(dtype))
+    assert torch.equal(layer.running_mean, torch.zeros(2))
+
+
 def test_bad_affine_and_input_keyword():
     with pytest.raises(TypeError, match="affine must be a bool"):
         bk.BatchRenorm2d(3, affine="False")

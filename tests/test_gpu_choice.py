@@ -102,3 +102,16 @@ def test_preferred_traces_under_torch_compile():
 
     x = torch.zeros(2, 3, 4)
     torch.testing.assert_close(torch.compile(pick, fullgraph=True)(x), x + 1)
+
+
+@pytest.mark.parametrize("content", ['{"devices": {"H200": {"channels', "[]", '{"devices": [1]}',
+                                     '{"devices": {"H200": {"channels_last/float32/small": "cpu"}}}'],
+                         ids=["truncated", "list", "devices-list", "unknown-backend"])
+def test_malformed_table_is_ignored_with_a_warning(tmp_path, content):
+    """The table is read at import, on CPU-only machines too: a truncated file (an interrupted
+    derive_gpu_choice.py) made `import batchless_kernels` fail with a JSONDecodeError naming no file."""
+    path = tmp_path / "gpu_choice.json"
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match=f"ignoring {path}"):
+        assert gpu_choice.load_table(str(path)) == {}
+

@@ -82,3 +82,42 @@ def test_empty_batch_and_a_layer_called_twice():
         out = private(torch.randn(4, 3, dtype=torch.float64))
         with pytest.raises(ValueError, match="called more than once in one forward"):
             (out.sum() + bk.nll_loss(private)).backward()
+
+
+class SubclassedNorm(bk.BatchlessNorm1d):
+    """A user's subclass: Opacus looks grad samplers up by exact class."""
+
+
+def _private(model, **kwargs):
+    x = torch.randn(4, 3, dtype=torch.float64)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.randint(0, 2, (4,))), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        made = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=loader,
+            noise_multiplier=0.0, max_grad_norm=1e9, criterion=nn.CrossEntropyLoss(), **kwargs)
+    criterion = made[2] if len(made) == 4 else nn.CrossEntropyLoss()  # ghost mode wraps the criterion
+    return made[0], criterion, x, torch.randint(0, 2, (4,))
+
+
+def test_subclass_gets_per_sample_nll_gradients():
+    """A subclass (defined after the import) got zero per-sample gradients for mean and std_param: the
+    functorch fallback sees the output only, not the NLL."""
+    torch.manual_seed(0)
+    private, criterion, x, t = _private(nn.Sequential(SubclassedNorm(3), nn.Linear(3, 2)).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (criterion(private(x), t) + bk.nll_loss(private)).backward()
+    layer = private._module[0]
+    assert torch.count_nonzero(layer.mean.grad_sample) > 0 and torch.count_nonzero(layer.std_param.grad_sample) > 0
+
+
+@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+def test_unsupported_opacus_modes_are_refused(mode):
+    """Ghost clipping weights each sample's loss by its clipping factor but the NLL enters once (an update of
+    norm 1e5 with max_grad_norm 1); functorch mode gives mean and std_param no NLL gradient."""
+    private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double(),
+                                        grad_sample_mode=mode)
+    with pytest.raises(ValueError, match="grad_sample_mode='hooks'"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (criterion(private(x), t) + bk.nll_loss(private)).backward()
