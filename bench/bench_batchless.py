@@ -39,6 +39,7 @@ if __name__ == "__main__":
 
     reexec_with_glibc_tunables(STEADY_STATE_MALLOC)
 
+import _cli
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -599,13 +600,13 @@ def parse_args(argv):
     parser.add_argument("--update-reference", action="store_true",
                         help="write the committed reference results, bench/results/<device-slug>/ (which the "
                              "docs quote), and on a GPU batchless_kernels/gpu_choice.json")
-    parser.add_argument("--shapes", nargs="+", help="shapes such as 256x64x32x32 32x256")
+    parser.add_argument("--shapes", nargs="+", type=_cli.shape, help="shapes such as 256x64x32x32 32x256")
     parser.add_argument("--dtypes", nargs="+", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--layouts", nargs="+", choices=LAYOUTS, default=list(LAYOUTS))
     parser.add_argument("--impls", help="comma-separated implementations to time (default all available: "
                                              "batchless-<backend>, batchnorm, batchnorm-compiled); the copies "
                                              "are always timed, and speedups need batchnorm")
-    parser.add_argument("--budget", type=float, help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
+    parser.add_argument("--budget", type=_cli.positive(float), help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every pass as CUDA-graph replays (device time without the host's launch "
                              "gaps; not yet validated on a GPU: see docs/benchmarks.md)")
@@ -621,7 +622,7 @@ def main(argv=None) -> None:
     if args.cuda_graphs and args.device != "cuda":
         sys.exit("--cuda-graphs: CUDA graphs need --device cuda")
     device = torch.device(args.device)
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else SHAPES[(device.type, args.full)]
+    shapes = args.shapes or SHAPES[(device.type, args.full)]
     dtypes = [getattr(torch, d) for d in (args.dtypes or DTYPES[args.full])]
     budget = args.budget or (0.2 if device.type == "cuda" else 0.5)
     impls = None

@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import _cli
 import numpy as np
 import torch
 from bench_batchless import BENCH_DIR, GPU_TARGETS, LAYOUTS, captured, last_level_cache_bytes, machine_info, sample
@@ -151,6 +152,9 @@ def markdown(rows, meta) -> str:
     return "\n".join(lines) + "\n"
 
 
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
 def split(values):  # "a,b c" and ["a", "b"] alike
     return [v for value in values for v in value.split(",") if v]
 
@@ -162,15 +166,20 @@ def main(argv=None) -> list[dict]:
                                                    "targets on cuda, 4x8x6x6 on cpu)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS))
-    parser.add_argument("--repeats", type=int, help="timed replays per stage (default 50 cuda, 5 cpu)")
-    parser.add_argument("--calls", type=int, default=20, help="calls of the op per graph")
+    parser.add_argument("--repeats", type=_cli.positive(int), help="timed replays per stage (default 50 cuda, 5 cpu)")
+    parser.add_argument("--calls", type=_cli.positive(int), default=20, help="calls of the op per graph")
     parser.add_argument("--out", type=Path, help="output folder (default bench/results/<device-slug>/stages/)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
     device = torch.device(args.device)
-    shapes = ([tuple(map(int, s.split("x"))) for s in split(args.shapes)] if args.shapes else
-              GPU_TARGETS if device.type == "cuda" else [(4, 8, 6, 6)])
+    try:
+        shapes = ([_cli.shape(s) for s in split(args.shapes)] if args.shapes else
+                  GPU_TARGETS if device.type == "cuda" else [(4, 8, 6, 6)])
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"argument --shapes: {error}")
+    if not set(split(args.dtypes)) <= set(DTYPES):
+        parser.error(f"argument --dtypes: each one of {DTYPES}, got {split(args.dtypes)}")
     dtypes, layouts = [getattr(torch, d) for d in split(args.dtypes)], split(args.layouts)
     if not set(layouts) <= set(LAYOUTS):
         sys.exit(f"--layouts: one of {LAYOUTS}")

@@ -306,8 +306,31 @@ def parse_norms(spec: str) -> list[str]:
     return norms
 
 
-def parse_ints(spec: str) -> list[int]:
-    return [int(v) for v in spec.split(",") if v]
+def parse_ints(spec: str, option: str) -> list[int]:
+    """The comma-separated positive ints of `spec` (the value of `option`), else SystemExit naming it."""
+    try:
+        values = [int(v) for v in spec.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise SystemExit(f"{option}: expected comma-separated positive ints such as 1,4,16, got {spec!r}")
+    return values
+
+
+def positive(kind: type):
+    """An argparse type: a finite number of `kind` (int or float) above 0; argparse names the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not (0 < value < math.inf):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
 
 
 @dataclass
@@ -330,7 +353,7 @@ class Sweep:
         check_toolkit(need_brn="brn" in norms,
                       need_init=args.bln_init == "data" and any(map(is_batchless, norms)))
         device = pick_device(args.device)
-        return cls(name, args, norms, parse_ints(args.batch_sizes), device,
+        return cls(name, args, norms, parse_ints(args.batch_sizes, "--batch-sizes"), device,
                    1 if args.smoke else (args.workers or default_workers(device)),
                    list(range(args.seed0, args.seed0 + args.seeds)), results_dir(name, args.out))
 

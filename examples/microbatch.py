@@ -250,7 +250,7 @@ def rss_in_subprocess(norm, a, micro) -> dict:
 def parse_args(argv=None):
     p = C.arg_parser(__doc__)
     p.add_argument("--micro", default="1,8,64", help="micro-batch sizes")
-    p.add_argument("--batch", type=int, default=256, help="the (effective) batch size")
+    p.add_argument("--batch", type=C.positive(int), default=256, help="the (effective) batch size")
     p.add_argument("--image-size", type=int, default=16, help="images are upsampled to this (multiple of 4)")
     p.add_argument("--c1", type=int, default=32)
     p.add_argument("--c2", type=int, default=64)
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
         return {}
     norms = C.parse_norms(args.norms)
     mem_norms = [n for n in args.memory_norms.split(",") if n and n in norms]
-    micros = C.parse_ints(args.micro)
+    micros = C.parse_ints(args.micro, "--micro")
     for m in micros:
         if args.batch % m:
             raise SystemExit(f"micro-batch {m} does not divide the batch {args.batch}")

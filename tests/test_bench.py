@@ -103,3 +103,21 @@ def test_ncu_summary_tabulates_one_row_per_launch(tmp_path, capsys):
     ncu_summary.main([str(path)])
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + 2 and table[2].startswith("| 0 | channels_first_kernel")
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    ("bench_batchless", ["--shapes", "0x3"], "argument --shapes: '0x3' is not a shape"),
+    ("bench_batchless", ["--shapes", "abc"], "argument --shapes: 'abc' is not a shape"),
+    ("bench_batchless", ["--shapes", "4"], "argument --shapes: '4' is not a shape"),
+    ("bench_batchless", ["--budget", "-1"], "argument --budget: '-1' is not a positive float"),
+    ("bench_stages", ["--dtypes", "int8"], "argument --dtypes: each one of"),
+    ("bench_stages", ["--shapes", "0x3"], "argument --shapes: '0x3' is not a shape"),
+    ("bench_stages", ["--calls", "0"], "argument --calls: '0' is not a positive int"),
+    ("bench_stages", ["--repeats", "-1"], "argument --repeats: '-1' is not a positive int"),
+])
+def test_bad_arguments_are_usage_errors(script, argv, match, capsys):
+    """A shape of 0 raised ZeroDivisionError mid-run, --budget -1 and --calls 0 ran and wrote nonsense."""
+    module = __import__(script)
+    with pytest.raises(SystemExit) as exit_info:
+        (module.parse_args if script == "bench_batchless" else module.main)(["--device", "cpu", *argv])
+    assert exit_info.value.code == 2 and match in capsys.readouterr().err

@@ -85,3 +85,19 @@ def test_dp_digits_smoke(tmp_path):
         # the accountant spent the target budget (3) within its search tolerance, no more
         assert 2.5 < r["epsilon"] <= 3.0 + 1e-6 and r["noise_multiplier"] > 0, r["norm"]
         assert 0.0 <= r["final_val_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    ("spirals", ["--batch-sizes", "0"], "--batch-sizes: expected comma-separated positive ints"),
+    ("spirals", ["--batch-sizes=-4"], "--batch-sizes: expected comma-separated positive ints"),
+    ("microbatch", ["--micro", "0"], "--micro: expected comma-separated positive ints"),
+    ("dp_digits", ["--batch-size", "0"], "argument --batch-size: '0' is not a positive int"),
+    ("dp_digits", ["--delta", "2"], "argument --delta: '2' is not in (0, 1)"),
+    ("dp_digits", ["--max-grad-norm=-1"], "argument --max-grad-norm: '-1' is not a positive float"),
+])
+def test_bad_flags_are_refused(tmp_path, script, argv, match, capsys):
+    """A batch size of 0 raised ZeroDivisionError; -4 ran and reported a 'batch size -4' column; delta 2
+    was reported as a privacy guarantee."""
+    with pytest.raises(SystemExit) as exit_info:
+        _script(script).main([*argv, "--quiet", "--out", str(tmp_path)])
+    assert match in str(exit_info.value.code) + capsys.readouterr().err
