@@ -217,11 +217,6 @@ struct Chunk {
     if constexpr (kAnyOrder) store_any_order(p, a, b, n);
     else store(p, a, b, n);
   }
-  template <bool kAnyOrder, typename Len, typename Skip>
-  C10_ALWAYS_INLINE static std::pair<fVec, fVec> lanes_in(const fVec& a, const fVec& b, Len n, Skip skip) {
-    if constexpr (kAnyOrder) return lanes_any_order(a, b, n, skip);
-    else return lanes(a, b, n, skip);
-  }
   // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
   static opmath_t hsum(const fVec& a, const fVec& b) {
     return at::vec::vec_reduce_all<opmath_t>([](const fVec& u, const fVec& v) { return u + v; }, a + b);
@@ -441,18 +436,31 @@ class WideParams {
 // last C % K channels stay in channel order: its tail (an overlapping full chunk, or a masked one)
 // runs the ordered path on the parameters as given, and adds its new lanes only to sums there. Not
 // for rows of wide channels (WideRows), whose partial last row would break the block pattern.
-template <typename opmath_t, int64_t K, size_t N>
+template <typename V, size_t N>
 class LaneOrder {
+  using opmath_t = typename V::opmath_t;
+  static constexpr int64_t K = V::kSize;
+
  public:
-  LaneOrder(bool active, int64_t C, const std::array<const opmath_t*, N>& params)
-      : active_(active), blocks_(active ? C / K : 0), buffer_(N * blocks_ * K) {
+  LaneOrder(const WideRows& wide, const std::array<const opmath_t*, N>& params)
+      : active_(V::kEvenOdd && !wide.active && wide.geometry.layout == Layout::kChannelsLast),
+        blocks_(active_ ? wide.geometry.C / K : 0),
+        buffer_(N * blocks_ * K) {
     for (size_t i = 0; i < N; ++i) {
       permuted_[i] = buffer_.data() + i * blocks_ * K;
       for (int64_t c = 0; c < blocks_ * K; ++c) permuted_[i][place(c)] = params[i][c];
     }
   }
-  bool active() const { return active_; }
   const opmath_t* permuted(size_t i) const { return permuted_[i]; }
+  // f(std::bool_constant<active>): instantiated for false alone where no chunk has a lane order.
+  template <typename F>
+  void dispatch(const F& f) const {
+    if constexpr (V::kEvenOdd) {
+      dispatch_bool(active_, f);
+    } else {
+      f(std::false_type{});
+    }
+  }
   // sums (C,) from permuted to channel order (in place).
   void restore(opmath_t* sums) const {
     if (!active_) return;
@@ -472,16 +480,6 @@ class LaneOrder {
   Scratch<opmath_t> buffer_;
   std::array<opmath_t*, N> permuted_{};
 };
-
-// f(std::bool_constant<active>), instantiated for false alone where no chunk has a lane order.
-template <bool kPossible, typename F>
-void dispatch_lane_order(bool active, const F& f) {
-  if constexpr (kPossible) {
-    dispatch_bool(active, f);
-  } else {
-    f(std::false_type{});
-  }
-}
 
 // Calls body(sum0, sum1) with sum0, sum1 the slot's partial sums (C,), or in blocks (a narrow task's
 // block of kMaxChain rows or samples, see kNarrow) with a zeroed (2, kNarrow) block, then added into
@@ -733,8 +731,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   // the sums stored) once per group, not per row; the rows are still added one after the other, so
   // the sums have the bits of a row at a time.
   // Channels-last rows in lane order where the chunks have one (LaneOrder).
-  const LaneOrder<opmath_t, K, 4> lane_order(V::kEvenOdd && !wide.active && wide.geometry.layout == Layout::kChannelsLast,
-                                             row_length, {m, r, scale, b});
+  const LaneOrder<V, 4> lane_order(wide, {m, r, scale, b});
   auto rows = [&](auto rows_constant, auto order_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* p1,
                   opmath_t* p2) {
     constexpr int kRows = decltype(rows_constant)::value;
@@ -789,7 +786,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   opmath_t* o1 = kStats ? s1.data_ptr<opmath_t>() : nullptr;
   opmath_t* o2 = kStats ? s2.data_ptr<opmath_t>() : nullptr;
   const auto [t1, t2] = wide_params.sums_for(o1, o2);
-  dispatch_lane_order<V::kEvenOdd>(lane_order.active(), [&](auto order) {
+  lane_order.dispatch([&](auto order) {
     run_tiled<opmath_t>(wide.geometry, K, kStats, t1, t2, first, last_in(order));
   });
   if constexpr (kStats) {
@@ -876,8 +873,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
 
   // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
   // Channels-last rows in lane order where the chunks have one (LaneOrder).
-  const LaneOrder<opmath_t, K, 3> lane_order(V::kEvenOdd && !wide.active && wide.geometry.layout == Layout::kChannelsLast,
-                                             row_length, {m, r, w});
+  const LaneOrder<V, 3> lane_order(wide, {m, r, w});
   auto rows = [&](auto rows_constant, auto order_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw,
                   opmath_t* pb) {
     constexpr int kRows = decltype(rows_constant)::value;
@@ -942,7 +938,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     if (!o2) o2 = scratch.data_ptr<opmath_t>();
   }
   const auto [t1, t2] = kReduce ? wide_params.sums_for(o1, o2) : std::pair<opmath_t*, opmath_t*>{o1, o2};
-  dispatch_lane_order<V::kEvenOdd>(lane_order.active(), [&](auto order) {
+  lane_order.dispatch([&](auto order) {
     run_tiled<opmath_t>(wide.geometry, K, kReduce, t1, t2, first, last_in(order));
   });
   if constexpr (kReduce) {
