@@ -1,5 +1,6 @@
-"""Argument types of the benchmark scripts' command lines: argparse reports a bad value as a usage
-error that names the option (a shape of 0 raised ZeroDivisionError deep in the run)."""
+"""Argument types of the repository's command-line scripts (bench/, examples/): argparse reports a bad
+value as a usage error that names the option (a shape or batch size of 0 raised ZeroDivisionError
+deep in a run)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,23 @@ def shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def positive(kind: type):
-    """An argparse type: a finite number of `kind` (int or float) above 0."""
+def number(kind: type, low: float = 0, high: float = math.inf):
+    """An argparse type: a number of `kind` (int or float) strictly between low and high."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not (0 < value < math.inf):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        if value is None or not (low < value < high):
+            where = f"positive {kind.__name__}" if (low, high) == (0, math.inf) else f"in ({low:g}, {high:g})"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a ' if where[0] == 'p' else ''}{where}")
         return value
 
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{kind.__name__} in ({low:g}, {high:g})"
     return parse
+
+
+def positive(kind: type):
+    """A finite number of `kind` above 0."""
+    return number(kind)

@@ -75,11 +75,10 @@ def batchless_norm(
         raise TypeError(f"need_nll must be a bool or None, got {type(need_nll).__name__}")
     functorch = _under_functorch()
     if need_nll is None:
-        # Under torch.compile, Dynamo reads requires_grad as False for the tensors a torch.func.grad
-        # traces: the NLL is computed there whatever it says (torch.compile(vmap(grad(loss))) gave
-        # mean and std_param zero per-sample gradients).
+        # compiling_under_functorch: requires_grad reads False there; the NLL is computed whatever it
+        # says (torch.compile(vmap(grad(loss))) gave mean and std_param zero per-sample gradients).
         need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad
-                                                or (functorch and torch.compiler.is_compiling()))
+                                                or compiling_under_functorch())
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
     if need_nll:
@@ -163,6 +162,13 @@ def _under_functorch() -> bool:
     """Whether a torch.func transform (grad, vjp, jacrev, vmap) is running this call, eagerly or
     inside torch.compile (Dynamo folds this query to its value at trace time)."""
     return torch._C._are_functorch_transforms_active()
+
+
+def compiling_under_functorch() -> bool:
+    """Whether torch.compile traces a torch.func transform (compile(vmap(grad(loss)))): Dynamo then
+    reads requires_grad as False for the tensors grad traces, and AOTAutograd cannot return a
+    tensor of the transform that a module keeps as an attribute."""
+    return torch.compiler.is_compiling() and _under_functorch()
 
 
 def _warn_if_reentrant_checkpoint() -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from ._checks import check_layer_input
 from .backends import BACKENDS
-from .functional import batchless_norm, exporting
+from .functional import batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
@@ -160,8 +160,7 @@ class _BatchlessNorm(nn.Module):
         # Under torch.compile of a torch.func transform, batchless_norm computes the NLL whatever
         # requires_grad says, and the term kept here must be taken by nll_loss in the compiled
         # function (AOTAutograd cannot return it): an eval-mode layer does not compute one there.
-        need_nll = False if exporting() or (not self.training and torch.compiler.is_compiling()
-                                            and torch._C._are_functorch_transforms_active()) else None
+        need_nll = False if exporting() or (not self.training and compiling_under_functorch()) else None
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
@@ -270,7 +269,7 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     # torch.compile of a torch.func transform (compile(vmap(grad(loss)))): a term is a tensor of the
     # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph
     # ("Cannot access storage of TensorWrapper"); it has no meaning outside it: taken, not kept.
-    take = torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    take = compiling_under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)

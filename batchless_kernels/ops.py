@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._checks import accumulation_dtype
+from ._checks import FLOAT_DTYPES, accumulation_dtype
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -75,7 +75,7 @@ def check_x(x: torch.Tensor, name: str = "x") -> None:
     kernels: an (N, C, *) floating tensor. RuntimeError, as TORCH_CHECK raises."""
     if x.dim() < 2:
         raise RuntimeError(f"batchless_norm: {name} must have shape (N, C, *), got {list(x.shape)}")
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    if x.dtype not in FLOAT_DTYPES:
         raise RuntimeError(f"batchless_norm: {name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
 
 
@@ -92,6 +92,12 @@ def check_channel_tensors(x: torch.Tensor, **tensors) -> None:
             raise RuntimeError(f"batchless_norm: {name} must have a floating dtype, got {t.dtype}")
         if t.device != x.device:
             raise RuntimeError(f"batchless_norm: {name} must be on {x.device} like the input, got {t.device}")
+
+
+def check_forward_inputs(x, **tensors) -> None:
+    """plan_forward's checks (csrc/batchless_host.h): x, and the per-channel tensors against it."""
+    check_x(x)
+    check_channel_tensors(x, **tensors)
 
 
 def check_backward_inputs(op: str, grad_y, x, output_mask, **tensors) -> None:
@@ -117,8 +123,7 @@ def check_grad_nll(op: str, grad_nll: torch.Tensor, like: torch.Tensor) -> None:
 
 def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
     _check_same_device(FORWARD_OP, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
-    check_x(x)
-    check_channel_tensors(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
+    check_forward_inputs(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
     n = x.shape[1] if compute_stats else 0
     return output_like(x), x.new_empty((n,), dtype=acc), x.new_empty((n,), dtype=acc)
@@ -142,8 +147,7 @@ def _train_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
 
 def _train_forward_fake(x, mean, std_param, weight, bias, parametrization, eps, gauge):
     _check_same_device(TRAIN_FORWARD_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
-    check_x(x)
-    check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
     channels = x.shape[1]
     sums = [x.new_empty((channels,), dtype=acc) for _ in range(3)]  # s1, s2, rstd
@@ -165,8 +169,7 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
 
 def _inference_fake(x, mean, std_param, weight, bias, parametrization, eps):
     _check_same_device(INFERENCE_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
-    check_x(x)
-    check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     return output_like(x)
 
 

@@ -39,12 +39,12 @@ if __name__ == "__main__":
 
     reexec_with_glibc_tunables(STEADY_STATE_MALLOC)
 
-import _cli
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import batchless_kernels as bk
+from batchless_kernels import _cli
 
 BENCH_DIR = Path(__file__).resolve().parent
 PASSES = ("fwd", "bwd", "fwd+bwd", "infer")

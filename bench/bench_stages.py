@@ -38,12 +38,12 @@ import sys
 import time
 from pathlib import Path
 
-import _cli
 import numpy as np
 import torch
 from bench_batchless import BENCH_DIR, GPU_TARGETS, LAYOUTS, captured, last_level_cache_bytes, machine_info, sample
 
 import batchless_kernels  # noqa: F401 - registers torch.ops.batchless_kernels
+from batchless_kernels import _cli
 
 OPS = torch.ops.batchless_kernels
 STAGES = {"copy": 2, "fwd_nostats": 2, "fwd_stats": 2, "train_fwd": 2, "bwd_dx": 2, "bwd_all": 3,

@@ -317,22 +317,6 @@ def parse_ints(spec: str, option: str) -> list[int]:
     return values
 
 
-def positive(kind: type):
-    """An argparse type: a finite number of `kind` (int or float) above 0; argparse names the option."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        if value is None or not (0 < value < math.inf):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 @dataclass
 class Sweep:
     """A sweep over (norm, batch size, seed) cells (args: --norms, --batch-sizes, --seeds, --seed0,

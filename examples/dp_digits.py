@@ -23,7 +23,6 @@ results.csv, curves.png.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -36,6 +35,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from batchless_kernels import _cli  # noqa: E402
 
 NAME = "dp_digits"
 NORMS = {"none": "no normalization", "gn": "nn.GroupNorm (groups of 4 channels)",
@@ -95,10 +95,10 @@ def parse_args(argv=None):
     p = C.argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                   formatter_class=C.argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--norms", default=",".join(NORMS), help="comma-separated, from " + ",".join(NORMS))
-    p.add_argument("--epsilon", type=C.positive(float), default=3.0, help="privacy budget epsilon for the whole training")
-    p.add_argument("--delta", type=_probability, default=1e-5, help="in (0, 1)")
-    p.add_argument("--max-grad-norm", type=C.positive(float), default=1.0, help="per-sample gradient clipping norm")
-    p.add_argument("--batch-size", type=C.positive(int), default=64, help="expected (Poisson) batch size")
+    p.add_argument("--epsilon", type=_cli.positive(float), default=3.0, help="privacy budget epsilon for the whole training")
+    p.add_argument("--delta", type=_cli.number(float, 0, 1), default=1e-5, help="in (0, 1)")
+    p.add_argument("--max-grad-norm", type=_cli.positive(float), default=1.0, help="per-sample gradient clipping norm")
+    p.add_argument("--batch-size", type=_cli.positive(int), default=64, help="expected (Poisson) batch size")
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed0", type=int, default=0)
@@ -117,17 +117,6 @@ def parse_args(argv=None):
         if n not in NORMS:
             raise SystemExit(f"unknown norm {n!r}; one of {list(NORMS)}")
     return args
-
-
-def _probability(text: str) -> float:
-    """delta: a probability strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not in (0, 1)")
-    return value
 
 
 def main(argv=None) -> dict:

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from batchless_kernels import _cli  # noqa: E402
 
 NAME = "microbatch"
 
@@ -250,7 +251,7 @@ def rss_in_subprocess(norm, a, micro) -> dict:
 def parse_args(argv=None):
     p = C.arg_parser(__doc__)
     p.add_argument("--micro", default="1,8,64", help="micro-batch sizes")
-    p.add_argument("--batch", type=C.positive(int), default=256, help="the (effective) batch size")
+    p.add_argument("--batch", type=_cli.positive(int), default=256, help="the (effective) batch size")
     p.add_argument("--image-size", type=int, default=16, help="images are upsampled to this (multiple of 4)")
     p.add_argument("--c1", type=int, default=32)
     p.add_argument("--c2", type=int, default=64)

@@ -654,8 +654,7 @@ def triton_forward(
     x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor | None,
     bias: torch.Tensor | None, compute_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ops.check_x(x)
-    ops.check_channel_tensors(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
+    ops.check_forward_inputs(x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     if x.numel() == 0:
         return ops.poisoned(ops.output_like(x)), *_empty_sums(x, x.shape[1] if compute_stats else 0)
     y, partials, _ = _forward(x, mean, rstd, _R_GIVEN, 1.0, weight, bias, compute_stats)
@@ -672,8 +671,7 @@ def triton_train_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """batchless_norm_train_forward's values (csrc/ops.cpp) in two launches: the forward kernel with
     r computed from std_param, and the second pass with the NLL's epilogue (r, nll)."""
-    ops.check_x(x)
-    ops.check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    ops.check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind, acc = _kind(parametrization), accumulation_dtype(x.dtype)
     _eps_pair(eps)
     channels = x.shape[1]
@@ -694,8 +692,7 @@ def triton_inference(
     bias: torch.Tensor | None, parametrization: str, eps: float,
 ) -> torch.Tensor:
     """batchless_norm_inference (csrc/ops.cpp): one launch, r computed in it as in training."""
-    ops.check_x(x)
-    ops.check_channel_tensors(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    ops.check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind = _kind(parametrization)
     _eps_pair(eps)
     if x.numel() == 0:
