@@ -292,9 +292,21 @@ def add_run_args(p: argparse.ArgumentParser, name: str, full_help: str, workers:
     if workers:
         p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
     p.add_argument("--out", default=None, help=f"output folder (default examples/results/{name})")
-    p.add_argument("--full", action="store_true", help=full_help)
-    p.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check (tiny settings)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--full", action="store_true", help=full_help)
+    size.add_argument("--smoke", action="store_true", help="a seconds-long plumbing check (tiny settings)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def parse_with_presets(p: argparse.ArgumentParser, argv, full: dict, smoke: dict) -> argparse.Namespace:
+    """`p.parse_args(argv)`, where --full and --smoke set the defaults of the options in `full` and
+    `smoke`: options given on the command line keep their values (`--smoke --epochs 3` runs 3 epochs)."""
+    args = p.parse_args(argv)
+    preset = smoke if args.smoke else full if args.full else None
+    if preset:
+        p.set_defaults(**preset)
+        args = p.parse_args(argv)
+    return args
 
 
 def parse_norms(spec: str) -> list[str]:
@@ -338,7 +350,7 @@ class Sweep:
                       need_init=args.bln_init == "data" and any(map(is_batchless, norms)))
         device = pick_device(args.device)
         return cls(name, args, norms, parse_ints(args.batch_sizes, "--batch-sizes"), device,
-                   1 if args.smoke else (args.workers or default_workers(device)),
+                   args.workers or (1 if args.smoke else default_workers(device)),
                    list(range(args.seed0, args.seed0 + args.seeds)), results_dir(name, args.out))
 
     def jobs(self, data) -> list[dict]:

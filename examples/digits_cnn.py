@@ -109,14 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
     C.add_run_args(p, NAME, "batch sizes 1..1024, 5 seeds, 30 epochs, min 600 steps, 32/64 channels")
-    args = p.parse_args(argv)
-    if args.full:
-        args.batch_sizes, args.seeds, args.epochs, args.min_steps = "1,4,16,64,256,1024", 5, 30, 600
-        args.c1, args.c2 = 32, 64
-    if args.smoke:
-        args.batch_sizes, args.seeds, args.epochs, args.min_steps = "2,64", 1, 1, 2
-        args.c1, args.c2, args.hidden, args.init_samples = 4, 8, 8, 32
-    return args
+    return C.parse_with_presets(
+        p, argv, full=dict(batch_sizes="1,4,16,64,256,1024", seeds=5, epochs=30, min_steps=600, c1=32, c2=64),
+        smoke=dict(batch_sizes="2,64", seeds=1, epochs=1, min_steps=2, c1=4, c2=8, hidden=8, init_samples=32))
 
 
 def main(argv=None) -> dict:

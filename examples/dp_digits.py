@@ -108,11 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--dropout", type=float, default=0.0)
     C.add_run_args(p, NAME, "5 seeds, 30 epochs")
-    args = p.parse_args(argv)
-    if args.full:
-        args.seeds, args.epochs = 5, 30
-    if args.smoke:
-        args.seeds, args.epochs, args.c1, args.c2, args.hidden = 1, 1, 4, 8, 8
+    args = C.parse_with_presets(p, argv, full=dict(seeds=5, epochs=30),
+                                smoke=dict(seeds=1, epochs=1, c1=4, c2=8, hidden=8))
     for n in args.norms.split(","):
         if n not in NORMS:
             raise SystemExit(f"unknown norm {n!r}; one of {list(NORMS)}")
@@ -123,7 +120,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     norms = [n for n in args.norms.split(",") if n]
     device = C.pick_device("cpu")  # Opacus' per-sample hooks on these tiny models: the CPU is enough
-    workers = 1 if args.smoke else (args.workers or C.default_workers(device))
+    workers = args.workers or (1 if args.smoke else C.default_workers(device))
     outdir = C.results_dir(NAME, args.out)
     data = C.load_digits_tensors()
     if args.smoke:

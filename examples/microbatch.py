@@ -265,13 +265,10 @@ def parse_args(argv=None):
                    help="also measure peak RSS in a fresh process per configuration (CPU)")
     C.add_run_args(p, NAME, "image size 32, 20 training steps, 3 seeds", workers=False)
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.full:
-        args.image_size, args.train_steps, args.seeds = 32, 20, 3
-    if args.smoke:
-        args.image_size, args.c1, args.c2, args.hidden, args.batch, args.micro = 8, 4, 8, 8, 16, "1,4"
-        args.train_steps, args.seeds, args.rss, args.norms = 2, 1, False, "bn,bln_log"
-    return args
+    return C.parse_with_presets(
+        p, argv, full=dict(image_size=32, train_steps=20, seeds=3),
+        smoke=dict(image_size=8, c1=4, c2=8, hidden=8, batch=16, micro="1,4", train_steps=2, seeds=1,
+                   rss=False, norms="bn,bln_log"))
 
 
 def main(argv=None) -> dict:

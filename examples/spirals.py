@@ -237,13 +237,9 @@ def parse_args(argv=None):
     p.add_argument("--conv-window", type=float, default=0.05, help="running-median window, share of the run")
     p.add_argument("--conv-tol", type=float, default=0.01, help="relative improvement that counts as a new low")
     C.add_run_args(p, NAME, "the full sweep: batch sizes 1..128 (powers of 2), 10 seeds, 50 epochs")
-    args = p.parse_args(argv)
-    if args.full:
-        args.batch_sizes, args.seeds, args.epochs = "1,2,4,8,16,32,64,128", 10, 50
-    if args.smoke:
-        args.batch_sizes, args.seeds, args.epochs, args.n_train, args.n_val = "1,8", 1, 0.2, 200, 100
-        args.probe_grid, args.snapshots = 4, 5
-    return args
+    return C.parse_with_presets(
+        p, argv, full=dict(batch_sizes="1,2,4,8,16,32,64,128", seeds=10, epochs=50),
+        smoke=dict(batch_sizes="1,8", seeds=1, epochs=0.2, n_train=200, n_val=100, probe_grid=4, snapshots=5))
 
 
 def main(argv=None) -> dict:

@@ -101,3 +101,22 @@ def test_bad_flags_are_refused(tmp_path, script, argv, match, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _script(script).main([*argv, "--quiet", "--out", str(tmp_path)])
     assert match in str(exit_info.value.code) + capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, preset", [
+    ("spirals", ["--smoke", "--epochs", "3", "--seeds", "2"], {"epochs": 3.0, "seeds": 2, "n_train": 200}),
+    ("spirals", ["--full", "--batch-sizes", "4"], {"batch_sizes": "4", "seeds": 10, "epochs": 50}),
+    ("digits_cnn", ["--smoke", "--c1", "6"], {"c1": 6, "c2": 8, "epochs": 1}),
+    ("microbatch", ["--smoke", "--rss", "--norms", "bln_log"], {"rss": True, "norms": "bln_log", "seeds": 1}),
+    ("dp_digits", ["--smoke", "--epochs", "2", "--workers", "2"], {"epochs": 2, "workers": 2, "seeds": 1}),
+])
+def test_presets_keep_explicit_options(script, argv, preset):
+    """--smoke and --full overwrote options given with them (`--smoke --epochs 3` ran 1 epoch)."""
+    args = _script(script).parse_args(argv)
+    assert {k: getattr(args, k) for k in preset} == preset
+
+
+def test_smoke_and_full_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        _script("spirals").parse_args(["--smoke", "--full"])
+    assert "not allowed with argument" in capsys.readouterr().err
