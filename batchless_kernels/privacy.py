@@ -17,7 +17,8 @@ loss, sum(y_i * dLoss/dy_i) + nll_weight * nll_i (nll_i: the layer's NLL over sa
 whose mean over the batch is the layer's NLL), for mean, std_param, weight and bias alike. That is the
 per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
 default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
-set to match. A layer called more than once per forward is refused (ValueError): its ``nll`` holds
+set to match (a layer whose latest forward ran under no_grad has no NLL in nll_loss, nor in its
+samples' gradients). A layer called more than once per forward is refused (ValueError): its ``nll`` holds
 the last call's term only. So are Opacus' grad_sample_mode="ghost" (fast gradient clipping reweights
 each sample's loss, but the NLL enters the loss once for the batch) and "functorch" (which never
 calls the sampler; nll_loss refuses it). Subclasses of the layers get the sampler too.
@@ -38,10 +39,13 @@ from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessN
 _PARAMS = ("mean", "std_param", "weight", "bias")
 
 
-def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tensor) -> dict:
+def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tensor,
+                     nll_weight: float | None = None) -> dict:
     """{parameter: (N, *param_shape) per-sample gradients} of sum(y_i * grad_y_i) + nll_weight * nll_i
-    for the parameters that require grad, x and grad_y being (N, ...) input and output gradient;
-    computed with torch.func over the reference (docs/method.md), in the parameters' dtype."""
+    for the parameters that require grad, x and grad_y being (N, ...) input and output gradient,
+    nll_weight the layer's unless given; computed with torch.func over the reference (docs/method.md),
+    in the parameters' dtype."""
+    nll_weight = layer.nll_weight if nll_weight is None else nll_weight
     present = {n: getattr(layer, n) for n in _PARAMS if getattr(layer, n) is not None}
     wanted = {n: p.detach() for n, p in present.items() if p.requires_grad}
     fixed = {n: p.detach() for n, p in present.items() if not p.requires_grad}
@@ -53,7 +57,7 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
         y, nll = reference.batchless_norm(
             xi.unsqueeze(0), args["mean"], args["std_param"], args.get("weight"), args.get("bias"),
             parametrization=layer.parametrization, eps=layer.eps, gauge=layer.gauge, need_nll=True)
-        return (y * gi.unsqueeze(0)).sum() + layer.nll_weight * nll
+        return (y * gi.unsqueeze(0)).sum() + nll_weight * nll
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(wanted, x.detach(), grad_y.detach())
     return {present[n]: g.to(present[n].dtype) for n, g in grads.items()}
@@ -71,7 +75,9 @@ def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch
             f"{type(layer).__name__} was called more than once in one forward: its nll (which nll_loss adds) "
             "holds the last call's NLL only, so per-sample gradients would not match the loss. Use one layer "
             "per call under Opacus.")
-    return per_sample_grads(layer, activations[0], backprops)
+    # nll_loss adds the latest forward's NLL only: a latest forward under no_grad left none, so this
+    # layer's NLL is not in the loss and its samples get none either.
+    return per_sample_grads(layer, activations[0], backprops, None if layer.nll is not None else 0.0)
 
 
 def _register(cls: type) -> None:

@@ -121,3 +121,22 @@ def test_unsupported_opacus_modes_are_refused(mode):
     with pytest.raises(ValueError, match="grad_sample_mode='hooks'"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (criterion(private(x), t) + bk.nll_loss(private)).backward()
+
+
+def test_no_nll_per_sample_gradients_when_the_latest_forward_had_none():
+    """A forward under no_grad after the training forward leaves nll None, so nll_loss adds no NLL of the
+    layer; the grad sampler still gave mean and std_param the NLL's per-sample gradients."""
+    torch.manual_seed(0)
+    private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = private(x)
+        with torch.no_grad():
+            private(x)
+        assert private._module[0].nll is None
+        (criterion(out, t) + bk.nll_loss(private)).backward()
+    layer = private._module[0]
+    for p in (layer.mean, layer.std_param):
+        assert p.grad is None or torch.count_nonzero(p.grad) == 0
+        assert torch.count_nonzero(p.grad_sample) == 0
+    assert torch.count_nonzero(layer.weight.grad_sample) > 0
