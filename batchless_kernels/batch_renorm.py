@@ -112,10 +112,19 @@ class _BatchRenorm(nn.Module):
     def current_limits(self) -> tuple[float, float]:
         """(rmax_t, dmax_t) for the next training step, from num_batches_tracked: (1, 0) during the
         warmup, then linear in the step up to (rmax, dmax) after relax_steps more steps."""
-        step = int(self.num_batches_tracked)
-        if step < self.warmup_steps:
-            return 1.0, 0.0
-        progress = 1.0 if self.relax_steps == 0 else min(1.0, (step - self.warmup_steps) / self.relax_steps)
+        rmax, dmax = self._limits(torch.float64)
+        return float(rmax), float(dmax)
+
+    def _limits(self, dtype: torch.dtype) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """current_limits as floats without a schedule, else as tensors of `dtype` on the counter's
+        device: the forward reads no device value on the host (no sync per step on a GPU; traceable)."""
+        if self.warmup_steps == 0 and self.relax_steps == 0:
+            return self.rmax, self.dmax
+        step = self.num_batches_tracked.to(dtype)
+        if self.relax_steps == 0:
+            progress = (step >= self.warmup_steps).to(dtype)
+        else:
+            progress = ((step - self.warmup_steps) / self.relax_steps).clamp(0.0, 1.0)
         return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -135,10 +144,10 @@ class _BatchRenorm(nn.Module):
             dims = [0] + list(range(2, x.dim()))
             var_b, mu_b = torch.var_mean(xf, dims, correction=0)
             sigma_b = torch.sqrt(var_b + self.eps)
-            rmax, dmax = self.current_limits()
+            rmax, dmax = self._limits(acc)
             with torch.no_grad():  # the stop-gradients: r and d are constants for autograd
-                r = (sigma_b / run_sigma).clamp(1.0 / rmax, rmax)
-                d = ((mu_b - run_mu) / run_sigma).clamp(-dmax, dmax)
+                r = torch.clamp(sigma_b / run_sigma, 1.0 / rmax, rmax)
+                d = torch.clamp((mu_b - run_mu) / run_sigma, -dmax, dmax)
             xhat = (xf - mu_b.view(view)) * (r / sigma_b).view(view) + d.view(view)
             with torch.no_grad():
                 self.running_mean.add_(self.momentum * (mu_b - run_mu))

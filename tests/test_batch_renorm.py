@@ -3,6 +3,8 @@ their stop-gradients, the rmax/dmax schedule, moving statistics, eval mode, BN e
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,6 +143,20 @@ def test_warmup_is_batch_norm_and_schedule_is_linear():
     assert bk.BatchRenorm1d(2, rmax=2.0, dmax=1.0).current_limits() == (2.0, 1.0)  # no schedule: full from the start
     m.reset_running_stats()
     assert m.current_limits() == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("relax_steps", [0, 3])
+def test_schedule_reads_no_device_value_on_the_host(relax_steps):
+    """The schedule read num_batches_tracked with int() every training step: a device sync on a GPU,
+    an error on the meta device and under torch.export (a data-dependent guard)."""
+    m = bk.BatchRenorm2d(3, warmup_steps=2, relax_steps=relax_steps)
+    meta = bk.BatchRenorm2d(3, warmup_steps=2, relax_steps=relax_steps, device="meta")
+    assert meta(torch.empty(4, 3, 2, 2, device="meta")).shape == (4, 3, 2, 2)
+    exported = torch.export.export(copy.deepcopy(m), (make_x((4, 3, 2, 2)),)).module()  # shares its buffers
+    x = make_x((4, 3, 2, 2))
+    for _ in range(6):  # the exported program runs the schedule from its own counter, as the module does
+        torch.testing.assert_close(exported(x), m(x), atol=1e-6, rtol=1e-6)
+    assert int(exported.num_batches_tracked) == int(m.num_batches_tracked) == 6
 
 
 @pytest.mark.parametrize("limits", [(1.3, 0.4), (1.0, 0.0)], ids=["clipped", "bn"])
