@@ -23,18 +23,49 @@ _HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward 
           "_backward_pre_hooks": "backward pre-hooks", "_backward_hooks": "backward hooks"}
 
 
-def _overrides_forward(module: nn.Module, base: type) -> bool:
-    return type(module).forward is not base.forward or "forward" in vars(module)  # class or instance
+# The methods that compute a module's output: nn.Module.forward, and what the convolutions' forward
+# calls (weight standardization overrides _conv_forward and inherits forward).
+_OUTPUT_METHODS = ("forward", "_conv_forward", "_output_padding")
+
+
+def _overridden(module: nn.Module, base: type) -> str | None:
+    """The first method of `base` computing the output that `module`'s class or the instance overrides."""
+    return next((name for name in _OUTPUT_METHODS if hasattr(base, name)
+                 and (getattr(type(module), name) is not getattr(base, name) or name in vars(module))), None)
 
 
 def _own_behaviour(module: nn.Module, base: type) -> str | None:
     """Why `module` may do more than `base.forward` (so that replacing it by a module computing
     that, or folding anything into it, could change the model or drop a hook), or None: its class
-    or the instance overrides forward, or it has hooks (forward, backward, or their pre-hooks)."""
-    if _overrides_forward(module, base):
-        return f"it overrides {base.__name__}.forward"
+    or the instance overrides forward (or a method forward calls), or it has hooks (forward,
+    backward, or their pre-hooks)."""
+    method = _overridden(module, base)
+    if method:
+        return f"it overrides {base.__name__}.{method}"
     hooks = [what for attr, what in _HOOKS.items() if getattr(module, attr)]
     return f"it has {' and '.join(hooks)}" if hooks else None
+
+
+class Folded(nn.Identity):
+    """What replaces a Batchless layer folded into the conv/linear layer before it: the identity, for
+    inputs of the rank that layer was folded for ((N, C, *) batched conv outputs, (N, C) for a Linear):
+    an unbatched conv or a Linear on (N, L, F) puts the layer's channels on another dim than its own."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Identity's name
+        if input.dim() != self.rank:
+            raise ValueError(
+                f"this Batchless layer was folded by fuse_for_inference into the layer before it for "
+                f"{self.rank}-D inputs (batched, channels at dim 1), got shape {tuple(input.shape)}: on "
+                "these inputs the layer's channels are not that layer's outputs; fuse a model that sees "
+                "batched inputs, or use the unfused model")
+        return input
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
 
 
 class ChannelAffine(nn.Module):
@@ -115,8 +146,13 @@ def _foldable(prev: nn.Module, layer: _BatchlessNorm, uses: dict) -> bool:
 class _LeafTracer(torch.fx.Tracer):
     """Traces a model down to its convolutions, linear and Batchless layers (kept as modules)."""
 
+    def __init__(self, opaque: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.opaque = opaque  # ids of modules that do not trace: called, not looked into
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (_BatchlessNorm, *_FOLD_INTO)) or super().is_leaf_module(m, qualname)
+        return (isinstance(m, (_BatchlessNorm, *_FOLD_INTO)) or id(m) in self.opaque
+                or super().is_leaf_module(m, qualname))
 
 
 class _Trace(NamedTuple):
@@ -130,7 +166,8 @@ def _trace(model: nn.Module) -> _Trace | None:
     """The pairs of the forward traced in training and in eval mode alike (the calls: the most of
     the two): a conv/linear called once, whose output nothing but one call of a Batchless layer
     reads, and whose parameters no other node reads; the pairs that PyTorch's own conv-bn fusion
-    (torch.fx.experimental.optimization.fuse) finds. None when the model does not trace."""
+    (torch.fx.experimental.optimization.fuse) finds. Submodules that do not trace are not looked
+    into (no pair inside them). None when the model itself does not trace."""
     flags = {m: m.training for m in model.modules()}
     try:
         in_train, in_eval = _trace_in(model.train(True)), _trace_in(model.train(False))
@@ -142,10 +179,30 @@ def _trace(model: nn.Module) -> _Trace | None:
     return _Trace(in_train.pairs & in_eval.pairs, in_train.calls | in_eval.calls)
 
 
-def _trace_in(model: nn.Module) -> _Trace | None:
+def _fx_graph(model: nn.Module) -> torch.fx.Graph | None:
+    """model's graph, with every submodule that does not trace by itself (data-dependent control flow,
+    say) called as a whole; None when the model itself does not trace."""
     try:
-        graph = _LeafTracer().trace(model)
-    except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read
+        return _LeafTracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read here
+        pass
+    opaque: set[int] = set()
+    for m in reversed(list(model.modules())):  # a module after every module below it
+        if m is model or _LeafTracer().is_leaf_module(m, ""):
+            continue
+        try:
+            _LeafTracer(frozenset(opaque)).trace(m)
+        except Exception:  # noqa: BLE001
+            opaque.add(id(m))
+    try:
+        return _LeafTracer(frozenset(opaque)).trace(model)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _trace_in(model: nn.Module) -> _Trace | None:
+    graph = _fx_graph(model)
+    if graph is None:
         return None
     read = {n.target for n in graph.nodes if n.op == "get_attr"}  # parameters read directly
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
@@ -160,8 +217,9 @@ def _trace_in(model: nn.Module) -> _Trace | None:
     return _Trace(pairs, calls)
 
 
-def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
-    """prev(x) * a + b as prev's own weight and bias (per output channel)."""
+def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded:
+    """prev(x) * a + b as prev's own weight and bias (per output channel); returns what replaces the
+    layer."""
     weight = prev.weight.detach().to(torch.float64)
     a, b = a.reshape(-1), b.reshape(-1)  # a per-channel layer's (C, 1, ...) parameters
     if isinstance(prev, nn.modules.conv._ConvTransposeNd):
@@ -180,6 +238,7 @@ def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> None:
                                      requires_grad=prev.weight.requires_grad)
         else:
             prev.bias.copy_(bias)
+    return Folded(2 if isinstance(prev, nn.Linear) else prev.weight.dim())  # conv: (N, C, *spatial)
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -188,18 +247,20 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
 
     Rule: inside an nn.Sequential (not a subclass with its own forward), a Batchless layer that
     directly follows (as the next child) a Conv1d/2d/3d, ConvTranspose1d/2d/3d or Linear with as many
-    output channels is folded into that layer's weight and bias, and replaced by nn.Identity (indices,
-    hence state_dict keys, are kept). A Linear is assumed to see (N, in_features) inputs, the case
-    where BatchlessNorm1d's channels are its output features. Where the model traces with torch.fx,
-    the trace must agree: the conv and the layer are each called once, and only the layer reads the
-    conv's output (a model that calls a Sequential's children itself, or keeps their outputs, is
-    not folded there). Elsewhere (e.g. ResNet blocks, whose forward calls
-    self.bn1(self.conv1(x))), a Batchless layer used once, called on the output of a conv (not
-    Linear) called once whose output nothing else reads, is folded likewise; models that do not
-    trace keep the Sequential rule only. Conv/linear modules used more than once, with hooks, with a
-    parametrized weight or bias (weight_norm, spectral_norm: recomputed at each access), or
-    subclasses with their own forward are not folded. Every other Batchless layer becomes a
-    ChannelAffine (of param_shape for BatchlessNorm, which broadcasts as the layer does).
+    output channels is folded into that layer's weight and bias, and replaced by an nn.Identity
+    (indices, hence state_dict keys, are kept) that raises ValueError on inputs of another rank than
+    the batched conv output, (N, C) for a Linear: there the layer's channels are not the conv's (an
+    unbatched conv, a Linear on (N, L, F)). The model must trace with torch.fx, and the trace agree:
+    the conv and the layer are each called once, and only the layer reads the conv's output (a model
+    that calls a Sequential's children itself, or keeps their outputs, is not folded there).
+    Elsewhere (e.g. ResNet blocks, whose forward calls self.bn1(self.conv1(x))), a Batchless layer
+    used once, called on the output of a conv (not Linear) called once whose output nothing else
+    reads, is folded likewise. Nothing is folded inside submodules that do not trace by themselves
+    (data-dependent control flow), nor anywhere in a model that does not trace (with a UserWarning).
+    Conv/linear modules used more than once, with hooks, with a parametrized weight or bias
+    (weight_norm, spectral_norm: recomputed at each access), or subclasses that override forward (or
+    _conv_forward, as weight standardization does) are not folded. Every other Batchless layer
+    becomes a ChannelAffine (of param_shape for BatchlessNorm, which broadcasts as the layer does).
 
     Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
     or their pre-hooks) or whose class or instance overrides forward, since their function is not the
@@ -240,34 +301,37 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     # layer runs only there (a model may call a Sequential's children itself, through the slot that
     # folding empties, or keep their outputs).
     trace = _trace(model)
+    if trace is None and any(fusable(m) for m in model.modules()):
+        warnings.warn(f"{type(model).__name__} does not trace with torch.fx (data-dependent control flow?): "
+                      "its data flow is unknown, so no Batchless layer is folded into the layer before it; "
+                      "each becomes a ChannelAffine", stacklevel=2)
     first_name = {id(m): n for n, m in model.named_modules()}
 
     def data_flow_allows(prev: nn.Module, layer: nn.Module) -> bool:
         if trace is None:
-            return True
+            return False
         prev_name, name = first_name[id(prev)], first_name[id(layer)]
         return (prev_name, name) in trace.pairs and trace.calls[name] == 1
 
     # a Sequential with its own forward may not run its children one after the other
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and not _overrides_forward(m, nn.Sequential)]:
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential) and not _overridden(m, nn.Sequential)]:
         names = list(seq._modules)
         for prev_name, name in zip(names, names[1:]):
             prev, layer = seq._modules[prev_name], seq._modules[name]
             if fusable(layer) and id(prev) not in folded and _foldable(prev, layer, uses) \
                     and data_flow_allows(prev, layer):
-                _fold(prev, *_affine_of(layer))
+                seq._modules[name] = _fold(prev, *_affine_of(layer))
                 folded.add(id(prev))
-                seq._modules[name] = nn.Identity()
-    # Elsewhere, from the traced graph: convolutions only, whose channel dim is dim 1 whatever the
-    # input (a Linear's features are dim 1 only for 2-D inputs, which a graph without shapes can't tell).
+    # Elsewhere, from the traced graph: convolutions only. A Linear's features are dim 1 only for 2-D
+    # inputs, which a graph without shapes can't tell: a model whose Linear sees (N, L, F) would then
+    # raise in Folded where it ran unfused.
     for prev_name, name in sorted(trace.pairs if trace is not None else ()):
         prev, layer = model.get_submodule(prev_name), model.get_submodule(name)
         if (fusable(layer) and uses[id(layer)] == 1 and trace.calls[name] == 1 and not isinstance(prev, nn.Linear)
                 and id(prev) not in folded and _foldable(prev, layer, uses)):
-            _fold(prev, *_affine_of(layer))
-            folded.add(id(prev))
             parent_name, _, child_name = name.rpartition(".")
-            model.get_submodule(parent_name)._modules[child_name] = nn.Identity()
+            model.get_submodule(parent_name)._modules[child_name] = _fold(prev, *_affine_of(layer))
+            folded.add(id(prev))
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if fusable(child):
