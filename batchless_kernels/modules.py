@@ -68,10 +68,13 @@ class _BatchlessNorm(nn.Module):
         if isinstance(nll_weight, bool) or not (isinstance(nll_weight, (int, float)) and math.isfinite(nll_weight)
                                                 and nll_weight >= 0):
             raise ValueError(f"nll_weight must be a finite float >= 0, got {nll_weight!r}")
-        if not (isinstance(init_std, (int, float)) and math.isfinite(init_std) and init_std > 0):
+        if isinstance(init_std, bool) or not (isinstance(init_std, (int, float)) and math.isfinite(init_std)
+                                              and init_std > 0):
             raise ValueError(f"init_std must be a positive finite float, got {init_std!r}")
-        if not (isinstance(init_mean, (int, float)) and math.isfinite(init_mean)):
+        if isinstance(init_mean, bool) or not (isinstance(init_mean, (int, float)) and math.isfinite(init_mean)):
             raise ValueError(f"init_mean must be a finite float, got {init_mean!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
         for name, flag in (("affine", affine), ("bias", bias), ("gauge", gauge)):
             if not isinstance(flag, bool):  # also catches a parametrization passed positionally
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -90,10 +93,13 @@ class _BatchlessNorm(nn.Module):
             p = param_from_std(self.init_std, self.parametrization, self.eps)
         except ValueError as e:
             raise ValueError(f"init_std={init_std!r} cannot be the initial std: {e}") from None
-        limit = torch.finfo(dtype if dtype is not None else torch.get_default_dtype()).max
-        if not abs(float(p)) <= limit:
-            raise ValueError(f"init_std={init_std!r} gives std_param={float(p):.3g} with parametrization="
-                             f"{self.parametrization!r}, beyond the range of {dtype or torch.get_default_dtype()}")
+        param_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        finfo = torch.finfo(param_dtype)
+        for name, value in (("std_param", float(p)), ("1/sigma", 1.0 / self.init_std)):
+            # std_param must be stored, and r = 1/sigma neither overflow (inf outputs) nor flush to 0
+            if not (abs(value) <= finfo.max and (name == "std_param" or value >= finfo.tiny)):
+                raise ValueError(f"init_std={init_std!r} gives {name}={value:.3g} with parametrization="
+                                 f"{self.parametrization!r}, beyond the range of {param_dtype}")
         self.backend = backend
         shape = self._parameter_shape(num_features)
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
