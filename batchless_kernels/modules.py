@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -147,6 +148,15 @@ class _BatchlessNorm(nn.Module):
         # leave it out so that copy.deepcopy and pickling work after a forward.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
         return {**state, "nll": None}
+
+    def __deepcopy__(self, memo):
+        # What copy.deepcopy does through __getstate__, written out: torch.nn.utils.parametrize swaps
+        # in a class whose __getstate__ refuses pickling and, unless the class has a __deepcopy__,
+        # one that copies __dict__ as it is, nll (a non-leaf tensor deepcopy refuses) included.
+        replica = type(self).__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy({**self.__dict__, "nll": None}, memo))
+        return replica
 
     @property
     def std(self) -> torch.Tensor:

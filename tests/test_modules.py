@@ -210,6 +210,29 @@ def test_deepcopy_after_training_step():
     assert torch.equal(clone(x), model(x))
 
 
+def test_deepcopy_after_a_forward_with_a_parametrized_parameter():
+    """torch.nn.utils.parametrize's class copies __dict__ as it is, skipping __getstate__: deepcopy
+    (which fuse_for_inference starts with) refused the graph's nll tensor."""
+    from torch.nn.utils import parametrize
+
+    layer = bk.BatchlessNorm2d(3)
+    parametrize.register_parametrization(layer, "weight", AbsWeight())
+    with torch.no_grad():
+        layer.parametrizations.weight.original.uniform_(-2, 2)
+    x = torch.randn(2, 3, 4, 4)
+    layer(x)
+    assert layer.nll is not None
+    clone = copy.deepcopy(layer)
+    assert clone.nll is None and clone.parametrizations.weight.original is not layer.parametrizations.weight.original
+    assert torch.equal(clone(x), layer(x))
+    assert isinstance(bk.fuse_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1), layer))[1], nn.Identity)
+
+
+class AbsWeight(nn.Module):
+    def forward(self, w):
+        return w.abs()
+
+
 # ------------------------------------------------------------------------------------------------
 # nll_loss
 # ------------------------------------------------------------------------------------------------
