@@ -22,6 +22,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .modules import _BatchlessNorm
 from .parametrization import param_from_std, rstd_and_log_std
@@ -136,7 +137,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
 
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
     reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
-    not above eps). TypeError for data or options of the wrong type.
+    not above eps), a parameter it writes that is parametrized (torch.nn.utils.parametrize). TypeError
+    for data or options of the wrong type.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -151,6 +153,12 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         if no_affine:
             raise ValueError("preserve_function=True needs layers with weight and bias (affine=True, bias=True) "
                              f"to absorb the change; without them: {no_affine}")
+    written = ("mean", "std_param", "weight", "bias") if preserve_function else ("mean", "std_param")
+    parametrized = [f"{n}.{p}" for m, n in names.items() for p in written if parametrize.is_parametrized(m, p)]
+    if parametrized:  # the tensor a parametrization computes is recomputed at each access: a write is lost
+        raise ValueError(f"init_from_data writes {', '.join(written)} but cannot write parametrized parameters "
+                         f"(torch.nn.utils.parametrize): {parametrized}; register the parametrization after "
+                         "init_from_data")
     batches = _batches(data, max_batches)
     if not names:
         return model

@@ -293,3 +293,28 @@ def test_bad_options(kwargs, error, match):
 def test_bad_model():
     with pytest.raises(TypeError, match="model"):
         bk.init_from_data("model", torch.randn(3, 2))
+
+
+class Doubled(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+    def right_inverse(self, w):
+        return w / 2
+
+
+@pytest.mark.parametrize("preserve_function, name", [(True, "weight"), (False, "mean"), (False, "std_param")])
+def test_parametrized_parameters_are_refused(preserve_function, name):
+    """A write to a parametrized parameter went to a temporary: preserve_function=True changed the function
+    (by 4.1), a parametrized mean stayed 0."""
+    from torch.nn.utils import parametrize
+
+    model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(4))
+    parametrize.register_parametrization(model[1], name, Doubled())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"cannot write parametrized parameters .*\['1.{name}'\]"):
+        bk.init_from_data(model, torch.randn(16, 3), preserve_function=preserve_function)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    if name == "weight":  # a parametrization of what init_from_data does not write is fine
+        bk.init_from_data(model, torch.randn(16, 3) * 3 + 1)
+        assert float(model[1].mean.abs().max()) > 0
