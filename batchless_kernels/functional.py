@@ -104,7 +104,9 @@ def batchless_norm(
             parametrization=parametrization, eps=eps, gauge=gauge, need_nll=need_nll,
         )
 
-    if not need_nll:
+    # torch.jit.trace records the training op whatever the grad mode: its trace must run in either
+    # mode (and its check retraces under no_grad, which would otherwise record the inference op).
+    if not need_nll and not torch.jit.is_tracing():
         grad_mode = torch.is_grad_enabled()
         if not (grad_mode and (x.requires_grad or (weight is not None and weight.requires_grad)
                                or (bias is not None and bias.requires_grad))):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -177,6 +178,13 @@ class _BatchlessNorm(nn.Module):
         # requires_grad says, and the term kept here must be taken by nll_loss in the compiled
         # function (AOTAutograd cannot return it): an eval-mode layer does not compute one there.
         need_nll = False if exporting() or (not self.training and compiling_under_functorch()) else None
+        if torch.jit.is_tracing():  # torch.jit.trace: a graph of outputs, which the NLL is not
+            need_nll = False
+            if self.training:
+                warnings.warn(f"torch.jit.trace of a {type(self).__name__} in training mode: the traced module "
+                              "computes the outputs but no NLL (nll_loss cannot reach it), so it cannot train "
+                              "mean and std_param; trace in eval mode for inference", torch.jit.TracerWarning,
+                              stacklevel=2)
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,

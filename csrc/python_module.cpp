@@ -119,8 +119,9 @@ bool runs_library_kernels(PyObject* backend, const Tensor& x) {
 
 bool transforms_or_modes_active() {
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  // Tracer: torch.jit.trace records one op for every grad mode (functional.batchless_norm).
   return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) ||
+         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || included.has(c10::DispatchKey::Tracer) ||
          c10::impl::TorchDispatchModeTLS::any_modes_set() || at::impl::torch_function_mode_enabled();
 }
 

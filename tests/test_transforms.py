@@ -158,6 +158,38 @@ def test_reentrant_checkpoint_warns_that_the_nll_is_lost(case):
 
 
 # ------------------------------------------------------------------------------------------------
+# torch.jit.trace
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_jit_trace_of_an_eval_model(case):
+    """The op depended on the grad mode, and jit.trace's check retraces under no_grad: TracingCheckError.
+    The trace runs in both modes and gives the model's outputs and gradients."""
+    net = _mlp(case.name, case.device).eval()
+    x = torch.randn(6, 3, dtype=torch.float64, device=case.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's: jit.trace is deprecated, shape checks become constants
+        traced = torch.jit.trace(net, x)
+    expected = _grads_with(copy.deepcopy(net), x, lambda net, x: net(x))
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), net(x), rtol=1e-12, atol=1e-12)
+    y = traced(x)
+    torch.testing.assert_close(y, net(x), rtol=1e-12, atol=1e-12)
+    y.square().sum().backward()  # no NLL in a traced module: the task loss's gradients
+    for name, p in net.named_parameters():
+        if not name.endswith(("mean", "std_param")):
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_jit_trace_in_training_mode_warns_that_there_is_no_nll():
+    net = _mlp("auto", "cpu")
+    with pytest.warns(torch.jit.TracerWarning, match="no NLL"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(deprecated|Python boolean).*")
+        torch.jit.trace(net, torch.randn(6, 3, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
 # torch.compile, static and dynamic shapes
 # ------------------------------------------------------------------------------------------------
 
