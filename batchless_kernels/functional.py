@@ -46,7 +46,8 @@ def batchless_norm(
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
-            requires grad. When False, nll is None. Where y needs no gradient either (no_grad, a
+            requires grad, or a torch.func transform runs the call (inside vmap, requires_grad reads
+            False even where an ensemble's stacked parameters train). When False, nll is None. Where y needs no gradient either (no_grad, a
             frozen layer on a frozen input), the compiled backends run the inference op, without
             the sums; where y needs one (e.g. frozen mean and std_param, trainable x), they run the
             training op and drop its NLL, so that y has the same bits on every path: its sums cost
@@ -75,10 +76,10 @@ def batchless_norm(
         raise TypeError(f"need_nll must be a bool or None, got {type(need_nll).__name__}")
     functorch = _under_functorch()
     if need_nll is None:
-        # compiling_under_functorch: requires_grad reads False there; the NLL is computed whatever it
-        # says (torch.compile(vmap(grad(loss))) gave mean and std_param zero per-sample gradients).
-        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad
-                                                or compiling_under_functorch())
+        # Under torch.func transforms requires_grad may read False where the parameters train (plain
+        # vmap of an ensemble; compile(vmap(grad(loss))) gave mean and std_param zero per-sample
+        # gradients): the NLL is computed whatever it says.
+        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad or functorch)
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
     if need_nll:

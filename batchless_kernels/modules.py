@@ -11,7 +11,7 @@ from torch import nn
 
 from ._checks import check_layer_input
 from .backends import BACKENDS
-from .functional import batchless_norm, compiling_under_functorch, exporting
+from .functional import _under_functorch, batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
@@ -294,8 +294,16 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph
     # ("Cannot access storage of TensorWrapper"); it has no meaning outside it: taken, not kept.
     take = compiling_under_functorch()
+    # A term from a forward inside a torch.func transform (an ensemble's vmap) means nothing outside
+    # it: torch.func's own error ("escaped from inside a function being vmapped") would not say why.
+    outside_transforms = not torch.compiler.is_compiling() and not _under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
+            if outside_transforms and torch._C._functorch.is_functorch_wrapped_tensor(module.nll):
+                raise ValueError(
+                    f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func transform "
+                    "(vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the transformed "
+                    "function and return the term (docs/api.md, per-sample gradients)")
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
             if take:
                 object.__setattr__(module, "nll", None)

@@ -70,6 +70,35 @@ def test_per_sample_gradients_equal_a_loop(case):
 
 
 @pytest.mark.parametrize("case", BACKENDS)
+def test_vmapped_ensemble_trains_mean_and_std(case):
+    """torch.func's ensemble recipe (stacked members' parameters, vmap over functional_call): inside plain
+    vmap requires_grad reads False, so no NLL was computed and nll_loss gave 0 without a word."""
+    members = [_mlp(case.name, case.device) for _ in range(3)]
+    for i, m in enumerate(members):
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.1 * i)
+    params, _ = torch.func.stack_module_state(members)
+    base = copy.deepcopy(members[0])
+    x = torch.randn(6, 3, dtype=torch.float64, device=case.device)
+
+    def member(p, x):
+        out = functional_call(base, p, (x,))
+        return out.square().sum() + bk.nll_loss(base)
+
+    vmap(member, in_dims=(0, None))(params, x).sum().backward()
+    for i, m in enumerate(members):
+        (m(x).square().sum() + bk.nll_loss(m)).backward()
+        for name, p in m.named_parameters():
+            assert torch.count_nonzero(p.grad) > 0, name
+            torch.testing.assert_close(params[name].grad[i], p.grad, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    # a term left inside the transform: nll_loss outside says so
+    vmap(lambda p, x: functional_call(base, p, (x,)), in_dims=(0, None))(params, x)
+    with pytest.raises(ValueError, match="ran inside a torch.func transform"):
+        bk.nll_loss(base)
+
+
+@pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager"])
 def test_compiled_per_sample_gradients_equal_eager(case, compiler):
     """torch.compile(vmap(grad(loss))): Dynamo reads requires_grad as False inside the transform, which
