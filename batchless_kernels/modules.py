@@ -299,6 +299,12 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     outside_transforms = not torch.compiler.is_compiling() and not _under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
+            if "ft_compute_sample_grad" in module.__dict__:  # set by Opacus' functorch route (prepare_layer)
+                raise ValueError(
+                    f"nll_loss: Opacus computes the per-sample gradients of a {type(module).__name__} with functorch "
+                    "from its output only (grad_sample_mode='functorch', or batchless_kernels.privacy not imported "
+                    "before make_private): mean and std_param would get none from the NLL and train unclipped; "
+                    "import batchless_kernels.privacy and use grad_sample_mode='hooks'")
             if outside_transforms and torch._C._functorch.is_functorch_wrapped_tensor(module.nll):
                 raise ValueError(
                     f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func transform "

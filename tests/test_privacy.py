@@ -113,12 +113,28 @@ def test_subclass_gets_per_sample_nll_gradients():
 
 
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
-def test_unsupported_opacus_modes_are_refused(mode):
+@pytest.mark.parametrize("given", ["wrapper", "inner model"])
+def test_unsupported_opacus_modes_are_refused(mode, given):
     """Ghost clipping weights each sample's loss by its clipping factor but the NLL enters once (an update of
-    norm 1e5 with max_grad_norm 1); functorch mode gives mean and std_param no NLL gradient."""
+    norm 1e5 with max_grad_norm 1); functorch mode gives mean and std_param no NLL gradient (refused only
+    when nll_loss was given Opacus' wrapper: given the model itself, their gradients became 0 silently)."""
     private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double(),
                                         grad_sample_mode=mode)
     with pytest.raises(ValueError, match="grad_sample_mode='hooks'"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = private(x)
+        (criterion(out, t) + bk.nll_loss(private if given == "wrapper" else private._module)).backward()
+
+
+def test_layers_without_the_grad_sampler_are_refused(monkeypatch):
+    """Without batchless_kernels.privacy imported before make_private, Opacus' functorch fallback takes the
+    layers' per-sample gradients from their outputs only: mean and std_param got zero, unclipped."""
+    from opacus import GradSampleModule
+
+    samplers = {k: v for k, v in GradSampleModule.GRAD_SAMPLERS.items() if not issubclass(k, bk.BatchlessNorm1d)}
+    monkeypatch.setattr(GradSampleModule, "GRAD_SAMPLERS", samplers)
+    private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double())
+    with pytest.raises(ValueError, match="batchless_kernels.privacy not imported"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (criterion(private(x), t) + bk.nll_loss(private)).backward()
 
