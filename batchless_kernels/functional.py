@@ -124,8 +124,12 @@ def batchless_norm(
         return y, (nll if need_nll else None)
     forward_op, _ = kernel_ops(name)
     acc = accumulation_dtype(x.dtype)
-    rstd, _ = rstd_and_log_std(std_param.detach().to(acc), parametrization, eps)
-    y, s1, s2 = forward_op(x, mean.detach().to(acc), rstd, weight, bias, need_nll)
+    # Not detached where the NLL trains them: the op gives mean and rstd no gradient (sg), and y's
+    # graph reaches them as the training op's does (reference.stop_gradient says why).
+    link = need_nll and torch.is_grad_enabled()
+    mean_in, std_in = (mean, std_param) if link else (mean.detach(), std_param.detach())
+    rstd, _ = rstd_and_log_std(std_in.to(acc), parametrization, eps)
+    y, s1, s2 = forward_op(x, mean_in.to(acc), rstd, weight, bias, need_nll)
     if not need_nll:
         return y, None
     if x.numel() == 0:
@@ -156,9 +160,13 @@ def _as_channels(x: torch.Tensor, param_shape: tuple[int, ...]) -> torch.Tensor 
 
 
 def exporting() -> bool:
-    """Whether torch.export (non-strict, as torch.onnx.export uses it) is tracing this call. Not under
-    torch.compile: torch 2.11's Dynamo folds torch.compiler.is_exporting() to True while compiling."""
-    return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+    """Whether torch.export is tracing this call, strict (through Dynamo) or not (as torch.onnx.export
+    does); not torch.compile. It reads the flag that torch.compiler.is_exporting() returns: torch 2.11's
+    Dynamo folds that function to True while compiling (later ones read the flag too)."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:  # a torch without the flag: non-strict export only
+        return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
+    return flag
 
 
 def _under_functorch() -> bool:

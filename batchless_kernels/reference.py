@@ -1,7 +1,8 @@
 """Pure-PyTorch batchless normalization: the executable spec of docs/method.md.
 
 Written for clarity, not speed: autograd through ordinary torch ops, ``.detach()`` for the
-stop-gradients. Every fused backend is tested against this function run in float64.
+stop-gradients (``stop_gradient`` where the parameter must stay in y's graph). Every fused backend is
+tested against this function run in float64.
 
     y   = (x - sg(mu)) * sg(r) * gamma + beta                      (trains x, gamma, beta)
     nll = mean_c [ log sigma_c + 1/2 mean_i ((sg(x) - mu_c) r_c)^2 ]  (trains mu, sigma)
@@ -19,6 +20,36 @@ import torch
 
 from ._checks import accumulation_dtype, check_inputs
 from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
+
+
+class _StopGradient(torch.autograd.Function):
+    """sg(t) as an autograd node: t's value, no gradient (None), forward or backward."""
+
+    generate_vmap_rule = True  # torch.func's transforms (per-sample gradients) run it batched
+
+    @staticmethod
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> None:
+        return None
+
+    @staticmethod
+    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(tangent)
+
+
+def stop_gradient(t: torch.Tensor) -> torch.Tensor:
+    """sg(t) that keeps t in the autograd graph of what uses it, unlike t.detach(): the y of a training
+    forward reaches mean and std_param, as the compiled ops' y does. DistributedDataParallel with
+    find_unused_parameters=True walks the graph from the module's outputs, marks the parameters it
+    does not reach as unused, then fails when the NLL's gradient arrives for them."""
+    return _StopGradient.apply(t)
 
 
 def batchless_norm(
@@ -47,7 +78,8 @@ def batchless_norm(
     r, log_sigma = rstd_and_log_std(p, parametrization, eps)
     xf = x.to(acc)
 
-    y = (xf - mu.detach().view(channel_view)) * r.detach().view(channel_view)
+    sg = stop_gradient if need_nll and torch.is_grad_enabled() else torch.Tensor.detach
+    y = (xf - sg(mu).view(channel_view)) * sg(r).view(channel_view)
     if weight is not None:
         y = y * weight.to(acc).view(channel_view)
     if bias is not None:

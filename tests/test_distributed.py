@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchless_kernels as bk
+from conftest import ALL_BACKENDS, backend_params
 
 WORLD = 2
 STEPS = 3
@@ -29,7 +30,9 @@ BATCH = 8
 DTYPES = {"float64": (torch.float64, 1e-12), "float32": (torch.float32, 1e-6)}
 BACKENDS = ("auto", "reference")
 # Engine -> the rank boundaries of each batch's shares.
-ENGINES = {"ddp": (0, 4, 8), "ddp-unequal": (0, 5, 8), "fsdp2-root": (0, 4, 8), "fsdp2-per-layer": (0, 4, 8)}
+# ddp-find-unused: DDP(find_unused_parameters=True), which walks the graph from the model's outputs.
+ENGINES = {"ddp": (0, 4, 8), "ddp-unequal": (0, 5, 8), "ddp-find-unused": (0, 4, 8), "fsdp2-root": (0, 4, 8),
+           "fsdp2-per-layer": (0, 4, 8)}
 
 
 def _model(dtype, backend="auto"):
@@ -44,7 +47,7 @@ def _model(dtype, backend="auto"):
 
 def _wrap(model, engine):
     if engine.startswith("ddp"):
-        return nn.parallel.DistributedDataParallel(model)
+        return nn.parallel.DistributedDataParallel(model, find_unused_parameters=engine == "ddp-find-unused")
     from torch.distributed.fsdp import fully_shard
 
     if engine == "fsdp2-per-layer":
@@ -136,3 +139,34 @@ def test_data_parallel_equals_single_process_on_whole_batches():
                     assert not torch.allclose(expected, initial[i]), f"{what} did not move"
     finally:
         torch.set_num_threads(threads)
+
+
+def _leaves_reached(t: torch.Tensor) -> set[int]:
+    """ids of the leaf tensors t's autograd graph reaches, as DDP(find_unused_parameters=True) walks it."""
+    seen, stack, leaves = set(), [t.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if hasattr(fn, "variable"):
+            leaves.add(id(fn.variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return leaves
+
+
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+@pytest.mark.parametrize("fused_nll", [True, False], ids=["training-op", "forward-op"])
+@pytest.mark.parametrize("param_shape", [(4, 1, 1), (4, 1, 5)], ids=["per-channel", "shared"])
+def test_outputs_reach_mean_and_std_param(case, fused_nll, param_shape, monkeypatch):
+    """With the reference's y (and the forward op's, where no fused NLL is compiled) computed from detached
+    mean and r, DDP(find_unused_parameters=True) marked mean and std_param unused, then failed when their
+    NLL gradient arrived ("Expected to mark a variable ready only once")."""
+    from batchless_kernels import functional
+
+    monkeypatch.setitem(functional._HAS_FUSED_NLL, case.device, fused_nll and functional._HAS_FUSED_NLL[case.device])
+    layer = bk.BatchlessNorm(param_shape, backend=case.name).to(case.device)
+    y = layer(torch.randn(3, 4, 6, 5, device=case.device))
+    assert {id(layer.mean), id(layer.std_param)} <= _leaves_reached(y)
+    (y.sum() + bk.nll_loss(layer)).backward()
+    assert torch.count_nonzero(layer.mean.grad) > 0 and torch.count_nonzero(layer.std_param.grad) > 0

@@ -218,6 +218,20 @@ def test_jit_trace_in_training_mode_warns_that_there_is_no_nll():
         torch.jit.trace(net, torch.randn(6, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_torch_export_runs_standard_ops(strict, mode):
+    """Strict export traces through Dynamo, where exporting() read False: the program kept this library's
+    training op (its sums computed, the extension needed to load it)."""
+    model = getattr(_mlp("auto", "cpu"), mode)()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's: the layer's nll attribute is set (a side effect)
+        program = torch.export.export(model, (x,), strict=strict)
+    assert not [n.target for n in program.graph.nodes if "batchless" in str(n.target)]
+    torch.testing.assert_close(program.module()(x), model(x), rtol=1e-12, atol=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.compile, static and dynamic shapes
 # ------------------------------------------------------------------------------------------------
