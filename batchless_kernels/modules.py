@@ -282,7 +282,10 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     forward; a zero tensor when there is none. ``loss = task_loss + nll_loss(model)``.
 
     Returns a 0-dim tensor (float32, or float64 where a layer's input is float64) on the layers'
-    device. Raises TypeError when `model` is not an nn.Module."""
+    device. Raises TypeError when `model` is not an nn.Module; ValueError where the terms would not
+    train mean and std_param as the loss says: a layer whose latest forward ran inside a torch.func
+    transform that has ended (take nll_loss inside it), or whose per-sample gradients Opacus takes
+    through functorch (grad_sample_mode="functorch", or batchless_kernels.privacy not imported)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "force_functorch", False):  # Opacus' GradSampleModule, grad_sample_mode="functorch"

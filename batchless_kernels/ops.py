@@ -121,6 +121,15 @@ def check_grad_nll(op: str, grad_nll: torch.Tensor, like: torch.Tensor) -> None:
                            f"{list(grad_nll.shape)} on {grad_nll.device}")
 
 
+def check_nll_args(op: str, s1: torch.Tensor, s2: torch.Tensor, count: int) -> None:
+    """nll::check_nll_args (csrc/batchless_nll.h) beyond the (C,) shapes: float32 or float64 sums
+    of one dtype, and count > 0 elements per channel (an empty input has no NLL to differentiate)."""
+    if s1.dtype != s2.dtype or s1.dtype not in (torch.float32, torch.float64):
+        raise RuntimeError(f"{op}: s1 and s2 must both be float32 or float64, got {s1.dtype} and {s2.dtype}")
+    if not count > 0:
+        raise RuntimeError(f"{op}: needs count > 0 (an empty input has no NLL to compute), got count={count}")
+
+
 def _forward_fake(x, mean, rstd, weight, bias, compute_stats):
     _check_same_device(FORWARD_OP, x=x, mean=mean, rstd=rstd, weight=weight, bias=bias)
     check_forward_inputs(x, mean=mean, rstd=rstd, weight=weight, bias=bias)

@@ -22,34 +22,14 @@ from ._checks import accumulation_dtype, check_inputs
 from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
 
 
-class _StopGradient(torch.autograd.Function):
-    """sg(t) as an autograd node: t's value, no gradient (None), forward or backward."""
-
-    generate_vmap_rule = True  # torch.func's transforms (per-sample gradients) run it batched
-
-    @staticmethod
-    def forward(t: torch.Tensor) -> torch.Tensor:
-        return t.clone()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> None:
-        return None
-
-    @staticmethod
-    def jvp(ctx, tangent: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(tangent)
-
-
 def stop_gradient(t: torch.Tensor) -> torch.Tensor:
-    """sg(t) that keeps t in the autograd graph of what uses it, unlike t.detach(): the y of a training
-    forward reaches mean and std_param, as the compiled ops' y does. DistributedDataParallel with
-    find_unused_parameters=True walks the graph from the module's outputs, marks the parameters it
-    does not reach as unused, then fails when the NLL's gradient arrives for them."""
-    return _StopGradient.apply(t)
+    """sg(t): t's value with a zero gradient, that keeps t in the autograd graph of what uses it, unlike
+    t.detach(): the y of a training forward reaches mean and std_param, as the compiled ops' y does.
+    DistributedDataParallel with find_unused_parameters=True walks the graph from the module's
+    outputs, marks the parameters it does not reach as unused, then fails when the NLL's gradient
+    arrives for them. torch.where's gradient to the branch it never takes is exactly 0 (no 0 * inf);
+    autograd, torch.func, forward-mode AD and Dynamo all know it."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t, t.detach())
 
 
 def batchless_norm(

@@ -392,6 +392,23 @@ def test_long_sums_stay_accurate(case, shape, layout):
             assert error <= 5e-6, f"{name} (grad_y = {fill}): relative error {error:.2e} (allowed 5e-6)"
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("gauge", [False, True], ids=["no-gauge", "gauge"])
+def test_nll_over_many_channels_stays_accurate(case, gauge):
+    """The NLL's totals over channels (mean log sigma, sum of s2): the CPU added them in one float32 chain,
+    6e-4 off at C = 65537 (with gauge=False; the gauge cancels the log term's share)."""
+    channels = 65537
+    torch.manual_seed(0)
+    x = torch.randn(2, channels, device=case.device)
+    mean = torch.zeros(channels, device=case.device)
+    std_param = torch.full((channels,), 1.1, device=case.device)
+    grad_y = torch.ones_like(x)
+    out = run_batchless(x, mean, std_param, None, None, backend=case.name, grad_y=grad_y, gauge=gauge)
+    ref = run_reference64(x, mean, std_param, None, None, grad_y=grad_y, gauge=gauge)
+    error = abs(out["nll"].double().item() - ref["nll"].item()) / abs(ref["nll"].item())
+    assert error <= 2e-6, f"relative error {error:.2e}"
+
+
 def _at_offset(t: torch.Tensor, offset: int) -> torch.Tensor:
     """A copy of t (same strides) that starts `offset` elements into a larger buffer."""
     size = t.untyped_storage().nbytes() // t.element_size()

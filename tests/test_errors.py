@@ -371,6 +371,11 @@ def test_training_op_errors(family, device):
         backward(x, torch.ones(2, device=device), x, p, p, s, None, s, s, 8, "log", 1e-5, [True] * 5)
     with pytest.raises(RuntimeError, match=r"rstd must have shape \(3,\)"):
         backward(x, torch.ones((), device=device), x, p, p, s[:2], None, s, s, 8, "log", 1e-5, [True] * 5)
+    if device == "cpu":  # the sums and count, as the NLL op checks them (Triton computed garbage: -1 flipped signs)
+        for count, sums, pattern in ((0, s, "count > 0"), (-1, s, "count > 0"),
+                                     (8, s.half(), "s1 and s2 must both be float32 or float64")):
+            with pytest.raises(RuntimeError, match=pattern):
+                backward(x, torch.ones(()), x, p, p, s, None, sums, sums, count, "log", 1e-5, [True] * 5)
 
 
 @needs_ops

@@ -471,6 +471,9 @@ def plan_launch(channels_first: bool, batch: int, channels: int, numel: int, dty
     block_c = min(triton.next_power_of_2(channels), 128)
     block_m = max(1, min(triton.next_power_of_2(rows), tile // block_c))
     column_blocks = triton.cdiv(channels, block_c)
+    if column_blocks > 65535:  # grid axis 1's limit on a GPU, as the CUDA kernels' check
+        raise RuntimeError(f"batchless_norm (triton): too many channels ({channels}) for a channels-innermost "
+                           f"input: at most {65535 * block_c}")
     tiles = max(_ELEMENTS_PER_PROGRAM // (block_m * block_c),
                 triton.cdiv(rows * column_blocks, block_m * _PROGRAMS_OF_LARGE_INPUTS))
     tiles = max(1, min(triton.cdiv(rows, block_m), tiles, _MAX_CHAIN))
@@ -765,8 +768,10 @@ def triton_train_backward(
     ops.check_grad_nll(op, grad_nll, s1)
     kind, acc = _kind(parametrization), accumulation_dtype(grad_y.dtype)
     need_nll = output_mask[3] or output_mask[4]
+    if need_nll and grad_y.numel() > 0:
+        ops.check_nll_args(op, s1, s2, count)
     channels = grad_y.shape[1]
-    if grad_y.numel() == 0 or count == 0:  # no elements: zero NLL gradients (reference.py)
+    if grad_y.numel() == 0:  # no elements: zero NLL gradients (reference.py)
         dx, dw, db = _empty_backward(grad_y, x, output_mask[:3])
         dmean, dparam = torch.zeros_like(mean), torch.zeros_like(std_param)
     else:
