@@ -56,10 +56,10 @@ class Folded(nn.Identity):
         self.rank = rank
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Identity's name
-        if input.dim() != self.rank:
+        if input.dim() != self.rank:  # list(), not tuple(): torch.jit.script compiles this (deployment)
             raise ValueError(
                 f"this Batchless layer was folded by fuse_for_inference into the layer before it for "
-                f"{self.rank}-D inputs (batched, channels at dim 1), got shape {tuple(input.shape)}: on "
+                f"{self.rank}-D inputs (batched, channels at dim 1), got shape {list(input.shape)}: on "
                 "these inputs the layer's channels are not that layer's outputs; fuse a model that sees "
                 "batched inputs, or use the unfused model")
         return input
@@ -100,15 +100,19 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        # Written for torch.jit.script too (fused models are deployed with it): lists and loops.
         x = input
-        shape = tuple(self.scale.shape)
+        shape = list(self.scale.shape)
         if self.per_channel:
-            shape += (1,) * max(0, x.dim() - 2)
-        if x.dim() != len(shape) + 1 or any(d not in (1, full) for d, full in zip(shape, x.shape[1:])) \
-                or (self.per_channel and shape[0] != x.shape[1]):
-            expected = f"{shape[0]}, *" if self.per_channel else ", ".join(map(str, shape))
-            raise ValueError(f"expected an (N, {expected}) input (size-1 dims broadcast), got shape {tuple(x.shape)}")
-        view = (1,) + shape
+            shape = shape + [1] * max(0, x.dim() - 2)
+        fits = x.dim() == len(shape) + 1 and not (self.per_channel and shape[0] != x.shape[1])
+        for i in range(len(shape)):
+            fits = fits and shape[i] in (1, x.shape[i + 1])
+        if not fits:
+            expected = str(shape[0]) + ", *" if self.per_channel else ", ".join([str(d) for d in shape])
+            raise ValueError("expected an (N, " + expected + ") input (size-1 dims broadcast), got shape "
+                             + str(list(x.shape)))
+        view = [1] + shape
         return torch.addcmul(self.shift.view(view), x, self.scale.view(view)).to(x.dtype)
 
     def extra_repr(self) -> str:

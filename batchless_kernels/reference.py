@@ -17,19 +17,38 @@ size-1 dim is an axis the Gaussian shares (the author's shared_axes), e.g. (C, H
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from ._checks import accumulation_dtype, check_inputs
 from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
 
 
+class _StopGradient(torch.autograd.Function):
+    """sg(t) as an autograd node: t's value, and no gradient (None, as the compiled ops give mean and
+    std_param through y: an optimizer's weight decay skips a parameter whose .grad is None)."""
+
+    @staticmethod
+    def forward(t: torch.Tensor) -> torch.Tensor:
+        return t.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> None:
+        return None
+
+
 def stop_gradient(t: torch.Tensor) -> torch.Tensor:
-    """sg(t): t's value with a zero gradient, that keeps t in the autograd graph of what uses it, unlike
-    t.detach(): the y of a training forward reaches mean and std_param, as the compiled ops' y does.
-    DistributedDataParallel with find_unused_parameters=True walks the graph from the module's
-    outputs, marks the parameters it does not reach as unused, then fails when the NLL's gradient
-    arrives for them. torch.where's gradient to the branch it never takes is exactly 0 (no 0 * inf);
-    autograd, torch.func, forward-mode AD and Dynamo all know it."""
-    return torch.where(torch.zeros((), dtype=torch.bool, device=t.device), t, t.detach())
+    """sg(t) that keeps t in the autograd graph of what uses it, unlike t.detach(): the y of a training
+    forward reaches mean and std_param, as the compiled ops' y does. DistributedDataParallel with
+    find_unused_parameters=True walks the graph from the module's outputs, marks the parameters it
+    does not reach as unused, then fails when the NLL's gradient arrives for them. Under torch.func's
+    transforms (no DDP there; per-sample gradients) and forward-mode AD, t.detach()."""
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return t.detach()
+    return _StopGradient.apply(t)
 
 
 def batchless_norm(

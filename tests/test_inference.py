@@ -548,3 +548,16 @@ def test_a_submodule_that_does_not_trace_keeps_the_data_flow_check(extra):
 class Untraceable2(nn.Module):
     def forward(self, x):
         return x * 2 if bool(x.sum() > 0) else x
+
+
+def test_fused_model_scripts():
+    """torch.jit.script, how fused models are often deployed: Folded's message built a tuple of the
+    input's shape, which TorchScript cannot compile (it scripted when the layer became nn.Identity)."""
+    x = make_x((2, 3, 6, 6), dtype=torch.float64)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), bk.BatchlessNorm2d(4), nn.ReLU(),
+                                    bk.BatchlessNorm2d(4)).double(), x)
+    fused = fused_outputs_match(model, x, rtol=1e-10)
+    scripted = torch.jit.script(fused)
+    torch.testing.assert_close(scripted(x), fused(x), rtol=0, atol=0)
+    with pytest.raises(torch.jit.Error, match=r"expected an \(N, 4, \*\) input"):
+        torch.jit.script(fused[3])(torch.randn(2, 5, 4, 4, dtype=torch.float64))
