@@ -15,6 +15,12 @@ from .functional import _under_functorch, batchless_norm, compiling_under_functo
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
+# Tensors of the current step's autograd graph, not of the layer's state (copies and pickles leave
+# them out): the latest forward's NLL term; the latest training forward's (the one Opacus' hooks
+# capture); the term nll_loss last put into a loss.
+_NO_STEP_TENSORS = {"nll": None, "_training_nll": None, "_nll_in_loss": None}
+
+
 class _BatchlessNorm(nn.Module):
     """Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term
     (docs/method.md): y = (x - mean) / sigma * weight + bias, per channel.
@@ -148,7 +154,7 @@ class _BatchlessNorm(nn.Module):
         # The latest NLL belongs to the current step's autograd graph, not to the layer's state:
         # leave it out so that copy.deepcopy and pickling work after a forward.
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "nll": None}
+        return {**state, **_NO_STEP_TENSORS}
 
     def __deepcopy__(self, memo):
         # What copy.deepcopy does through __getstate__, written out: torch.nn.utils.parametrize swaps
@@ -156,7 +162,7 @@ class _BatchlessNorm(nn.Module):
         # one that copies __dict__ as it is, nll (a non-leaf tensor deepcopy refuses) included.
         replica = type(self).__new__(type(self))
         memo[id(self)] = replica
-        replica.__setstate__(copy.deepcopy({**self.__dict__, "nll": None}, memo))
+        replica.__setstate__(copy.deepcopy({**self.__dict__, **_NO_STEP_TENSORS}, memo))
         return replica
 
     @property
@@ -193,6 +199,8 @@ class _BatchlessNorm(nn.Module):
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
         object.__setattr__(self, "nll", nll)
+        if nll is not None and self.training:  # the forward that Opacus' hooks capture (privacy.py)
+            object.__setattr__(self, "_training_nll", nll)
         return y
 
     def extra_repr(self) -> str:
@@ -277,6 +285,28 @@ class BatchlessNorm(_BatchlessNorm):
         return f"param_shape={self._shape}, " + super().extra_repr().split(", ", 1)[1]
 
 
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _check_opacus_route(model: nn.Module) -> None:
+    """ValueError where Opacus takes a Batchless layer's per-sample gradients through functorch, from
+    the output of the module it prepared (prepare_layer sets ft_compute_sample_grad): the layer itself
+    (grad_sample_mode="functorch", or batchless_kernels.privacy not imported before make_private), or a
+    module with parameters of its own around it (Opacus does not look inside such a module). mean and
+    std_param would get no per-sample gradient from the NLL, and train unclipped."""
+    for name, m in model.named_modules():
+        if "ft_compute_sample_grad" in m.__dict__:
+            inside = [n for n, c in m.named_modules() if isinstance(c, _BatchlessNorm)]
+            if inside:
+                where = f"{type(m).__name__} {name!r}" + (f", which holds {inside} and has parameters of its own"
+                                                          if inside != [""] else "")
+                raise ValueError(
+                    f"nll_loss: Opacus computes the per-sample gradients of {where} with functorch from its "
+                    "output only, so mean and std_param would get none from the NLL and train unclipped: import "
+                    "batchless_kernels.privacy before make_private, use grad_sample_mode='hooks', and keep "
+                    "Batchless layers out of modules that have parameters of their own")
+
+
 def nll_loss(model: nn.Module) -> torch.Tensor:
     """Sum over the BatchlessNorm layers of `model` of nll_weight times the NLL of their latest
     forward; a zero tensor when there is none. ``loss = task_loss + nll_loss(model)``.
@@ -288,10 +318,9 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     through functorch (grad_sample_mode="functorch", or batchless_kernels.privacy not imported)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if getattr(model, "force_functorch", False):  # Opacus' GradSampleModule, grad_sample_mode="functorch"
-        raise ValueError("nll_loss: Opacus' grad_sample_mode='functorch' computes per-sample gradients from the "
-                         "layers' outputs only, so mean and std_param would get none from the NLL and train "
-                         "unclipped; use grad_sample_mode='hooks' with batchless_kernels.privacy imported")
+    inner = model._modules.get("_module", model)  # the model, if this is Opacus' GradSampleModule
+    if "autograd_grad_sample_hooks" in inner.__dict__:  # Opacus computes per-sample gradients
+        _check_opacus_route(inner)
     groups: dict[tuple, list[torch.Tensor]] = {}
     # torch.compile of a torch.func transform (compile(vmap(grad(loss)))): a term is a tensor of the
     # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph
@@ -302,18 +331,13 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     outside_transforms = not torch.compiler.is_compiling() and not _under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
-            if "ft_compute_sample_grad" in module.__dict__:  # set by Opacus' functorch route (prepare_layer)
-                raise ValueError(
-                    f"nll_loss: Opacus computes the per-sample gradients of a {type(module).__name__} with functorch "
-                    "from its output only (grad_sample_mode='functorch', or batchless_kernels.privacy not imported "
-                    "before make_private): mean and std_param would get none from the NLL and train unclipped; "
-                    "import batchless_kernels.privacy and use grad_sample_mode='hooks'")
-            if outside_transforms and torch._C._functorch.is_functorch_wrapped_tensor(module.nll):
+            if outside_transforms and _is_functorch_wrapped(module.nll):
                 raise ValueError(
                     f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func transform "
                     "(vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the transformed "
                     "function and return the term (docs/api.md, per-sample gradients)")
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
+            object.__setattr__(module, "_nll_in_loss", module.nll)  # which term the loss got (privacy.py)
             if take:
                 object.__setattr__(module, "nll", None)
     total = None

@@ -17,8 +17,8 @@ loss, sum(y_i * dLoss/dy_i) + nll_weight * nll_i (nll_i: the layer's NLL over sa
 whose mean over the batch is the layer's NLL), for mean, std_param, weight and bias alike. That is the
 per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
 default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
-set to match (a layer whose latest forward ran under no_grad has no NLL in nll_loss, nor in its
-samples' gradients). A layer called more than once per forward is refused (ValueError): its ``nll`` holds
+set to match (a loss without the layer's term from nll_loss, e.g. a latest forward under no_grad
+before nll_loss, gives no NLL in its samples' gradients either). A layer called more than once per forward is refused (ValueError): its ``nll`` holds
 the last call's term only. So are Opacus' grad_sample_mode="ghost" (fast gradient clipping reweights
 each sample's loss, but the NLL enters the loss once for the batch) and "functorch" (which never
 calls the sampler; nll_loss refuses it). Subclasses of the layers get the sampler too.
@@ -75,9 +75,12 @@ def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch
             f"{type(layer).__name__} was called more than once in one forward: its nll (which nll_loss adds) "
             "holds the last call's NLL only, so per-sample gradients would not match the loss. Use one layer "
             "per call under Opacus.")
-    # nll_loss adds the latest forward's NLL only: a latest forward under no_grad left none, so this
-    # layer's NLL is not in the loss and its samples get none either.
-    return per_sample_grads(layer, activations[0], backprops, None if layer.nll is not None else 0.0)
+    # The NLL is in the loss if nll_loss took the term of the training forward whose input Opacus
+    # captured: not if the loss has no nll_loss, nor if the latest forward ran under no_grad before
+    # nll_loss (it then adds none); still if a forward under no_grad ran after it (a metric).
+    in_loss = layer.__dict__.get("_nll_in_loss")
+    return per_sample_grads(layer, activations[0], backprops,
+                            None if in_loss is not None and in_loss is layer.__dict__.get("_training_nll") else 0.0)
 
 
 def _register(cls: type) -> None:

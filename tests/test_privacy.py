@@ -134,25 +134,57 @@ def test_layers_without_the_grad_sampler_are_refused(monkeypatch):
     samplers = {k: v for k, v in GradSampleModule.GRAD_SAMPLERS.items() if not issubclass(k, bk.BatchlessNorm1d)}
     monkeypatch.setattr(GradSampleModule, "GRAD_SAMPLERS", samplers)
     private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double())
-    with pytest.raises(ValueError, match="batchless_kernels.privacy not imported"), warnings.catch_warnings():
+    with pytest.raises(ValueError, match="import batchless_kernels.privacy before make_private"), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (criterion(private(x), t) + bk.nll_loss(private)).backward()
 
 
-def test_no_nll_per_sample_gradients_when_the_latest_forward_had_none():
-    """A forward under no_grad after the training forward leaves nll None, so nll_loss adds no NLL of the
-    layer; the grad sampler still gave mean and std_param the NLL's per-sample gradients."""
+@pytest.mark.parametrize("order", ["no_grad forward, then nll_loss", "nll_loss, then no_grad forward",
+                                   "no nll_loss"])
+def test_per_sample_nll_gradients_follow_the_loss(order):
+    """The sampler adds a layer's NLL to its samples' gradients when the loss has it: a forward under no_grad
+    before nll_loss leaves none to add (the sampler added it anyway), one after it (a metric) does not take
+    it out (a first fix did, and mean and std_param stopped training)."""
     torch.manual_seed(0)
     private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = private(x)
-        with torch.no_grad():
-            private(x)
-        assert private._module[0].nll is None
-        (criterion(out, t) + bk.nll_loss(private)).backward()
+        if order.startswith("no_grad"):
+            with torch.no_grad():
+                private(x)
+        loss = criterion(out, t) + (bk.nll_loss(private) if order != "no nll_loss" else 0)
+        if order.startswith("nll_loss"):
+            with torch.no_grad():
+                private(x[:2])
+        loss.backward()
     layer = private._module[0]
+    in_loss = order.startswith("nll_loss")
     for p in (layer.mean, layer.std_param):
-        assert p.grad is None or torch.count_nonzero(p.grad) == 0
-        assert torch.count_nonzero(p.grad_sample) == 0
+        assert (p.grad is not None and torch.count_nonzero(p.grad) > 0) == in_loss
+        assert (torch.count_nonzero(p.grad_sample) > 0) == in_loss
+        if in_loss:  # the mean of the samples' gradients is the gradient (loss_reduction="mean")
+            torch.testing.assert_close(p.grad_sample.mean(0), p.grad, rtol=1e-10, atol=1e-12)
     assert torch.count_nonzero(layer.weight.grad_sample) > 0
+
+
+class ScaledBlock(nn.Module):
+    """A block with a parameter of its own: Opacus prepares it for functorch and does not look inside."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(()))
+        self.norm = bk.BatchlessNorm1d(3)
+
+    def forward(self, x):
+        return self.alpha * self.norm(x)
+
+
+def test_a_layer_inside_a_module_with_its_own_parameters_is_refused():
+    """Its per-sample gradients came from the block's functorch route: mean and std_param got zero, unclipped."""
+    private, criterion, x, t = _private(nn.Sequential(ScaledBlock(), nn.Linear(3, 2)).double())
+    with pytest.raises(ValueError, match=r"ScaledBlock '0', which holds \['norm'\] and has parameters of its own"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (criterion(private(x), t) + bk.nll_loss(private._module)).backward()
