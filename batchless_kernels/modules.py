@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._checks import check_layer_input
+from ._checks import accumulation_dtype, check_layer_input
 from .backends import BACKENDS
 from .functional import _under_functorch, batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
@@ -102,12 +102,15 @@ class _BatchlessNorm(nn.Module):
         except ValueError as e:
             raise ValueError(f"init_std={init_std!r} cannot be the initial std: {e}") from None
         param_dtype = dtype if dtype is not None else torch.get_default_dtype()
-        finfo = torch.finfo(param_dtype)
-        for name, value in (("std_param", float(p)), ("1/sigma", 1.0 / self.init_std)):
-            # std_param must be stored, and r = 1/sigma neither overflow (inf outputs) nor flush to 0
-            if not (abs(value) <= finfo.max and (name == "std_param" or value >= finfo.tiny)):
+        # std_param must be stored in the parameters' dtype; r = 1/sigma, computed in the accumulation
+        # dtype (float32 for 16-bit parameters), must neither overflow (inf outputs) nor flush to 0.
+        for name, value, in_dtype in (("std_param", float(p), param_dtype),
+                                      ("1/sigma", 1.0 / self.init_std, accumulation_dtype(param_dtype))):
+            finfo = torch.finfo(in_dtype)
+            may_be_small = name == "std_param" and self.parametrization != "inv"  # inv: std_param is r
+            if not (abs(value) <= finfo.max and (may_be_small or abs(value) >= finfo.tiny)):
                 raise ValueError(f"init_std={init_std!r} gives {name}={value:.3g} with parametrization="
-                                 f"{self.parametrization!r}, beyond the range of {param_dtype}")
+                                 f"{self.parametrization!r}, beyond the range of {in_dtype}")
         self.backend = backend
         shape = self._parameter_shape(num_features)
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))

@@ -252,7 +252,9 @@ def test_env_var_unavailable(monkeypatch, backend):
     # r = 1/sigma overflows (inf outputs) or flushes to zero (zero outputs) in the parameters' dtype
     (dict(num_features=3, init_std=1e-40), ValueError, r"init_std=1e-40 gives 1/sigma=1e\+40 .* torch.float32"),
     (dict(num_features=3, parametrization="inv", init_std=1e46), ValueError, r"1/sigma=1e-46 .* torch.float32"),
-    (dict(num_features=3, init_std=1e-5, dtype=torch.float16), ValueError, r"1/sigma=1e\+05 .* torch.float16"),
+    (dict(num_features=3, init_std=1e-40, dtype=torch.float16), ValueError, r"1/sigma=1e\+40 .* torch.float32"),
+    (dict(num_features=3, parametrization="inv", init_std=1e6, dtype=torch.float16), ValueError,
+     r"std_param=1e-06 .* torch.float16"),  # r = std_param flushes to 0 in float16
     (dict(num_features=3, init_std=True), ValueError, r"init_std must be a positive finite float, got True"),
     (dict(num_features=3, init_mean=True), ValueError, r"init_mean must be a finite float, got True"),
     (dict(num_features=3, dtype=torch.int64), TypeError, r"dtype must be a floating point torch.dtype"),
