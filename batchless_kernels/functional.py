@@ -46,8 +46,9 @@ def batchless_norm(
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
-            requires grad, or a torch.func transform runs the call (inside vmap, requires_grad reads
-            False even where an ensemble's stacked parameters train). When False, nll is None. Where y needs no gradient either (no_grad, a
+            requires grad, or a torch.func transform runs the call with mean or std_param among its
+            tensors (inside vmap, requires_grad reads False even where an ensemble's stacked
+            parameters train). When False, nll is None. Where y needs no gradient either (no_grad, a
             frozen layer on a frozen input), the compiled backends run the inference op, without
             the sums; where y needs one (e.g. frozen mean and std_param, trainable x), they run the
             training op and drop its NLL, so that y has the same bits on every path: its sums cost
@@ -78,8 +79,12 @@ def batchless_norm(
     if need_nll is None:
         # Under torch.func transforms requires_grad may read False where the parameters train (plain
         # vmap of an ensemble; compile(vmap(grad(loss))) gave mean and std_param zero per-sample
-        # gradients): the NLL is computed whatever it says.
-        need_nll = torch.is_grad_enabled() and (mean.requires_grad or std_param.requires_grad or functorch)
+        # gradients): the NLL is computed whatever it says where the transform holds the parameters
+        # (not for a frozen model differentiated in its input).
+        need_nll = torch.is_grad_enabled() and (
+            mean.requires_grad or std_param.requires_grad
+            or (functorch and (torch.compiler.is_compiling() or _is_functorch_wrapped(mean)
+                               or _is_functorch_wrapped(std_param))))
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
     if need_nll:
@@ -167,6 +172,9 @@ def exporting() -> bool:
     if flag is None:  # a torch without the flag: non-strict export only
         return torch.compiler.is_exporting() and not torch.compiler.is_dynamo_compiling()
     return flag
+
+
+_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _under_functorch() -> bool:

@@ -11,7 +11,7 @@ from torch import nn
 
 from ._checks import accumulation_dtype, check_layer_input
 from .backends import BACKENDS
-from .functional import _under_functorch, batchless_norm, compiling_under_functorch, exporting
+from .functional import _is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
@@ -202,8 +202,8 @@ class _BatchlessNorm(nn.Module):
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
         object.__setattr__(self, "nll", nll)
-        if nll is not None and self.training:  # the forward that Opacus' hooks capture (privacy.py)
-            object.__setattr__(self, "_training_nll", nll)
+        if nll is not None and self.training and not torch.compiler.is_compiling():
+            object.__setattr__(self, "_training_nll", nll)  # the forward Opacus' hooks capture (privacy.py)
         return y
 
     def extra_repr(self) -> str:
@@ -288,9 +288,6 @@ class BatchlessNorm(_BatchlessNorm):
         return f"param_shape={self._shape}, " + super().extra_repr().split(", ", 1)[1]
 
 
-_is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-
-
 def _check_opacus_route(model: nn.Module) -> None:
     """ValueError where Opacus takes a Batchless layer's per-sample gradients through functorch, from
     the output of the module it prepared (prepare_layer sets ft_compute_sample_grad): the layer itself
@@ -334,13 +331,14 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     outside_transforms = not torch.compiler.is_compiling() and not _under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
-            if outside_transforms and _is_functorch_wrapped(module.nll):
-                raise ValueError(
-                    f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func transform "
-                    "(vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the transformed "
-                    "function and return the term (docs/api.md, per-sample gradients)")
+            if outside_transforms:
+                if _is_functorch_wrapped(module.nll):
+                    raise ValueError(
+                        f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func "
+                        "transform (vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the "
+                        "transformed function and return the term (docs/api.md, per-sample gradients)")
+                object.__setattr__(module, "_nll_in_loss", module.nll)  # which term the loss got (privacy.py)
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
-            object.__setattr__(module, "_nll_in_loss", module.nll)  # which term the loss got (privacy.py)
             if take:
                 object.__setattr__(module, "nll", None)
     total = None
