@@ -8,6 +8,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ._checks import accumulation_dtype, check_layer_input
 from .backends import BACKENDS
@@ -110,7 +111,7 @@ class _BatchlessNorm(nn.Module):
             may_be_small = name == "std_param" and self.parametrization != "inv"  # inv: std_param is r
             if not (abs(value) <= finfo.max and (may_be_small or abs(value) >= finfo.tiny)):
                 raise ValueError(f"init_std={init_std!r} gives {name}={value:.3g} with parametrization="
-                                 f"{self.parametrization!r}, beyond the range of {in_dtype}")
+                                 f"{self.parametrization!r}, outside the normal range of {in_dtype}")
         self.backend = backend
         shape = self._parameter_shape(num_features)
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
@@ -160,12 +161,15 @@ class _BatchlessNorm(nn.Module):
         return {**state, **_NO_STEP_TENSORS}
 
     def __deepcopy__(self, memo):
-        # What copy.deepcopy does through __getstate__, written out: torch.nn.utils.parametrize swaps
-        # in a class whose __getstate__ refuses pickling and, unless the class has a __deepcopy__,
-        # one that copies __dict__ as it is, nll (a non-leaf tensor deepcopy refuses) included.
+        # What copy.deepcopy does through __getstate__ (a subclass's too), written out because
+        # torch.nn.utils.parametrize swaps in a class whose __getstate__ refuses pickling and, unless
+        # the class has a __deepcopy__, one that copies __dict__ as it is, nll (a non-leaf tensor
+        # deepcopy refuses) included.
+        state = ({**self.__dict__, **_NO_STEP_TENSORS} if parametrize.is_parametrized(self)
+                 else self.__getstate__())
         replica = type(self).__new__(type(self))
         memo[id(self)] = replica
-        replica.__setstate__(copy.deepcopy({**self.__dict__, **_NO_STEP_TENSORS}, memo))
+        replica.__setstate__(copy.deepcopy(state, memo))
         return replica
 
     @property

@@ -247,7 +247,7 @@ def test_env_var_unavailable(monkeypatch, backend):
     (dict(num_features=3, nll_weight=float("nan")), ValueError, r"nll_weight"),
     (dict(num_features=3, nll_weight=True), ValueError, r"nll_weight"),
     (dict(num_features=3, parametrization="inv", init_std=1e-5, dtype=torch.float16), ValueError,
-     r"init_std=1e-05 gives std_param=1e\+05 .* beyond the range of torch.float16"),
+     r"init_std=1e-05 gives std_param=1e\+05 .* outside the normal range of torch.float16"),
     (dict(num_features=3, parametrization="abs", eps=2.0), ValueError, r"init_std=1.0 cannot be the initial std"),
     # r = 1/sigma overflows (inf outputs) or flushes to zero (zero outputs) in the parameters' dtype
     (dict(num_features=3, init_std=1e-40), ValueError, r"init_std=1e-40 gives 1/sigma=1e\+40 .* torch.float32"),

@@ -4,6 +4,7 @@ property batchless normalization exists for: batch-size-1 gradient accumulation 
 from __future__ import annotations
 
 import copy
+import threading
 import math
 
 import pytest
@@ -226,6 +227,29 @@ def test_deepcopy_after_a_forward_with_a_parametrized_parameter():
     assert clone.nll is None and clone.parametrizations.weight.original is not layer.parametrizations.weight.original
     assert torch.equal(clone(x), layer(x))
     assert isinstance(bk.fuse_for_inference(nn.Sequential(nn.Conv2d(3, 3, 1), layer))[1], nn.Identity)
+
+
+class LockedNorm(bk.BatchlessNorm1d):
+    """A subclass whose own __getstate__ leaves out what cannot be copied."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in super().__getstate__().items() if k != "lock"}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.lock = threading.Lock()
+
+
+def test_deepcopy_uses_a_subclass_getstate():
+    layer = LockedNorm(3)
+    layer(torch.randn(4, 3))
+    clone = copy.deepcopy(layer)
+    assert clone.nll is None and clone.lock is not layer.lock
+    assert isinstance(bk.fuse_for_inference(nn.Sequential(nn.Linear(2, 3), layer))[1], nn.Identity)
 
 
 class AbsWeight(nn.Module):
