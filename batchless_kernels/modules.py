@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import warnings
 
@@ -16,10 +17,14 @@ from .functional import _is_functorch_wrapped, _under_functorch, batchless_norm,
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
-# Tensors of the current step's autograd graph, not of the layer's state (copies and pickles leave
-# them out): the latest forward's NLL term; the latest training forward's (the one Opacus' hooks
-# capture); the term nll_loss last put into a loss.
-_NO_STEP_TENSORS = {"nll": None, "_training_nll": None, "_nll_in_loss": None}
+# The latest forward's NLL term: a tensor of the current step's autograd graph, not of the layer's
+# state (copies and pickles leave it out).
+_NO_STEP_TENSORS = {"nll": None}
+# Stamps of the forwards that computed an NLL (ints: they keep no graph alive), so that the Opacus
+# grad sampler (privacy.py) can tell whether nll_loss put the captured training forward's term into
+# the loss: _nll_stamp (the latest such forward), _training_stamp (the latest in training mode),
+# _summed_stamp (the one whose term nll_loss last added).
+_STAMPS = itertools.count(1)
 
 
 class _BatchlessNorm(nn.Module):
@@ -206,8 +211,11 @@ class _BatchlessNorm(nn.Module):
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
         object.__setattr__(self, "nll", nll)
-        if nll is not None and self.training and not torch.compiler.is_compiling():
-            object.__setattr__(self, "_training_nll", nll)  # the forward Opacus' hooks capture (privacy.py)
+        if nll is not None:
+            stamp = next(_STAMPS)
+            object.__setattr__(self, "_nll_stamp", stamp)
+            if self.training:
+                object.__setattr__(self, "_training_stamp", stamp)
         return y
 
     def extra_repr(self) -> str:
@@ -341,7 +349,7 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
                         f"nll_loss: the latest forward of a {type(module).__name__} ran inside a torch.func "
                         "transform (vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the "
                         "transformed function and return the term (docs/api.md, per-sample gradients)")
-                object.__setattr__(module, "_nll_in_loss", module.nll)  # which term the loss got (privacy.py)
+                object.__setattr__(module, "_summed_stamp", module.__dict__.get("_nll_stamp"))
             groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
             if take:
                 object.__setattr__(module, "nll", None)

@@ -78,9 +78,9 @@ def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch
     # The NLL is in the loss if nll_loss took the term of the training forward whose input Opacus
     # captured: not if the loss has no nll_loss, nor if the latest forward ran under no_grad before
     # nll_loss (it then adds none); still if a forward under no_grad ran after it (a metric).
-    in_loss = layer.__dict__.get("_nll_in_loss")
+    summed = layer.__dict__.get("_summed_stamp")
     return per_sample_grads(layer, activations[0], backprops,
-                            None if in_loss is not None and in_loss is layer.__dict__.get("_training_nll") else 0.0)
+                            None if summed is not None and summed == layer.__dict__.get("_training_stamp") else 0.0)
 
 
 def _register(cls: type) -> None:
