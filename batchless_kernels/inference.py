@@ -183,11 +183,12 @@ def _trace(model: nn.Module) -> _Trace | None:
     return _Trace(in_train.pairs & in_eval.pairs, in_train.calls | in_eval.calls)
 
 
-def _fx_graph(model: nn.Module) -> torch.fx.Graph | None:
+def _fx_graph(model: nn.Module) -> tuple[torch.fx.Graph, set[int]] | None:
     """model's graph, with every submodule that does not trace by itself (data-dependent control flow,
-    say) called as a whole; None when the model itself does not trace."""
+    say) called as a whole, and the ids of the modules inside those (their calls are not in the graph);
+    None when the model itself does not trace."""
     try:
-        return _LeafTracer().trace(model)
+        return _LeafTracer().trace(model), set()
     except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read here
         pass
     opaque: set[int] = set()
@@ -199,15 +200,18 @@ def _fx_graph(model: nn.Module) -> torch.fx.Graph | None:
         except Exception:  # noqa: BLE001
             opaque.add(id(m))
     try:
-        return _LeafTracer(frozenset(opaque)).trace(model)
+        graph = _LeafTracer(frozenset(opaque)).trace(model)
     except Exception:  # noqa: BLE001
         return None
+    hidden = {id(inner) for m in model.modules() if id(m) in opaque for inner in m.modules() if inner is not m}
+    return graph, hidden
 
 
 def _trace_in(model: nn.Module) -> _Trace | None:
-    graph = _fx_graph(model)
-    if graph is None:
+    traced = _fx_graph(model)
+    if traced is None:
         return None
+    graph, hidden = traced
     read = {n.target for n in graph.nodes if n.op == "get_attr"}  # parameters read directly
     calls = collections.Counter(n.target for n in graph.nodes if n.op == "call_module")
     pairs = set()
@@ -216,7 +220,9 @@ def _trace_in(model: nn.Module) -> _Trace | None:
             continue
         src = node.args[0]
         if (isinstance(src, torch.fx.Node) and src.op == "call_module" and calls[src.target] == 1
-                and len(src.users) == 1 and not any(t.startswith(f"{src.target}.") for t in read)):
+                and len(src.users) == 1 and not any(t.startswith(f"{src.target}.") for t in read)
+                # a module that an untraced one holds may be called there too, unseen
+                and not {id(model.get_submodule(src.target)), id(model.get_submodule(node.target))} & hidden):
             pairs.add((src.target, node.target))
     return _Trace(pairs, calls)
 

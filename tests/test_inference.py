@@ -561,3 +561,32 @@ def test_fused_model_scripts():
     torch.testing.assert_close(scripted(x), fused(x), rtol=0, atol=0)
     with pytest.raises(torch.jit.Error, match=r"expected an \(N, 4, \*\) input"):
         torch.jit.script(fused[3])(torch.randn(2, 5, 4, 4, dtype=torch.float64))
+
+
+class Gate(nn.Module):
+    """Data-dependent: does not trace; it calls its conv, which the model calls too."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x) if bool(x.mean() > -10) else x
+
+
+class CallsIntoAnUntracedModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.bn = Gate(), bk.BatchlessNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(self.gate.conv(x)) + self.gate(x)
+
+
+def test_a_conv_inside_a_module_that_does_not_trace_is_not_folded():
+    """The untraced gate's own call of gate.conv was invisible: the conv looked called once, the fold also
+    rescaled the gate's output (off by 0.65)."""
+    x = make_x((2, 3, 4, 4), dtype=torch.float64)
+    model = randomize(CallsIntoAnUntracedModule().double(), x)
+    fused = fused_outputs_match(model, x, rtol=1e-10)
+    assert isinstance(fused.bn, bk.ChannelAffine)
