@@ -141,23 +141,31 @@ class _BatchRenorm(nn.Module):
         run_mu = self.running_mean.to(acc)
         run_sigma = self.running_std.to(acc)
         if self.training and x.numel() > 0:
-            dims = [0] + list(range(2, x.dim()))
-            var_b, mu_b = torch.var_mean(xf, dims, correction=0)
-            sigma_b = torch.sqrt(var_b + self.eps)
-            rmax, dmax = self._limits(acc)
-            with torch.no_grad():  # the stop-gradients: r and d are constants for autograd
-                r = torch.clamp(sigma_b / run_sigma, 1.0 / rmax, rmax)
-                d = torch.clamp((mu_b - run_mu) / run_sigma, -dmax, dmax)
-            xhat = (xf - mu_b.view(view)) * (r / sigma_b).view(view) + d.view(view)
-            with torch.no_grad():
-                self.running_mean.add_(self.momentum * (mu_b - run_mu))
-                self.running_std.add_(self.momentum * (sigma_b - run_sigma))
-                self.num_batches_tracked.add_(1)
+            xhat = self._renormalize(xf, run_mu, run_sigma, view, acc)
         else:
             xhat = (xf - run_mu.view(view)) / run_sigma.view(view)
         if self.weight is not None:
             xhat = xhat * self.weight.to(acc).view(view) + self.bias.to(acc).view(view)
         return xhat.to(x.dtype)
+
+    # Run eagerly under torch.compile: AOTAutograd recomputed r and d in the backward from the buffers
+    # after their in-place updates (the next step's limits and moving statistics): wrong gradients.
+    @torch.compiler.disable
+    def _renormalize(self, xf, run_mu, run_sigma, view, acc) -> torch.Tensor:
+        """xhat of a training batch (module docstring), and the updates of the moving statistics."""
+        dims = [0] + list(range(2, xf.dim()))
+        var_b, mu_b = torch.var_mean(xf, dims, correction=0)
+        sigma_b = torch.sqrt(var_b + self.eps)
+        rmax, dmax = self._limits(acc)
+        with torch.no_grad():  # the stop-gradients: r and d are constants for autograd
+            r = torch.clamp(sigma_b / run_sigma, 1.0 / rmax, rmax)
+            d = torch.clamp((mu_b - run_mu) / run_sigma, -dmax, dmax)
+        xhat = (xf - mu_b.view(view)) * (r / sigma_b).view(view) + d.view(view)
+        with torch.no_grad():
+            self.running_mean.add_(self.momentum * (mu_b - run_mu))
+            self.running_std.add_(self.momentum * (sigma_b - run_sigma))
+            self.num_batches_tracked.add_(1)
+        return xhat
 
     def extra_repr(self) -> str:
         return (
