@@ -211,7 +211,7 @@ class _BatchlessNorm(nn.Module):
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
         object.__setattr__(self, "nll", nll)
-        if nll is not None:
+        if nll is not None and not torch.compiler.is_compiling():  # torch 2.11's Dynamo cannot trace next()
             stamp = next(_STAMPS)
             object.__setattr__(self, "_nll_stamp", stamp)
             if self.training:
