@@ -192,8 +192,9 @@ def _fx_graph(model: nn.Module) -> tuple[torch.fx.Graph, set[int]] | None:
     except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read here
         pass
     opaque: set[int] = set()
+    kept_whole = _LeafTracer()  # asks only which modules the tracer keeps as modules anyway
     for m in reversed(list(model.modules())):  # a module after every module below it
-        if m is model or _LeafTracer().is_leaf_module(m, ""):
+        if m is model or kept_whole.is_leaf_module(m, ""):
             continue
         try:
             _LeafTracer(frozenset(opaque)).trace(m)

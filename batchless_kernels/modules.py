@@ -23,8 +23,10 @@ _NO_STEP_TENSORS = {"nll": None}
 # Stamps of the forwards that computed an NLL (ints: they keep no graph alive), so that the Opacus
 # grad sampler (privacy.py) can tell whether nll_loss put the captured training forward's term into
 # the loss: _nll_stamp (the latest such forward), _training_stamp (the latest in training mode),
-# _summed_stamp (the one whose term nll_loss last added).
+# _summed_stamp (the one whose term nll_loss last added). Only once privacy.py is imported (it sets
+# STAMPING): the sampler exists from then on, and Opacus wraps a model after it.
 _STAMPS = itertools.count(1)
+STAMPING = False
 
 
 class _BatchlessNorm(nn.Module):
@@ -211,7 +213,7 @@ class _BatchlessNorm(nn.Module):
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
         object.__setattr__(self, "nll", nll)
-        if nll is not None and not torch.compiler.is_compiling():  # torch 2.11's Dynamo cannot trace next()
+        if STAMPING and nll is not None and not torch.compiler.is_compiling():  # torch 2.11's Dynamo: no next()
             stamp = next(_STAMPS)
             object.__setattr__(self, "_nll_stamp", stamp)
             if self.training:

@@ -33,7 +33,7 @@ from opacus.grad_sample import register_grad_sampler
 from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 from torch.func import grad, vmap
 
-from . import reference
+from . import modules, reference
 from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
 
 _PARAMS = ("mean", "std_param", "weight", "bias")
@@ -94,3 +94,4 @@ def _register(cls: type) -> None:
 for _cls in (BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd):
     _register(_cls)
 _BatchlessNorm._subclass_hooks.append(_register)
+modules.STAMPING = True  # forwards stamp their NLL terms for _batchless_grad_sampler from now on

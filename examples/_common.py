@@ -309,12 +309,14 @@ def parse_with_presets(p: argparse.ArgumentParser, argv, full: dict, smoke: dict
     return args
 
 
-def parse_norms(spec: str) -> list[str]:
-    """The comma-separated normalizations of `spec`, each one of NORMS."""
+def parse_norms(spec: str, known=NORMS) -> list[str]:
+    """The comma-separated normalizations of `spec` (--norms), at least one, each one of `known`."""
     norms = [n for n in spec.split(",") if n]
+    if not norms:
+        raise SystemExit(f"--norms: expected comma-separated names from {list(known)}, got {spec!r}")
     for n in norms:
-        if n not in NORMS:
-            raise SystemExit(f"unknown norm {n!r}; one of {list(NORMS)}")
+        if n not in known:
+            raise SystemExit(f"unknown norm {n!r}; one of {list(known)}")
     return norms
 
 

@@ -94,6 +94,9 @@ def test_dp_digits_smoke(tmp_path):
     ("dp_digits", ["--batch-size", "0"], "argument --batch-size: '0' is not a positive int"),
     ("dp_digits", ["--delta", "2"], "argument --delta: '2' is not in (0, 1)"),
     ("dp_digits", ["--max-grad-norm=-1"], "argument --max-grad-norm: '-1' is not a positive float"),
+    ("dp_digits", ["--norms", "bn"], "unknown norm 'bn'"),  # BatchNorm has no per-sample gradients
+    ("dp_digits", ["--norms", ","], "--norms: expected comma-separated names"),
+    ("spirals", ["--norms", ""], "--norms: expected comma-separated names"),
 ])
 def test_bad_flags_are_refused(tmp_path, script, argv, match, capsys):
     """A batch size of 0 raised ZeroDivisionError; -4 ran and reported a 'batch size -4' column; delta 2
