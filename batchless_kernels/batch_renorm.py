@@ -25,6 +25,30 @@ from ._checks import accumulation_dtype, check_layer_input
 from .parametrization import check_eps
 
 
+def _moving_normalize(x, running_mean, running_std, weight, bias, accepted_dims, num_features: int,
+                      layer: str) -> torch.Tensor:
+    """y = gamma * (x - mu) / sigma + beta with the moving statistics: the eval-mode forward (input
+    checked), and the node that torch.fx.symbolic_trace records for it (torch.fx.wrap)."""
+    _check_input(x, accepted_dims, num_features, layer)
+    acc = accumulation_dtype(x.dtype)
+    view = (1, num_features) + (1,) * (x.dim() - 2)
+    xhat = (x.to(acc) - running_mean.to(acc).view(view)) / running_std.to(acc).view(view)
+    return _affine(xhat, weight, bias, acc, view).to(x.dtype)
+
+
+torch.fx.wrap("_moving_normalize")
+
+
+def _check_input(x, accepted_dims, num_features: int, layer: str) -> None:
+    check_layer_input(x, accepted_dims, num_features, layer)
+    if not x.dtype.is_floating_point:  # nn.BatchNorm refuses them too; the math would truncate
+        raise TypeError(f"input must have a floating dtype, got {x.dtype}")
+
+
+def _affine(xhat: torch.Tensor, weight, bias, acc: torch.dtype, view) -> torch.Tensor:
+    return xhat if weight is None else xhat * weight.to(acc).view(view) + bias.to(acc).view(view)
+
+
 def _check_nonneg_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -128,25 +152,22 @@ class _BatchRenorm(nn.Module):
         return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
+        _check_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         x = input
+        if isinstance(x, torch.fx.Proxy) and self.training:
+            raise TypeError(f"torch.fx.symbolic_trace cannot trace a {type(self).__name__} in training mode (its step "
+                            "updates the moving statistics in place): trace the model in eval mode, or keep the "
+                            "layer a leaf module (torch.fx.Tracer.is_leaf_module)")
+        if not self.training or (isinstance(x, torch.Tensor) and x.numel() == 0):
+            return _moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias,
+                                     self._accepted_dims, self.num_features, type(self).__name__)
         self._check_input_dim(x)
-        if not x.dtype.is_floating_point:  # nn.BatchNorm refuses them too; the math would truncate
-            raise TypeError(f"input must have a floating dtype, got {x.dtype}")
         acc = accumulation_dtype(x.dtype)
         view = (1, self.num_features) + (1,) * (x.dim() - 2)
-        xf = x.to(acc)
-        run_mu = self.running_mean.to(acc)
-        run_sigma = self.running_std.to(acc)
-        if self.training and x.numel() > 0:
-            xhat = self._renormalize(xf, run_mu, run_sigma, view, acc)
-        else:
-            xhat = (xf - run_mu.view(view)) / run_sigma.view(view)
-        if self.weight is not None:
-            xhat = xhat * self.weight.to(acc).view(view) + self.bias.to(acc).view(view)
-        return xhat.to(x.dtype)
+        xhat = self._renormalize(x.to(acc), self.running_mean.to(acc), self.running_std.to(acc), view, acc)
+        return _affine(xhat, self.weight, self.bias, acc, view).to(x.dtype)
 
     # Run eagerly under torch.compile: AOTAutograd recomputed r and d in the backward from the buffers
     # after their in-place updates (the next step's limits and moving statistics): wrong gradients.

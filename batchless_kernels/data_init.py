@@ -112,10 +112,14 @@ def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, pre
                          "a smaller eps or parametrization='log' fits it)") from None
     if preserve_function:
         r_old, _ = rstd_and_log_std(layer.std_param.detach().to(torch.float64), layer.parametrization, layer.eps)
+        # 1 / sigma of std_param as stored (rounded to its dtype; in 16 bits log sigma = 5.7 is off by
+        # up to 0.016, a 1.6% error in 1 / sigma), which the new weight makes up for.
+        r_new, _ = rstd_and_log_std(std_param.to(layer.std_param.dtype).to(torch.float64), layer.parametrization,
+                                    layer.eps)
         scale = layer.weight.detach().to(torch.float64) * r_old
         shift = scale * (mean - layer.mean.detach().to(torch.float64))
         layer.bias.add_(shift.to(layer.bias.dtype))
-        layer.weight.copy_(scale * std)
+        layer.weight.copy_(scale / r_new)
     layer.mean.copy_(mean)
     layer.std_param.copy_(std_param)
 
@@ -133,7 +137,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         layers with both, affine=True and bias=True); then one pass over the data suffices.
     max_batches: use at most this many batches per pass.
     train_mode: run the model in training mode (e.g. with dropout active); default eval mode. The
-        modules' train/eval flags are restored afterwards.
+        modules' train/eval flags are restored afterwards, and so are the model's buffers (a
+        BatchNorm's running statistics, which its training-mode passes update).
 
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
     reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
@@ -170,6 +175,9 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     # An error in any pass leaves the model as it was: the layers of earlier strata are restored too.
     saved = [(p, p.detach().clone()) for m in names for p in (m.mean, m.std_param, m.weight, m.bias)
              if p is not None]
+    # Buffers that training-mode passes update (BatchNorm's running statistics and counter, once per
+    # pass: one per layer), restored whatever happens: the function sets only the Batchless layers.
+    buffers = [(b, b.clone()) for b in model.buffers()] if train_mode else []
     model.train(train_mode)
     try:
         with torch.no_grad():
@@ -182,6 +190,9 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
                 p.copy_(value)
         raise
     finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
         for m, flag in flags.items():
             m.training = flag
     return model
@@ -196,6 +207,7 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor):
             return  # the layer's forward raises its own error
+        layer._check_input_dim(x)  # its error, not _ChannelStats' reshape's
         if not preserve_function:
             if not target:
                 target.append(layer)

@@ -28,18 +28,18 @@ _HOOKS = {"_forward_pre_hooks": "forward pre-hooks", "_forward_hooks": "forward 
 _OUTPUT_METHODS = ("forward", "_conv_forward", "_output_padding")
 
 
-def _overridden(module: nn.Module, base: type) -> str | None:
-    """The first method of `base` computing the output that `module`'s class or the instance overrides."""
-    return next((name for name in _OUTPUT_METHODS if hasattr(base, name)
+def _overridden(module: nn.Module, base: type, methods: tuple[str, ...] = _OUTPUT_METHODS) -> str | None:
+    """The first of `methods` (of `base`) that `module`'s class or the instance overrides."""
+    return next((name for name in methods if hasattr(base, name)
                  and (getattr(type(module), name) is not getattr(base, name) or name in vars(module))), None)
 
 
-def _own_behaviour(module: nn.Module, base: type) -> str | None:
+def _own_behaviour(module: nn.Module, base: type, methods: tuple[str, ...] = _OUTPUT_METHODS) -> str | None:
     """Why `module` may do more than `base.forward` (so that replacing it by a module computing
     that, or folding anything into it, could change the model or drop a hook), or None: its class
     or the instance overrides forward (or a method forward calls), or it has hooks (forward,
     backward, or their pre-hooks)."""
-    method = _overridden(module, base)
+    method = _overridden(module, base, methods)
     if method:
         return f"it overrides {base.__name__}.{method}"
     hooks = [what for attr, what in _HOOKS.items() if getattr(module, attr)]

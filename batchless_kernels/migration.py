@@ -7,15 +7,17 @@ in eval mode, and training continues from there (add ``nll_loss(model)`` to the 
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d, _BatchRenorm
-from .inference import _own_behaviour
+from .inference import _OUTPUT_METHODS, _own_behaviour
 from .modules import BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
-from .parametrization import param_from_std
+from .parametrization import param_from_std, rstd_and_log_std
 
 
 # Checked in order: SyncBatchNorm derives from neither BatchNorm1d/2d/3d, Lazy* derive from them.
@@ -28,6 +30,8 @@ _TARGETS = (
     (BatchRenorm2d, BatchlessNorm2d),
     (BatchRenorm3d, BatchlessNorm3d),
 )
+# A BN subclass overriding _check_input_dim (called by BN's forward) accepts other input ranks.
+_BN_METHODS = (*_OUTPUT_METHODS, "_check_input_dim")
 # Keyword arguments of the Batchless layers that describe the new layer (the rest come from the BN).
 _LAYER_KWARGS = ("parametrization", "nll_weight", "gauge", "backend", "eps")
 
@@ -37,8 +41,13 @@ def _match(module: nn.Module):
     return next(((source, target) for source, target in _TARGETS if isinstance(module, source)), None)
 
 
-def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str) -> _BatchlessNorm:
-    """One BN/BRN layer -> the Batchless layer with the same eval-mode function."""
+def _first_tensor(module: nn.Module) -> torch.Tensor | None:
+    return next(itertools.chain(module.parameters(), module.buffers()), None)
+
+
+def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: list[nn.Module]) -> _BatchlessNorm:
+    """One BN/BRN layer -> the Batchless layer with the same eval-mode function. `near`: the layer's
+    parents, innermost first, whose tensors give the device and dtype of a layer that holds none."""
     if isinstance(bn, _BatchRenorm):
         # running_std is the moving average of sqrt(var_B + eps): it already includes eps
         stats = (bn.running_mean, bn.running_std)
@@ -47,6 +56,8 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str) -> _Bat
     else:
         stats = None
     like = bn.weight if bn.weight is not None else (stats[0] if stats is not None else None)
+    if like is None:  # affine=False, track_running_stats=False: the model's tensors nearest to it
+        like = next((t for t in map(_first_tensor, near) if t is not None), None)
     factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
     kwargs = {"eps": bn.eps, **layer_kwargs}
     new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)
@@ -63,7 +74,14 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str) -> _Bat
             new.mean.copy_(mean)
             new.std_param.copy_(param_from_std(std.to(torch.float64), new.parametrization, new.eps))
         if bn.affine:
-            new.weight.copy_(bn.weight)
+            weight = bn.weight
+            if stats is not None and new.mean.device.type != "meta":
+                # gamma * sigma' / sigma, sigma' the std that the stored (rounded) std_param gives: the
+                # layer's gamma / sigma' is BN's gamma / sigma. In 16 bits a log sigma of 4.6 (sigma 100)
+                # is off by up to 0.016, a 1.6% error in 1 / sigma: four times a bf16 rounding.
+                r_stored, _ = rstd_and_log_std(new.std_param.to(torch.float64), new.parametrization, new.eps)
+                weight = weight.to(torch.float64) * (r_stored * stats[1].to(torch.float64)).reciprocal()
+            new.weight.copy_(weight)
             new.bias.copy_(bn.bias)
             new.weight.requires_grad_(bn.weight.requires_grad)
             new.bias.requires_grad_(bn.bias.requires_grad)
@@ -78,7 +96,9 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
     a BN layer.
 
     mean = running_mean, sigma = sqrt(running_var + eps) (BRN: running_std), weight and bias copied
-    with their requires_grad; device, dtype, eps and the training flag kept. BatchNorm*d maps to
+    with their requires_grad (the weight times sigma' / sigma, sigma' the std the stored std_param
+    gives: it makes up for std_param's rounding in 16 bits); device, dtype (of the nearest parent's
+    tensors for a BN that holds none), eps and the training flag kept. BatchNorm*d maps to
     BatchlessNorm*d; SyncBatchNorm (any input rank) to BatchlessNormNd. A layer without running
     statistics (track_running_stats=False) starts at mean 0, std 1, with a warning. Every slot that
     holds a BN gets its layer: a BN registered several times (in one parent or several) becomes one
@@ -87,7 +107,8 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
     Not converted, left in place with a UserWarning naming each (qualified name and class): a BN
     whose class (or the instance) overrides the forward of the class it matched above (e.g. a BN
     followed by an activation in its forward, like timm's BatchNormAct2d; a subclass that only adds
-    attributes or methods is converted), and a BN with hooks (forward, backward, or their
+    attributes or methods is converted) or its _check_input_dim, a _BatchNorm subclass of none of
+    those classes, a BN with parametrized parameters, and a BN with hooks (forward, backward, or their
     pre-hooks), which a replacement would drop or show another module: remove them, convert, and
     register them on the new layer if they still apply.
 
@@ -115,10 +136,14 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
             raise ValueError(f"module {name or type(m).__name__!r} is a lazy BN layer that has not seen "
                              "an input yet: run a forward first")
         match = _match(m)
-        why = _own_behaviour(m, match[0]) if match else None
+        why = _own_behaviour(m, match[0], _BN_METHODS) if match else None
+        if match and not why and parametrize.is_parametrized(m):  # copied as plain tensors: the constraint lost
+            why = "its parameters are parametrized (torch.nn.utils.parametrize)"
+        elif not match and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            why = "it subclasses _BatchNorm but none of BatchNorm1d/2d/3d, SyncBatchNorm: its accepted input ranks are its own"
         if match and not why:
             try:
-                memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__)
+                memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__, parents[::-1])
             except ValueError as e:  # e.g. a std at or below eps for the 'abs' parametrization
                 raise ValueError(f"module {name or type(m).__name__!r} ({type(m).__name__}): {e}; "
                                  "no layer was converted") from None
@@ -127,13 +152,16 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
             warnings.warn(f"module {name or type(m).__name__!r} ({type(m).__name__}) is not converted: "
                           f"{why}, which a Batchless layer would not keep", stacklevel=2)
         memo[id(m)] = m
+        parents.append(m)
         # _modules, not named_children(): that skips a module's second slot in the same parent
         for child_name, child in list(m._modules.items()):
             new = child if child is None else convert(child, f"{name}.{child_name}" if name else child_name)
             if new is not child:
                 swaps.append((m, child_name, new))
+        parents.pop()
         return m
 
+    parents: list[nn.Module] = []
     converted = convert(module, "")
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)

@@ -29,6 +29,19 @@ _STAMPS = itertools.count(1)
 STAMPING = False
 
 
+def _layer_output(x, mean, std_param, weight, bias, parametrization: str, eps: float, backend: str,
+                  accepted_dims, num_features, layer: str) -> torch.Tensor:
+    """A Batchless layer's y, without the NLL, its input checked as the layer checks it: the node that
+    torch.fx.symbolic_trace records for the layer (torch.fx.wrap; feature extraction, FX quantization),
+    whose graph holds no module to keep an NLL term in, as under torch.jit.trace."""
+    check_layer_input(x, accepted_dims, num_features, layer)
+    return batchless_norm(x, mean, std_param, weight, bias, parametrization=parametrization, eps=eps,
+                          backend=backend, need_nll=False)[0]
+
+
+torch.fx.wrap("_layer_output")
+
+
 class _BatchlessNorm(nn.Module):
     """Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term
     (docs/method.md): y = (x - mean) / sigma * weight + bias, per channel.
@@ -190,8 +203,22 @@ class _BatchlessNorm(nn.Module):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
+    def _input_rule(self) -> tuple[tuple[int, ...] | None, int | None]:
+        """(accepted ranks, channels) that _check_input_dim asks of the input."""
+        return self._accepted_dims, self.num_features
+
+    def _warn_no_nll(self, tracer: str) -> None:
+        if self.training:
+            warnings.warn(f"{tracer} of a {type(self).__name__} in training mode: the traced module computes the "
+                          "outputs but no NLL (nll_loss cannot reach it), so it cannot train mean and std_param; "
+                          "trace in eval mode for inference", torch.jit.TracerWarning, stacklevel=3)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         x = input
+        if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node, y (_layer_output)
+            self._warn_no_nll("torch.fx.symbolic_trace")
+            return _layer_output(x, self.mean, self.std_param, self.weight, self.bias, self.parametrization,
+                                 self.eps, self.backend, *self._input_rule(), type(self).__name__)
         self._check_input_dim(x)
         # An exported program (torch.export, ONNX) is for inference: a module attribute is no output.
         # Under torch.compile of a torch.func transform, batchless_norm computes the NLL whatever
@@ -200,11 +227,7 @@ class _BatchlessNorm(nn.Module):
         need_nll = False if exporting() or (not self.training and compiling_under_functorch()) else None
         if torch.jit.is_tracing():  # torch.jit.trace: a graph of outputs, which the NLL is not
             need_nll = False
-            if self.training:
-                warnings.warn(f"torch.jit.trace of a {type(self).__name__} in training mode: the traced module "
-                              "computes the outputs but no NLL (nll_loss cannot reach it), so it cannot train "
-                              "mean and std_param; trace in eval mode for inference", torch.jit.TracerWarning,
-                              stacklevel=2)
+            self._warn_no_nll("torch.jit.trace")
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
@@ -290,6 +313,9 @@ class BatchlessNorm(_BatchlessNorm):
 
     def _parameter_shape(self, num_features: int) -> tuple[int, ...]:
         return self._shape
+
+    def _input_rule(self) -> tuple[tuple[int, ...] | None, int | None]:
+        return (len(self._shape) + 1,), None  # batchless_norm checks that param_shape broadcasts
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, (len(self._shape) + 1,))

@@ -318,3 +318,43 @@ def test_parametrized_parameters_are_refused(preserve_function, name):
     if name == "weight":  # a parametrization of what init_from_data does not write is fine
         bk.init_from_data(model, torch.randn(16, 3) * 3 + 1)
         assert float(model[1].mean.abs().max()) > 0
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
+def test_train_mode_leaves_other_layers_buffers_alone(fails):
+    """With train_mode=True each partial pass updated BatchNorm's running statistics and counter (and a
+    BatchRenorm's, which moves its schedule); after an error they stayed NaN."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), bk.BatchlessNorm2d(4), nn.Conv2d(4, 4, 1),
+                          bk.BatchlessNorm2d(4), bk.BatchRenorm2d(4))
+    before = copy.deepcopy(model.state_dict())
+    batches = [make_x((4, 3, 5, 5)), make_x((4, 3, 5, 5))]
+    if fails:
+        batches[1] = torch.full_like(batches[1], float("nan"))
+        with pytest.raises(ValueError, match="non-finite"):
+            bk.init_from_data(model, batches, train_mode=True)
+    else:
+        bk.init_from_data(model, batches, train_mode=True)
+    after = model.state_dict()
+    for key, value in before.items():
+        if not key.startswith(("2.", "4.")) or fails:  # only the Batchless layers' parameters change
+            torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_16_bit_preserve_function_makes_up_for_the_stored_sigma(dtype):
+    """weight was set from the float64 sigma, not from the one the rounded 16-bit std_param gives:
+    weight / sigma was off by 1.7% (sigma ~ 300, log sigma 5.7 stored in bfloat16); now by a rounding."""
+    layer = bk.BatchlessNorm1d(64, dtype=dtype)
+    x = torch.randn(512, 64, dtype=torch.float64) * torch.logspace(-1, 2.5, 64, dtype=torch.float64)
+    bk.init_from_data(layer, x.to(dtype), preserve_function=True)
+    r, _ = bk.parametrization.rstd_and_log_std(layer.std_param.double(), layer.parametrization, layer.eps)
+    gain = layer.weight.double() * r  # was 1 (weight 1, sigma 1): preserve_function keeps it
+    unit = torch.finfo(dtype).eps  # the weight's rounding: half of it, relative
+    assert (gain - 1).abs().max() <= unit, (gain - 1).abs().max()
+
+
+def test_input_of_the_wrong_width_gets_the_layers_error():
+    """A pre-hook's reshape raised "shape '[4]' is invalid for input of size 5" before the layer's check."""
+    model = nn.Sequential(bk.BatchlessNorm1d(4))
+    with pytest.raises(ValueError, match="num_features=4: expected an input with 4 channels"):
+        bk.init_from_data(model, torch.randn(3, 5))

@@ -5,6 +5,7 @@ automatic-dynamic and dynamic shapes. Every backend must give the values of plai
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 
 import pytest
@@ -216,6 +217,50 @@ def test_jit_trace_in_training_mode_warns_that_there_is_no_nll():
     with pytest.warns(torch.jit.TracerWarning, match="no NLL"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deprecated|Python boolean).*")
         torch.jit.trace(net, torch.randn(6, 3, dtype=torch.float64))
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.fx.symbolic_trace (feature extraction, FX quantization)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fx_model(case):
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm2d(4, backend=case.name), nn.ReLU(),
+                        bk.BatchRenorm2d(4), bk.BatchlessNorm((4, 1, 1), parametrization="inv", backend=case.name),
+                        nn.Flatten(), nn.Linear(36, 5), bk.BatchlessNorm1d(5, affine=False, backend=case.name))
+    net = net.to(device=case.device, dtype=torch.float64)
+    with torch.no_grad():
+        for m in net.modules():
+            if hasattr(m, "std_param"):
+                m.mean.normal_()
+                m.std_param.uniform_(0.5, 1.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_fx_symbolic_trace_of_an_eval_model(case):
+    """check_layer_input raised TypeError on an fx Proxy: a converted model no longer traced, where
+    nn.BatchNorm (a leaf module) does. Each layer is one node, which checks its input as the layer does."""
+    net = _fx_model(case)
+    traced = torch.fx.symbolic_trace(net)
+    x = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=case.device)
+    torch.testing.assert_close(traced(x), net(x), rtol=1e-12, atol=1e-12)
+    called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
+    assert called == ["_layer_output", "_moving_normalize", "_layer_output", "_layer_output"]
+    layer = torch.fx.symbolic_trace(net[1])
+    with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
+        layer(x[0])
+    with pytest.raises(ValueError, match="num_features=4"):
+        layer(x[:, :2])
+
+
+def test_fx_symbolic_trace_in_training_mode():
+    """Batchless layers trace with a warning (no NLL: as under torch.jit.trace); a BatchRenorm, whose
+    step updates buffers, is refused with the way out."""
+    net = _fx_model(types.SimpleNamespace(name="auto", device="cpu")).train()
+    with pytest.warns(torch.jit.TracerWarning, match="symbolic_trace of a BatchlessNorm2d in training mode"):
+        with pytest.raises(TypeError, match="cannot trace a BatchRenorm2d in training mode.*is_leaf_module"):
+            torch.fx.symbolic_trace(net)
 
 
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
