@@ -4,7 +4,8 @@ CUDA toolkit and a CUDA build of torch are present.
 
 Environment switches:
   BATCHLESS_BUILD_CUDA=1|0   force the CUDA sources on or off (default: auto-detect)
-  BATCHLESS_CPU_ISA=avx512|avx2|default   vector ISA of the CPU kernels (default: the widest this CPU has)
+  BATCHLESS_CPU_ISA=auto|avx512|avx2|default   vector ISA of the CPU kernels (auto, the default: the
+                             widest this CPU has; default: at::vec without vector extensions)
   BATCHLESS_HOST_DEBUG=1     keep debug information in the C++ objects (default: -g0, a faster build)
 
 Install with `pip install --no-build-isolation -e .` so the extension compiles against the torch

@@ -64,8 +64,25 @@ def _check_float(name: str, value, low: float, high: float = math.inf) -> float:
     return float(value)
 
 
-class _BatchRenorm(nn.Module):
-    """Batch Renormalization over dim 1, modeled on nn.BatchNorm*d.
+def _layer_doc(inputs: str) -> str:
+    """The docstring of each public class (help() shows the class's own)."""
+    return f"""Batch Renormalization over dim 1 (channels), modeled on nn.BatchNorm*d (module docstring:
+    the formulas, from Ioffe, "Batch Renormalization", NeurIPS 2017). {inputs}
+
+    Args:
+        num_features: C, the channels of the inputs.
+        eps: positive; added to the batch variance: sigma_B = sqrt(var_B + eps).
+        momentum: in [0, 1]; the moving statistics' update mu += momentum * (mu_B - mu), sigma likewise.
+        affine: learn a per-channel scale ``weight`` (gamma) and shift ``bias`` (beta).
+        rmax, dmax: the clips of r (>= 1) and d (>= 0) after the schedule's ramp.
+        warmup_steps: training steps with rmax_t = 1, dmax_t = 0 (plain BN) first (int >= 0).
+        relax_steps: training steps over which rmax_t, dmax_t then grow linearly to rmax, dmax
+            (int >= 0; 0: at once).
+        device, dtype: of the parameters and buffers.
+
+    Raises:
+        ValueError / TypeError naming the argument, for invalid values; ValueError for an input of
+        another rank or another number of channels, TypeError for a non-floating input.
 
     Buffers: ``running_mean`` (mu), ``running_std`` (sigma, the moving average of sqrt(var_B + eps):
     it already includes eps, so eval divides by it directly; unlike nn.BatchNorm there is no
@@ -78,6 +95,10 @@ class _BatchRenorm(nn.Module):
     formulas give; it is allowed so that small-batch comparisons can run, not recommended.
     An empty batch (N = 0) is normalized with the moving statistics and updates nothing.
     """
+
+
+class _BatchRenorm(nn.Module):
+    __doc__ = _layer_doc("For (N, C, *) inputs.")
 
     _accepted_dims: tuple[int, ...] = ()
 
@@ -197,18 +218,18 @@ class _BatchRenorm(nn.Module):
 
 
 class BatchRenorm1d(_BatchRenorm):
-    """For (N, C) or (N, C, L) inputs, where nn.BatchNorm1d is used."""
+    __doc__ = _layer_doc("For (N, C) or (N, C, L) inputs, where nn.BatchNorm1d is used.")
 
     _accepted_dims = (2, 3)
 
 
 class BatchRenorm2d(_BatchRenorm):
-    """For (N, C, H, W) inputs, where nn.BatchNorm2d is used."""
+    __doc__ = _layer_doc("For (N, C, H, W) inputs, where nn.BatchNorm2d is used.")
 
     _accepted_dims = (4,)
 
 
 class BatchRenorm3d(_BatchRenorm):
-    """For (N, C, D, H, W) inputs, where nn.BatchNorm3d is used."""
+    __doc__ = _layer_doc("For (N, C, D, H, W) inputs, where nn.BatchNorm3d is used.")
 
     _accepted_dims = (5,)

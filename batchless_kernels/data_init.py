@@ -143,15 +143,17 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
     reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
     not above eps), a parameter it writes that is parametrized (torch.nn.utils.parametrize). TypeError
-    for data or options of the wrong type.
+    for data or options of the wrong type (a max_batches of 0 or less: ValueError).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
-                                    or max_batches <= 0):
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)):
+        raise TypeError(f"max_batches must be a positive int or None, got {type(max_batches).__name__}")
+    if max_batches is not None and max_batches <= 0:
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if not isinstance(preserve_function, bool):
-        raise TypeError(f"preserve_function must be a bool, got {type(preserve_function).__name__}")
+    for option, value in (("preserve_function", preserve_function), ("train_mode", train_mode)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{option} must be a bool, got {type(value).__name__}")
     names = {m: n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, _BatchlessNorm)}
     if preserve_function:
         no_affine = [n for m, n in names.items() if m.weight is None or m.bias is None]

@@ -42,15 +42,8 @@ def _layer_output(x, mean, std_param, weight, bias, parametrization: str, eps: f
 torch.fx.wrap("_layer_output")
 
 
-class _BatchlessNorm(nn.Module):
-    """Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term
-    (docs/method.md): y = (x - mean) / sigma * weight + bias, per channel.
-
-    The same function in train and eval mode. After each forward the layer keeps its (unweighted)
-    NLL term in ``self.nll``; ``batchless_kernels.nll_loss(model)`` adds them up with nll_weight.
-
-    Args:
-        num_features: C, the channels of (N, C, *) inputs.
+# The options every layer takes, in each public class's docstring (help() shows the class's own).
+_OPTIONS_DOC = """\
         eps: positive; enters sigma's parametrization (see parametrization.py).
         affine: learn a per-channel scale ``weight`` (gamma), and a shift ``bias`` (beta) unless
             ``bias=False`` (nn.LayerNorm's convention); without them y is the normalized input.
@@ -61,10 +54,30 @@ class _BatchlessNorm(nn.Module):
         init_mean, init_std: the Gaussian's initial mean and sigma (> 0).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         device, dtype: of the parameters.
+"""
 
+
+def _layer_doc(inputs: str) -> str:
+    """The docstring of each public class (help() shows the class's own)."""
+    return f"""Batchless normalization over dim 1 (channels): learned mean and std, trained by the NLL term
+    (docs/method.md): y = (x - mean) / sigma * weight + bias, per channel.
+    {inputs}
+
+    The same function in train and eval mode. After each forward the layer keeps its (unweighted)
+    NLL term in ``self.nll``, a 0-dim float32 tensor (float64 for float64 inputs);
+    ``batchless_kernels.nll_loss(model)`` adds them up with nll_weight.
+
+    Args:
+        num_features: C, the channels of the inputs.
+{_OPTIONS_DOC}
     Raises:
-        ValueError / TypeError naming the argument, for invalid values.
+        ValueError / TypeError naming the argument, for invalid values; ValueError for an input of
+        another rank or another number of channels.
     """
+
+
+class _BatchlessNorm(nn.Module):
+    __doc__ = _layer_doc("For (N, C, *) inputs.")
 
     _accepted_dims: tuple[int, ...] | None = ()
     # Called with every subclass defined from now on (batchless_kernels.privacy registers its Opacus
@@ -251,32 +264,32 @@ class _BatchlessNorm(nn.Module):
 
 
 class BatchlessNorm1d(_BatchlessNorm):
-    """For (N, C) or (N, C, L) inputs, where nn.BatchNorm1d is used."""
+    __doc__ = _layer_doc("For (N, C) or (N, C, L) inputs, where nn.BatchNorm1d is used.")
 
     _accepted_dims = (2, 3)
 
 
 class BatchlessNorm2d(_BatchlessNorm):
-    """For (N, C, H, W) inputs, where nn.BatchNorm2d is used."""
+    __doc__ = _layer_doc("For (N, C, H, W) inputs, where nn.BatchNorm2d is used.")
 
     _accepted_dims = (4,)
 
 
 class BatchlessNorm3d(_BatchlessNorm):
-    """For (N, C, D, H, W) inputs, where nn.BatchNorm3d is used."""
+    __doc__ = _layer_doc("For (N, C, D, H, W) inputs, where nn.BatchNorm3d is used.")
 
     _accepted_dims = (5,)
 
 
 class BatchlessNormNd(_BatchlessNorm):
-    """For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank)
-    converts to, since its rank is only known at run time."""
+    __doc__ = _layer_doc("For (N, C, *) inputs of any rank >= 2: what nn.SyncBatchNorm (which accepts any rank)\n"
+                         "    converts to, since its rank is only known at run time.")
 
     _accepted_dims = None
 
 
 class BatchlessNorm(_BatchlessNorm):
-    """Batchless normalization with Gaussians shared over any set of the non-batch axes (the
+    __doc__ = f"""Batchless normalization with Gaussians shared over any set of the non-batch axes (the
     author's shared_axes, docs/method.md), in PyTorch's broadcasting idiom.
 
     Args:
@@ -284,9 +297,7 @@ class BatchlessNorm(_BatchlessNorm):
             has after the batch dim, each 1 (an axis the Gaussian shares) or the input's size there:
             (C, 1, 1) on (N, C, H, W) inputs is BatchlessNorm2d(C); (C, H, W) keeps statistics per
             position; (1, 1, 1) one Gaussian for the whole layer. An int C means (C,).
-        eps, affine, bias, parametrization, nll_weight, gauge, init_mean, init_std, backend, device,
-            dtype: as for BatchlessNorm2d.
-
+{_OPTIONS_DOC}
     The NLL is the mean over every element of the input (docs/method.md). The kernels run it without
     copies where the Gaussians vary along leading axes only ((C, H, 1)), trailing axes only ((1, H, W)),
     or per channel; other patterns on contiguous inputs, and shared patterns on non-contiguous inputs,

@@ -2,8 +2,8 @@
 the paper's CIFAR-10 experiment (v2) scaled down to a data set that ships with a package.
 
 Data: sklearn.datasets.load_digits (1797 8x8 grey images, 10 classes; bundled, no download; needs
-scikit-learn), pixels scaled to [0, 1], split once (stratified, fixed seed) into 1437 training and
-360 validation images.
+scikit-learn), pixels scaled to [0, 1], split once (stratified, fixed seed) into 1438 training and
+359 validation images.
 
 Network (`_common.DigitsCNN`, the pattern of the paper's CIFAR network): conv(16, 3x3) -> LeakyReLU
 -> norm -> dropout 0.25 -> maxpool 2; conv(32, 3x3) -> LeakyReLU -> norm -> dropout -> maxpool 2;
@@ -22,7 +22,7 @@ for the dense layer. After every epoch the model is evaluated (eval mode) on the
 reported per cell: the best validation loss and the best validation accuracy over the epochs
 (as the paper), mean ± std over --seeds seeds, and the final ones in results.json/csv.
 
-Default run: about 5 minutes on 2 CPU cores. `--full`: batch sizes 1 to 1024 (powers of 4 and 1024),
+Default run: about 2 minutes on 2 CPU cores (more under load). `--full`: batch sizes 1 to 1024 (powers of 4 and 1024),
 5 seeds, 30 epochs, at least 600 steps, the CNN at 32/64 channels. `--smoke`: a seconds-long plumbing check.
 Outputs in examples/results/digits_cnn/: results.md, results.json, results.csv, metrics.png,
 curves.png.

@@ -3,7 +3,7 @@ no normalization, GroupNorm (what Opacus tells BatchNorm users to switch to), an
 parametrization, which keeps a BatchNorm-like learned normalization under DP (BatchNorm itself has no
 per-sample gradients: Opacus rejects it).
 
-Data and network: as examples/digits_cnn.py (sklearn's 1437 training / 360 validation 8x8 digits;
+Data and network: as examples/digits_cnn.py (sklearn's 1438 training / 359 validation 8x8 digits;
 conv-LeakyReLU-norm-dropout-maxpool twice, dense-LeakyReLU-norm-dropout, dense 10). GroupNorm uses
 groups of 4 channels. The batchless layers start at mean 0, std 1: data-dependent initialization
 (init_from_data) would read the private data outside the privacy accounting.

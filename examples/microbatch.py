@@ -29,7 +29,7 @@ images and labels (results.json says which).
      it includes the allocator's transient buffers and the forward's temporaries, so it is coarser;
    - cuda_mb (GPU): torch.cuda.max_memory_allocated during the step minus the memory allocated before.
 
-Default run: about 2 minutes on 2 CPU cores; `--full`: image size 32, 20 training steps.
+Default run: about 1 minute on 2 CPU cores; `--full`: image size 32, 20 training steps.
 `--smoke`: a seconds-long plumbing check. Outputs in examples/results/microbatch/: results.md,
 results.json, results.csv, trajectories.png, memory.png.
 """

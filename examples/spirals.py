@@ -33,7 +33,7 @@ Metrics per run (then mean ± std over --seeds seeds per cell):
   KL(p_kj || mean_k p_kj) in nats. Eval mode for every norm (BN, BRN: running statistics), so it
   measures how much the deployable function moves from step to step, not batch-composition noise.
 
-Default run: about 5 minutes on 2 CPU cores. `--full` runs the larger sweep (batch sizes 1 to 128 in
+Default run: about 2 minutes on 2 CPU cores (more under load). `--full` runs the larger sweep (batch sizes 1 to 128 in
 powers of 2, 10 seeds, 50 epochs). `--smoke` is a seconds-long check of the plumbing.
 Outputs in examples/results/spirals/: results.md (tables), results.json and results.csv (every run,
 with seeds, torch version, device), metrics.png, data.png, loss_curves.png.

@@ -282,8 +282,10 @@ def test_bad_data(bad, error, match):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"max_batches": 0}, ValueError, "max_batches"),
-    ({"max_batches": 1.5}, ValueError, "max_batches"),
+    ({"max_batches": 1.5}, TypeError, "max_batches must be a positive int or None, got float"),
+    ({"max_batches": True}, TypeError, "max_batches"),
     ({"preserve_function": 1}, TypeError, "preserve_function"),
+    ({"train_mode": 1}, TypeError, "train_mode must be a bool, got int"),  # was nn.Module.train's ValueError
 ])
 def test_bad_options(kwargs, error, match):
     with pytest.raises(error, match=match):

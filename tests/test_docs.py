@@ -1,13 +1,17 @@
 """The documentation's links resolve in a clone: every relative link of README.md, docs/*.md and
 bench/README.md points at a file or folder of the repository (a `#fragment` at a heading of the
-target page), none leaves the repository, and the README links every page of docs/."""
+target page), none leaves the repository, and the README links every page of docs/. The public
+classes' and functions' docstrings (what help() shows) name every argument."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
 import pytest
+
+import batchless_kernels as bk
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -85,3 +89,13 @@ def test_the_checker_sees_links_and_skips_code():
     found += [m.group("target") for m in IMAGE.finditer(prose(text))]
     assert found == ["docs/x.md", "https://e.org", "y.png"]
     assert "what-and-why" in heading_anchors(sample)
+
+
+@pytest.mark.parametrize("name", [n for n in bk.__all__ if inspect.isclass(getattr(bk, n)) or inspect.isfunction(getattr(bk, n))])
+def test_public_docstrings_name_every_argument(name):
+    """help(bk.BatchlessNorm2d) showed a one-line docstring (the Args lived on a private base class), and
+    the BatchRenorm layers documented none of their arguments."""
+    obj = getattr(bk, name)
+    doc = inspect.getdoc(obj) or ""
+    missing = [p for p in inspect.signature(obj).parameters if p not in ("self", "layer_kwargs") and p not in doc]
+    assert not missing, f"{name}'s docstring does not name {missing}"
