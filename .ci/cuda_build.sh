@@ -5,7 +5,8 @@
 # runs the test suite on that build (CPU tensors; the CUDA cases skip without a GPU).
 # BATCHLESS_TORCH, BATCHLESS_TRITON and BATCHLESS_VENV_DIR choose the versions and the venv.
 # Extra arguments go to pytest. Leaves the in-place extension built for that venv: the next
-# `bash tests/run.sh` with .venv rebuilds it.
+# `bash tests/run.sh` with .venv rebuilds it (the touch below makes every cached build look older
+# than the sources).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export BATCHLESS_VENV=1 BATCHLESS_VENV_DIR="${BATCHLESS_VENV_DIR:-.venv-cuda}"

@@ -36,8 +36,14 @@ limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its sum
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
 # A library built for this machine by .ci/prebuild_gpu.sh and carried here: used unless the sources changed.
 [[ -f build/prebuilt-gpu.sources ]] && export BATCHLESS_PREBUILT="$PWD/build/prebuilt-gpu.sources"
-# Sourced, not piped (a pipeline would run it in a subshell and lose BATCHLESS_PYTHON).
-source .ci/setup_env.sh > "$LOGS/setup.log" 2>&1 || { cat "$LOGS/setup.log"; pack; exit 1; }
+# Sourced, not piped (a pipeline would run it in a subshell and lose BATCHLESS_PYTHON). Its failures
+# `exit 1`, which ends this script too, past an `||`: the trap shows and packs the log then (on fd 3,
+# this script's stdout: the trap runs inside the source's redirection).
+exec 3>&1
+setup_failed() { { step "setup: FAILED"; cat "$LOGS/setup.log"; pack; } >&3 2>&3; }
+trap setup_failed EXIT
+source .ci/setup_env.sh > "$LOGS/setup.log" 2>&1 || exit 1
+trap - EXIT
 tail -n 3 "$LOGS/setup.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOGS/setup.log" 2>&1 || true
 find_tool() { command -v "$1" || ls "${CUDA_HOME:-/usr/local/cuda}/bin/$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1 || true; }

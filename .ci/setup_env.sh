@@ -109,7 +109,7 @@ export PATH="$(dirname "$BATCHLESS_PYTHON"):$PATH"
 
 # Build the extension unless the in-place one was built for this Python and torch, is newer than
 # every source, and imports; or restore this Python's cached build when that one is.
-_key="$("$BATCHLESS_PYTHON" -c 'import sys, torch; print(sys.executable, torch.__version__)') cuda=${BATCHLESS_BUILD_CUDA:-auto} isa=${BATCHLESS_CPU_ISA:-auto}"
+_key="$("$BATCHLESS_PYTHON" -c 'import sys, torch; print(sys.executable, torch.__version__)') cuda=${BATCHLESS_BUILD_CUDA:-auto} isa=${BATCHLESS_CPU_ISA:-auto} arch=${TORCH_CUDA_ARCH_LIST:-} debug=${BATCHLESS_HOST_DEBUG:-0}"
 _cache="$_root/build/so-cache/$(printf '%s' "$_key" | cksum | cut -d' ' -f1)"
 _stamp="$_root/build/_C.built-for"
 _newer_than_sources() {  # $1: a built library
@@ -125,10 +125,16 @@ _so="$_root/batchless_kernels/_C$("$BATCHLESS_PYTHON" -c 'import sysconfig; prin
 _built_for="$(cat "$_stamp" 2>/dev/null || true)"
 _cached="$(ls "$_cache"/_C*.so 2>/dev/null | head -n 1 || true)"
 # BATCHLESS_PREBUILT: a file holding the source hash (.ci/source_hash.py) of a library built on another
-# machine for this one (.ci/prebuild_gpu.sh): used as is when the sources are those and it loads, since
-# file times do not survive the transfer.
-if [[ -n "${BATCHLESS_PREBUILT:-}" && -f "$_so" \
-      && "$(cat "$BATCHLESS_PREBUILT" 2>/dev/null)" == "$("$BATCHLESS_PYTHON" "$_root/.ci/source_hash.py")" ]] && _loads; then
+# machine for this one (.ci/prebuild_gpu.sh), and that library's sha256: used as is when the sources
+# are those, the library is that one and it loads, since file times do not survive the transfer.
+_prebuilt_matches() {
+  [[ -n "${BATCHLESS_PREBUILT:-}" && -f "$_so" ]] || return 1
+  [[ "$(sed -n 1p "$BATCHLESS_PREBUILT" 2>/dev/null)" == "$("$BATCHLESS_PYTHON" "$_root/.ci/source_hash.py")" ]] \
+    || { _say "the prebuilt library's sources differ from these: building"; return 1; }
+  [[ "$(sed -n 2p "$BATCHLESS_PREBUILT" 2>/dev/null)" == "$(sha256sum "$_so" | cut -d' ' -f1)" ]] \
+    || { _say "$(basename "$_so") is not the library $BATCHLESS_PREBUILT names: building"; return 1; }
+}
+if _prebuilt_matches && _loads; then
   _say "using the prebuilt $(basename "$_so") (built elsewhere from these sources)"
 elif _newer_than_sources "$_so" && [[ -z "$_built_for" || "$_built_for" == "$_key" ]] && _loads; then
   if [[ -z "$_built_for" ]]; then  # built before the stamps existed: adopt it, and keep a copy
@@ -167,7 +173,6 @@ the CUDA sources add ~5; one line per compiled file; full log: $_log)"
     _say "the build FAILED (full log: $_log)"
     exit 1
   fi
-  _so="$(ls "$_root"/batchless_kernels/_C*.so 2>/dev/null | head -n 1 || true)"
   printf '%s\n' "$_key" > "$_stamp"
   rm -rf "$_cache" && mkdir -p "$_cache" && cp -p "$_so" "$_cache/"
   _say "built batchless_kernels._C in $((SECONDS - _b0)) s"

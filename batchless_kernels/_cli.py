@@ -20,23 +20,38 @@ def shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def number(kind: type, low: float = 0, high: float = math.inf):
-    """An argparse type: a number of `kind` (int or float) strictly between low and high."""
+def number(kind: type, low: float = 0, high: float = math.inf, *, low_closed: bool = False,
+           high_closed: bool = False):
+    """An argparse type: a number of `kind` (int or float) between low and high, each bound excluded
+    unless closed (NaN is refused)."""
+    interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not (low < value < high):
-            where = f"positive {kind.__name__}" if (low, high) == (0, math.inf) else f"in ({low:g}, {high:g})"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'a ' if where[0] == 'p' else ''}{where}")
+        above = value is not None and (low <= value if low_closed else low < value)
+        below = value is not None and (value <= high if high_closed else value < high)
+        if not (above and below):
+            where = f"a positive {kind.__name__}" if interval == "(0, inf)" else f"in {interval}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {where}")
         return value
 
-    parse.__name__ = f"{kind.__name__} in ({low:g}, {high:g})"
+    parse.__name__ = f"{kind.__name__} in {interval}"
     return parse
 
 
 def positive(kind: type):
     """A finite number of `kind` above 0."""
     return number(kind)
+
+
+def nonnegative(kind: type):
+    """A finite number of `kind`, 0 or more."""
+    return number(kind, 0, low_closed=True)
+
+
+def fraction(high_closed: bool = False, low_closed: bool = True):
+    """A float in [0, 1) (a dropout probability), or another of the four intervals of 0 and 1."""
+    return number(float, 0, 1, low_closed=low_closed, high_closed=high_closed)

@@ -17,6 +17,7 @@ steps, then grow linearly to rmax, dmax over ``relax_steps`` steps.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -59,8 +60,9 @@ def _check_float(name: str, value, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
         bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
         raise ValueError(f"{name} must be a finite float {bounds}, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+    if not -sys.float_info.max <= value <= sys.float_info.max:  # inf, or an int that float() cannot hold
+        got = f"an int of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
+        raise ValueError(f"{name} must be finite, got {got}")
     return float(value)
 
 
@@ -118,6 +120,8 @@ class _BatchRenorm(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)

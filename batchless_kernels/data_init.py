@@ -110,6 +110,7 @@ def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, pre
     except ValueError as e:
         raise ValueError(f"layer {name!r}: {e} (its input's std is {float(std.min()):.3g} at least; "
                          "a smaller eps or parametrization='log' fits it)") from None
+    new = {"mean": mean, "std_param": std_param}
     if preserve_function:
         r_old, _ = rstd_and_log_std(layer.std_param.detach().to(torch.float64), layer.parametrization, layer.eps)
         # 1 / sigma of std_param as stored (rounded to its dtype; in 16 bits log sigma = 5.7 is off by
@@ -117,11 +118,15 @@ def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, pre
         r_new, _ = rstd_and_log_std(std_param.to(layer.std_param.dtype).to(torch.float64), layer.parametrization,
                                     layer.eps)
         scale = layer.weight.detach().to(torch.float64) * r_old
-        shift = scale * (mean - layer.mean.detach().to(torch.float64))
-        layer.bias.add_(shift.to(layer.bias.dtype))
-        layer.weight.copy_(scale / r_new)
-    layer.mean.copy_(mean)
-    layer.std_param.copy_(std_param)
+        new["bias"] = layer.bias.detach().to(torch.float64) + scale * (mean - layer.mean.detach().to(torch.float64))
+        new["weight"] = scale / r_new
+    for what, value in new.items():  # float16 holds at most 65504
+        param = getattr(layer, what)
+        if not bool(torch.isfinite(value.to(param.dtype)).all()):
+            raise ValueError(f"layer {name!r}: its new {what} (up to {float(value.abs().max()):.3g} in magnitude) "
+                             f"overflows its dtype, {param.dtype}; keep the layer's parameters in float32")
+    for what, value in new.items():
+        getattr(layer, what).copy_(value)
 
 
 def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, max_batches: int | None = None,
@@ -142,7 +147,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
 
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
     reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
-    not above eps), a parameter it writes that is parametrized (torch.nn.utils.parametrize). TypeError
+    not above eps), a new value that overflows its parameter's dtype (float16), a parameter it writes
+    that is parametrized (torch.nn.utils.parametrize). TypeError
     for data or options of the wrong type (a max_batches of 0 or less: ValueError).
     """
     if not isinstance(model, nn.Module):

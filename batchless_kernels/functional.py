@@ -258,8 +258,12 @@ def nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge):
     return nll
 
 
+def _nll_composite(s1, s2, mean, std_param, count, parametrization, eps, gauge):
+    """NLL_COMPOSITE_OP: the NLL op's checks, then nll_from_sums (a public op: it broadcast (1,)
+    sums and gave values for count <= 0 or eps < 0)."""
+    ops.check_nll_op_args(ops.NLL_COMPOSITE_OP, s1, s2, mean, std_param, count, parametrization, eps)
+    return nll_from_sums(s1, s2, count, mean, std_param, parametrization, eps, gauge)
+
+
 if ops.extension_loaded():  # the differentiable twin of the NLL op, for its create_graph backward
-    torch.library.impl(ops.NLL_COMPOSITE_OP, "CompositeImplicitAutograd")(
-        lambda s1, s2, mean, std_param, count, parametrization, eps, gauge: nll_from_sums(
-            s1, s2, count, mean, std_param, parametrization, eps, gauge)
-    )
+    torch.library.impl(ops.NLL_COMPOSITE_OP, "CompositeImplicitAutograd")(_nll_composite)

@@ -14,6 +14,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import accumulation_dtype
 from .modules import BatchlessNorm, _BatchlessNorm
 from .parametrization import rstd_and_log_std
 
@@ -187,6 +188,12 @@ def _fx_graph(model: nn.Module) -> tuple[torch.fx.Graph, set[int]] | None:
     """model's graph, with every submodule that does not trace by itself (data-dependent control flow,
     say) called as a whole, and the ids of the modules inside those (their calls are not in the graph);
     None when the model itself does not trace."""
+    with warnings.catch_warnings():  # a Batchless root's "no NLL" warning: this graph is only read
+        warnings.filterwarnings("ignore", message=".*symbolic_trace of a .* in training mode", category=torch.jit.TracerWarning)
+        return _fx_graph_unwarned(model)
+
+
+def _fx_graph_unwarned(model: nn.Module) -> tuple[torch.fx.Graph, set[int]] | None:
     try:
         return _LeafTracer().trace(model), set()
     except Exception:  # noqa: BLE001 - any tracing failure means: no graph to read here
@@ -228,9 +235,10 @@ def _trace_in(model: nn.Module) -> _Trace | None:
     return _Trace(pairs, calls)
 
 
-def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded:
+def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded | None:
     """prev(x) * a + b as prev's own weight and bias (per output channel); returns what replaces the
-    layer."""
+    layer, or None (prev unchanged) where the new weight or bias overflows prev's dtype (float16:
+    beta - mu * gamma / sigma = -1e5)."""
     weight = prev.weight.detach().to(torch.float64)
     a, b = a.reshape(-1), b.reshape(-1)  # a per-channel layer's (C, 1, ...) parameters
     if isinstance(prev, nn.modules.conv._ConvTransposeNd):
@@ -242,6 +250,9 @@ def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded:
     else:
         new_weight = weight * a.view((-1,) + (1,) * (weight.dim() - 1))
     bias = b if prev.bias is None else prev.bias.detach().to(torch.float64) * a + b
+    dtype = prev.weight.dtype
+    if not (bool(torch.isfinite(new_weight.to(dtype)).all()) and bool(torch.isfinite(bias.to(dtype)).all())):
+        return None
     with torch.no_grad():
         prev.weight.copy_(new_weight)
         if prev.bias is None:
@@ -301,7 +312,9 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     def as_affine(layer: _BatchlessNorm) -> nn.Module:
         if id(layer) not in affines:
             a, b = _affine_of(layer)
-            dtype = layer.mean.dtype
+            # In the layer's accumulation dtype, as it computes: b = beta - mu * a cancels against x * a,
+            # which bfloat16's 8 bits would leave off by |mu * a| / 256 (and float16 may overflow).
+            dtype = accumulation_dtype(layer.mean.dtype)
             # BatchlessNorm's 1-D param_shape is no channel count: (1,) broadcasts over (N, D) inputs
             affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype), per_channel=not isinstance(layer, BatchlessNorm))
         return affines[id(layer)]
@@ -318,6 +331,15 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
                       "each becomes a ChannelAffine", stacklevel=2)
     first_name = {id(m): n for n, m in model.named_modules()}
 
+    def fold(prev: nn.Module, layer: _BatchlessNorm) -> Folded | None:
+        replacement = _fold(prev, *_affine_of(layer))
+        if replacement is None:
+            warnings.warn(f"module {first_name[id(layer)]!r} ({type(layer).__name__}) is not folded into "
+                          f"{first_name[id(prev)]!r}: the folded weight or bias overflows {prev.weight.dtype}; "
+                          "it becomes a ChannelAffine, which computes in float32", stacklevel=3)
+        folded.add(id(prev))  # folded, or refused: not tried again
+        return replacement
+
     def data_flow_allows(prev: nn.Module, layer: nn.Module) -> bool:
         if trace is None:
             return False
@@ -331,8 +353,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             prev, layer = seq._modules[prev_name], seq._modules[name]
             if fusable(layer) and id(prev) not in folded and _foldable(prev, layer, uses) \
                     and data_flow_allows(prev, layer):
-                seq._modules[name] = _fold(prev, *_affine_of(layer))
-                folded.add(id(prev))
+                seq._modules[name] = fold(prev, layer) or layer
     # Elsewhere, from the traced graph: convolutions only. A Linear's features are dim 1 only for 2-D
     # inputs, which a graph without shapes can't tell: a model whose Linear sees (N, L, F) would then
     # raise in Folded where it ran unfused.
@@ -341,8 +362,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
         if (fusable(layer) and uses[id(layer)] == 1 and trace.calls[name] == 1 and not isinstance(prev, nn.Linear)
                 and id(prev) not in folded and _foldable(prev, layer, uses)):
             parent_name, _, child_name = name.rpartition(".")
-            model.get_submodule(parent_name)._modules[child_name] = _fold(prev, *_affine_of(layer))
-            folded.add(id(prev))
+            model.get_submodule(parent_name)._modules[child_name] = fold(prev, layer) or layer
     for parent in list(model.modules()):
         for name, child in list(parent._modules.items()):
             if fusable(child):

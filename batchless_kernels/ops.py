@@ -12,6 +12,7 @@ import os
 import torch
 
 from ._checks import FLOAT_DTYPES, accumulation_dtype
+from .parametrization import PARAMETRIZATIONS
 
 try:
     from . import _C  # noqa: F401  (loading the library registers the ops)
@@ -115,10 +116,10 @@ def check_backward_inputs(op: str, grad_y, x, output_mask, **tensors) -> None:
 
 
 def check_grad_nll(op: str, grad_nll: torch.Tensor, like: torch.Tensor) -> None:
-    """nll::check_grad_nll (csrc/batchless_nll.h): one element, on the sums' device."""
-    if grad_nll.numel() != 1 or grad_nll.device != like.device:
-        raise RuntimeError(f"{op}: grad_nll must be a one-element tensor on {like.device}, got shape "
-                           f"{list(grad_nll.shape)} on {grad_nll.device}")
+    """nll::check_grad_nll (csrc/batchless_nll.h): one floating element, on the sums' device."""
+    if grad_nll.numel() != 1 or grad_nll.device != like.device or not grad_nll.dtype.is_floating_point:
+        raise RuntimeError(f"{op}: grad_nll must be a one-element floating tensor on {like.device}, got shape "
+                           f"{list(grad_nll.shape)} of {grad_nll.dtype} on {grad_nll.device}")
 
 
 def check_nll_args(op: str, s1: torch.Tensor, s2: torch.Tensor, count: int) -> None:
@@ -128,6 +129,25 @@ def check_nll_args(op: str, s1: torch.Tensor, s2: torch.Tensor, count: int) -> N
         raise RuntimeError(f"{op}: s1 and s2 must both be float32 or float64, got {s1.dtype} and {s2.dtype}")
     if not count > 0:
         raise RuntimeError(f"{op}: needs count > 0 (an empty input has no NLL to compute), got count={count}")
+
+
+def check_nll_op_args(op: str, s1, s2, mean, std_param, count: int, parametrization: str, eps: float) -> None:
+    """All of nll::check_nll_args (csrc/batchless_nll.h) and the parametrization's check, for the NLL
+    ops written in Python: RuntimeError, as TORCH_CHECK raises."""
+    if parametrization not in PARAMETRIZATIONS:
+        raise RuntimeError(f"{op}: parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}")
+    tensors = {"s1": s1, "s2": s2, "mean": mean, "std_param": std_param}
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 1 and t.shape == mean.shape for t in tensors.values()):
+        shapes = ", ".join(f"{k} {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}"
+                           for k, t in tensors.items())
+        raise RuntimeError(f"{op}: s1, s2, mean, std_param must all have shape (C,), got {shapes}")
+    check_nll_args(op, s1, s2, count)
+    if not (mean.dtype.is_floating_point and std_param.dtype.is_floating_point):
+        raise RuntimeError(f"{op}: mean and std_param must have floating dtypes, got {mean.dtype} and "
+                           f"{std_param.dtype}")
+    if not (isinstance(eps, float) and 0 < eps < math.inf):
+        raise RuntimeError(f"{op}: eps must be a positive finite float, got {eps!r}")
+    _check_same_device(op, s1=s1, s2=s2, mean=mean, std_param=std_param)
 
 
 def _forward_fake(x, mean, rstd, weight, bias, compute_stats):

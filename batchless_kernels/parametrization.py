@@ -19,6 +19,7 @@ is representable (``rstd_ratio`` and ``normalize`` below keep autograd on that p
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -39,6 +40,8 @@ def check_eps(eps: float) -> float:
     # Comparisons, not math.isfinite: torch.compile traces them when eps is symbolic (dynamic=True).
     if not 0 < eps < math.inf:  # also false for NaN
         raise ValueError(f"eps must be a positive finite float, got {eps}")
+    if isinstance(eps, int) and eps > sys.float_info.max:  # float() would raise OverflowError
+        raise ValueError(f"eps must be a positive finite float, got an int of {eps.bit_length()} bits")
     return float(eps)
 
 

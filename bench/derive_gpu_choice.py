@@ -5,8 +5,10 @@
 For every GPU in the files and every case key of gpu_choice.case_key (kernel layout, dtype, size
 class), the rule is: the backend with the smaller geometric mean of forward+backward medians over
 the shapes measured with both backends, timed as CUDA-graph replays (the kernels' device time; a
-model's other layers hide the host's launch gaps) where the file has them. The JSON keeps the medians it came from, so the README can
-show the data behind the choice. bench/run.sh runs this after a GPU benchmark.
+model's other layers hide the host's launch gaps) where the files have them for that GPU. The JSON
+keeps the medians it came from, so the README can show the data behind the choice; an existing --out
+keeps its entries for the GPUs these files do not measure. bench/run.sh runs this after a GPU
+benchmark.
 """
 
 from __future__ import annotations
@@ -34,7 +36,11 @@ def derive(rows) -> dict:
     """{"devices": {gpu: {key: backend}}, "evidence": {gpu: {key: {backend: [[shape, ms]...]}}}}."""
     # (gpu, key, shape, layout) -> backend -> median ms
     times: dict = defaultdict(dict)
-    for row in preferred_timing(rows):
+    by_device: dict = defaultdict(list)
+    for row in rows:
+        by_device[row.get("device_name")].append(row)
+    # The timing per GPU: a file of eager timings alone is not dropped for another GPU's graph replays.
+    for row in (r for device_rows in by_device.values() for r in preferred_timing(device_rows)):
         backend = IMPLS.get(row.get("impl", ""))
         if backend is None or row.get("pass") != "fwd+bwd" or not row.get("median_ms"):
             continue
@@ -78,6 +84,12 @@ def main(argv=None) -> None:
         sys.exit("no GPU measured with both the cuda and the triton backend in these files: nothing to derive")
     # Relative to the repository where inside it: the table is package data, read on other machines.
     table["sources"] = [relative_to_repo(p) for p in args.csv]
+    if args.out.is_file():  # the table is per GPU: the GPUs these files do not measure keep their entries
+        kept = json.loads(args.out.read_text())
+        for gpu in set(kept.get("devices", {})) - set(table["devices"]):
+            table["devices"][gpu] = kept["devices"][gpu]
+            table["evidence"][gpu] = kept.get("evidence", {}).get(gpu, {})
+        table["sources"] = sorted(set(kept.get("sources", [])) | set(table["sources"]))
     args.out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
     for gpu, choices in table["devices"].items():
         print(f"{gpu}: " + ", ".join(f"{k} -> {b}" for k, b in choices.items()))

@@ -62,11 +62,13 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
               s2.device(), ", ", mean.device(), ", ", std_param.device());
 }
 
-// The NLL's incoming gradient where a kernel reads it on the device: one element on s1's device.
+// The NLL's incoming gradient where a kernel reads it on the device: one floating element on s1's
+// device (a complex one lost its imaginary part).
 inline void check_grad_nll(const Tensor& grad_nll, const Tensor& s1, const char* op) {
-  TORCH_CHECK(grad_nll.numel() == 1 && grad_nll.device() == s1.device(), op,
-              ": grad_nll must be a one-element tensor on ", s1.device(), ", got shape ", grad_nll.sizes(),
-              " on ", grad_nll.device());
+  TORCH_CHECK(grad_nll.numel() == 1 && grad_nll.device() == s1.device() &&
+                  at::isFloatingType(grad_nll.scalar_type()),
+              op, ": grad_nll must be a one-element floating tensor on ", s1.device(), ", got shape ",
+              grad_nll.sizes(), " of ", grad_nll.scalar_type(), " on ", grad_nll.device());
 }
 
 }  // namespace nll

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import batchless_kernels as bk
+from batchless_kernels import _cli
 
 EXAMPLES_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = EXAMPLES_DIR / "results"
@@ -290,7 +291,7 @@ def add_run_args(p: argparse.ArgumentParser, name: str, full_help: str, workers:
     --smoke, --quiet."""
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     if workers:
-        p.add_argument("--workers", type=int, default=None, help="processes (default: CPU cores, 1 on GPU)")
+        p.add_argument("--workers", type=_cli.positive(int), default=None, help="processes (default: CPU cores, 1 on GPU)")
     p.add_argument("--out", default=None, help=f"output folder (default examples/results/{name})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help=full_help)

@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from batchless_kernels import _cli  # noqa: E402
 
 NAME = "digits_cnn"
 
@@ -92,21 +93,21 @@ def run_one(job: dict) -> dict:
 def parse_args(argv=None):
     p = C.arg_parser(__doc__)
     p.add_argument("--batch-sizes", default="1,4,16,64,256")
-    p.add_argument("--seeds", type=int, default=5, help="seeds per cell")
+    p.add_argument("--seeds", type=_cli.positive(int), default=5, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=4, help="epochs, every cell (see --min-steps)")
-    p.add_argument("--min-steps", type=int, default=250,
+    p.add_argument("--epochs", type=_cli.positive(int), default=4, help="epochs, every cell (see --min-steps)")
+    p.add_argument("--min-steps", type=_cli.nonnegative(int), default=250,
                    help="cells whose epochs make fewer steps train for more epochs, up to this many steps")
-    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (every cell)")
-    p.add_argument("--c1", type=int, default=16)
-    p.add_argument("--c2", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=64)
-    p.add_argument("--dropout", type=float, default=0.25)
-    p.add_argument("--momentum", type=float, default=0.1, help="BN/BRN running-statistics momentum")
+    p.add_argument("--lr", type=_cli.positive(float), default=2e-3, help="Adam learning rate (every cell)")
+    p.add_argument("--c1", type=_cli.positive(int), default=16)
+    p.add_argument("--c2", type=_cli.positive(int), default=32)
+    p.add_argument("--hidden", type=_cli.positive(int), default=64)
+    p.add_argument("--dropout", type=_cli.fraction(), default=0.25)
+    p.add_argument("--momentum", type=_cli.fraction(high_closed=True), default=0.1, help="BN/BRN running-statistics momentum")
     p.add_argument("--bln-init", choices=("data", "default"), default="data",
                    help="BLN mean/std: bk.init_from_data on --init-samples training images, or 0 and 1")
-    p.add_argument("--init-samples", type=int, default=256)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--init-samples", type=_cli.positive(int), default=256)
+    p.add_argument("--val-fraction", type=_cli.number(float, 0, 1), default=0.2)
     p.add_argument("--split-seed", type=int, default=0)
     C.add_run_args(p, NAME, "batch sizes 1..1024, 5 seeds, 30 epochs, min 600 steps, 32/64 channels")
     return C.parse_with_presets(

@@ -248,18 +248,25 @@ def rss_in_subprocess(norm, a, micro) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def _image_size(text: str) -> int:
+    size = _cli.positive(int)(text)
+    if size % 4:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a multiple of 4 (two 2x2 poolings)")
+    return size
+
+
 def parse_args(argv=None):
     p = C.arg_parser(__doc__)
     p.add_argument("--micro", default="1,8,64", help="micro-batch sizes")
     p.add_argument("--batch", type=_cli.positive(int), default=256, help="the (effective) batch size")
-    p.add_argument("--image-size", type=int, default=16, help="images are upsampled to this (multiple of 4)")
-    p.add_argument("--c1", type=int, default=32)
-    p.add_argument("--c2", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--image-size", type=_image_size, default=16, help="images are upsampled to this (multiple of 4)")
+    p.add_argument("--c1", type=_cli.positive(int), default=32)
+    p.add_argument("--c2", type=_cli.positive(int), default=64)
+    p.add_argument("--hidden", type=_cli.positive(int), default=64)
     p.add_argument("--seed", type=int, default=0, help="initialization seed (every norm starts alike)")
-    p.add_argument("--seeds", type=int, default=2, help="initializations for the gradient check")
-    p.add_argument("--train-steps", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the trajectories")
+    p.add_argument("--seeds", type=_cli.positive(int), default=2, help="initializations for the gradient check")
+    p.add_argument("--train-steps", type=_cli.positive(int), default=6)
+    p.add_argument("--lr", type=_cli.positive(float), default=1e-3, help="Adam learning rate of the trajectories")
     p.add_argument("--memory-norms", default="bln_log,bn", help="norms whose memory is measured")
     p.add_argument("--rss", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure peak RSS in a fresh process per configuration (CPU)")

@@ -54,6 +54,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from batchless_kernels import _cli  # noqa: E402
 
 NAME = "spirals"
 
@@ -213,29 +214,29 @@ def run_one(job: dict) -> dict:
 def parse_args(argv=None):
     p = C.arg_parser(__doc__)
     p.add_argument("--batch-sizes", default="1,4,16,64,128")
-    p.add_argument("--seeds", type=int, default=3, help="seeds per cell")
+    p.add_argument("--seeds", type=_cli.positive(int), default=3, help="seeds per cell")
     p.add_argument("--seed0", type=int, default=0, help="first seed (seeds seed0, seed0+1, ...)")
-    p.add_argument("--epochs", type=float, default=15, help="passes over the training set, every cell")
-    p.add_argument("--n-train", type=int, default=1000)
-    p.add_argument("--n-val", type=int, default=1000)
-    p.add_argument("--noise", type=float, default=0.04, help="std of the Gaussian noise on the points")
-    p.add_argument("--turns", type=float, default=1.5, help="turns of each spiral")
+    p.add_argument("--epochs", type=_cli.positive(float), default=15, help="passes over the training set, every cell")
+    p.add_argument("--n-train", type=_cli.positive(int), default=1000)
+    p.add_argument("--n-val", type=_cli.positive(int), default=1000)
+    p.add_argument("--noise", type=_cli.nonnegative(float), default=0.04, help="std of the Gaussian noise on the points")
+    p.add_argument("--turns", type=_cli.positive(float), default=1.5, help="turns of each spiral")
     p.add_argument("--data-seed", type=int, default=1234)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--isrlu-alpha", type=float, default=1.0)
+    p.add_argument("--width", type=_cli.positive(int), default=64)
+    p.add_argument("--dropout", type=_cli.fraction(), default=0.1)
+    p.add_argument("--isrlu-alpha", type=_cli.positive(float), default=1.0)
     p.add_argument("--bln-init", choices=("data", "default"), default="data",
                    help="BLN mean/std at the start: bk.init_from_data on --init-samples training points "
                         "(the paper's data-dependent initialization), or the layer's defaults (0, 1)")
-    p.add_argument("--init-samples", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-2, help="AMSGrad learning rate (every cell)")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="L2 on the dense weights")
-    p.add_argument("--momentum", type=float, default=0.1, help="BN/BRN running-statistics momentum")
-    p.add_argument("--probe-grid", type=int, default=20, help="probe points: a grid of this many squared")
-    p.add_argument("--fluct-frac", type=float, default=0.25, help="share of training at the end with snapshots")
-    p.add_argument("--snapshots", type=int, default=50, help="snapshots of the probe outputs (at most)")
-    p.add_argument("--conv-window", type=float, default=0.05, help="running-median window, share of the run")
-    p.add_argument("--conv-tol", type=float, default=0.01, help="relative improvement that counts as a new low")
+    p.add_argument("--init-samples", type=_cli.positive(int), default=256)
+    p.add_argument("--lr", type=_cli.positive(float), default=1e-2, help="AMSGrad learning rate (every cell)")
+    p.add_argument("--weight-decay", type=_cli.nonnegative(float), default=1e-4, help="L2 on the dense weights")
+    p.add_argument("--momentum", type=_cli.fraction(high_closed=True), default=0.1, help="BN/BRN running-statistics momentum")
+    p.add_argument("--probe-grid", type=_cli.positive(int), default=20, help="probe points: a grid of this many squared")
+    p.add_argument("--fluct-frac", type=_cli.fraction(high_closed=True, low_closed=False), default=0.25, help="share of training at the end with snapshots")
+    p.add_argument("--snapshots", type=_cli.positive(int), default=50, help="snapshots of the probe outputs (at most)")
+    p.add_argument("--conv-window", type=_cli.fraction(high_closed=True, low_closed=False), default=0.05, help="running-median window, share of the run")
+    p.add_argument("--conv-tol", type=_cli.fraction(), default=0.01, help="relative improvement that counts as a new low")
     C.add_run_args(p, NAME, "the full sweep: batch sizes 1..128 (powers of 2), 10 seeds, 50 epochs")
     return C.parse_with_presets(
         p, argv, full=dict(batch_sizes="1,2,4,8,16,32,64,128", seeds=10, epochs=50),

@@ -276,6 +276,8 @@ def test_factory_kwargs_and_module_api(dtype):
     ({"dmax": float("nan")}, "dmax"),
     ({"warmup_steps": -1}, "warmup_steps"),
     ({"relax_steps": 1.5}, "relax_steps"),
+    ({"rmax": 10 ** 400}, "rmax must be finite, got an int of 1329 bits"),  # was float()'s OverflowError
+    ({"eps": 10 ** 400}, "eps must be a positive finite float, got an int of 1329 bits"),
 ])
 def test_bad_arguments(kwargs, match):
     kwargs = {"num_features": 3, **kwargs}
@@ -290,6 +292,14 @@ def test_integer_input_refused(dtype):
     with pytest.raises(TypeError, match="input must have a floating dtype"):
         layer(torch.tensor([[0, 10], [5, 20], [9, 40]]).to(dtype))
     assert torch.equal(layer.running_mean, torch.zeros(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.complex64], ids=str)
+def test_non_floating_dtype_refused(dtype):
+    """complex64 constructed a layer; int64 failed in requires_grad, or at the first forward (affine=False)."""
+    for affine in (True, False):
+        with pytest.raises(TypeError, match="dtype must be a floating point torch.dtype"):
+            bk.BatchRenorm2d(3, affine=affine, dtype=dtype)
 
 
 def test_bad_affine_and_input_keyword():

@@ -360,3 +360,22 @@ def test_input_of_the_wrong_width_gets_the_layers_error():
     model = nn.Sequential(bk.BatchlessNorm1d(4))
     with pytest.raises(ValueError, match="num_features=4: expected an input with 4 channels"):
         bk.init_from_data(model, torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("preserve_function", [False, True], ids=["plain", "preserve"])
+def test_values_that_overflow_the_parameters_dtype_are_refused(preserve_function):
+    """A float16 layer got mean = inf from inputs around 2e5 (outputs -inf and NaN), and
+    preserve_function wrote weight = inf; now a ValueError naming the layer, nothing written."""
+    layer = bk.BatchlessNorm1d(3, dtype=torch.float16)
+    if preserve_function:
+        with torch.no_grad():
+            layer.std_param.fill_(-9.0)  # sigma 1.2e-4: the weight that keeps the function is ~8e5 * std
+        x = torch.randn(64, 3) * 100
+    else:
+        x = torch.randn(64, 3) * 1e5 + 2e5
+    before = copy.deepcopy(layer.state_dict())
+    match = "'BatchlessNorm1d': its new (weight|bias|mean) .* overflows its dtype, torch.float16"
+    with pytest.raises(ValueError, match=match):
+        bk.init_from_data(layer, x, preserve_function=preserve_function)
+    for key, value in layer.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -97,6 +97,18 @@ def test_dp_digits_smoke(tmp_path):
     ("dp_digits", ["--norms", "bn"], "unknown norm 'bn'"),  # BatchNorm has no per-sample gradients
     ("dp_digits", ["--norms", ","], "--norms: expected comma-separated names"),
     ("spirals", ["--norms", ""], "--norms: expected comma-separated names"),
+    # ran to exit 0 with empty tables, untrained models, a wrong split or a traceback naming nothing:
+    ("spirals", ["--seeds", "0"], "argument --seeds: '0' is not a positive int"),
+    ("spirals", ["--epochs", "-1"], "argument --epochs: '-1' is not a positive float"),
+    ("spirals", ["--n-val", "0"], "argument --n-val: '0' is not a positive int"),
+    ("spirals", ["--dropout", "2"], "argument --dropout: '2' is not in [0, 1)"),
+    ("spirals", ["--noise", "nan"], "argument --noise: 'nan' is not in [0, inf)"),
+    ("spirals", ["--workers", "0"], "argument --workers: '0' is not a positive int"),
+    ("digits_cnn", ["--val-fraction", "-0.5"], "argument --val-fraction: '-0.5' is not in (0, 1)"),
+    ("digits_cnn", ["--c1", "0"], "argument --c1: '0' is not a positive int"),
+    ("microbatch", ["--image-size", "5"], "argument --image-size: '5' is not a multiple of 4"),
+    ("microbatch", ["--train-steps", "-1"], "argument --train-steps: '-1' is not a positive int"),
+    ("dp_digits", ["--epochs", "0"], "argument --epochs: '0' is not a positive int"),
 ])
 def test_bad_flags_are_refused(tmp_path, script, argv, match, capsys):
     """A batch size of 0 raised ZeroDivisionError; -4 ran and reported a 'batch size -4' column; delta 2

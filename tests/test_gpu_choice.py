@@ -73,6 +73,26 @@ def test_derive_writes_the_table(tmp_path):
         derive_gpu_choice.main([str(_empty_csv(tmp_path)), "--out", str(out)])
 
 
+def test_another_gpus_run_keeps_this_ones_entries(tmp_path):
+    """A second GPU's run (--update-reference passes its own CSV alone) rewrote the table without the
+    first GPU; and files of eager timings were dropped when another GPU's file had graph replays."""
+    header = "device_name,impl,pass,shape,dtype,layout,median_ms,timing\n"
+    h200, a100 = tmp_path / "h200.csv", tmp_path / "a100.csv"
+    h200.write_text(header + "H200,batchless-cuda,fwd+bwd,32x256,bfloat16,contiguous,0.02,cuda-graph\n"
+                             "H200,batchless-triton,fwd+bwd,32x256,bfloat16,contiguous,0.03,cuda-graph\n")
+    a100.write_text(header + "A100,batchless-cuda,fwd+bwd,32x256,bfloat16,contiguous,0.05,eager\n"
+                             "A100,batchless-triton,fwd+bwd,32x256,bfloat16,contiguous,0.04,eager\n")
+    out = tmp_path / "choice.json"
+    derive_gpu_choice.main([str(h200), str(a100), "--out", str(out)])
+    both = {"H200": {"channels_last/bfloat16/small": "cuda"}, "A100": {"channels_last/bfloat16/small": "triton"}}
+    assert gpu_choice.load_table(str(out)) == both
+    h200.write_text(header + "H200,batchless-cuda,fwd+bwd,32x256,bfloat16,contiguous,0.04,cuda-graph\n"
+                             "H200,batchless-triton,fwd+bwd,32x256,bfloat16,contiguous,0.03,cuda-graph\n")
+    derive_gpu_choice.main([str(h200), "--out", str(out)])  # a new H200 run alone
+    gpu_choice.load_table.cache_clear()
+    assert gpu_choice.load_table(str(out)) == {**both, "H200": {"channels_last/bfloat16/small": "triton"}}
+
+
 def _empty_csv(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("device_name,impl,pass,shape,dtype,layout,median_ms\n")

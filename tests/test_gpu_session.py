@@ -43,3 +43,16 @@ def test_gpu_session_dry_run(tmp_path):
     assert "batchless-cpu" in (tmp_path / "results.csv").read_text()
     assert "FAILED" not in done.stdout, done.stdout[-2000:]
     assert "done" in (tmp_path / "steps.log").read_text()
+
+
+def test_gpu_session_shows_a_failed_setup(tmp_path):
+    """setup_env.sh is sourced and ends its failures with exit: that ended the session past its
+    `|| { cat setup.log; pack; }`, so a failed setup on the device printed nothing and brought back nothing."""
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "BATCHLESS_GPU_DRY_RUN": "1", "PYTHON": "false",
+           "BATCHLESS_VENV": "1", "BATCHLESS_VENV_DIR": str(tmp_path / "no-venv")}
+    done = subprocess.run(["bash", ".ci/gpu_session.sh", "all"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "setup: FAILED" in done.stdout and "creating" in done.stdout, done.stdout[-2000:]
+    with tarfile.open(tmp_path / "out" / "gpu_session.tar.gz") as archive:
+        assert "./setup.log" in archive.getnames()

@@ -4,6 +4,7 @@ ChannelAffine; same outputs, input model untouched."""
 from __future__ import annotations
 
 import copy
+import math
 import types
 
 import pytest
@@ -119,7 +120,41 @@ def test_dtypes(dtype, rtol):
     model = conv_model().to(dtype)
     randomize(model, make_x((6, 3, 7, 7), dtype=dtype))
     fused = fused_outputs_match(model, make_x((4, 3, 7, 7), dtype=dtype), rtol=rtol)
-    assert all(t.dtype == dtype for t in fused.state_dict().values())
+    for name, t in fused.state_dict().items():  # ChannelAffine computes in the accumulation dtype
+        affine = isinstance(fused.get_submodule(name.rpartition(".")[0]), bk.ChannelAffine)
+        assert t.dtype == (torch.float32 if affine and dtype == torch.bfloat16 else dtype), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_layers_far_from_zero(dtype):
+    """sigma = 1e-3 at mu = 100: the shift beta - mu * gamma / sigma = -1e5 overflowed float16 (a
+    ChannelAffine and a folded conv bias of -inf: outputs -inf), and in bfloat16 its 8 bits left the
+    ChannelAffine's y off by up to |mu / sigma| / 256 = 390. Now the ChannelAffine computes in float32
+    and the conv is not folded where its bias would overflow (with a warning)."""
+    layer = bk.BatchlessNorm2d(2, dtype=dtype).eval()
+    with torch.no_grad():
+        layer.mean.fill_(100.0)
+        layer.std_param.fill_(math.log(1e-3))
+    x = (100 + 0.5 * torch.randn(3, 2, 2, 2)).to(dtype)  # y up to ~1000
+    with torch.no_grad():
+        expected = layer(x)
+        assert expected.isfinite().all()
+        scale = expected.abs().max().item()  # x * a + b cancels: a rounding of |mu * a| in float32
+        torch.testing.assert_close(bk.fuse_for_inference(layer)(x), expected, rtol=1e-3, atol=1e-5 * scale)
+        conv = nn.Conv2d(2, 2, 1)
+        conv.weight.copy_(torch.eye(2).view(2, 2, 1, 1))  # the identity: the layer sees x
+        conv.bias.zero_()
+        model = nn.Sequential(conv, layer).to(dtype).eval()
+        if dtype == torch.float16:
+            with pytest.warns(UserWarning, match=r"'1' \(BatchlessNorm2d\) is not folded into '0'.*overflows"):
+                fused = bk.fuse_for_inference(model)
+            assert isinstance(fused[1], bk.ChannelAffine)
+        else:
+            fused = bk.fuse_for_inference(model)
+        actual, expected = fused(x), model(x)
+        assert actual.isfinite().all()
+        # bfloat16 folds: its conv bias, -1e5, is stored to 2^-8 (docs/api.md: folding's cancellation)
+        torch.testing.assert_close(actual, expected, rtol=0.02, atol=1e5 * torch.finfo(dtype).eps)
 
 
 def test_not_folded_when_unsafe():

@@ -607,15 +607,27 @@ def test_extension_names_the_cpu_isa_it_was_built_for():
 
 
 @needs_ops
-def test_nll_op_rejects_bad_input():
+@pytest.mark.parametrize("op", ["batchless_nll", "batchless_nll_composite"])
+def test_nll_op_rejects_bad_input(op):
+    """The composite twin (a public op too) checked nothing: (1,) sums broadcast, count <= 0 and eps < 0
+    gave numbers."""
     s1, s2, mean, std_param, count = _nll_inputs("cpu", "log", torch.float32)
-    nll = torch.ops.batchless_kernels.batchless_nll
+    nll = getattr(torch.ops.batchless_kernels, op)
     with pytest.raises(RuntimeError, match="parametrization"):
         nll(s1, s2, mean, std_param, count, "sqrt", 1e-5, True)
     with pytest.raises(RuntimeError, match="shape"):
         nll(s1[:3], s2, mean, std_param, count, "log", 1e-5, True)
-    with pytest.raises(RuntimeError, match="count"):
-        nll(s1, s2, mean, std_param, 0, "log", 1e-5, True)
+    with pytest.raises(RuntimeError, match="shape"):
+        nll(s1[:1], s2[:1], mean, std_param, count, "log", 1e-5, True)
+    for bad_count in (0, -8):
+        with pytest.raises(RuntimeError, match="count"):
+            nll(s1, s2, mean, std_param, bad_count, "log", 1e-5, True)
+    with pytest.raises(RuntimeError, match="eps"):
+        nll(s1, s2, mean, std_param, count, "abs", -1.0, True)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        nll(s1, s2.double(), mean, std_param, count, "log", 1e-5, True)
+    with pytest.raises(RuntimeError, match="floating"):
+        nll(s1, s2, mean, std_param.to(torch.int64), count, "log", 1e-5, True)
 
 
 # ------------------------------------------------------------------------------------------------
