@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import batchless_kernels as bk
+from batchless_kernels import _cli
 
 SHAPES = [(32, 256), (64, 256, 7, 7)]
 MODEL_SHAPES = [(32, 256), (8, 64, 8, 8), (64, 256, 7, 7)]
@@ -94,8 +95,8 @@ def model_steps(impls, device, sync, steps: int) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--steps", type=_cli.positive(int), default=300)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -141,14 +141,16 @@ def machine_info(device: torch.device) -> dict:
 
 
 def busy_seconds() -> tuple[float, float] | None:
-    """(CPU seconds all cores spent busy, CPU seconds of this process) so far; None off Linux."""
+    """(CPU seconds all cores spent busy, CPU seconds of this process and of its children waited for,
+    such as torch.compile's compilers) so far; None off Linux."""
     try:
         user, nice, system, _idle, _iowait, irq, softirq, steal = map(
             int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
     except (OSError, ValueError):
         return None
     own = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+    return ((user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK"),
+            own.user + own.system + own.children_user + own.children_system)
 
 
 def other_load(before, after, wall_s) -> float | None:
@@ -592,7 +594,9 @@ def summary_markdown(rows, meta, wall_s) -> str:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: _allocator.py looks for --default-allocator before parsing, spelled out
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--full", action="store_true", help="wider sweep of shapes, float16 too")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--out", type=Path, help="output folder (default: a new bench/runs/<device-slug>/<time>/, "
@@ -609,7 +613,7 @@ def parse_args(argv):
     parser.add_argument("--budget", type=_cli.positive(float), help="seconds per measurement (default 0.5 cpu, 0.2 cuda)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="also time every pass as CUDA-graph replays (device time without the host's launch "
-                             "gaps; not yet validated on a GPU: see docs/benchmarks.md)")
+                             "gaps; see docs/benchmarks.md)")
     parser.add_argument("--default-allocator", action="store_true",
                         help="keep glibc's default malloc settings (see STEADY_STATE_MALLOC)")
     return parser.parse_args(argv)
@@ -631,6 +635,13 @@ def main(argv=None) -> None:
         known = {f"batchless-{b}" for b in bk.available_backends(device)} | {"batchnorm", "batchnorm-compiled"}
         if not impls <= known:
             sys.exit(f"--impls: unknown or unavailable here: {sorted(impls - known)}; available: {sorted(known)}")
+    cases = [(shape, dtype, layout) for shape, dtype in itertools.product(shapes, dtypes)
+             for layout in args.layouts if len(shape) == 4 or layout == "contiguous"]
+    if not cases:
+        sys.exit(f"no case to measure: --layouts {' '.join(args.layouts)} applies to 4-D shapes only, and the "
+                 f"shapes are {' '.join('x'.join(map(str, s)) for s in shapes)}")
+    if args.update_reference and args.out:
+        sys.exit("--update-reference writes bench/results/<device-slug>/: it takes no --out")
     meta = machine_info(device)
     if args.update_reference:
         out = BENCH_DIR / "results" / meta["slug"]
@@ -643,31 +654,31 @@ def main(argv=None) -> None:
     print(f"{meta['device_name']}: backends {bk.available_backends(device)}, {meta['num_threads']} threads", flush=True)
 
     start, rows = time.perf_counter(), []
-    for shape, dtype in itertools.product(shapes, dtypes):
-        for layout in [l for l in args.layouts if len(shape) == 4 or l == "contiguous"]:
-            case_start, busy_before = time.perf_counter(), busy_seconds()
-            case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget, impls,
-                                 args.cuda_graphs)
-            load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
-            for row in case_rows:
-                row["other_load"] = round(load, 2) if load is not None else ""
-            why = unreliable_reason(case_rows)
-            for row in case_rows:
-                row["unreliable"] = why
-            rows += case_rows
-            write_csv(out / "results.csv", rows, meta)  # after every case: a run cut off keeps its rows
-            times = {p: ", ".join(f"{r['impl']}{' (graph)' * (r['timing'] == 'cuda-graph')} {r['median_ms']:.3g}"
-                                  for r in case_rows if r["pass"] == p and "median_ms" in r)
-                     for p in ("fwd+bwd", "infer")}
-            print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
-                  f"fwd+bwd ms {times['fwd+bwd']}; infer ms {times['infer']}; copy {case_rows[0].get('gbps', float('nan')):.1f} GB/s; other load {fmt(load)}"
-                  + (f"; UNRELIABLE: {why}" if why else ""), flush=True)
+    for shape, dtype, layout in cases:
+        case_start, busy_before = time.perf_counter(), busy_seconds()
+        case_rows = run_case(Case(shape, dtype, layout, device, cache_bytes), device, budget, impls,
+                             args.cuda_graphs)
+        load = other_load(busy_before, busy_seconds(), time.perf_counter() - case_start)
+        for row in case_rows:
+            row["other_load"] = round(load, 2) if load is not None else ""
+        why = unreliable_reason(case_rows)
+        for row in case_rows:
+            row["unreliable"] = why
+        rows += case_rows
+        write_csv(out / "results.csv", rows, meta)  # after every case: a run cut off keeps its rows
+        times = {p: ", ".join(f"{r['impl']}{' (graph)' * (r['timing'] == 'cuda-graph')} {r['median_ms']:.3g}"
+                              for r in case_rows if r["pass"] == p and "median_ms" in r)
+                 for p in ("fwd+bwd", "infer")}
+        print(f"[{time.perf_counter() - start:6.1f} s] {case_rows[0]['shape']} {case_rows[0]['dtype']} {layout}: "
+              f"fwd+bwd ms {times['fwd+bwd']}; infer ms {times['infer']}; copy {case_rows[0].get('gbps', float('nan')):.1f} GB/s; other load {fmt(load)}"
+              + (f"; UNRELIABLE: {why}" if why else ""), flush=True)
     wall_s = time.perf_counter() - start
 
     write_csv(out / "results.csv", rows, meta)
     summary = summary_markdown(rows, meta, wall_s)
     (out / "summary.md").write_text(summary)
     print("\n" + summary)
+    (out / "fwd_bwd.png").unlink(missing_ok=True)  # a skipped plot must not leave an older run's
     try:
         from plot import plot  # bench/ is on sys.path when run as a script
     except ImportError as exc:

@@ -63,6 +63,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import batchless_kernels as bk  # noqa: E402
+from batchless_kernels import _cli  # noqa: E402
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -269,7 +270,9 @@ def measure(trainer: Trainer, device, warmup: int, budget_s: float, min_steps: i
     peak = meter.peak_mb()
     times.sort()
     median = statistics.median(times)
-    q = statistics.quantiles(times, n=5) if len(times) >= 2 else [median] * 4
+    # "inclusive": within the measured times, as numpy's percentiles in bench_batchless.py (the default,
+    # "exclusive", extrapolated past the fastest and slowest of 3 steps)
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) >= 2 else [median] * 4
     batch = trainer.x.shape[0]
     return {
         "steps": len(times), "median_ms": 1e3 * median, "p20_ms": 1e3 * q[0], "p80_ms": 1e3 * q[3],
@@ -490,7 +493,9 @@ def plot(rows, png: Path, budget_mb: float) -> Path | None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # allow_abbrev=False: _allocator.py looks for --default-allocator before parsing, spelled out
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(DEFAULT_MODELS))
     parser.add_argument("--variants", nargs="+",
@@ -499,20 +504,20 @@ def parse_args(argv):
     parser.add_argument("--full", action="store_true",
                         help="compile every model and variant (the CPU default compiles only the first model with "
                              "batchnorm and the preferred batchless backend; a GPU run compiles all)")
-    parser.add_argument("--image-size", type=int, help="default 64 on cpu, 224 on cuda")
-    parser.add_argument("--batch-size", type=int, help="default 8 on cpu, 128 on cuda")
+    parser.add_argument("--image-size", type=_cli.positive(int), help="default 64 on cpu, 224 on cuda")
+    parser.add_argument("--batch-size", type=_cli.positive(int), help="default 8 on cpu, 128 on cuda")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="autocast dtype (default float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                         help="default: on cuda")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
-    parser.add_argument("--budget", type=float, help="seconds of timed steps per case (default 2)")
-    parser.add_argument("--min-steps", type=int, default=MIN_STEPS)
-    parser.add_argument("--memory-batches", type=int, nargs="*",
+    parser.add_argument("--warmup", type=_cli.nonnegative(int), default=2, help="untimed steps first (the first compiles)")
+    parser.add_argument("--budget", type=_cli.positive(float), help="seconds of timed steps per case (default 2)")
+    parser.add_argument("--min-steps", type=_cli.positive(int), default=MIN_STEPS)
+    parser.add_argument("--memory-batches", type=_cli.positive(int), nargs="*",
                         help="batch sizes of the memory-budget experiment (none: skip it; default cpu 4..32, "
                              "cuda 16..512)")
-    parser.add_argument("--micro-batch", type=int, default=1, help="batchless micro-batch size there (default 1)")
-    parser.add_argument("--memory-budget-mb", type=float, help="the budget (default 64 MB cpu, 16384 MB cuda)")
+    parser.add_argument("--micro-batch", type=_cli.positive(int), default=1, help="batchless micro-batch size there (default 1)")
+    parser.add_argument("--memory-budget-mb", type=_cli.positive(float), help="the budget (default 64 MB cpu, 16384 MB cuda)")
     parser.add_argument("--out", type=Path, help="output folder (default: a new bench/runs/<device-slug>/<time>/)")
     parser.add_argument("--update-reference", action="store_true",
                         help="write the committed reference results, bench/results/<device-slug>/models/")
@@ -529,13 +534,18 @@ def parse_args(argv):
 
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
+    device = torch.device(args.device)
+    every = variants(device)
+    names = {"batchnorm", "batchless"} | {f"{n}-{b}" for n, b in every} | {b for _, b in every}
+    unknown = sorted(set(args.variants or ()) - names)
+    if unknown:  # a typo ran the BatchNorm memory rows alone
+        sys.exit(f"--variants: unknown or unavailable here: {unknown}; available: {sorted(names)}")
     missing = have_model_libraries(args.models)
     if missing:
         sys.exit(f"[models] torchvision (and timm for efficientnet_b0) are needed ({missing}); on the CPU machines "
                  "they need the CUDA build of torch: `bash bench/run.sh --models` sets up .venv-models with them")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device here")
-    device = torch.device(args.device)
     meta = {**machine_info(device), **versions()}
     if args.update_reference:
         out = BENCH_DIR / "results" / meta["slug"] / "models"

@@ -28,6 +28,9 @@ def plot(csv_path, png_path=None) -> Path | None:
     png_path = Path(png_path) if png_path else csv_path.with_name("fwd_bwd.png")
     with csv_path.open() as f:
         rows = list(csv.DictReader(f))
+    if rows and not {"pass", "median_ms", "shape", "dtype", "layout"} <= rows[0].keys():
+        raise SystemExit(f"{csv_path} is not a results.csv of bench_batchless.py (no pass, shape, dtype, layout "
+                         "columns): nothing to plot here")
     rows = preferred_timing(rows)
     timed = [r for r in rows if r["pass"] == "fwd+bwd" and r["median_ms"]]
     if not timed:

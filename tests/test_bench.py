@@ -4,6 +4,8 @@ says where, the committed reference results change only on request, and unreliab
 from __future__ import annotations
 
 import csv
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -114,10 +116,43 @@ def test_ncu_summary_tabulates_one_row_per_launch(tmp_path, capsys):
     ("bench_stages", ["--shapes", "0x3"], "argument --shapes: '0x3' is not a shape"),
     ("bench_stages", ["--calls", "0"], "argument --calls: '0' is not a positive int"),
     ("bench_stages", ["--repeats", "-1"], "argument --repeats: '-1' is not a positive int"),
+    # _allocator.py re-executes unless --default-allocator is spelled out: an abbreviation ran with the
+    # tuned allocator the option turns off
+    ("bench_batchless", ["--default-alloc"], "unrecognized arguments: --default-alloc"),
+    ("bench_models", ["--default-alloc"], "unrecognized arguments: --default-alloc"),
+    # ran: a StatisticsError recorded as a failed case, duplicate micro-batch series, 0 images/s
+    ("bench_models", ["--min-steps", "0"], "argument --min-steps: '0' is not a positive int"),
+    ("bench_models", ["--micro-batch", "0"], "argument --micro-batch: '0' is not a positive int"),
+    ("bench_models", ["--batch-size", "0"], "argument --batch-size: '0' is not a positive int"),
+    ("bench_models", ["--memory-batches", "0"], "argument --memory-batches: '0' is not a positive int"),
 ])
 def test_bad_arguments_are_usage_errors(script, argv, match, capsys):
     """A shape of 0 raised ZeroDivisionError mid-run, --budget -1 and --calls 0 ran and wrote nonsense."""
     module = __import__(script)
     with pytest.raises(SystemExit) as exit_info:
-        (module.parse_args if script == "bench_batchless" else module.main)(["--device", "cpu", *argv])
+        (module.main if script == "bench_stages" else module.parse_args)(["--device", "cpu", *argv])
     assert exit_info.value.code == 2 and match in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    # measured nothing, wrote a header-only results.csv and exited 0 (with --update-reference: over the reference)
+    ("bench_batchless", ["--shapes", "32x256", "--layouts", "channels_last"], "no case to measure"),
+    ("bench_batchless", ["--update-reference", "--out", "/tmp/x"], "it takes no --out"),
+    ("bench_models", ["--variants", "batchles"], "--variants: unknown or unavailable here: ['batchles']"),
+])
+def test_runs_that_would_measure_nothing_are_refused(script, argv, match, tmp_path, monkeypatch):
+    module = __import__(script)
+    monkeypatch.setattr(module, "BENCH_DIR", tmp_path)
+    with pytest.raises(SystemExit, match=re.escape(match)):
+        module.main(["--device", "cpu", *argv])
+    assert not list(tmp_path.rglob("results.csv"))
+
+
+def test_busy_seconds_count_the_children_as_our_own():
+    """torch.compile's compiler processes counted as other load, and marked compiled rows unreliable."""
+    before = bench_batchless.busy_seconds()
+    if before is None:
+        pytest.skip("no /proc/stat")
+    subprocess.run([sys.executable, "-c", "sum(range(3 * 10 ** 7))"], check=True)
+    after = bench_batchless.busy_seconds()
+    assert after[1] - before[1] > 0.2
