@@ -136,8 +136,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
 
     data: one batch (a tensor), or an iterable of batches, each a tensor or a tuple/list whose first
         element is the input (a DataLoader works). Inputs are moved to the model's device. A one-shot
-        iterator is materialized (up to max_batches batches); pass a re-iterable to keep memory at one
-        batch.
+        iterator is materialized (up to max_batches batches; an endless one needs max_batches); pass a
+        re-iterable to keep memory at one batch.
     preserve_function: also adjust weight and bias so that the model's function is unchanged (needs
         layers with both, affine=True and bias=True); then one pass over the data suffices.
     max_batches: use at most this many batches per pass.
