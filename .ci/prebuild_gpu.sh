@@ -25,8 +25,6 @@ if [[ "$(.venv-gpu312/bin/python .ci/source_hash.py)" != "$sources" ]]; then
 fi
 # The sources' hash, and the library's own: setup_env.sh uses exactly this file, not any older
 # library of that name.
-printf '%s
-%s
-' "$sources" "$(sha256sum "$so" | cut -d' ' -f1)" > build/prebuilt-gpu.sources
+printf '%s\n%s\n' "$sources" "$(sha256sum "$so" | cut -d' ' -f1)" > build/prebuilt-gpu.sources
 .venv-gpu312/bin/python -c "import batchless_kernels as bk; assert bk.ops.has_kernel(bk.ops.FORWARD_OP, 'CUDA'); print('loads, CUDA kernels:', bk.ops.extension_loaded())"
 ls -la "$so" build/prebuilt-gpu.sources

@@ -7,6 +7,11 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def fits(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether every element of `value` stays finite in `dtype` (float16 holds at most 65504)."""
+    return bool(torch.isfinite(value.to(dtype)).all())
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for 16- and 32-bit inputs, fp64 for fp64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._checks import fits
 from .modules import _BatchlessNorm
 from .parametrization import param_from_std, rstd_and_log_std
 
@@ -122,7 +123,7 @@ def _set_layer(layer: _BatchlessNorm, mean: torch.Tensor, std: torch.Tensor, pre
         new["weight"] = scale / r_new
     for what, value in new.items():  # float16 holds at most 65504
         param = getattr(layer, what)
-        if not bool(torch.isfinite(value.to(param.dtype)).all()):
+        if not fits(value, param.dtype):
             raise ValueError(f"layer {name!r}: its new {what} (up to {float(value.abs().max()):.3g} in magnitude) "
                              f"overflows its dtype, {param.dtype}; keep the layer's parameters in float32")
     for what, value in new.items():
@@ -185,6 +186,7 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
              if p is not None]
     # Buffers that training-mode passes update (BatchNorm's running statistics and counter, once per
     # pass: one per layer), restored whatever happens: the function sets only the Batchless layers.
+    # Only those that changed: others may not be writable (expanded, made under inference_mode).
     buffers = [(b, b.clone()) for b in model.buffers()] if train_mode else []
     model.train(train_mode)
     try:
@@ -200,7 +202,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     finally:
         with torch.no_grad():
             for b, value in buffers:
-                b.copy_(value)
+                if not torch.equal(b, value):
+                    b.copy_(value)
         for m, flag in flags.items():
             m.training = flag
     return model

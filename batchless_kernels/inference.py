@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype
+from ._checks import accumulation_dtype, fits
 from .modules import BatchlessNorm, _BatchlessNorm
 from .parametrization import rstd_and_log_std
 
@@ -251,7 +251,7 @@ def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded | None:
         new_weight = weight * a.view((-1,) + (1,) * (weight.dim() - 1))
     bias = b if prev.bias is None else prev.bias.detach().to(torch.float64) * a + b
     dtype = prev.weight.dtype
-    if not (bool(torch.isfinite(new_weight.to(dtype)).all()) and bool(torch.isfinite(bias.to(dtype)).all())):
+    if not (fits(new_weight, dtype) and fits(bias, dtype)):
         return None
     with torch.no_grad():
         prev.weight.copy_(new_weight)

@@ -41,8 +41,8 @@ def _match(module: nn.Module):
     return next(((source, target) for source, target in _TARGETS if isinstance(module, source)), None)
 
 
-def _first_tensor(module: nn.Module) -> torch.Tensor | None:
-    return next(itertools.chain(module.parameters(), module.buffers()), None)
+def _first_float_tensor(module: nn.Module) -> torch.Tensor | None:
+    return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
 def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: list[nn.Module]) -> _BatchlessNorm:
@@ -57,7 +57,7 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: l
         stats = None
     like = bn.weight if bn.weight is not None else (stats[0] if stats is not None else None)
     if like is None:  # affine=False, track_running_stats=False: the model's tensors nearest to it
-        like = next((t for t in map(_first_tensor, near) if t is not None), None)
+        like = next((t for t in map(_first_float_tensor, near) if t is not None), None)
     factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
     kwargs = {"eps": bn.eps, **layer_kwargs}
     new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)

@@ -102,7 +102,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=_cli.positive(int), default=15)
     p.add_argument("--seeds", type=_cli.positive(int), default=3)
     p.add_argument("--seed0", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate (every normalization)")
+    p.add_argument("--lr", type=_cli.positive(float), default=3e-3, help="Adam learning rate (every normalization)")
     p.add_argument("--c1", type=_cli.positive(int), default=16)
     p.add_argument("--c2", type=_cli.positive(int), default=32)
     p.add_argument("--hidden", type=_cli.positive(int), default=64)

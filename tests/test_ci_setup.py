@@ -7,6 +7,7 @@ import hashlib
 import importlib.util
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -49,19 +50,32 @@ def test_user_settings_override_global_ones():
     assert uv_index_args.uv_arguments(uv_index_args.settings(listing))[:2] == ["--index-url", "https://user.example/simple"]
 
 
-def test_prebuilt_library_used_only_when_it_is_the_one_recorded(tmp_path):
+@pytest.mark.parametrize("recorded", ["this library", "another library"])
+def test_prebuilt_library_used_only_when_it_is_the_one_recorded(tmp_path, recorded):
     """build/prebuilt-gpu.sources held the sources' hash alone: any library of this Python's name was
-    then taken as the prebuilt one (a stale build passed for it). It now names the library's sha256 too;
-    this checks the matching case, where set-up must use the library as is (no build)."""
-    so = ROOT / "batchless_kernels" / f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
-    if not so.is_file():
+    then taken as the prebuilt one (a stale build passed for it). It now names the library's sha256
+    too. Run on a copy of the build's inputs (file times kept: the library is newer than its sources,
+    so a refused prebuild falls back on it without building), the package imported from there."""
+    so_name = f"_C{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not (ROOT / "batchless_kernels" / so_name).is_file():
         pytest.skip("no in-place build of the extension for this Python")
-    sources = subprocess.run([sys.executable, str(ROOT / ".ci" / "source_hash.py")], capture_output=True, text=True,
+    repo = tmp_path / "repo"
+    for part in (".ci", "csrc", "batchless_kernels"):
+        shutil.copytree(ROOT / part, repo / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(ROOT / "setup.py", repo / "setup.py")
+    so = repo / "batchless_kernels" / so_name
+    sources = subprocess.run([sys.executable, str(repo / ".ci" / "source_hash.py")], capture_output=True, text=True,
                              check=True).stdout.strip()
+    digest = hashlib.sha256(so.read_bytes()).hexdigest() if recorded == "this library" else "0" * 64
     record = tmp_path / "prebuilt.sources"
-    record.write_text(f"{sources}\n{hashlib.sha256(so.read_bytes()).hexdigest()}\n")
-    env = {**os.environ, "PYTHON": sys.executable, "BATCHLESS_VENV": "0", "BATCHLESS_PREBUILT": str(record)}
-    done = subprocess.run(["bash", "-c", "source .ci/setup_env.sh"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    record.write_text(f"{sources}\n{digest}\n")
+    env = {**os.environ, "PYTHON": sys.executable, "BATCHLESS_VENV": "0", "BATCHLESS_PREBUILT": str(record),
+           "PYTHONPATH": str(repo)}
+    done = subprocess.run(["bash", "-c", "source .ci/setup_env.sh"], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert f"using the prebuilt {so.name}" in done.stdout, done.stdout[-2000:]
+    assert "building batchless_kernels._C" not in done.stdout, done.stdout[-2000:]
+    if recorded == "this library":
+        assert f"using the prebuilt {so_name}" in done.stdout, done.stdout[-2000:]
+    else:
+        assert f"{so_name} is not the library {record} names" in done.stdout, done.stdout[-2000:]

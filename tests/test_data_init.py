@@ -342,6 +342,22 @@ def test_train_mode_leaves_other_layers_buffers_alone(fails):
             torch.testing.assert_close(after[key], value, rtol=0, atol=0, msg=key)
 
 
+@pytest.mark.parametrize("kind", ["expanded", "inference"])
+def test_train_mode_with_buffers_that_cannot_be_written(kind):
+    """Restoring every buffer failed on an expanded one (self-overlapping) or one made under
+    inference_mode, after the layers were set: only the buffers that changed are written back."""
+    model = nn.Sequential(nn.Linear(3, 3), bk.BatchlessNorm1d(3))
+    if kind == "expanded":
+        model.register_buffer("table", torch.arange(3.0).expand(4, 3))
+    else:
+        with torch.inference_mode():
+            model.register_buffer("table", torch.arange(3.0))
+    x = make_x((16, 3))
+    bk.init_from_data(model, x, train_mode=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model[1].mean, model[0](x).mean(0))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_16_bit_preserve_function_makes_up_for_the_stored_sigma(dtype):
     """weight was set from the float64 sigma, not from the one the rounded 16-bit std_param gives:

@@ -307,6 +307,17 @@ def test_layer_without_tensors_takes_its_neighbours_device_and_dtype(device, dty
     assert {(p.device.type, p.dtype) for p in layer.parameters()} == {(device, dtype)}
 
 
+def test_layer_without_tensors_skips_non_floating_neighbours():
+    """The parent's first tensor, a bool mask, gave the new layer dtype=torch.bool: TypeError."""
+    block = nn.Module()
+    block.register_buffer("mask", torch.ones(3, dtype=torch.bool))
+    block.bn = nn.BatchNorm1d(3, affine=False, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(3, 3, dtype=torch.float64), block)
+    with pytest.warns(UserWarning, match="no running statistics"):
+        bk.convert_batchnorm(model)
+    assert block.bn.mean.dtype == torch.float64
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
 def test_16_bit_conversion_keeps_the_function_as_bn_does(dtype, parametrization):

@@ -188,3 +188,25 @@ def test_a_layer_inside_a_module_with_its_own_parameters_is_refused():
             warnings.catch_warnings():
         warnings.simplefilter("ignore")
         (criterion(private(x), t) + bk.nll_loss(private._module)).backward()
+
+
+def test_forwards_stamp_their_nll_only_once_privacy_is_imported():
+    """The stamps that tell the grad sampler which forward nll_loss summed cost every forward a counter
+    step; only Opacus users need them, and they import batchless_kernels.privacy before wrapping a
+    model. A fresh process: this one imported privacy above."""
+    import subprocess
+    import sys
+
+    code = """
+import torch, batchless_kernels as bk
+layer = bk.BatchlessNorm1d(3)
+layer(torch.randn(4, 3))
+assert "_nll_stamp" not in layer.__dict__, "stamped without privacy"
+import batchless_kernels.privacy
+layer(torch.randn(4, 3))
+first = layer.__dict__["_training_stamp"]
+layer(torch.randn(4, 3))
+assert layer.__dict__["_nll_stamp"] == layer.__dict__["_training_stamp"] > first
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
