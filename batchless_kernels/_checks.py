@@ -2,9 +2,41 @@
 
 from __future__ import annotations
 
+import numbers
+import sys
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
+    """A float option of a layer: TypeError unless a real number (a bool is not; numpy scalars are),
+    ValueError unless finite and ok(value). `expected` completes "{name} must be ..."."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not (-sys.float_info.max <= value <= sys.float_info.max and ok(value)):  # NaN fails too
+        got = f"an int of {value.bit_length()} bits" if isinstance(value, int) and abs(value) > 1e300 else repr(value)
+        raise ValueError(f"{name} must be {expected}, got {got}")
+    return float(value)
+
+
+def int_option(name: str, value, expected: str, ok) -> int:
+    """An int option of a layer (numpy integers too): TypeError unless an integer, ValueError unless ok(value)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    if not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return int(value)
+
+
+def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
+    """eps must not round to 0 where a layer of parameters of `dtype` computes (its accumulation dtype):
+    it keeps sigma away from 0 there."""
+    acc = accumulation_dtype(dtype if dtype is not None else torch.get_default_dtype())
+    if float(torch.tensor(eps, dtype=acc)) == 0.0:
+        raise ValueError(f"eps={eps!r} rounds to 0 in {acc}, the dtype the layer computes in: it would not keep "
+                         "sigma away from 0")
 
 
 def fits(value: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -17,12 +17,11 @@ steps, then grow linearly to rmax, dmax over ``relax_steps`` steps.
 from __future__ import annotations
 
 import math
-import sys
 
 import torch
 from torch import nn
 
-from ._checks import accumulation_dtype, check_layer_input
+from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_option, real_option
 from .parametrization import check_eps
 
 
@@ -50,20 +49,14 @@ def _affine(xhat: torch.Tensor, weight, bias, acc: torch.dtype, view) -> torch.T
     return xhat if weight is None else xhat * weight.to(acc).view(view) + bias.to(acc).view(view)
 
 
-def _check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    return value
+def _check_steps(name: str, value) -> int:
+    # the schedule reads the int64 step counter as a float: exact up to 2^53
+    return int_option(name, value, "an int in [0, 2^53]", lambda v: 0 <= v <= 2 ** 53)
 
 
 def _check_float(name: str, value, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
-        bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
-        raise ValueError(f"{name} must be a finite float {bounds}, got {value!r}")
-    if not -sys.float_info.max <= value <= sys.float_info.max:  # inf, or an int that float() cannot hold
-        got = f"an int of {value.bit_length()} bits" if isinstance(value, int) else repr(value)
-        raise ValueError(f"{name} must be finite, got {got}")
-    return float(value)
+    bounds = f"in [{low}, {high}]" if math.isfinite(high) else f">= {low}"
+    return real_option(name, value, f"a finite float {bounds}", lambda v: low <= v <= high)
 
 
 def _layer_doc(inputs: str) -> str:
@@ -118,21 +111,21 @@ class _BatchRenorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        num_features = int_option("num_features", num_features, "a positive int", lambda v: v > 0)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)
+        check_eps_fits(self.eps, dtype)
         self.momentum = _check_float("momentum", momentum, 0.0, 1.0)
         if not isinstance(affine, bool):
             raise TypeError(f"affine must be a bool, got {affine!r}")
         self.affine = affine
         self.rmax = _check_float("rmax", rmax, 1.0)
         self.dmax = _check_float("dmax", dmax, 0.0)
-        self.warmup_steps = _check_nonneg_int("warmup_steps", warmup_steps)
-        self.relax_steps = _check_nonneg_int("relax_steps", relax_steps)
+        self.warmup_steps = _check_steps("warmup_steps", warmup_steps)
+        self.relax_steps = _check_steps("relax_steps", relax_steps)
         if self.affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
             self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))

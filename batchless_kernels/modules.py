@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import warnings
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype, check_layer_input
+from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_option, real_option
 from .backends import BACKENDS
 from .functional import _is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
@@ -105,18 +104,15 @@ class _BatchlessNorm(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if isinstance(nll_weight, bool) or not (isinstance(nll_weight, (int, float)) and math.isfinite(nll_weight)
-                                                and nll_weight >= 0):
-            raise ValueError(f"nll_weight must be a finite float >= 0, got {nll_weight!r}")
-        if isinstance(init_std, bool) or not (isinstance(init_std, (int, float)) and math.isfinite(init_std)
-                                              and init_std > 0):
-            raise ValueError(f"init_std must be a positive finite float, got {init_std!r}")
-        if isinstance(init_mean, bool) or not (isinstance(init_mean, (int, float)) and math.isfinite(init_mean)):
-            raise ValueError(f"init_mean must be a finite float, got {init_mean!r}")
+        num_features = int_option("num_features", num_features, "a positive int", lambda v: v > 0)
+        nll_weight = real_option("nll_weight", nll_weight, "a finite float >= 0", lambda v: v >= 0)
+        init_std = real_option("init_std", init_std, "a positive finite float", lambda v: v > 0)
+        init_mean = real_option("init_mean", init_mean, "a finite float")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
+        param_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if not abs(init_mean) <= torch.finfo(param_dtype).max:
+            raise ValueError(f"init_mean={init_mean!r} is outside the range of {param_dtype}, the parameters' dtype")
         for name, flag in (("affine", affine), ("bias", bias), ("gauge", gauge)):
             if not isinstance(flag, bool):  # also catches a parametrization passed positionally
                 raise TypeError(f"{name} must be a bool, got {flag!r}")
@@ -125,6 +121,7 @@ class _BatchlessNorm(nn.Module):
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)
+        check_eps_fits(self.eps, dtype)
         self.affine = affine
         self.parametrization = check_parametrization(parametrization)
         self.nll_weight = float(nll_weight)
@@ -135,7 +132,6 @@ class _BatchlessNorm(nn.Module):
             p = param_from_std(self.init_std, self.parametrization, self.eps)
         except ValueError as e:
             raise ValueError(f"init_std={init_std!r} cannot be the initial std: {e}") from None
-        param_dtype = dtype if dtype is not None else torch.get_default_dtype()
         # std_param must be stored in the parameters' dtype; r = 1/sigma, computed in the accumulation
         # dtype (float32 for 16-bit parameters), must neither overflow (inf outputs) nor flush to 0.
         for name, value, in_dtype in (("std_param", float(p), param_dtype),

@@ -264,25 +264,35 @@ def test_factory_kwargs_and_module_api(dtype):
     assert int(m.num_batches_tracked) == 0 and bool((m.weight == 1).all()) and bool((m.running_std == 1).all())
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"num_features": 0}, "num_features"),
-    ({"num_features": 2.0}, "num_features"),
-    ({"eps": 0.0}, "eps"),
-    ({"momentum": 1.5}, "momentum"),
-    ({"momentum": None}, "momentum"),
-    ({"rmax": 0.5}, "rmax"),
-    ({"rmax": float("inf")}, "rmax"),
-    ({"dmax": -1.0}, "dmax"),
-    ({"dmax": float("nan")}, "dmax"),
-    ({"warmup_steps": -1}, "warmup_steps"),
-    ({"relax_steps": 1.5}, "relax_steps"),
-    ({"rmax": 10 ** 400}, "rmax must be finite, got an int of 1329 bits"),  # was float()'s OverflowError
-    ({"eps": 10 ** 400}, "eps must be a positive finite float, got an int of 1329 bits"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"num_features": 0}, ValueError, "num_features"),
+    ({"num_features": 2.0}, TypeError, "num_features must be a positive int, got 2.0"),
+    ({"eps": 0.0}, ValueError, "eps"),
+    ({"eps": 1e-50}, ValueError, "eps=1e-50 rounds to 0 in torch.float32"),  # a constant batch gave NaN
+    ({"momentum": 1.5}, ValueError, "momentum"),
+    ({"momentum": None}, TypeError, r"momentum must be a finite float in \[0.0, 1.0\], got None"),
+    ({"rmax": 0.5}, ValueError, "rmax"),
+    ({"rmax": float("inf")}, ValueError, "rmax"),
+    ({"dmax": -1.0}, ValueError, "dmax"),
+    ({"dmax": float("nan")}, ValueError, "dmax"),
+    ({"warmup_steps": -1}, ValueError, "warmup_steps"),
+    ({"warmup_steps": 2 ** 70}, ValueError, r"warmup_steps must be an int in \[0, 2\^53\]"),  # OverflowError at forward
+    ({"relax_steps": 1.5}, TypeError, "relax_steps"),
+    ({"rmax": 10 ** 400}, ValueError, "rmax must be a finite float >= 1.0, got an int of 1329 bits"),
+    ({"eps": 10 ** 400}, ValueError, "eps must be a positive finite float, got an int of 1329 bits"),
 ])
-def test_bad_arguments(kwargs, match):
+def test_bad_arguments(kwargs, error, match):
+    """A wrong type is a TypeError, a wrong value a ValueError (momentum=None was a ValueError)."""
     kwargs = {"num_features": 3, **kwargs}
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(error, match=match):
         bk.BatchRenorm2d(**kwargs)
+
+
+def test_numpy_scalars_are_accepted_as_nn_batchnorm_accepts_them():
+    np = pytest.importorskip("numpy")
+    layer = bk.BatchRenorm2d(np.int64(3), momentum=np.float32(0.1))
+    assert layer.num_features == 3 and isinstance(layer.num_features, int)
+    assert bk.BatchlessNorm2d(np.int64(3), nll_weight=np.float32(0.5)).nll_weight == 0.5
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=str)
