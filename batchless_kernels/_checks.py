@@ -56,6 +56,8 @@ def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: in
     names the layer's num_features, not its parameters' shapes)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:  # nn.BatchNorm refuses them too; the math would truncate
+        raise TypeError(f"input must have a floating dtype, got {x.dtype}")
     if accepted_dims is None:
         if x.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")

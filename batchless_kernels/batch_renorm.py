@@ -29,7 +29,7 @@ def _moving_normalize(x, running_mean, running_std, weight, bias, accepted_dims,
                       layer: str) -> torch.Tensor:
     """y = gamma * (x - mu) / sigma + beta with the moving statistics: the eval-mode forward (input
     checked), and the node that torch.fx.symbolic_trace records for it (torch.fx.wrap)."""
-    _check_input(x, accepted_dims, num_features, layer)
+    check_layer_input(x, accepted_dims, num_features, layer)
     acc = accumulation_dtype(x.dtype)
     view = (1, num_features) + (1,) * (x.dim() - 2)
     xhat = (x.to(acc) - running_mean.to(acc).view(view)) / running_std.to(acc).view(view)
@@ -37,12 +37,6 @@ def _moving_normalize(x, running_mean, running_std, weight, bias, accepted_dims,
 
 
 torch.fx.wrap("_moving_normalize")
-
-
-def _check_input(x, accepted_dims, num_features: int, layer: str) -> None:
-    check_layer_input(x, accepted_dims, num_features, layer)
-    if not x.dtype.is_floating_point:  # nn.BatchNorm refuses them too; the math would truncate
-        raise TypeError(f"input must have a floating dtype, got {x.dtype}")
 
 
 def _affine(xhat: torch.Tensor, weight, bias, acc: torch.dtype, view) -> torch.Tensor:
@@ -96,6 +90,7 @@ class _BatchRenorm(nn.Module):
     __doc__ = _layer_doc("For (N, C, *) inputs.")
 
     _accepted_dims: tuple[int, ...] = ()
+    track_running_stats = True  # nn.BatchNorm's attribute, which code written for BN reads: always here
 
     def __init__(
         self,
@@ -170,7 +165,7 @@ class _BatchRenorm(nn.Module):
         return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        _check_input(x, self._accepted_dims, self.num_features, type(self).__name__)
+        check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         x = input

@@ -88,7 +88,7 @@ class ChannelAffine(nn.Module):
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, per_channel: bool = True) -> None:
         super().__init__()
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
-            raise TypeError("scale and shift must be tensors")
+            raise TypeError(f"scale and shift must be tensors, got {type(scale).__name__} and {type(shift).__name__}")
         if not isinstance(per_channel, bool):
             raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
         if scale.dim() < 1 or scale.shape != shift.shape:
@@ -103,6 +103,10 @@ class ChannelAffine(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         # Written for torch.jit.script too (fused models are deployed with it): lists and loops.
         x = input
+        if not isinstance(x, torch.Tensor):
+            raise TypeError("input must be a torch.Tensor")
+        if not x.is_floating_point():  # as the layer refuses them: an int input was truncated
+            raise TypeError("input must have a floating dtype, got " + str(x.dtype))
         shape = list(self.scale.shape)
         if self.per_channel:
             shape = shape + [1] * max(0, x.dim() - 2)

@@ -255,7 +255,8 @@ class _BatchlessNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, affine={self.affine}, bias={self.bias is not None}, "
-            f"parametrization={self.parametrization!r}, nll_weight={self.nll_weight}, gauge={self.gauge}"
+            f"parametrization={self.parametrization!r}, nll_weight={self.nll_weight}, gauge={self.gauge}, "
+            f"init_mean={self.init_mean}, init_std={self.init_std}, backend={self.backend!r}"
         )
 
 

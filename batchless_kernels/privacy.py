@@ -34,6 +34,9 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from torch.func import grad, vmap
 
 from . import modules, reference
+from ._checks import real_option
+
+__all__ = ["per_sample_grads"]
 from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
 
 _PARAMS = ("mean", "std_param", "weight", "bias")
@@ -44,8 +47,16 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
     """{parameter: (N, *param_shape) per-sample gradients} of sum(y_i * grad_y_i) + nll_weight * nll_i
     for the parameters that require grad, x and grad_y being (N, ...) input and output gradient,
     nll_weight the layer's unless given; computed with torch.func over the reference (docs/method.md),
-    in the parameters' dtype."""
-    nll_weight = layer.nll_weight if nll_weight is None else nll_weight
+    in the parameters' dtype. TypeError / ValueError for arguments of the wrong type or value."""
+    if not isinstance(layer, _BatchlessNorm):
+        raise TypeError(f"layer must be a Batchless layer, got {type(layer).__name__}")
+    if not (isinstance(x, torch.Tensor) and isinstance(grad_y, torch.Tensor)):
+        raise TypeError(f"x and grad_y must be tensors, got {type(x).__name__} and {type(grad_y).__name__}")
+    layer._check_input_dim(x)
+    if grad_y.shape != x.shape:
+        raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
+    nll_weight = layer.nll_weight if nll_weight is None else real_option(
+        "nll_weight", nll_weight, "a finite float >= 0 or None", lambda v: v >= 0)
     present = {n: getattr(layer, n) for n in _PARAMS if getattr(layer, n) is not None}
     wanted = {n: p.detach() for n, p in present.items() if p.requires_grad}
     fixed = {n: p.detach() for n, p in present.items() if not p.requires_grad}

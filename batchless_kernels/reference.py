@@ -22,6 +22,8 @@ from torch.autograd import forward_ad
 from ._checks import accumulation_dtype, check_inputs
 from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
 
+__all__ = ["batchless_norm", "empty_batch_nll", "stop_gradient"]
+
 
 class _StopGradient(torch.autograd.Function):
     """sg(t) as an autograd node: t's value, and no gradient (None, as the compiled ops give mean and

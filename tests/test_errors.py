@@ -290,7 +290,7 @@ def test_module_input_errors():
         bk.BatchlessNorm1d(32)(torch.randn(4, 16))
     with pytest.raises(ValueError, match=r"BatchRenorm2d has num_features=3: .* got 5 channels"):
         bk.BatchRenorm2d(3)(torch.randn(2, 5, 4, 4))
-    with pytest.raises(TypeError, match=r"x must have a floating dtype"):
+    with pytest.raises(TypeError, match=r"^input must have a floating dtype"):  # the forward's name, not "x"
         layer(torch.ones(2, 3, 4, 4, dtype=torch.int64))
 
 

@@ -625,3 +625,17 @@ def test_a_conv_inside_a_module_that_does_not_trace_is_not_folded():
     model = randomize(CallsIntoAnUntracedModule().double(), x)
     fused = fused_outputs_match(model, x, rtol=1e-10)
     assert isinstance(fused.bn, bk.ChannelAffine)
+
+
+def test_channel_affine_refuses_what_the_layer_refuses():
+    """An int input came back truncated (3 * 0.5 -> 1) where the unfused layer raises TypeError; a list
+    raised AttributeError."""
+    affine = bk.ChannelAffine(torch.full((2,), 0.5), torch.zeros(2))
+    with pytest.raises(TypeError, match="input must have a floating dtype, got torch.int64"):
+        affine(torch.full((1, 2), 3))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        affine([1.0, 2.0])
+    with pytest.raises(torch.jit.Error, match="input must have a floating dtype"):  # TorchScript's own error type
+        torch.jit.script(affine)(torch.full((1, 2), 3))
+    with pytest.raises(TypeError, match="scale and shift must be tensors, got list and Tensor"):
+        bk.ChannelAffine([1.0], torch.zeros(1))

@@ -131,12 +131,15 @@ def test_init_in_the_parameters_dtype(parametrization, init_std):
 def test_extra_repr():
     m = bk.BatchlessNorm2d(16)
     assert m.extra_repr() == (
-        "16, eps=1e-05, affine=True, bias=True, parametrization='log', nll_weight=1.0, gauge=True"
+        "16, eps=1e-05, affine=True, bias=True, parametrization='log', nll_weight=1.0, gauge=True, "
+        "init_mean=0.0, init_std=1.0, backend='auto'"
     )
-    m = bk.BatchlessNorm1d(3, eps=1e-3, affine=False, parametrization="abs", nll_weight=0.1, gauge=False)
+    m = bk.BatchlessNorm1d(3, eps=1e-3, affine=False, parametrization="abs", nll_weight=0.1, gauge=False,
+                           init_mean=0.5, init_std=2.0, backend="reference")
     text = repr(m)
     assert text.startswith("BatchlessNorm1d(3, ")
-    for piece in ("eps=0.001", "affine=False", "parametrization='abs'", "nll_weight=0.1", "gauge=False"):
+    for piece in ("eps=0.001", "affine=False", "parametrization='abs'", "nll_weight=0.1", "gauge=False",
+                  "init_mean=0.5", "init_std=2.0", "backend='reference'"):  # the last three were left out
         assert piece in text, piece
 
 

@@ -210,3 +210,21 @@ assert layer.__dict__["_nll_stamp"] == layer.__dict__["_training_stamp"] > first
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(nll_weight=float("nan")), ValueError, "nll_weight must be a finite float >= 0 or None, got nan"),
+    (dict(nll_weight=-1.0), ValueError, "nll_weight"),
+    (dict(nll_weight=True), TypeError, "nll_weight"),
+    (dict(layer=None), TypeError, "layer must be a Batchless layer, got NoneType"),
+    (dict(x=[1.0]), TypeError, "x and grad_y must be tensors"),
+    (dict(grad_y=torch.ones(4, 3)), ValueError, r"grad_y must have x's shape \(4, 3, 2, 2\)"),
+    (dict(x=torch.ones(4, 3, 2), grad_y=torch.ones(4, 3, 2)), ValueError, r"expected 4D input \(got 3D input\)"),
+])
+def test_per_sample_grads_checks_its_arguments(kwargs, error, match):
+    """nll_weight=nan gave NaN gradients, a 3-D x passed a BatchlessNorm2d's rank rule, a wrong-shaped
+    grad_y broadcast, a missing layer raised AttributeError."""
+    args = dict(layer=bk.BatchlessNorm2d(3), x=torch.randn(4, 3, 2, 2), grad_y=torch.randn(4, 3, 2, 2))
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        batchless_kernels.privacy.per_sample_grads(**args)
