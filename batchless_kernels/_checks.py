@@ -34,7 +34,7 @@ def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
     """eps must not round to 0 where a layer of parameters of `dtype` computes (its accumulation dtype):
     it keeps sigma away from 0 there."""
     acc = accumulation_dtype(dtype if dtype is not None else torch.get_default_dtype())
-    if float(torch.tensor(eps, dtype=acc)) == 0.0:
+    if float(torch.tensor(eps, dtype=acc, device="cpu")) == 0.0:  # not the default device: meta has no values
         raise ValueError(f"eps={eps!r} rounds to 0 in {acc}, the dtype the layer computes in: it would not keep "
                          "sigma away from 0")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -294,6 +295,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    dynamo = sys.modules.get("torch._dynamo")  # imported once anything was compiled
+    if dynamo is not None and isinstance(model, dynamo.eval_frame.OptimizedModule):  # does not trace with fx
+        raise TypeError("fuse_for_inference got a torch.compile'd module: fuse the module it wraps "
+                        "(model._orig_mod), then compile the result")
     model = copy.deepcopy(model)
     uses: dict[int, int] = {}  # registrations of each module and parameter (tied weights count twice)
     for _, m in model.named_modules(remove_duplicate=False):

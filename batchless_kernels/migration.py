@@ -45,9 +45,11 @@ def _first_float_tensor(module: nn.Module) -> torch.Tensor | None:
     return next((t for t in itertools.chain(module.parameters(), module.buffers()) if t.is_floating_point()), None)
 
 
-def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: list[nn.Module]) -> _BatchlessNorm:
+def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: list[nn.Module],
+                   notes: list[str]) -> _BatchlessNorm:
     """One BN/BRN layer -> the Batchless layer with the same eval-mode function. `near`: the layer's
-    parents, innermost first, whose tensors give the device and dtype of a layer that holds none."""
+    parents, innermost first, whose tensors give the device and dtype of a layer that holds none;
+    `notes`: where to put what the user must be warned about."""
     if isinstance(bn, _BatchRenorm):
         # running_std is the moving average of sqrt(var_B + eps): it already includes eps
         stats = (bn.running_mean, bn.running_std)
@@ -63,12 +65,10 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: l
     new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)
     with torch.no_grad():
         if stats is None:
-            warnings.warn(
+            notes.append(
                 f"module {name!r} ({type(bn).__name__}) has no running statistics "
                 "(track_running_stats=False): its Batchless layer starts at mean 0, std 1; "
-                "run batchless_kernels.init_from_data(model, data) to set them from data",
-                stacklevel=3,
-            )
+                "run batchless_kernels.init_from_data(model, data) to set them from data")
         elif new.mean.device.type != "meta":  # meta tensors have no values to copy
             mean, std = stats
             new.mean.copy_(mean)
@@ -143,14 +143,15 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
             why = "it subclasses _BatchNorm but none of BatchNorm1d/2d/3d, SyncBatchNorm: its accepted input ranks are its own"
         if match and not why:
             try:
-                memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__, parents[::-1])
+                memo[id(m)] = _convert_layer(m, match[1], layer_kwargs, name or type(m).__name__, parents[::-1],
+                                             notes)
             except ValueError as e:  # e.g. a std at or below eps for the 'abs' parametrization
                 raise ValueError(f"module {name or type(m).__name__!r} ({type(m).__name__}): {e}; "
                                  "no layer was converted") from None
             return memo[id(m)]
         if why:
-            warnings.warn(f"module {name or type(m).__name__!r} ({type(m).__name__}) is not converted: "
-                          f"{why}, which a Batchless layer would not keep", stacklevel=2)
+            notes.append(f"module {name or type(m).__name__!r} ({type(m).__name__}) is not converted: "
+                         f"{why}, which a Batchless layer would not keep")
         memo[id(m)] = m
         parents.append(m)
         # _modules, not named_children(): that skips a module's second slot in the same parent
@@ -162,7 +163,10 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
         return m
 
     parents: list[nn.Module] = []
+    notes: list[str] = []  # warned at the caller's line once all is converted (not from the recursion)
     converted = convert(module, "")
     for parent, child_name, new in swaps:
         setattr(parent, child_name, new)
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
     return converted

@@ -105,7 +105,8 @@ def param_from_std(std, parametrization: str, eps: float) -> torch.Tensor:
     ``std`` is a float (computed in float64) or a tensor of positive values (computed in its dtype);
     for ``abs`` it must exceed ``eps``.
     """
-    std = std if isinstance(std, torch.Tensor) else torch.tensor(std, dtype=torch.float64)
+    # A float on the CPU, whatever the default device (a layer built under `with torch.device("meta")`)
+    std = std if isinstance(std, torch.Tensor) else torch.tensor(std, dtype=torch.float64, device="cpu")
     if not bool(((std > 0) & (std < math.inf)).all()):
         raise ValueError("std must be positive and finite to be expressed as a std_param")
     if parametrization == "abs":

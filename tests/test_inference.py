@@ -639,3 +639,11 @@ def test_channel_affine_refuses_what_the_layer_refuses():
         torch.jit.script(affine)(torch.full((1, 2), 3))
     with pytest.raises(TypeError, match="scale and shift must be tensors, got list and Tensor"):
         bk.ChannelAffine([1.0], torch.zeros(1))
+
+
+def test_a_compiled_module_is_refused_with_the_way_out():
+    """It did not trace with fx: every layer became a ChannelAffine, with a warning that blamed
+    data-dependent control flow."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm2d(4)).eval()
+    with pytest.raises(TypeError, match=r"torch.compile'd module: fuse the module it wraps \(model._orig_mod\)"):
+        bk.fuse_for_inference(torch.compile(model))

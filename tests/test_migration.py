@@ -375,3 +375,12 @@ def test_parametrized_bn_kept():
     with pytest.warns(UserWarning, match=r"parametrized \(torch\.nn\.utils\.parametrize\)"):
         bk.convert_batchnorm(model)
     assert model[0] is bn
+
+
+def test_warnings_point_at_the_caller():
+    """The warnings came from the recursion inside migration.py, not from the line that called it."""
+    model = nn.Sequential(nn.Sequential(nn.BatchNorm1d(3, track_running_stats=False)), nn.BatchNorm1d(3))
+    model[1].register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning) as record:
+        bk.convert_batchnorm(model)
+    assert len(record) == 2 and {w.filename for w in record} == {__file__}

@@ -494,3 +494,20 @@ def test_preserve_function_needs_a_bias():
     model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(4, bias=False))
     with pytest.raises(ValueError, match=r"affine=True, bias=True.*\['1'\]"):
         bk.init_from_data(model, torch.randn(8, 3), preserve_function=True)
+
+
+@pytest.mark.parametrize("make", [lambda: bk.BatchlessNorm2d(8), lambda: bk.BatchlessNorm((8, 1, 1)),
+                                  lambda: bk.BatchRenorm2d(8)], ids=["BatchlessNorm2d", "BatchlessNorm", "BatchRenorm2d"])
+def test_layers_build_under_a_meta_default_device(make):
+    """FSDP2's large-model set-up: build under `with torch.device("meta")`, then to_empty() and
+    reset_parameters(). The constructors read a float of a tensor made on the default device:
+    "Tensor.item() cannot be called on meta tensors"."""
+    with torch.device("meta"):
+        layer = make()
+        layer.reset_parameters()
+    assert {p.device.type for p in layer.parameters()} == {"meta"}
+    layer = layer.to_empty(device="cpu")
+    layer.reset_parameters()
+    reference = make()
+    for (name, p), q in zip(layer.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), name
