@@ -136,11 +136,13 @@ class _BatchRenorm(nn.Module):
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
+        """running_mean 0, running_std 1, num_batches_tracked 0 (the schedule starts again)."""
         self.running_mean.zero_()
         self.running_std.fill_(1.0)
         self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
+        """reset_running_stats, and weight 1, bias 0."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
@@ -168,6 +170,8 @@ class _BatchRenorm(nn.Module):
         check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        """y of input's shape and dtype; in training mode the batch's renormalization, and the moving
+        statistics' update. TypeError / ValueError for an input of another type, rank or width."""
         x = input
         if isinstance(x, torch.fx.Proxy) and self.training:
             raise TypeError(f"torch.fx.symbolic_trace cannot trace a {type(self).__name__} in training mode (its step "

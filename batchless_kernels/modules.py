@@ -174,6 +174,7 @@ class _BatchlessNorm(nn.Module):
         return all(d == 1 for d in self.param_shape[1:])
 
     def reset_parameters(self) -> None:
+        """mean = init_mean, sigma = init_std, weight 1, bias 0 (what the constructor set); drops nll."""
         with torch.no_grad():
             self.mean.fill_(self.init_mean)
             self.std_param.fill_(float(param_from_std(self.init_std, self.parametrization, self.eps)))
@@ -223,6 +224,8 @@ class _BatchlessNorm(nn.Module):
                           "trace in eval mode for inference", torch.jit.TracerWarning, stacklevel=3)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        """y of input's shape, dtype and memory format; keeps the NLL term in self.nll (None where no
+        gradient is wanted). TypeError / ValueError for an input of another type, rank or width."""
         x = input
         if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: one node, y (_layer_output)
             self._warn_no_nll("torch.fx.symbolic_trace")
