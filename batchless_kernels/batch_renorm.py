@@ -25,18 +25,23 @@ from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_
 from .parametrization import check_eps
 
 
-def _moving_normalize(x, running_mean, running_std, weight, bias, accepted_dims, num_features: int,
-                      layer: str) -> torch.Tensor:
-    """y = gamma * (x - mu) / sigma + beta with the moving statistics: the eval-mode forward (input
-    checked), and the node that torch.fx.symbolic_trace records for it (torch.fx.wrap)."""
-    check_layer_input(x, accepted_dims, num_features, layer)
+def _moving_normalize(x, running_mean, running_std, weight, bias, num_features: int) -> torch.Tensor:
+    """y = gamma * (x - mu) / sigma + beta with the moving statistics: the eval-mode forward."""
     acc = accumulation_dtype(x.dtype)
     view = (1, num_features) + (1,) * (x.dim() - 2)
     xhat = (x.to(acc) - running_mean.to(acc).view(view)) / running_std.to(acc).view(view)
     return _affine(xhat, weight, bias, acc, view).to(x.dtype)
 
 
-torch.fx.wrap("_moving_normalize")
+def _traced_moving_normalize(x, running_mean, running_std, weight, bias, accepted_dims, num_features: int,
+                             layer: str) -> torch.Tensor:
+    """_moving_normalize with the input checked: the node that torch.fx.symbolic_trace records for an
+    eval-mode layer (torch.fx.wrap), whose graph has no layer to call _check_input_dim on."""
+    check_layer_input(x, accepted_dims, num_features, layer)
+    return _moving_normalize(x, running_mean, running_std, weight, bias, num_features)
+
+
+torch.fx.wrap("_traced_moving_normalize")
 
 
 def _affine(xhat: torch.Tensor, weight, bias, acc: torch.dtype, view) -> torch.Tensor:
@@ -173,14 +178,16 @@ class _BatchRenorm(nn.Module):
         """y of input's shape and dtype; in training mode the batch's renormalization, and the moving
         statistics' update. TypeError / ValueError for an input of another type, rank or width."""
         x = input
-        if isinstance(x, torch.fx.Proxy) and self.training:
-            raise TypeError(f"torch.fx.symbolic_trace cannot trace a {type(self).__name__} in training mode (its step "
-                            "updates the moving statistics in place): trace the model in eval mode, or keep the "
-                            "layer a leaf module (torch.fx.Tracer.is_leaf_module)")
-        if not self.training or (isinstance(x, torch.Tensor) and x.numel() == 0):
-            return _moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias,
-                                     self._accepted_dims, self.num_features, type(self).__name__)
-        self._check_input_dim(x)
+        if isinstance(x, torch.fx.Proxy):
+            if self.training:
+                raise TypeError(f"torch.fx.symbolic_trace cannot trace a {type(self).__name__} in training mode (its "
+                                "step updates the moving statistics in place): trace the model in eval mode, or keep "
+                                "the layer a leaf module (torch.fx.Tracer.is_leaf_module)")
+            return _traced_moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias,
+                                            self._accepted_dims, self.num_features, type(self).__name__)
+        self._check_input_dim(x)  # a subclass's own rule, where it has one
+        if not self.training or x.numel() == 0:
+            return _moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias, self.num_features)
         acc = accumulation_dtype(x.dtype)
         view = (1, self.num_features) + (1,) * (x.dim() - 2)
         xhat = self._renormalize(x.to(acc), self.running_mean.to(acc), self.running_std.to(acc), view, acc)

@@ -246,7 +246,7 @@ def test_fx_symbolic_trace_of_an_eval_model(case):
     x = torch.randn(2, 3, 3, 3, dtype=torch.float64, device=case.device)
     torch.testing.assert_close(traced(x), net(x), rtol=1e-12, atol=1e-12)
     called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
-    assert called == ["_layer_output", "_moving_normalize", "_layer_output", "_layer_output"]
+    assert called == ["_layer_output", "_traced_moving_normalize", "_layer_output", "_layer_output"]
     layer = torch.fx.symbolic_trace(net[1])
     with pytest.raises(ValueError, match=r"expected 4D input \(got 3D input\)"):
         layer(x[0])
