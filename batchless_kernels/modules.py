@@ -211,10 +211,10 @@ class _BatchlessNorm(nn.Module):
             return std_from_param(self.std_param, self.parametrization, self.eps)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
+        check_layer_input(x, *self._input_rule(), type(self).__name__)
 
     def _input_rule(self) -> tuple[tuple[int, ...] | None, int | None]:
-        """(accepted ranks, channels) that _check_input_dim asks of the input."""
+        """(accepted ranks, channels) that _check_input_dim asks of the input (also the fx node's check)."""
         return self._accepted_dims, self.num_features
 
     def _warn_no_nll(self, tracer: str) -> None:
@@ -329,7 +329,7 @@ class BatchlessNorm(_BatchlessNorm):
         return (len(self._shape) + 1,), None  # batchless_norm checks that param_shape broadcasts
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
-        check_layer_input(x, (len(self._shape) + 1,))
+        check_layer_input(x, *self._input_rule())
         rest = tuple(x.shape[1:])
         if any(d not in (1, full) for d, full in zip(self._shape, rest)):
             raise ValueError(f"BatchlessNorm has param_shape={self._shape}, which does not broadcast to the input's "
