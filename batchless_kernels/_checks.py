@@ -30,6 +30,19 @@ def int_option(name: str, value, expected: str, ok) -> int:
     return int(value)
 
 
+def device_option(name: str, value) -> torch.device:
+    """A device argument as torch.device takes it (str, torch.device, or an int: the accelerator's
+    index): TypeError for any other type, ValueError naming `name` for a string torch cannot read."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+        raise TypeError(f"{name} must be a str, torch.device or int, got {type(value).__name__}")
+    try:
+        return torch.device(value if isinstance(value, str) else int(value))
+    except RuntimeError as error:  # torch's "Expected one of cpu, cuda, ..." or "Invalid device string"
+        raise ValueError(f"{name} must name a device, got {value!r}: {error}") from None
+
+
 def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
     """eps must not round to 0 where a layer of parameters of `dtype` computes (its accumulation dtype):
     it keeps sigma away from 0 there."""

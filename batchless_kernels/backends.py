@@ -13,6 +13,7 @@ import os
 import torch
 
 from . import gpu_choice, ops
+from ._checks import device_option
 from . import triton as triton_backend
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
@@ -46,14 +47,15 @@ def unavailable_reason(backend: str, device_type: str) -> str | None:
 
 def _device_types(device) -> list[str]:
     if device is not None:
-        return [torch.device(device).type]
+        return [device_option("device", device).type]
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def available_backends(device=None) -> list[str]:
     """Backends that can run here: for `device` (str, torch.device) or, when None, for any device
     of this machine. Ordered as ``auto`` prefers them, then those it never picks there (triton on
-    CPU tensors under the interpreter)."""
+    CPU tensors under the interpreter). Raises TypeError when `device` is not a str, torch.device,
+    int or None, ValueError when it names no device."""
     names: list[str] = []
     for device_type in _device_types(device):
         preferred = AUTO_ORDER.get(device_type, ("reference",))
@@ -128,7 +130,7 @@ def device_type_of(x: torch.Tensor) -> str:
 def resolve_backend(backend: str, device: torch.device, x: torch.Tensor | None = None) -> str:
     """The concrete backend for a call on `device` (with input `x`, when given, for the measured
     GPU choice); raises RuntimeError saying why when the requested one cannot run there."""
-    return resolve_backend_for(backend, torch.device(device).type, x)
+    return resolve_backend_for(backend, device_option("device", device).type, x)
 
 
 def resolve_backend_for(backend: str, device_type: str, x: torch.Tensor | None = None) -> str:

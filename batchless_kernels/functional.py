@@ -59,6 +59,15 @@ def batchless_norm(
         nll: 0-dim tensor in the accumulation dtype (float32, float64 for float64 x), the mean
             over every element of x of the Gaussian NLL; differentiable in mean and std_param only.
             An empty x (N = 0 or C = 0) gives nll = 0 with zero gradients.
+
+    Raises:
+        TypeError: x or mean or std_param not a tensor (weight, bias: a tensor or None), a tensor
+            of a non-floating dtype, or an option of the wrong type (parametrization not a str,
+            eps not a real number, gauge not a bool, need_nll not a bool or None, backend not a str).
+        ValueError: x of fewer than 2 dims; a parameter whose shape does not fit x, or on another
+            device than x; an unknown parametrization or backend name; eps not positive and finite.
+        RuntimeError: the backend asked for cannot run x here (the message says why: extension not
+            built, no GPU, a CPU tensor for cuda).
     """
     if _fast is not None and not torch.compiler.is_compiling():
         # The common case (plain tensors, (C,) parameters, a backend that runs this library's kernels)

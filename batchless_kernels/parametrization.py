@@ -27,6 +27,9 @@ PARAMETRIZATIONS = ("abs", "log", "inv")
 
 
 def check_parametrization(parametrization: str) -> str:
+    """`parametrization` if it is one of PARAMETRIZATIONS; TypeError for a non-str, ValueError else."""
+    if not isinstance(parametrization, str):
+        raise TypeError(f"parametrization must be a str, one of {PARAMETRIZATIONS}, got {type(parametrization).__name__}")
     if parametrization not in PARAMETRIZATIONS:
         raise ValueError(
             f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}"

@@ -110,13 +110,13 @@ def parse_args(argv=None):
     C.add_run_args(p, NAME, "5 seeds, 30 epochs")
     args = C.parse_with_presets(p, argv, full=dict(seeds=5, epochs=30),
                                 smoke=dict(seeds=1, epochs=1, c1=4, c2=8, hidden=8))
-    C.parse_norms(args.norms, NORMS)
+    args.norm_list = C.parse_norms(args.norms, NORMS)  # checked here, before any work
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    norms = C.parse_norms(args.norms, NORMS)
+    norms = args.norm_list
     device = C.pick_device("cpu")  # Opacus' per-sample hooks on these tiny models: the CPU is enough
     workers = args.workers or (1 if args.smoke else C.default_workers(device))
     outdir = C.results_dir(NAME, args.out)

@@ -109,10 +109,19 @@ def test_device_mismatch_x_on_meta():
 
 
 @pytest.mark.parametrize("case", CPU_BACKENDS)
-@pytest.mark.parametrize("parametrization", ["sqrt", "LOG", "", None, "exp"])
+@pytest.mark.parametrize("parametrization", ["sqrt", "LOG", "", "exp"])
 def test_unknown_parametrization(case, parametrization):
     with pytest.raises(ValueError, match=r"parametrization must be one of \('abs', 'log', 'inv'\)"):
         _call(_args(), parametrization=parametrization, backend=case.name)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("parametrization", [None, 3, b"log"], ids=repr)
+def test_parametrization_wrong_type(case, parametrization):
+    with pytest.raises(TypeError, match=r"parametrization must be a str, one of \('abs', 'log', 'inv'\)"):
+        _call(_args(), parametrization=parametrization, backend=case.name)
+    with pytest.raises(TypeError, match=r"parametrization must be a str"):
+        bk.BatchlessNorm1d(3, parametrization=parametrization)
 
 
 @pytest.mark.parametrize("case", CPU_BACKENDS)
@@ -145,6 +154,25 @@ def test_unknown_backend(backend):
 def test_backend_wrong_type():
     with pytest.raises(TypeError, match=r"backend must be a str"):
         _call(_args(), backend=None)
+
+
+@pytest.mark.parametrize(("device", "error", "match"), [
+    ("cpux", ValueError, r"device must name a device, got 'cpux'"),
+    ("cuda:abc", ValueError, r"device must name a device, got 'cuda:abc'"),
+    (3.5, TypeError, r"device must be a str, torch.device or int, got float"),
+    (True, TypeError, r"device must be a str, torch.device or int, got bool"),
+], ids=repr)
+def test_available_backends_bad_device(device, error, match):
+    """A device torch cannot read: the library's exception naming the argument, not torch's."""
+    with pytest.raises(error, match=match):
+        bk.available_backends(device)
+    with pytest.raises(error, match=match):
+        bk.backends.resolve_backend("auto", device)
+
+
+def test_available_backends_device_forms():
+    assert bk.available_backends(torch.device("cpu")) == bk.available_backends("cpu")
+    assert bk.available_backends("meta") == ["reference"]
 
 
 @pytest.mark.parametrize("backend", NOT_ON_CPU)
