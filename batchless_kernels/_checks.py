@@ -43,6 +43,29 @@ def device_option(name: str, value) -> torch.device:
         raise ValueError(f"{name} must name a device, got {value!r}: {error}") from None
 
 
+def bool_option(name: str, value, expected: str = "a bool") -> bool:
+    """A bool option: a bool or a numpy bool (numpy's bool is not a subclass of bool); TypeError else."""
+    kind = type(value)
+    if kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
+        return bool(value)
+    raise TypeError(f"{name} must be {expected}, got {kind.__module__}.{kind.__qualname__}"
+                    if kind.__module__ != "builtins" else f"{name} must be {expected}, got {kind.__name__}")
+
+
+# The smallest normal number of each accumulation dtype.
+_TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
+
+
+def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str = "x") -> None:
+    """A batchless normalization's eps must be at least the smallest normal number of the dtype it
+    computes in (float32 for 16- and 32-bit inputs, float64 for float64): sigma = |p| + eps ("abs")
+    and 1/sigma must stay finite there (1/eps overflows below it: a constant channel gave +-inf)."""
+    acc = accumulation_dtype(x_dtype)
+    if eps < _TINY[acc]:
+        raise ValueError(f"eps={eps!r} is below the smallest normal {acc} number ({_TINY[acc]:.4g}), the dtype "
+                         f"batchless normalization of a {what} computes in: it would not keep 1/sigma finite")
+
+
 def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
     """eps must not round to 0 where a layer of parameters of `dtype` computes (its accumulation dtype):
     it keeps sigma away from 0 there."""

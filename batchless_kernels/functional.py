@@ -9,9 +9,10 @@ import warnings
 
 import torch
 import torch.utils.checkpoint
+from torch.autograd import forward_ad
 
 from . import ops, reference
-from ._checks import accumulation_dtype, check_inputs, per_channel_inputs
+from ._checks import accumulation_dtype, bool_option, check_eps_normal, check_inputs, per_channel_inputs
 from .backends import (device_type_of, fixed_auto_choice, inference_op, kernel_ops, resolve_backend_for, train_op,
                        unavailable_reason)
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
@@ -42,7 +43,9 @@ def batchless_norm(
             (1, 1, 1) one for the layer. Any strides.
         weight, bias: optional affine output (gamma, beta), of the same shape as mean.
         parametrization: how std_param gives sigma: "abs" (BLN), "log" (BLNlog), "inv" (BLNinv).
-        eps: positive; keeps logs and divisions finite (see parametrization.py).
+        eps: positive, at least the smallest normal number of the accumulation dtype (1.2e-38 for
+            float32); keeps logs and divisions finite (see parametrization.py). A float or any real
+            number (numpy's too).
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
@@ -65,7 +68,9 @@ def batchless_norm(
             of a non-floating dtype, or an option of the wrong type (parametrization not a str,
             eps not a real number, gauge not a bool, need_nll not a bool or None, backend not a str).
         ValueError: x of fewer than 2 dims; a parameter whose shape does not fit x, or on another
-            device than x; an unknown parametrization or backend name; eps not positive and finite.
+            device than x; an unknown parametrization or backend name; eps not positive and finite,
+            or below the smallest normal number of the dtype the call computes in (float32 for 16-
+            and 32-bit x, float64 for float64 x), where 1/sigma would overflow.
         RuntimeError: the backend asked for cannot run x here (the message says why: extension not
             built, no GPU, a CPU tensor for cuda).
     """
@@ -80,11 +85,13 @@ def batchless_norm(
     param_shape = None if per_channel else check_inputs(x, mean, std_param, weight, bias)
     check_parametrization(parametrization)
     eps = check_eps(eps)
-    if not isinstance(gauge, bool):
-        raise TypeError(f"gauge must be a bool, got {type(gauge).__name__}")
-    if need_nll is not None and not isinstance(need_nll, bool):
-        raise TypeError(f"need_nll must be a bool or None, got {type(need_nll).__name__}")
+    check_eps_normal(eps, x.dtype)
+    gauge = bool_option("gauge", gauge)
+    if need_nll is not None:
+        need_nll = bool_option("need_nll", need_nll, "a bool or None")
+    # torch.func transforms and forward-mode AD (dual tensors) differentiate the spec, not the ops.
     functorch = _under_functorch()
+    dual = _has_tangent(x, mean, std_param, weight, bias)
     if need_nll is None:
         # Under torch.func transforms requires_grad may read False where the parameters train (plain
         # vmap of an ensemble; compile(vmap(grad(loss))) gave mean and std_param zero per-sample
@@ -96,9 +103,7 @@ def batchless_norm(
                                or _is_functorch_wrapped(std_param))))
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
-    if need_nll:
-        _warn_if_reentrant_checkpoint()
-    if name != "reference" and (functorch or exporting()):
+    if name != "reference" and (functorch or dual or exporting()):
         # torch.func (grad, vjp, jacrev, vmap) cannot see through the compiled ops' C++ autograd:
         # run the executable spec, which it differentiates and batches exactly (per-sample gradients).
         # torch.export (and torch.onnx.export, which uses it): standard ATen ops, which ONNX and other
@@ -108,11 +113,13 @@ def batchless_norm(
         grouped = _as_channels(x, param_shape)
         if grouped is None:  # no view of x puts the Gaussians on one axis: the tensor-op spec
             name = "reference"
-        else:
+        else:  # (which warns, below)
             flat = [t if t is None else t.reshape(grouped.shape[1]) for t in (mean, std_param, weight, bias)]
             y, nll = batchless_norm(grouped, *flat, parametrization=parametrization, eps=eps, gauge=gauge,
                                     backend=name, need_nll=need_nll)
             return y.view(x.shape), nll
+    if need_nll:
+        _warn_if_reentrant_checkpoint()
     if name == "reference":
         return reference.batchless_norm(
             x, mean, std_param, weight, bias,
@@ -171,6 +178,13 @@ def _as_channels(x: torch.Tensor, param_shape: tuple[int, ...]) -> torch.Tensor 
     if list(param_shape[first:]) == list(rest[first:]):
         return x.view(x.shape[0] * math.prod(rest[:first]), math.prod(rest[first:]))
     return None
+
+
+def _has_tangent(*tensors) -> bool:
+    """Whether forward-mode AD (torch.autograd.forward_ad) runs and one of `tensors` is dual."""
+    if forward_ad._current_level < 0:
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def exporting() -> bool:

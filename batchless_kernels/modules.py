@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_option, real_option
+from ._checks import accumulation_dtype, check_eps_normal, check_layer_input, int_option, real_option
 from .backends import BACKENDS
 from .functional import _is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
@@ -121,7 +121,7 @@ class _BatchlessNorm(nn.Module):
         factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)
-        check_eps_fits(self.eps, dtype)
+        check_eps_normal(self.eps, param_dtype, f"{param_dtype} layer")  # its inputs' may differ: checked again
         self.affine = affine
         self.parametrization = check_parametrization(parametrization)
         self.nll_weight = float(nll_weight)

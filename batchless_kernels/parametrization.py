@@ -19,6 +19,7 @@ is representable (``rstd_ratio`` and ``normalize`` below keep autograd on that p
 from __future__ import annotations
 
 import math
+import numbers
 import sys
 
 import torch
@@ -38,7 +39,7 @@ def check_parametrization(parametrization: str) -> str:
 
 
 def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # numpy's float32 too
         raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
     # Comparisons, not math.isfinite: torch.compile traces them when eps is symbolic (dynamic=True).
     if not 0 < eps < math.inf:  # also false for NaN

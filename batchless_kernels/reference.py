@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch.autograd import forward_ad
 
-from ._checks import accumulation_dtype, check_inputs
+from ._checks import accumulation_dtype, check_eps_normal, check_inputs
 from .parametrization import check_eps, check_parametrization, normalize, rstd_and_log_std
 
 __all__ = ["batchless_norm", "empty_batch_nll", "stop_gradient"]
@@ -69,6 +69,7 @@ def batchless_norm(
     param_shape = check_inputs(x, mean, std_param, weight, bias)
     check_parametrization(parametrization)
     eps = check_eps(eps)
+    check_eps_normal(eps, x.dtype)
     acc = accumulation_dtype(x.dtype)
     channel_view = (1,) + param_shape  # (1, C, 1, ...) per channel; size-1 dims: shared axes
 
@@ -79,7 +80,10 @@ def batchless_norm(
     r, log_sigma = rstd_and_log_std(p, parametrization, eps)
     xf = x.to(acc)
 
-    sg = stop_gradient if need_nll and torch.is_grad_enabled() else torch.Tensor.detach
+    # y keeps mean and std_param in its graph only where it has a gradient at all (x, weight or bias
+    # trains): the compiled ops mark a y of frozen x, weight, bias non-differentiable.
+    y_needs_grad = x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+    sg = stop_gradient if need_nll and torch.is_grad_enabled() and y_needs_grad else torch.Tensor.detach
     y = (xf - sg(mu).view(channel_view)) * sg(r).view(channel_view)
     if weight is not None:
         y = y * weight.to(acc).view(channel_view)

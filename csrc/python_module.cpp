@@ -24,6 +24,7 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -144,6 +145,11 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
   // Owned references: the kernels run without the GIL, while another thread may swap the tensors
   // behind these Python objects (torch.utils.swap_tensors).
   const Tensor x = *x_arg, mean = *mean_arg, std_param = *std_param_arg;
+  // Forward-mode AD (dual tensors, torch.autograd.forward_ad): the general path runs the spec.
+  const auto dual = [](const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); };
+  if (dual(x) || dual(mean) || dual(std_param) || (weight && dual(*weight)) || (bias && dual(*bias))) {
+    Py_RETURN_NONE;
+  }
   // parametrization one of abs, log, inv; eps a positive finite float; gauge a bool; need_nll None
   // or a bool: anything else (an int eps too) is checked, converted or refused by the general path.
   PyObject* parametrization = args[5];
@@ -154,7 +160,9 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
   if (kind == nullptr) Py_RETURN_NONE;
   if (!PyFloat_CheckExact(args[6])) Py_RETURN_NONE;
   const double eps = PyFloat_AS_DOUBLE(args[6]);
-  if (!(eps > 0 && std::isfinite(eps))) Py_RETURN_NONE;
+  // At least the smallest normal number of the accumulation dtype (functional.batchless_norm says why).
+  const double eps_min = x.scalar_type() == at::kDouble ? DBL_MIN : FLT_MIN;
+  if (!(eps >= eps_min && std::isfinite(eps))) Py_RETURN_NONE;
   if (!PyBool_Check(args[7])) Py_RETURN_NONE;
   const bool gauge = args[7] == Py_True;
   PyObject* need_nll_arg = args[9];

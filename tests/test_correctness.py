@@ -319,6 +319,16 @@ def test_partial_requires_grad(case, shape, wanted, layout):
             assert leaf.grad is None, name
 
 
+@pytest.mark.parametrize("case", backend_params(ALL_BACKENDS))
+def test_y_of_frozen_inputs_needs_no_grad(case):
+    """x, weight, bias frozen, the NLL's mean and std_param training: y has no gradient to take on any
+    backend (the reference's y kept a StopGradient node to mean and std_param, requires_grad True)."""
+    x = torch.randn(2, 3, 4, device=case.device)
+    mean, std_param = (torch.zeros(3, device=case.device, requires_grad=True) for _ in range(2))
+    y, nll = bk.batchless_norm(x, mean, std_param, torch.ones(3, device=case.device), None, backend=case.name)
+    assert not y.requires_grad and nll.requires_grad
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("parametrization", ["abs", "inv"])

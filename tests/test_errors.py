@@ -131,6 +131,42 @@ def test_non_positive_eps(case, eps):
         _call(_args(), eps=eps, backend=case.name)
 
 
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.float32, 1e-40), (torch.bfloat16, 1e-50), (torch.float32, 1e-300),
+                                            (torch.float64, 1e-310)], ids=repr)
+def test_eps_below_normal(case, dtype, eps):
+    """An eps below the smallest normal number of the dtype the call computes in: 1/sigma overflowed
+    (abs: a constant channel gave +-inf, with NaN gradients). The functional and the layers refuse it."""
+    with pytest.raises(ValueError, match=r"eps=.* is below the smallest normal torch.float(32|64) number"):
+        _call(_args(x_shape=(2, 3, 4)) | {"x": torch.randn(2, 3, 4).to(dtype)}, eps=eps, backend=case.name,
+              parametrization="abs")
+    with pytest.raises(ValueError, match=r"is below the smallest normal"):
+        bk.reference.batchless_norm(torch.randn(2, 3, 4).to(dtype), torch.zeros(3), torch.zeros(3), eps=eps)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+def test_eps_normal_in_float64_only(case):
+    """The bound is the accumulation dtype's: 1e-300 is fine for float64 x, and gives finite y."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    y, nll = bk.batchless_norm(x, torch.zeros(3), torch.ones(3, requires_grad=True), eps=1e-300,
+                               parametrization="abs", backend=case.name)
+    assert torch.isfinite(y).all() and torch.isfinite(nll)
+
+
+def test_numpy_options():
+    """numpy scalars are accepted as the layers accept them (np.float32 eps was a TypeError, np.True_ gauge
+    "must be a bool, got bool"), with the results of the Python values."""
+    np = pytest.importorskip("numpy")
+    args = _args()
+    args["std_param"] = args["std_param"].requires_grad_()
+    expected = _call(args, eps=float(np.float32(1e-5)))
+    for kwargs in (dict(eps=np.float32(1e-5)), dict(eps=np.float32(1e-5), gauge=np.True_, need_nll=np.True_)):
+        got = _call(args, **kwargs)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(TypeError, match=r"gauge must be a bool, got numpy.int64"):
+        _call(args, gauge=np.int64(1))
+
+
 @pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)
 def test_eps_wrong_type(eps):
     with pytest.raises(TypeError, match=r"eps must be a positive float"):
@@ -279,7 +315,8 @@ def test_env_var_unavailable(monkeypatch, backend):
     (dict(num_features=3, nll_weight=10 ** 400), ValueError, r"nll_weight .* got an int of 1329 bits"),
     (dict(num_features=3, init_mean=1e39), ValueError, r"init_mean=1e\+39 is outside the range of torch.float32"),
     (dict(num_features=3, init_mean=7e4, dtype=torch.float16), ValueError, r"outside the range of torch.float16"),
-    (dict(num_features=3, eps=1e-50), ValueError, r"eps=1e-50 rounds to 0 in torch.float32"),
+    (dict(num_features=3, eps=1e-50), ValueError, r"eps=1e-50 is below the smallest normal torch.float32 number"),
+    (dict(num_features=3, eps=1e-40), ValueError, r"eps=1e-40 is below the smallest normal torch.float32 number"),
     (dict(num_features=3, parametrization="inv", init_std=1e-5, dtype=torch.float16), ValueError,
      r"init_std=1e-05 gives std_param=1e\+05 .* outside the normal range of torch.float16"),
     (dict(num_features=3, parametrization="abs", eps=2.0), ValueError, r"init_std=1.0 cannot be the initial std"),

@@ -187,6 +187,56 @@ def test_reentrant_checkpoint_warns_that_the_nll_is_lost(case):
         _grads_with(net, x, lambda net, x: checkpoint(net, x, use_reentrant=True))
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+def test_reentrant_checkpoint_warns_once_with_shared_axes(case):
+    """(C, 1) parameters take a second call inside (x viewed per channel): still one warning."""
+    x = torch.randn(2, 3, 4, dtype=torch.float64, device=case.device, requires_grad=True)
+    params = [torch.zeros(3, 1, dtype=torch.float64, device=case.device, requires_grad=True) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y, _ = checkpoint(lambda x: bk.batchless_norm(x, *params, backend=case.name), x, use_reentrant=True)
+        y.sum().backward()
+    assert len([w for w in caught if "use_reentrant=True" in str(w.message)]) == 1, [str(w.message) for w in caught]
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-mode AD
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("need_nll", [None, True, False])
+def test_forward_mode_ad(case, need_nll):
+    """Dual tensors (torch.autograd.forward_ad) run the spec on every backend, as torch.func does:
+    the compiled ops have no forward derivative (torch raised NotImplementedError or "jvp is not
+    implemented"). The tangents equal the reverse-mode Jacobian's products, a layer's too."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(0)
+    x, tx = (torch.randn(4, 3, 5, dtype=torch.float64, generator=g).to(case.device) for _ in range(2))
+    mean, std_param, weight, bias, t_std = (torch.randn(3, dtype=torch.float64, generator=g).to(case.device)
+                                            for _ in range(5))
+    mean.requires_grad_()
+
+    def f(x, std_param):
+        return bk.batchless_norm(x, mean, std_param, weight, bias, backend=case.name, need_nll=need_nll)
+
+    with fwAD.dual_level():
+        y, nll = f(fwAD.make_dual(x, tx), fwAD.make_dual(std_param, t_std))
+        ty = fwAD.unpack_dual(y).tangent
+        t_nll = None if nll is None else fwAD.unpack_dual(nll).tangent
+    expected_y = torch.autograd.functional.jvp(lambda x: f(x, std_param)[0], x, tx)[1]  # y's tangent: x's only (sg)
+    torch.testing.assert_close(ty, expected_y, rtol=1e-12, atol=1e-12)
+    if nll is not None:
+        expected_nll = torch.autograd.functional.jvp(lambda p: f(x, p)[1], std_param, t_std)[1]
+        assert expected_nll.abs() > 0
+        torch.testing.assert_close(t_nll, expected_nll, rtol=1e-12, atol=1e-12)
+    layer = bk.BatchlessNorm1d(3, backend=case.name, dtype=torch.float64, device=case.device)
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, tx))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tx * layer.std_param.detach().neg().exp()[:, None])
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.jit.trace
 # ------------------------------------------------------------------------------------------------
