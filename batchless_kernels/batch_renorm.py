@@ -17,6 +17,7 @@ steps, then grow linearly to rmax, dmax over ``relax_steps`` steps.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -188,6 +189,12 @@ class _BatchRenorm(nn.Module):
         self._check_input_dim(x)  # a subclass's own rule, where it has one
         if not self.training or x.numel() == 0:
             return _moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias, self.num_features)
+        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+            warnings.warn(
+                f"{type(self).__name__} in training mode is being recomputed inside a backward pass (torch.utils."
+                "checkpoint): its first forward has updated the moving statistics, so this recomputation takes "
+                "other r and d (wrong gradients) and updates them a second time. Keep BatchRenorm layers out of "
+                "checkpointed regions.", UserWarning, stacklevel=2)
         acc = accumulation_dtype(x.dtype)
         view = (1, self.num_features) + (1,) * (x.dim() - 2)
         xhat = self._renormalize(x.to(acc), self.running_mean.to(acc), self.running_std.to(acc), view, acc)

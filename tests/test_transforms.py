@@ -188,6 +188,31 @@ def test_reentrant_checkpoint_warns_that_the_nll_is_lost(case):
 
 
 @pytest.mark.parametrize("case", BACKENDS)
+def test_checkpoint_recomputation_keeps_the_first_term(case):
+    """use_reentrant=False recomputes the layer inside backward: the layer keeps the first forward's
+    NLL term, whose graph holds no activation (the recomputation's held the recomputed ones alive
+    until the next forward), and the gradients are those of the plain step."""
+    net = _mlp(case.name, case.device)
+    x = torch.randn(6, 3, dtype=torch.float64, device=case.device)
+    expected = _grads_with(copy.deepcopy(net), x, lambda net, x: net(x))
+    layers = [m for m in net.modules() if isinstance(m, bk.BatchlessNorm1d)]
+    out = checkpoint(net, x, use_reentrant=False)
+    terms = [m.nll for m in layers]
+    (out.square().sum() + bk.nll_loss(net)).backward()
+    assert all(m.nll is t for m, t in zip(layers, terms))
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_batch_renorm_checkpoint_recomputation_warns():
+    """A training BatchRenorm recomputed by a checkpoint takes other r and d (its buffers moved): said."""
+    net = nn.Sequential(nn.Linear(3, 4), bk.BatchRenorm1d(4, momentum=0.5)).train()
+    out = checkpoint(net, torch.randn(8, 3), use_reentrant=False)
+    with pytest.warns(UserWarning, match=r"BatchRenorm1d in training mode is being recomputed inside a backward"):
+        out.square().sum().backward()
+
+
+@pytest.mark.parametrize("case", BACKENDS)
 def test_reentrant_checkpoint_warns_once_with_shared_axes(case):
     """(C, 1) parameters take a second call inside (x viewed per channel): still one warning."""
     x = torch.randn(2, 3, 4, dtype=torch.float64, device=case.device, requires_grad=True)
