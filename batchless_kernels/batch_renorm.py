@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_option, real_option
+from .functional import in_backward_pass
 from .parametrization import check_eps
 
 
@@ -189,7 +190,7 @@ class _BatchRenorm(nn.Module):
         self._check_input_dim(x)  # a subclass's own rule, where it has one
         if not self.training or x.numel() == 0:
             return _moving_normalize(x, self.running_mean, self.running_std, self.weight, self.bias, self.num_features)
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if in_backward_pass():
             warnings.warn(
                 f"{type(self).__name__} in training mode is being recomputed inside a backward pass (torch.utils."
                 "checkpoint): its first forward has updated the moving statistics, so this recomputation takes "

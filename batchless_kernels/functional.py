@@ -213,11 +213,17 @@ def compiling_under_functorch() -> bool:
     return torch.compiler.is_compiling() and _under_functorch()
 
 
+def in_backward_pass() -> bool:
+    """Whether this eager call runs inside a backward pass (a torch.utils.checkpoint recomputation):
+    one C call. False under torch.compile, whose Dynamo does not trace the query."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _warn_if_reentrant_checkpoint() -> None:
     """torch.utils.checkpoint(use_reentrant=True) runs the forward under no_grad (no NLL), then
     again inside the backward, where the NLL it computes reaches no loss: mean and std_param would
-    get no NLL gradient without a word. Looked for only inside a backward pass (one C call outside)."""
-    if torch.compiler.is_compiling() or torch._C._current_graph_task_id() == -1:
+    get no NLL gradient without a word. Looked for only inside a backward pass."""
+    if not in_backward_pass():
         return
     code = torch.utils.checkpoint.CheckpointFunction.backward.__code__
     frame = sys._getframe(2)

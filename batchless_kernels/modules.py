@@ -12,7 +12,8 @@ from torch.nn.utils import parametrize
 
 from ._checks import accumulation_dtype, check_eps_normal, check_layer_input, int_option, real_option
 from .backends import BACKENDS
-from .functional import _is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting
+from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
+                         in_backward_pass)
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
 
 
@@ -248,7 +249,7 @@ class _BatchlessNorm(nn.Module):
         # A recomputation inside a backward pass (torch.utils.checkpoint) keeps the first forward's term:
         # its own would hold the recomputed activations alive until the layer's next forward (twelve
         # checkpointed conv blocks kept 780 MB between steps against BatchNorm's 411 MB).
-        if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        if in_backward_pass():
             return y
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.
