@@ -48,6 +48,47 @@ def _own_behaviour(module: nn.Module, base: type, methods: tuple[str, ...] = _OU
     return f"it has {' and '.join(hooks)}" if hooks else None
 
 
+# The folded model's forwards call these free functions, wrapped for torch.fx so that
+# symbolic_trace records each as one node that checks its input at run time (FX quantization and
+# feature extraction trace the fused model; a Proxy cannot take the checks' branches).
+# torch.jit.script compiles them with the forwards (deployment): annotated, lists and loops.
+
+
+def _folded_input(input: torch.Tensor, rank: int) -> torch.Tensor:
+    """Folded's forward: input itself, where its rank is the folded one."""
+    if input.dim() != rank:  # list(), not tuple(): torch.jit.script compiles this
+        raise ValueError(
+            f"this Batchless layer was folded by fuse_for_inference into the layer before it for "
+            f"{rank}-D inputs (batched, channels at dim 1), got shape {list(input.shape)}: on "
+            "these inputs the layer's channels are not that layer's outputs; fuse a model that sees "
+            "batched inputs, or use the unfused model")
+    return input
+
+
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """ChannelAffine's forward: x * scale + shift, x checked."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError("input must be a torch.Tensor")
+    if not x.is_floating_point():  # as the layer refuses them: an int input was truncated
+        raise TypeError("input must have a floating dtype, got " + str(x.dtype))
+    shape = list(scale.shape)
+    if per_channel:
+        shape = shape + [1] * max(0, x.dim() - 2)
+    fits = x.dim() == len(shape) + 1 and not (per_channel and shape[0] != x.shape[1])
+    for i in range(len(shape)):
+        fits = fits and shape[i] in (1, x.shape[i + 1])
+    if not fits:
+        expected = str(shape[0]) + ", *" if per_channel else ", ".join([str(d) for d in shape])
+        raise ValueError("expected an (N, " + expected + ") input (size-1 dims broadcast), got shape "
+                         + str(list(x.shape)))
+    view = [1] + shape
+    return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)
+
+
+torch.fx.wrap("_folded_input")
+torch.fx.wrap("_channel_affine")
+
+
 class Folded(nn.Identity):
     """What replaces a Batchless layer folded into the conv/linear layer before it: the identity, for
     inputs of the rank that layer was folded for ((N, C, *) batched conv outputs, (N, C) for a Linear):
@@ -58,13 +99,7 @@ class Folded(nn.Identity):
         self.rank = rank
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Identity's name
-        if input.dim() != self.rank:  # list(), not tuple(): torch.jit.script compiles this (deployment)
-            raise ValueError(
-                f"this Batchless layer was folded by fuse_for_inference into the layer before it for "
-                f"{self.rank}-D inputs (batched, channels at dim 1), got shape {list(input.shape)}: on "
-                "these inputs the layer's channels are not that layer's outputs; fuse a model that sees "
-                "batched inputs, or use the unfused model")
-        return input
+        return _folded_input(input, self.rank)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"
@@ -102,24 +137,7 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
-        # Written for torch.jit.script too (fused models are deployed with it): lists and loops.
-        x = input
-        if not isinstance(x, torch.Tensor):
-            raise TypeError("input must be a torch.Tensor")
-        if not x.is_floating_point():  # as the layer refuses them: an int input was truncated
-            raise TypeError("input must have a floating dtype, got " + str(x.dtype))
-        shape = list(self.scale.shape)
-        if self.per_channel:
-            shape = shape + [1] * max(0, x.dim() - 2)
-        fits = x.dim() == len(shape) + 1 and not (self.per_channel and shape[0] != x.shape[1])
-        for i in range(len(shape)):
-            fits = fits and shape[i] in (1, x.shape[i + 1])
-        if not fits:
-            expected = str(shape[0]) + ", *" if self.per_channel else ", ".join([str(d) for d in shape])
-            raise ValueError("expected an (N, " + expected + ") input (size-1 dims broadcast), got shape "
-                             + str(list(x.shape)))
-        view = [1] + shape
-        return torch.addcmul(self.shift.view(view), x, self.scale.view(view)).to(x.dtype)
+        return _channel_affine(input, self.scale, self.shift, self.per_channel)
 
     def extra_repr(self) -> str:
         return f"{self.scale.shape[0]}" if self.per_channel else f"param_shape={tuple(self.scale.shape)}"

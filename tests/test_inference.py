@@ -598,6 +598,23 @@ def test_fused_model_scripts():
         torch.jit.script(fused[3])(torch.randn(2, 5, 4, 4, dtype=torch.float64))
 
 
+def test_fused_model_symbolic_traces():
+    """torch.fx.symbolic_trace of a fused model (FX quantization, feature extraction): Folded's rank check
+    and ChannelAffine's input checks branched on a Proxy (TraceError, TypeError). Each is one node now,
+    which gives the fused outputs and still checks its input when the graph runs."""
+    x = make_x((2, 3, 6, 6), dtype=torch.float64)
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3), bk.BatchlessNorm2d(4), nn.ReLU(),
+                                    bk.BatchlessNorm2d(4)).double(), x)
+    fused = fused_outputs_match(model, x, rtol=1e-10)
+    assert isinstance(fused[1], Folded) and isinstance(fused[3], bk.ChannelAffine)
+    traced = torch.fx.symbolic_trace(fused)
+    torch.testing.assert_close(traced(x), fused(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"folded by fuse_for_inference .* for 4-D inputs"):
+        traced(x[0])
+    with pytest.raises(ValueError, match=r"expected an \(N, 4, \*\) input"):
+        torch.fx.symbolic_trace(fused[3])(torch.randn(2, 5, 4, 4, dtype=torch.float64))
+
+
 class Gate(nn.Module):
     """Data-dependent: does not trace; it calls its conv, which the model calls too."""
 
