@@ -48,8 +48,11 @@ def bool_option(name: str, value, expected: str = "a bool") -> bool:
     kind = type(value)
     if kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
         return bool(value)
-    raise TypeError(f"{name} must be {expected}, got {kind.__module__}.{kind.__qualname__}"
-                    if kind.__module__ != "builtins" else f"{name} must be {expected}, got {kind.__name__}")
+    got = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    shown = repr(value)
+    if len(shown) <= 40:  # e.g. a parametrization passed positionally: "got str 'abs'"
+        got += f" {shown}"
+    raise TypeError(f"{name} must be {expected}, got {got}")
 
 
 # The smallest normal number of each accumulation dtype.

@@ -22,7 +22,7 @@ import warnings
 import torch
 from torch import nn
 
-from ._checks import accumulation_dtype, check_eps_fits, check_layer_input, int_option, real_option
+from ._checks import accumulation_dtype, bool_option, check_eps_fits, check_layer_input, int_option, real_option
 from .functional import in_backward_pass
 from .parametrization import check_eps
 
@@ -121,9 +121,7 @@ class _BatchRenorm(nn.Module):
         self.eps = check_eps(eps)
         check_eps_fits(self.eps, dtype)
         self.momentum = _check_float("momentum", momentum, 0.0, 1.0)
-        if not isinstance(affine, bool):
-            raise TypeError(f"affine must be a bool, got {affine!r}")
-        self.affine = affine
+        self.affine = bool_option("affine", affine)
         self.rmax = _check_float("rmax", rmax, 1.0)
         self.dmax = _check_float("dmax", dmax, 0.0)
         self.warmup_steps = _check_steps("warmup_steps", warmup_steps)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import fits
+from ._checks import bool_option, fits
 from .modules import _BatchlessNorm
 from .parametrization import param_from_std, rstd_and_log_std
 
@@ -158,9 +158,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         raise TypeError(f"max_batches must be a positive int or None, got {type(max_batches).__name__}")
     if max_batches is not None and max_batches <= 0:
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    for option, value in (("preserve_function", preserve_function), ("train_mode", train_mode)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{option} must be a bool, got {type(value).__name__}")
+    preserve_function = bool_option("preserve_function", preserve_function)
+    train_mode = bool_option("train_mode", train_mode)
     names = {m: n or type(m).__name__ for n, m in model.named_modules() if isinstance(m, _BatchlessNorm)}
     if preserve_function:
         no_affine = [n for m, n in names.items() if m.weight is None or m.bias is None]

@@ -15,7 +15,7 @@ import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype, fits
+from ._checks import accumulation_dtype, bool_option, fits
 from .modules import BatchlessNorm, _BatchlessNorm
 from .parametrization import rstd_and_log_std
 
@@ -125,8 +125,7 @@ class ChannelAffine(nn.Module):
         super().__init__()
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
             raise TypeError(f"scale and shift must be tensors, got {type(scale).__name__} and {type(shift).__name__}")
-        if not isinstance(per_channel, bool):
-            raise TypeError(f"per_channel must be a bool, got {per_channel!r}")
+        per_channel = bool_option("per_channel", per_channel)
         if scale.dim() < 1 or scale.shape != shift.shape:
             raise ValueError(
                 "scale and shift must be tensors of one shape, (C,) or a Batchless layer's param_shape, got "

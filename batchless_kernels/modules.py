@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype, check_eps_normal, check_layer_input, int_option, real_option
+from ._checks import accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option, real_option
 from .backends import BACKENDS
 from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
                          in_backward_pass)
@@ -114,9 +114,9 @@ class _BatchlessNorm(nn.Module):
         param_dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not abs(init_mean) <= torch.finfo(param_dtype).max:
             raise ValueError(f"init_mean={init_mean!r} is outside the range of {param_dtype}, the parameters' dtype")
-        for name, flag in (("affine", affine), ("bias", bias), ("gauge", gauge)):
-            if not isinstance(flag, bool):  # also catches a parametrization passed positionally
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
+        # also catches a parametrization passed positionally
+        affine, bias, gauge = (bool_option(name, flag) for name, flag in
+                               (("affine", affine), ("bias", bias), ("gauge", gauge)))
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         factory_kwargs = {"device": device, "dtype": dtype}

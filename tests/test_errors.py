@@ -167,6 +167,25 @@ def test_numpy_options():
         _call(args, gauge=np.int64(1))
 
 
+def test_numpy_bool_options_of_layers_and_tools():
+    """Every bool option takes numpy's bools as the functional does (a layer refused gauge=np.True_ that
+    batchless_norm accepted) and stores a Python bool (extra_repr, torch.jit.script)."""
+    np = pytest.importorskip("numpy")
+    layer = bk.BatchlessNorm2d(3, affine=np.True_, bias=np.False_, gauge=np.False_)
+    assert (type(layer.affine), type(layer.gauge)) == (bool, bool) and layer.bias is None
+    assert repr(layer) == repr(bk.BatchlessNorm2d(3, affine=True, bias=False, gauge=False))
+    renorm = bk.BatchRenorm2d(3, affine=np.False_)
+    assert type(renorm.affine) is bool and renorm.weight is None
+    affine = bk.ChannelAffine(torch.ones(3), torch.zeros(3), per_channel=np.True_)
+    assert type(affine.per_channel) is bool and affine.per_channel
+    model = torch.nn.Sequential(bk.BatchlessNorm1d(3))
+    bk.init_from_data(model, [torch.randn(8, 3)], preserve_function=np.True_, train_mode=np.False_)
+    with pytest.raises(TypeError, match=r"gauge must be a bool, got numpy.int64"):
+        bk.BatchlessNorm1d(3, gauge=np.int64(1))
+    with pytest.raises(TypeError, match=r"affine must be a bool, got str 'abs'"):  # a parametrization positionally
+        bk.BatchlessNorm1d(3, 1e-5, "abs")
+
+
 @pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)
 def test_eps_wrong_type(eps):
     with pytest.raises(TypeError, match=r"eps must be a positive float"):
@@ -365,10 +384,14 @@ def test_module_input_errors():
 
 
 def _fwd(family="batchless_norm"):
+    if family == "triton":  # its kernels register on the backend's first use, which a test run alone lacks
+        bk.triton.register_kernels()
     return getattr(torch.ops.batchless_kernels, "triton_forward" if family == "triton" else "batchless_norm_forward")
 
 
 def _bwd(family="batchless_norm"):
+    if family == "triton":
+        bk.triton.register_kernels()
     return getattr(torch.ops.batchless_kernels, "triton_backward" if family == "triton" else "batchless_norm_backward")
 
 
