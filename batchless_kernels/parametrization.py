@@ -19,10 +19,10 @@ is representable (``rstd_ratio`` and ``normalize`` below keep autograd on that p
 from __future__ import annotations
 
 import math
-import numbers
-import sys
 
 import torch
+
+from ._checks import real_option
 
 PARAMETRIZATIONS = ("abs", "log", "inv")
 
@@ -39,14 +39,9 @@ def check_parametrization(parametrization: str) -> str:
 
 
 def check_eps(eps: float) -> float:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):  # numpy's float32 too
-        raise TypeError(f"eps must be a positive float, got {type(eps).__name__}")
-    # Comparisons, not math.isfinite: torch.compile traces them when eps is symbolic (dynamic=True).
-    if not 0 < eps < math.inf:  # also false for NaN
-        raise ValueError(f"eps must be a positive finite float, got {eps}")
-    if isinstance(eps, int) and eps > sys.float_info.max:  # float() would raise OverflowError
-        raise ValueError(f"eps must be a positive finite float, got an int of {eps.bit_length()} bits")
-    return float(eps)
+    """eps as a float: TypeError unless a real number (numpy's too; not a bool), ValueError unless
+    positive and finite."""
+    return real_option("eps", eps, "a positive finite float", lambda v: v > 0)
 
 
 def rstd_and_log_std(p: torch.Tensor, parametrization: str, eps: float):

@@ -188,7 +188,7 @@ def test_numpy_bool_options_of_layers_and_tools():
 
 @pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)
 def test_eps_wrong_type(eps):
-    with pytest.raises(TypeError, match=r"eps must be a positive float"):
+    with pytest.raises(TypeError, match=r"eps must be a positive finite float"):
         _call(_args(), eps=eps)
 
 
