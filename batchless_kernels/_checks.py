@@ -55,6 +55,15 @@ def bool_option(name: str, value, expected: str = "a bool") -> bool:
     raise TypeError(f"{name} must be {expected}, got {got}")
 
 
+def refuse_jit_script(module) -> None:
+    """A layer's __prepare_scriptable__, which torch.jit.script calls on every submodule first: one
+    clear error where TorchScript's compiler failed on the layer's Python (type hints, imports)."""
+    raise RuntimeError(
+        f"{type(module).__name__} cannot be compiled by torch.jit.script (deprecated by PyTorch): train with "
+        "eager or torch.compile; to deploy, script the model batchless_kernels.fuse_for_inference returns, "
+        "or use torch.export / torch.onnx.export (docs/api.md)")
+
+
 # The smallest normal number of each accumulation dtype.
 _TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
 

@@ -22,7 +22,8 @@ import warnings
 import torch
 from torch import nn
 
-from ._checks import accumulation_dtype, bool_option, check_eps_fits, check_layer_input, int_option, real_option
+from ._checks import (accumulation_dtype, bool_option, check_eps_fits, check_layer_input, int_option, real_option,
+                       refuse_jit_script)
 from .functional import in_backward_pass
 from .parametrization import check_eps
 
@@ -217,6 +218,8 @@ class _BatchRenorm(nn.Module):
             self.running_std.add_(self.momentum * (sigma_b - run_sigma))
             self.num_batches_tracked.add_(1)
         return xhat
+
+    __prepare_scriptable__ = refuse_jit_script
 
     def extra_repr(self) -> str:
         return (

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option, real_option
+from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option, real_option,
+                       refuse_jit_script)
 from .backends import BACKENDS
 from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
                          in_backward_pass)
@@ -260,6 +261,8 @@ class _BatchlessNorm(nn.Module):
             if self.training:
                 object.__setattr__(self, "_training_stamp", stamp)
         return y
+
+    __prepare_scriptable__ = refuse_jit_script
 
     def extra_repr(self) -> str:
         return (

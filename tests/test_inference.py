@@ -596,6 +596,11 @@ def test_fused_model_scripts():
     torch.testing.assert_close(scripted(x), fused(x), rtol=0, atol=0)
     with pytest.raises(torch.jit.Error, match=r"expected an \(N, 4, \*\) input"):
         torch.jit.script(fused[3])(torch.randn(2, 5, 4, 4, dtype=torch.float64))
+    # The unfused layers say so, in a model too (TorchScript's compiler failed on a type hint, an import).
+    for layer in (bk.BatchlessNorm2d(4), bk.BatchlessNorm(4), bk.BatchRenorm2d(4)):
+        with pytest.raises(RuntimeError, match=rf"{type(layer).__name__} cannot be compiled by torch.jit.script"
+                                               r".*fuse_for_inference"):
+            torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), layer))
 
 
 def test_fused_model_symbolic_traces():
