@@ -149,7 +149,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
     reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
     not above eps), a new value that overflows its parameter's dtype (float16), a parameter it writes
-    that is parametrized (torch.nn.utils.parametrize). TypeError
+    that is parametrized (torch.nn.utils.parametrize) or computed by a hook (the legacy
+    torch.nn.utils.weight_norm). TypeError
     for data or options of the wrong type (a max_batches of 0 or less: ValueError).
     """
     if not isinstance(model, nn.Module):
@@ -172,6 +173,14 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         raise ValueError(f"init_from_data writes {', '.join(written)} but cannot write parametrized parameters "
                          f"(torch.nn.utils.parametrize): {parametrized}; register the parametrization after "
                          "init_from_data")
+    # The legacy torch.nn.utils.weight_norm / spectral_norm: the name is a plain tensor a forward
+    # pre-hook recomputes from other parameters, so a write is lost as well.
+    computed = [f"{n}.{p}" for m, n in names.items() for p in written
+                if p not in m._parameters and not parametrize.is_parametrized(m, p)]
+    if computed:
+        raise ValueError(f"init_from_data writes {', '.join(written)} but these are not parameters of their layers "
+                         f"(computed from others, e.g. by the legacy torch.nn.utils.weight_norm or spectral_norm): "
+                         f"{computed}; apply it after init_from_data")
     batches = _batches(data, max_batches)
     if not names:
         return model

@@ -4,6 +4,7 @@ dependency order, streamed over batches; preserve_function keeps the model's fun
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -320,6 +321,20 @@ def test_parametrized_parameters_are_refused(preserve_function, name):
     if name == "weight":  # a parametrization of what init_from_data does not write is fine
         bk.init_from_data(model, torch.randn(16, 3) * 3 + 1)
         assert float(model[1].mean.abs().max()) > 0
+
+
+@pytest.mark.parametrize("preserve_function, name", [(True, "weight"), (True, "bias"), (False, "std_param")])
+def test_parameters_computed_by_legacy_hooks_are_refused(preserve_function, name):
+    """The legacy torch.nn.utils.weight_norm recomputes its tensor in a forward pre-hook: a written weight was
+    overwritten at the next forward, so preserve_function=True changed the function."""
+    model = nn.Sequential(nn.Linear(3, 4), bk.BatchlessNorm1d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for torch.nn.utils.parametrizations
+        nn.utils.weight_norm(model[1], name=name, dim=None)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"not parameters of their layers .*weight_norm.*\['1.{name}'\]"):
+        bk.init_from_data(model, torch.randn(16, 3), preserve_function=preserve_function)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["succeeds", "fails"])
