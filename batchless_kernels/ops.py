@@ -131,6 +131,15 @@ def check_nll_args(op: str, s1: torch.Tensor, s2: torch.Tensor, count: int) -> N
         raise RuntimeError(f"{op}: needs count > 0 (an empty input has no NLL to compute), got count={count}")
 
 
+def check_eps(op: str, eps, acc: torch.dtype) -> None:
+    """nll::check_eps (csrc/batchless_nll.h): a finite float at least the smallest normal number of the
+    accumulation dtype `acc`, where 1/eps stays finite."""
+    tiny = torch.finfo(acc).tiny
+    if not (isinstance(eps, float) and tiny <= eps < math.inf):
+        raise RuntimeError(f"{op}: eps must be a positive finite float, at least the smallest normal {str(acc)[6:]} number "
+                           f"({tiny:.6g}) where the op computes, got {eps!r}")
+
+
 def check_nll_op_args(op: str, s1, s2, mean, std_param, count: int, parametrization: str, eps: float) -> None:
     """All of nll::check_nll_args (csrc/batchless_nll.h) and the parametrization's check, for the NLL
     ops written in Python: RuntimeError, as TORCH_CHECK raises."""
@@ -145,8 +154,7 @@ def check_nll_op_args(op: str, s1, s2, mean, std_param, count: int, parametrizat
     if not (mean.dtype.is_floating_point and std_param.dtype.is_floating_point):
         raise RuntimeError(f"{op}: mean and std_param must have floating dtypes, got {mean.dtype} and "
                            f"{std_param.dtype}")
-    if not (isinstance(eps, float) and 0 < eps < math.inf):
-        raise RuntimeError(f"{op}: eps must be a positive finite float, got {eps!r}")
+    check_eps(op, eps, s1.dtype)
     _check_same_device(op, s1=s1, s2=s2, mean=mean, std_param=std_param)
 
 
@@ -178,6 +186,7 @@ def _train_forward_fake(x, mean, std_param, weight, bias, parametrization, eps, 
     _check_same_device(TRAIN_FORWARD_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     acc = accumulation_dtype(x.dtype)
+    check_eps(TRAIN_FORWARD_OP, eps, acc)
     channels = x.shape[1]
     sums = [x.new_empty((channels,), dtype=acc) for _ in range(3)]  # s1, s2, rstd
     return output_like(x), *sums, x.new_empty((), dtype=acc)
@@ -199,6 +208,7 @@ def _train_backward_fake(grad_y, grad_nll, x, mean, std_param, rstd, weight, s1,
 def _inference_fake(x, mean, std_param, weight, bias, parametrization, eps):
     _check_same_device(INFERENCE_OP, x=x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
+    check_eps(INFERENCE_OP, eps, accumulation_dtype(x.dtype))
     return output_like(x)
 
 

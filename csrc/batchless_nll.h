@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -22,6 +23,17 @@ inline Parametrization parse_parametrization(c10::string_view name) {
   if (name == "inv") return Parametrization::kInv;
   TORCH_CHECK(false, "batchless_nll: parametrization must be 'abs', 'log' or 'inv', got '",
               std::string(name), "'");
+}
+
+// eps must be finite and at least the smallest normal number of the accumulation dtype `acc` (float or
+// double): below it 1/eps overflows there, and a constant channel's sigma = |p| + eps gave +-inf
+// (the Python entry points refuse it as well, _checks.check_eps_normal).
+inline void check_eps(double eps, at::ScalarType acc, const char* op) {
+  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min()
+                                         : static_cast<double>(std::numeric_limits<float>::min());
+  TORCH_CHECK(eps >= tiny && std::isfinite(eps), op, ": eps must be a positive finite float, at least the smallest ",
+              "normal ", acc == at::kDouble ? "float64" : "float32", " number (", tiny, ") where the op computes, got ",
+              eps);
 }
 
 // r = 1/sigma per channel as a fresh tensor in dtype `acc`, by the same ops as
@@ -55,7 +67,7 @@ inline void check_nll_args(const Tensor& s1, const Tensor& s2, const Tensor& mea
   TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && at::isFloatingType(std_param.scalar_type()),
               "batchless_nll: mean and std_param must have floating dtypes, got ", mean.scalar_type(), " and ",
               std_param.scalar_type());
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), "batchless_nll: eps must be a positive finite float, got ", eps);
+  check_eps(eps, s1.scalar_type(), "batchless_nll");
   TORCH_CHECK(s2.device() == s1.device() && mean.device() == s1.device() &&
                   std_param.device() == s1.device(),
               "batchless_nll: s1, s2, mean, std_param must be on one device, got ", s1.device(), ", ",

@@ -488,6 +488,40 @@ def test_nll_op_errors():
         ops.batchless_nll_backward(torch.ones(2), s, s, s, s, 4, "log", 1e-5)
 
 
+@needs_ops
+@pytest.mark.parametrize("family, device", OP_FAMILIES, ids=str)
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-39), (torch.bfloat16, 1e-45), (torch.float64, 1e-310)],
+                         ids=str)
+def test_raw_ops_refuse_eps_below_the_smallest_normal(family, device, dtype, eps):
+    """The raw ops took any positive eps: 1e-50 with 'abs' made y +-inf for a constant channel (as the
+    Python entry points refuse since _checks.check_eps_normal). The smallest normal number itself is fine."""
+    if family == "triton":
+        bk.triton.register_kernels()
+    ops = torch.ops.batchless_kernels
+    prefix = "triton" if family == "triton" else "batchless_norm"
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, p = torch.ones(2, 3, 4, dtype=dtype, device=device), torch.zeros(3, dtype=dtype, device=device)
+    s, g = torch.ones(3, dtype=acc, device=device), torch.ones((), dtype=acc, device=device)
+    calls = {
+        "train_forward": lambda e: getattr(ops, f"{prefix}_train_forward")(x, p, p, None, None, "abs", e, True),
+        "inference": lambda e: getattr(ops, f"{prefix}_inference")(x, p, p, None, None, "abs", e),
+        "train_backward": lambda e: getattr(ops, f"{prefix}_train_backward")(x, g, x, p, p, s, None, s, s, 8, "abs",
+                                                                              e, [True] * 5),
+    }
+    if family != "triton":
+        calls["nll"] = lambda e: ops.batchless_nll(s, s, p, p, 8, "abs", e, True)
+        calls["nll_backward"] = lambda e: ops.batchless_nll_backward(g, s, s, p, p, 8, "abs", e)
+    for name, call in calls.items():
+        if device == "meta" and name in ("train_backward", "nll", "nll_backward"):
+            continue  # their fakes check devices and shapes only; the kernels check the rest
+        with pytest.raises(RuntimeError, match=rf"eps must be a positive finite float, at least the smallest normal "
+                                               rf"{str(acc)[6:]} number"):
+            call(eps)
+        out = call(torch.finfo(acc).tiny)
+        if device == "cpu" and name == "train_forward":  # a constant channel's y at sigma = eps: finite
+            assert torch.isfinite(out[0]).all(), name
+
+
 @pytest.mark.parametrize("case", CPU_BACKENDS)
 @pytest.mark.parametrize("layout", ["sparse", "nested"])
 def test_x_not_dense(case, layout):

@@ -530,9 +530,7 @@ _FLOAT32_MAX = 3.4028234663852886e38
 
 
 def _eps_pair(eps: float) -> tuple[float, float]:
-    """eps as float32 hi + lo (_eps in the kernels)."""
-    if not 0 < eps < math.inf:
-        raise RuntimeError(f"batchless_norm: eps must be a positive finite float, got {eps}")
+    """eps as float32 hi + lo (_eps in the kernels); checked by ops.check_eps."""
     hi = struct.unpack("f", struct.pack("f", min(eps, _FLOAT32_MAX)))[0]
     return hi, eps - hi
 
@@ -676,7 +674,7 @@ def triton_train_forward(
     r computed from std_param, and the second pass with the NLL's epilogue (r, nll)."""
     ops.check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind, acc = _kind(parametrization), accumulation_dtype(x.dtype)
-    _eps_pair(eps)
+    ops.check_eps("batchless_kernels::triton_train_forward", eps, acc)
     channels = x.shape[1]
     if x.numel() == 0:  # no elements to average: nll = 0 (reference.py)
         r = rstd_and_log_std(std_param.detach().to(acc, copy=True), parametrization, eps)[0]
@@ -697,7 +695,7 @@ def triton_inference(
     """batchless_norm_inference (csrc/ops.cpp): one launch, r computed in it as in training."""
     ops.check_forward_inputs(x, mean=mean, std_param=std_param, weight=weight, bias=bias)
     kind = _kind(parametrization)
-    _eps_pair(eps)
+    ops.check_eps("batchless_kernels::triton_inference", eps, accumulation_dtype(x.dtype))
     if x.numel() == 0:
         return ops.poisoned(ops.output_like(x))
     return _forward(x, mean, std_param, kind, eps, weight, bias, False)[0]
@@ -770,6 +768,7 @@ def triton_train_backward(
     need_nll = output_mask[3] or output_mask[4]
     if need_nll and grad_y.numel() > 0:
         ops.check_nll_args(op, s1, s2, count)
+        ops.check_eps(op, eps, s1.dtype)
     channels = grad_y.shape[1]
     if grad_y.numel() == 0:  # no elements: zero NLL gradients (reference.py)
         dx, dw, db = _empty_backward(grad_y, x, output_mask[:3])

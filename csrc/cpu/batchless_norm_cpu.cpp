@@ -994,8 +994,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
 // nll::rstd_value (the NLL's own r), not tensor ops (two to three dispatched ops and allocations
 // for abs and log: microseconds at small shapes). Training and inference share it: the same bits.
 Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization kind, double eps) {
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), "batchless_norm: eps must be a positive finite float, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CPU);
+  nll::check_eps(eps, host::accumulation_type(x.scalar_type()), "batchless_norm");
   host::check_channel_tensor(std_param, "std_param", x);
   const Tensor p = host::in_dtype(std_param, host::accumulation_type(x.scalar_type())).contiguous();
   Tensor r = at::empty({p.numel()}, p.options());

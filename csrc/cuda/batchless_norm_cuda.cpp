@@ -130,8 +130,8 @@ std::tuple<Tensor, Tensor, Tensor> backward_cuda(const Tensor& grad_y,
 host::ForwardPlan plan_with_std_param(const Tensor& x, const Tensor& mean, const Tensor& std_param,
                                       const c10::optional<Tensor>& weight, const c10::optional<Tensor>& bias,
                                       double eps, bool compute_stats, const char* op) {
-  TORCH_CHECK(eps > 0 && std::isfinite(eps), op, ": eps must be a positive finite float, got ", eps);
   host::check_x(x, "x", c10::DeviceType::CUDA);
+  nll::check_eps(eps, host::accumulation_type(x.scalar_type()), op);
   host::check_channel_tensor(std_param, "std_param", x);
   return host::plan_forward(x, mean, std_param, weight, bias, compute_stats, c10::DeviceType::CUDA);
 }
