@@ -4,6 +4,7 @@ op, and turns its per-channel sums into the NLL term."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 import torch.utils.checkpoint
 from torch.autograd import forward_ad
 
-from . import ops, reference
+from . import backends, ops, reference
 from ._checks import accumulation_dtype, bool_option, check_eps_normal, check_inputs, per_channel_inputs
 from .backends import (device_type_of, fixed_auto_choice, inference_op, kernel_ops, resolve_backend_for, train_op,
                        unavailable_reason)
@@ -254,7 +255,9 @@ def _fast_path():
     from . import _C
 
     runs = [_HAS_FUSED_NLL[d] and unavailable_reason(d, d) is None for d in ("cpu", "cuda")]
-    _C.set_fast_path(*runs, *(fixed_auto_choice(d) == d for d in ("cpu", "cuda")))
+    environ = backends._ENVIRON if backends._ENV_KEY is not None else None  # where _env_backend reads it
+    _C.set_fast_path(*runs, *(fixed_auto_choice(d) == d for d in ("cpu", "cuda")), environ, backends._ENV_KEY,
+                     os.environ.encodevalue("auto") if environ is not None else None)
     return _C.batchless_norm_fast
 
 

@@ -45,6 +45,10 @@ using at::Tensor;
 // Set from Python (set_fast_path): whether the "cpu" / "cuda" backends run here with the one-node
 // training op, and whether "auto" picks them for every CPU / CUDA tensor.
 bool kernels_cpu = false, kernels_cuda = false, auto_cpu = false, auto_cuda = false;
+// os.environ's dict of bytes (its _data), BATCHLESS_BACKEND and "auto" encoded as its keys and values,
+// also set from Python: the override is read where backends._env_backend reads it. getenv could
+// disagree (os.unsetenv and os.putenv do not update os.environ). nullptr: getenv.
+PyObject *environ_data = nullptr, *env_key = nullptr, *env_auto = nullptr;
 
 // Keys of tensors whose ops mean something else than the plain kernels': Python subclasses and
 // modes (FakeTensor, torch.export's tracing), functorch's wrappers (vmap, grad), functionalization.
@@ -104,13 +108,30 @@ struct GilRelease {
 // Whether the str `text` is `ascii`, all of it (an embedded NUL does not end it, as it would strcmp).
 bool equals(PyObject* text, const char* ascii) { return PyUnicode_CompareWithASCIIString(text, ascii) == 0; }
 
+// Whether BATCHLESS_BACKEND is set to something else than "auto". Where it cannot tell (an error looking
+// it up), yes: the Python path then decides.
+bool env_overrides_auto() {
+  if (environ_data == nullptr) {
+    const char* env = std::getenv("BATCHLESS_BACKEND");
+    return env != nullptr && std::strcmp(env, "auto") != 0;
+  }
+  PyObject* value = PyDict_GetItemWithError(environ_data, env_key);  // borrowed
+  if (value == nullptr) {
+    if (!PyErr_Occurred()) return false;
+    PyErr_Clear();
+    return true;
+  }
+  const int is_auto = PyObject_RichCompareBool(value, env_auto, Py_EQ);
+  if (is_auto < 0) PyErr_Clear();
+  return is_auto != 1;
+}
+
 // Whether `backend` (a str) runs x on this library's kernels: "auto" where it always picks them and
 // BATCHLESS_BACKEND (backends.py) does not override it, or "cpu" / "cuda" naming x's device.
 bool runs_library_kernels(PyObject* backend, const Tensor& x) {
   if (!PyUnicode_CheckExact(backend)) return false;
   if (equals(backend, "auto")) {
-    const char* env = std::getenv("BATCHLESS_BACKEND");
-    if (env != nullptr && std::strcmp(env, "auto") != 0) return false;
+    if (env_overrides_auto()) return false;
     return x.is_cpu() ? auto_cpu : auto_cuda;
   }
   if (equals(backend, "cpu")) return x.is_cpu() && kernels_cpu;
@@ -210,10 +231,17 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
 }
 
 PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 4 || !PyBool_Check(args[0]) || !PyBool_Check(args[1]) || !PyBool_Check(args[2]) ||
-      !PyBool_Check(args[3])) {
-    PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool, auto_cpu: bool, auto_cuda: bool)");
+  if (nargs != 7 || !PyBool_Check(args[0]) || !PyBool_Check(args[1]) || !PyBool_Check(args[2]) ||
+      !PyBool_Check(args[3]) || !(args[4] == Py_None || PyDict_Check(args[4]))) {
+    PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool, auto_cpu: bool, auto_cuda: bool, "
+                                     "environ: dict | None, key, auto)");
     return nullptr;
+  }
+  for (PyObject** slot : {&environ_data, &env_key, &env_auto}) Py_CLEAR(*slot);
+  if (args[4] != Py_None) {
+    environ_data = Py_NewRef(args[4]);
+    env_key = Py_NewRef(args[5]);
+    env_auto = Py_NewRef(args[6]);
   }
   kernels_cpu = args[0] == Py_True;
   kernels_cuda = args[1] == Py_True;
@@ -226,7 +254,8 @@ PyMethodDef methods[] = {
     {"batchless_norm_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batchless_norm_fast)),
      METH_FASTCALL, "functional.batchless_norm's common case in C++: (y, nll), or None for the general path."},
     {"set_fast_path", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_fast_path)), METH_FASTCALL,
-     "set_fast_path(cpu, cuda, auto_cpu, auto_cuda): what batchless_norm_fast runs."},
+     "set_fast_path(cpu, cuda, auto_cpu, auto_cuda, environ, key, auto): what batchless_norm_fast runs, and "
+     "where it reads BATCHLESS_BACKEND."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

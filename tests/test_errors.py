@@ -281,6 +281,28 @@ def test_env_var_forces_reference(monkeypatch):
     assert len(calls) == (2 if kernels else 3)  # "auto" means no override
 
 
+def test_env_var_read_from_os_environ_by_every_path(monkeypatch):
+    """The C++ fast path read BATCHLESS_BACKEND with getenv, the Python path from os.environ: after
+    os.unsetenv (which leaves os.environ alone) the fast path ran the kernels while os.environ still
+    asked for the reference. Both now read os.environ; os.putenv alone changes neither."""
+    import os
+
+    calls = _count_reference_calls(monkeypatch)
+    args = _args(std_param=torch.zeros(3, requires_grad=True))
+    monkeypatch.setenv("BATCHLESS_BACKEND", "reference")
+    try:
+        os.unsetenv("BATCHLESS_BACKEND")
+        _call(args)
+        _call(_args())  # no gradient wanted
+        assert len(calls) == 2
+        monkeypatch.delenv("BATCHLESS_BACKEND")
+        os.putenv("BATCHLESS_BACKEND", "reference")
+        _call(args)
+        assert len(calls) == 2 + ("cpu" not in bk.available_backends("cpu"))
+    finally:
+        os.unsetenv("BATCHLESS_BACKEND")
+
+
 @pytest.mark.skipif("cpu" not in bk.available_backends("cpu"), reason="needs the compiled cpu backend")
 def test_env_var_selects_cpu(monkeypatch):
     calls = _count_reference_calls(monkeypatch)
