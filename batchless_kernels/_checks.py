@@ -15,10 +15,14 @@ def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
     ValueError unless finite and ok(value). `expected` completes "{name} must be ..."."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
-    if not (-sys.float_info.max <= value <= sys.float_info.max and ok(value)):  # NaN fails too
-        got = f"an int of {value.bit_length()} bits" if isinstance(value, int) and abs(value) > 1e300 else repr(value)
-        raise ValueError(f"{name} must be {expected}, got {got}")
-    return float(value)
+    if isinstance(value, numbers.Integral) and abs(int(value)) > sys.float_info.max:  # float() would overflow
+        raise ValueError(f"{name} must be {expected}, got an int of {int(value).bit_length()} bits")
+    # Compared as a Python float: numpy's float32 compared with float_info.max casts that to inf
+    # (np.float32('inf') passed, with overflow warnings for every value).
+    as_float = float(value)
+    if not (-sys.float_info.max <= as_float <= sys.float_info.max and ok(as_float)):  # NaN fails too
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return as_float
 
 
 def int_option(name: str, value, expected: str, ok) -> int:
@@ -68,12 +72,13 @@ def refuse_jit_script(module) -> None:
 _TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
 
 
-def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str = "x") -> None:
+def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str | None = None) -> None:
     """A batchless normalization's eps must be at least the smallest normal number of the dtype it
     computes in (float32 for 16- and 32-bit inputs, float64 for float64): sigma = |p| + eps ("abs")
     and 1/sigma must stay finite there (1/eps overflows below it: a constant channel gave +-inf)."""
     acc = accumulation_dtype(x_dtype)
     if eps < _TINY[acc]:
+        what = what or f"{x_dtype} input"
         raise ValueError(f"eps={eps!r} is below the smallest normal {acc} number ({_TINY[acc]:.4g}), the dtype "
                          f"batchless normalization of a {what} computes in: it would not keep 1/sigma finite")
 

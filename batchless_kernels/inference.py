@@ -117,8 +117,8 @@ class ChannelAffine(nn.Module):
             (N, C) inputs, or (1,), one scale and shift for every feature of (N, D) inputs.
 
     Raises:
-        TypeError, ValueError: scale or shift not tensors of one shape (construction); an input that
-            scale does not fit (forward).
+        TypeError, ValueError: scale or shift not floating tensors of one shape (construction); an
+            input that scale does not fit (forward).
     """
 
     def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, per_channel: bool = True) -> None:
@@ -126,6 +126,8 @@ class ChannelAffine(nn.Module):
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
             raise TypeError(f"scale and shift must be tensors, got {type(scale).__name__} and {type(shift).__name__}")
         per_channel = bool_option("per_channel", per_channel)
+        if not (scale.is_floating_point() and shift.is_floating_point()):  # complex lost its imaginary part
+            raise TypeError(f"scale and shift must be floating tensors, got {scale.dtype} and {shift.dtype}")
         if scale.dim() < 1 or scale.shape != shift.shape:
             raise ValueError(
                 "scale and shift must be tensors of one shape, (C,) or a Batchless layer's param_shape, got "

@@ -71,6 +71,9 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: l
                 "run batchless_kernels.init_from_data(model, data) to set them from data")
         elif new.mean.device.type != "meta":  # meta tensors have no values to copy
             mean, std = stats
+            bad = (~torch.isfinite(mean)).nonzero().flatten().tolist()
+            if bad:  # the std's own check is param_from_std's
+                raise ValueError(f"running_mean is not finite at channels {bad[:8]}{' ...' if len(bad) > 8 else ''}")
             new.mean.copy_(mean)
             new.std_param.copy_(param_from_std(std.to(torch.float64), new.parametrization, new.eps))
         if bn.affine:

@@ -398,7 +398,11 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
                         "transform (vmap, grad, ...), and its NLL term belongs to it: call nll_loss inside the "
                         "transformed function and return the term (docs/api.md, per-sample gradients)")
                 object.__setattr__(module, "_summed_stamp", module.__dict__.get("_nll_stamp"))
-            groups.setdefault((module.nll_weight, module.nll.device, module.nll.dtype), []).append(module.nll)
+            key = (module.nll_weight, module.nll.device, module.nll.dtype)
+            if key not in groups:  # checked at construction; an attribute set since is checked here
+                real_option(f"{type(module).__name__}.nll_weight", module.nll_weight, "a finite float >= 0",
+                            lambda v: v >= 0)
+            groups.setdefault(key, []).append(module.nll)
             if take:
                 object.__setattr__(module, "nll", None)
     total = None

@@ -186,6 +186,26 @@ def test_numpy_bool_options_of_layers_and_tools():
         bk.BatchlessNorm1d(3, 1e-5, "abs")
 
 
+def test_numpy_float32_infinity_refused_without_warnings():
+    """Compared with float_info.max, which numpy casts to float32 inf, np.float32('inf') passed every
+    'finite' check (a BatchRenorm then trained to NaN), and every np.float32 value warned twice."""
+    import warnings
+
+    np = pytest.importorskip("numpy")
+    inf = np.float32("inf")
+    for make in (lambda: bk.BatchlessNorm2d(2, eps=inf), lambda: bk.BatchlessNorm2d(2, nll_weight=inf),
+                 lambda: bk.BatchlessNorm2d(2, init_std=inf), lambda: bk.BatchRenorm2d(2, rmax=inf),
+                 lambda: bk.BatchRenorm2d(2, eps=inf), lambda: _call(_args(), eps=inf)):
+        with pytest.raises(ValueError, match=r"must be a .*finite float"):
+            make()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bk.BatchlessNorm2d(2, eps=np.float32(1e-5), nll_weight=np.float32(0.5))
+        _call(_args(), eps=np.float32(1e-5))
+    with pytest.raises(ValueError, match=r"the dtype batchless normalization of a torch.float32 input computes in"):
+        _call(_args(), eps=1e-39)
+
+
 @pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)
 def test_eps_wrong_type(eps):
     with pytest.raises(TypeError, match=r"eps must be a positive finite float"):

@@ -661,6 +661,10 @@ def test_channel_affine_refuses_what_the_layer_refuses():
         torch.jit.script(affine)(torch.full((1, 2), 3))
     with pytest.raises(TypeError, match="scale and shift must be tensors, got list and Tensor"):
         bk.ChannelAffine([1.0], torch.zeros(1))
+    # a complex scale lost its imaginary part (torch's cast warning only); bool and int: not an affine map's
+    for scale in (torch.tensor([1 + 2j, 3]), torch.tensor([True, False]), torch.tensor([1, 2])):
+        with pytest.raises(TypeError, match=rf"scale and shift must be floating tensors, got {scale.dtype}"):
+            bk.ChannelAffine(scale, torch.zeros(2, dtype=scale.dtype))
 
 
 def test_a_compiled_module_is_refused_with_the_way_out():

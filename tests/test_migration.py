@@ -4,6 +4,7 @@ the BN network's eval-mode function (docs/method.md, "Migrating")."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -218,6 +219,18 @@ def test_failing_layer_named_and_nothing_converted():
     with pytest.raises(ValueError, match=r"module '4' \(BatchNorm2d\): std must exceed eps=0.01.*no layer was converted"):
         bk.convert_batchnorm(model, parametrization="abs", eps=0.01)
     assert [type(m) for m in model] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Conv2d, nn.BatchNorm2d]
+
+
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_non_finite_running_mean_refused(value):
+    """A running_var of NaN was refused, a running_mean of inf became the layer's mean silently."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].running_mean[2] = value
+    with pytest.raises(ValueError, match=r"module '1' \(BatchNorm2d\): running_mean is not finite at channels \[2\]"
+                                         r".*no layer was converted"):
+        bk.convert_batchnorm(model)
+    assert type(model[1]) is nn.BatchNorm2d
 
 
 def test_bad_module():

@@ -327,6 +327,11 @@ def test_nll_loss_edge_cases():
     first = model[1].nll
     model(torch.randn(2, 3) * 5)
     assert bk.nll_loss(model) is not first and torch.equal(bk.nll_loss(model), model[1].nll)
+    # nll_weight set after construction: a negative one negated the term, a str raised torch's index error
+    for value, error in ((-1.0, ValueError), (float("nan"), ValueError), ("2", TypeError)):
+        model[1].nll_weight = value
+        with pytest.raises(error, match=r"BatchlessNorm1d.nll_weight must be a finite float >= 0"):
+            bk.nll_loss(model)
 
 
 # ------------------------------------------------------------------------------------------------
