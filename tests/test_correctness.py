@@ -360,6 +360,22 @@ def test_large_offset_inputs(case, shape, layout):
     check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dtype, scale", [(torch.bfloat16, 4e-38), (torch.float16, 2e-4), (torch.float32, 4e-38)],
+                         ids=str)
+@pytest.mark.parametrize("shape, layout", [((4, 3, 5, 7), "contiguous"), ((64, 5), "contiguous")], ids=str)
+def test_subnormal_inputs(case, dtype, scale, shape, layout):
+    """Activations and statistics at the dtype's subnormal numbers (bf16 x ~ 1e-39, sigma ~ 1e-38): the
+    Triton interpreter converted bf16 subnormals wrongly (9.2e-41 to 0, 4.6e-40 to 2.9e-39), so y and
+    dmean were off by up to 6x; each backend must convert them as the reference does."""
+    mu, sigma = torch.randn(shape[1]) * scale * 0.1, (torch.rand(shape[1]) + 1) * scale
+    x = make_x(shape, layout, dtype, case.device, mu=mu, sigma=sigma * 0.2)  # r <= 1/scale: dx stays finite
+    assert (x.abs() < torch.finfo(dtype).tiny).float().mean() > 0.5  # mostly subnormal
+    mean, std_param, weight, bias = make_params(shape[1], "log", device=case.device, mu=mu, sigma=sigma)
+    std_param = torch.log(sigma).to(case.device)  # make_params clamps sigma to [0.3, 3]
+    check_against_reference(case, x, mean, std_param, weight, bias, atol=1e-5, rtol=1e-5)
+
+
 # The shapes whose per-channel sums are longest in each backend: narrow channels-last (many rows per
 # channel), one long plane, many small planes.
 LONG_SUM_SHAPES = [((24000, 2), "contiguous"), ((5, 2, 4099), "channels_innermost"),

@@ -34,15 +34,28 @@ from ..parametrization import rstd_and_log_std
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# The interpreter converts fp32 to bf16 by truncation; the GPU rounds to nearest even.
-_ROUND_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+# The interpreter converts fp32 to bf16 by truncation, and bf16 subnormals to fp32 wrongly (9.2e-41 to
+# 0, 4.6e-40 to 2.9e-39); the GPU rounds to nearest even and converts exactly. Under the interpreter
+# bf16 is loaded and stored by its bits.
+_BF16_BY_HAND = tl.constexpr(INTERPRETED)
+
+
+@triton.jit
+def _load(ptr, mask, other, ACC: tl.constexpr):
+    """ptr's values (other where masked) as ACC; bf16 by its bits under the interpreter."""
+    if ptr.dtype.element_ty == tl.bfloat16 and _BF16_BY_HAND:
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
+        value = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True).to(ACC)
+        return tl.where(mask, value, other)
+    else:
+        return tl.load(ptr, mask=mask, other=other).to(ACC)
 
 
 @triton.jit
 def _store(ptr, value, mask):
     """Stores value in ptr's dtype, rounding to nearest even as the GPU does (by hand for bf16 under
     the interpreter)."""
-    if ptr.dtype.element_ty == tl.bfloat16 and _ROUND_BF16_BY_HAND:
+    if ptr.dtype.element_ty == tl.bfloat16 and _BF16_BY_HAND:
         bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
@@ -52,7 +65,7 @@ def _store(ptr, value, mask):
 
 @triton.jit
 def _load_channel(PTR, c, mask, ACC: tl.constexpr):
-    return tl.load(PTR + c, mask=mask, other=0.0).to(ACC)
+    return _load(PTR + c, mask, 0.0, ACC)
 
 
 @triton.jit
@@ -97,8 +110,8 @@ def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
 def _affine(W, B, c, mask, has_w, has_b, ACC: tl.constexpr):
     """weight and bias of channels c; absent (has_w / has_b == 0: not read): ones and zeros. Runtime
     flags, not constexprs: no variant of their own, and no launch to fill a stand-in."""
-    w = tl.load(W + c, mask=mask & (has_w != 0), other=1.0).to(ACC)
-    b = tl.load(B + c, mask=mask & (has_b != 0), other=0.0).to(ACC)
+    w = _load(W + c, mask & (has_w != 0), 1.0, ACC)
+    b = _load(B + c, mask & (has_b != 0), 0.0, ACC)
     return w, b
 
 
@@ -194,7 +207,7 @@ def _forward_rows_kernel(
     acc2 = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, tiles * BLOCK_S, BLOCK_S):
         ptrs, mask = _plane_tile(planes, pmask, S, start, tiles, BLOCK_S)
-        x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
+        x = _load(X + ptrs, mask, 0.0, ACC)
         xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         _store(Y + ptrs, xhat * w + b, mask)
         if STATS:
@@ -227,7 +240,7 @@ def _forward_columns_kernel(
     acc2 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, tiles * BLOCK_M, BLOCK_M):
         offs, mask = _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M)
-        x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+        x = _load(X + offs, mask, 0.0, ACC)
         xhat = tl.where(mask, (x - mean[None, :]) * rstd[None, :], 0.0)
         _store(Y + offs, xhat * w[None, :] + b[None, :], mask)
         if STATS:
@@ -261,11 +274,11 @@ def _backward_rows_kernel(
     accb = tl.zeros([BLOCK_P, BLOCK_S], ACC)
     for start in range(0, tiles * BLOCK_S, BLOCK_S):
         ptrs, mask = _plane_tile(planes, pmask, S, start, tiles, BLOCK_S)
-        g = tl.load(G + ptrs, mask=mask, other=0.0).to(ACC)
+        g = _load(G + ptrs, mask, 0.0, ACC)
         if NEED_DX:
             _store(DX + ptrs, g * scale, mask)
         if NEED_DW:
-            x = tl.load(X + ptrs, mask=mask, other=0.0).to(ACC)
+            x = _load(X + ptrs, mask, 0.0, ACC)
             accw += tl.where(mask, g * ((x - mean) * rstd), 0.0)
         if NEED_DB:
             accb += g
@@ -299,11 +312,11 @@ def _backward_columns_kernel(
     accb = tl.zeros([BLOCK_M, BLOCK_C], ACC)
     for start in range(0, tiles * BLOCK_M, BLOCK_M):
         offs, mask = _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M)
-        g = tl.load(G + offs, mask=mask, other=0.0).to(ACC)
+        g = _load(G + offs, mask, 0.0, ACC)
         if NEED_DX:
             _store(DX + offs, g * scale[None, :], mask)
         if NEED_DW:
-            x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+            x = _load(X + offs, mask, 0.0, ACC)
             accw += tl.where(mask, g * ((x - mean[None, :]) * rstd[None, :]), 0.0)
         if NEED_DB:
             accb += g
