@@ -182,7 +182,7 @@ def check_inputs(x, mean, std_param, weight, bias) -> tuple[int, ...]:
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
         if tuple(t.shape) == (channels,):
             t_shape = (channels,) + (1,) * (len(rest) - 1)
-        elif t.dim() == len(rest) and all(d in (1, full) for d, full in zip(t.shape, rest)):
+        elif t.dim() == len(rest) and all(d == 1 or d == full for d, full in zip(t.shape, rest)):
             t_shape = tuple(t.shape)
         else:
             raise ValueError(f"{name} must have shape {expected()}, got shape {tuple(t.shape)}")

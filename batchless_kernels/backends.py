@@ -171,8 +171,14 @@ _FAMILY_OPS = {
 }
 
 
-# (backend, role) -> op, filled on first use: the lookup through torch.ops costs ~0.3 us a call.
-_OPS: dict[tuple[str, str], object] = {}
+# (backend, role) -> op: the lookup through torch.ops costs ~0.3 us a call. The C++ ops are looked up
+# at import: torch.compile guards on this dict's keys, and an entry added by a model's first training
+# (or first inference) step recompiled it at the next. The triton ops' entries come on first use,
+# which imports triton and registers their kernels.
+_OPS: dict[tuple[str, str], object] = {
+    (backend, role): getattr(torch.ops.batchless_kernels, names[0]).default
+    for backend in ("cpu", "cuda") for role, names in _FAMILY_OPS.items()
+} if ops.extension_loaded() else {}
 
 
 def _op(backend: str, role: str):

@@ -76,7 +76,7 @@ def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, p
         shape = shape + [1] * max(0, x.dim() - 2)
     fits = x.dim() == len(shape) + 1 and not (per_channel and shape[0] != x.shape[1])
     for i in range(len(shape)):
-        fits = fits and shape[i] in (1, x.shape[i + 1])
+        fits = fits and (shape[i] == 1 or shape[i] == x.shape[i + 1])
     if not fits:
         expected = str(shape[0]) + ", *" if per_channel else ", ".join([str(d) for d in shape])
         raise ValueError("expected an (N, " + expected + ") input (size-1 dims broadcast), got shape "

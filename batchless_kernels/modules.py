@@ -340,7 +340,7 @@ class BatchlessNorm(_BatchlessNorm):
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, *self._input_rule())
         rest = tuple(x.shape[1:])
-        if any(d not in (1, full) for d, full in zip(self._shape, rest)):
+        if any(d != 1 and d != full for d, full in zip(self._shape, rest)):
             raise ValueError(f"BatchlessNorm has param_shape={self._shape}, which does not broadcast to the input's "
                              f"{rest} after the batch dim (input shape {tuple(x.shape)})")
 

@@ -381,6 +381,28 @@ def test_torch_compile_fullgraph_train_step(compiled_loss, step):
     assert torch.count_nonzero(model[1].mean.grad) > 0 and torch.count_nonzero(model[5].std_param.grad) > 0
 
 
+def test_train_and_eval_steps_compile_as_often_as_batchnorm():
+    """A model compiled once per mode, as with nn.BatchNorm2d: Dynamo guarded on the backends' op cache,
+    which a model's first training step (and first inference) filled, so the next step recompiled."""
+    from torch._dynamo.utils import counters
+
+    graphs = {}
+    for norm in (nn.BatchNorm2d, bk.BatchlessNorm2d):
+        torch._dynamo.reset()
+        counters.clear()
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4), nn.ReLU())
+        compiled = torch.compile(model, backend="eager")
+        x = torch.randn(2, 3, 6, 6)
+        for _ in range(3):
+            model.train()
+            (compiled(x).sum() + bk.nll_loss(model)).backward()
+            model.eval()
+            with torch.no_grad():
+                compiled(x)
+        graphs[norm.__name__] = counters["stats"]["unique_graphs"]
+    assert graphs["BatchlessNorm2d"] == graphs["BatchNorm2d"] == 2, graphs
+
+
 # ------------------------------------------------------------------------------------------------
 # Gradient accumulation: a batch of 8 == 8 micro-batches of 1 (the triton interpreter runs 3 layers
 # forward and backward per micro-batch: 32 of them took 35 s of CI per case)

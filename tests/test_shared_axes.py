@@ -118,3 +118,24 @@ def test_equivalent_shapes_may_be_mixed(case):
     y_ref, nll_ref = bk.reference.batchless_norm(x, mean, std_param, weight, bias)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nll, nll_ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("param_shape", [(5, 4, 1), (1, 4, 3), (5, 1, 1)], ids=str)
+def test_compiles_with_dynamic_shapes_in_one_graph(param_shape):
+    """torch.compile(dynamic=True, fullgraph=True) of a BatchlessNorm or of batchless_norm with shared-axes
+    parameters: the broadcast checks' `d in (1, full)` with a symbolic size raised a false ValueError inside
+    Dynamo ('does not broadcast to the input's (s81, s16, s31)'); without fullgraph, a graph break."""
+    x = torch.randn(3, 5, 4, 3)
+    layer = bk.BatchlessNorm(param_shape)
+    with torch.no_grad():
+        layer.mean.normal_()
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, dynamic=True, fullgraph=True, backend="aot_eager")
+    for batch in (3, 6):
+        xb = torch.randn(batch, 5, 4, 3)
+        torch.testing.assert_close(compiled(xb), layer(xb))
+    p = torch.zeros(param_shape, requires_grad=True)
+    y, nll = torch.compile(lambda x: bk.batchless_norm(x, p, p), dynamic=True, fullgraph=True, backend="aot_eager")(x)
+    expected = bk.batchless_norm(x, p, p)
+    torch.testing.assert_close(y, expected[0])
+    torch.testing.assert_close(nll, expected[1])
