@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # For a session lent a GPU (device tool, 15 minutes of device time in all, 10 a command):
-#   bash .ci/gpu_session.sh all     one command, under 10 minutes: import check, the GPU tests and the
-#                                   CUDA/Triton cases of the shared suite (-m gpu), the benchmark of the
-#                                   GPU backends against BatchNorm (--update-reference), the same timed as
-#                                   CUDA-graph replays (--cuda-graphs), each kernel stage's device time
-#                                   (bench/bench_stages.py), the host's time per small step
-#                                   (.ci/profile_host.py), compute-sanitizer memcheck, an ncu
-#                                   profile of the training step (.ci/profile_kernels.py)
+#   bash .ci/gpu_session.sh all     one command, under 10 minutes: import check, the GPU tests, the
+#                                   CUDA/Triton cases of the shared suite (-m gpu) but test_correctness's,
+#                                   the benchmark of the GPU backends against BatchNorm (--update-reference),
+#                                   test_correctness's GPU cases, the benchmark timed as CUDA-graph replays
+#                                   (--cuda-graphs), compute-sanitizer memcheck, each kernel stage's device
+#                                   time (bench/bench_stages.py), the host's time per small step
+#                                   (.ci/profile_host.py), an ncu profile of the training step
+#                                   (.ci/profile_kernels.py): the most wanted results first
 #   bash .ci/gpu_session.sh test    the whole test suite and memcheck + racecheck (longer)
 #   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh, arguments passed on)
 # Each step has a time limit (GPU_SESSION_LIMITS), so that one that hangs cannot take the later ones'
@@ -24,14 +25,38 @@ DRY="${BATCHLESS_GPU_DRY_RUN:-0}"
 LOGS="$(mktemp -d)"  # everything, packed into $OUT/gpu_session.tar.gz after each step
 mkdir -p "$OUT"
 step() { echo "[gpu-session $SECONDS s] $*" | tee -a "$LOGS/steps.log"; }
-# (never fatal: a failed pack must not end the session's later steps)
-pack() { tar czf "$OUT/gpu_session.tar.gz" -C "$LOGS" . && cp "$LOGS/steps.log" "$OUT/" || echo "pack: FAILED"; }
-# Seconds each step may take (tests, eager benchmark, CUDA-graph benchmark, memcheck, ncu, stage costs, host
-# time); with the setup (~25 s) and tests/test_gpu.py's 60 s their sum (~440 s) stays under the device
-# tool's 10-minute command limit (on 2026-11-30 the whole ran in 368 s). GPU_SESSION_WORKERS: pytest-xdist workers (default 8);
-# PROFILE_IMPLS: what the ncu step profiles (default cuda,triton,batchnorm).
-read -r t_tests t_bench t_graphs t_memcheck t_ncu t_stages t_host <<< "${GPU_SESSION_LIMITS:-90 60 60 30 45 45 25}"
-limit() { timeout -s INT -k 20 "$@"; }  # INT first: pytest still prints its summary
+# (never fatal: a failed pack must not end the session's later steps). Written aside, then renamed: a
+# command killed while packing still leaves the previous, whole archive.
+pack() {
+  { tar czf "$OUT/.gpu_session.tar.gz.part" -C "$LOGS" . && mv -f "$OUT/.gpu_session.tar.gz.part" "$OUT/gpu_session.tar.gz"     && cp "$LOGS/steps.log" "$OUT/"; } || echo "pack: FAILED"
+}
+# Seconds each step may take: tests/test_gpu.py, the suite's other GPU cases, eager benchmark,
+# test_correctness's GPU cases, CUDA-graph benchmark, memcheck, ncu, stage costs, host time. Every step
+# also ends by GPU_SESSION_DEADLINE (seconds since the start, default 520: with the machine's start the
+# session's 15 minutes of device time hold one such command, and 600 s is the tool's limit): a step's
+# limit is clipped to the time left, and a step with less than 5 s left is skipped. On 2026-11-30 the
+# whole ran in 368 s, the suite's step cut off at 90 s. GPU_SESSION_WORKERS: pytest-xdist workers (default:
+# the cores, at most 16: Triton compiles on the host); PROFILE_IMPLS: what the ncu step profiles (default
+# cuda,triton,batchnorm).
+limits="${GPU_SESSION_LIMITS:-60 60 60 90 60 30 75 45 25}"
+read -ra seconds_each <<< "$limits"
+[[ ${#seconds_each[@]} == 9 && "$limits" =~ ^[0-9\ ]+$ ]] \
+  || { echo "GPU_SESSION_LIMITS must hold 9 numbers of seconds, got '$limits'" >&2; exit 2; }
+read -r t_gpu_tests t_tests t_bench t_correctness t_graphs t_memcheck t_ncu t_stages t_host <<< "$limits"
+deadline="${GPU_SESSION_DEADLINE:-$([[ "${1:-all}" == all ]] && echo 520 || echo 100000)}"
+# INT first: pytest still prints its summary and writes its junit file. Exit status 124: cut off.
+limit() {
+  local seconds=$1 left=$(( deadline - SECONDS - 10 ))  # 10 s: the kill's grace and the packing
+  shift
+  (( left < seconds )) && seconds=$left
+  if (( seconds < 5 )); then
+    echo "skipped: the session's deadline (${deadline} s) is near"
+    return 124
+  fi
+  timeout -s INT -k 5 "$seconds" "$@"
+}
+# What an exit status says, for the steps' lines.
+outcome() { case $1 in 0) echo "ok" ;; 124) echo "cut off at its time limit (partial results kept)" ;; *) echo "FAILED (rc $1)" ;; esac; }
 # The package is imported from this checkout (the GPU machines have no editable install of it).
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
 # A library built for this machine by .ci/prebuild_gpu.sh and carried here: used unless the sources changed.
@@ -46,16 +71,20 @@ source .ci/setup_env.sh > "$LOGS/setup.log" 2>&1 || exit 1
 trap - EXIT
 tail -n 3 "$LOGS/setup.log"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOGS/setup.log" 2>&1 || true
+step "setup done"
+pack
 find_tool() { command -v "$1" || ls "${CUDA_HOME:-/usr/local/cuda}/bin/$1" /opt/nvidia/nsight-compute/*/"$1" 2>/dev/null | head -n 1 || true; }
 sanitizer="$(find_tool compute-sanitizer)"
 ncu="$(find_tool ncu)"
 device=cuda
 [[ "$DRY" == "1" ]] && device=cpu
+# The GPU benchmark's selection (tests/test_gpu_session.py checks that bench_batchless.py accepts it).
+GPU_BENCH_ARGS=(--impls batchless-cuda,batchless-triton,batchnorm --budget 0.05)
 
 check_import() {
   local rc=0
   step "import"
-  "$BATCHLESS_PYTHON" - "$device" > "$LOGS/import.log" 2>&1 <<'PY' || rc=$?
+  limit 60 "$BATCHLESS_PYTHON" - "$device" > "$LOGS/import.log" 2>&1 <<'PY' || rc=$?
 import sys
 import torch
 import batchless_kernels as bk
@@ -67,7 +96,7 @@ missing = [b for b in wanted if b not in have]
 sys.exit(f"missing backends {missing}" if missing else 0)
 PY
   cat "$LOGS/import.log"
-  [[ $rc == 0 ]] || echo "import: FAILED (rc $rc)"
+  [[ $rc == 0 ]] || echo "import: $(outcome $rc)"
   pack
 }
 
@@ -76,13 +105,17 @@ run_tests() {  # $1: name of the logs; $2: time limit; then pytest arguments (pa
   shift 2
   step "$name: pytest $* (limit $seconds s)"
   # Triton compiles on the host: spread the cases over worker processes where pytest-xdist is installed.
-  [[ "$DRY" != "1" ]] && "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_SESSION_WORKERS:-8}")
+  local cores
+  cores=$(nproc)
+  (( cores > 16 )) && cores=16
+  [[ "$DRY" == "1" ]] && cores=2
+  "$BATCHLESS_PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${GPU_SESSION_WORKERS:-$cores}")
   # --junitxml: the record of every case's outcome (-q prints only the failures' names)
   limit "$seconds" "$BATCHLESS_PYTHON" -m pytest -q -ra --maxfail=50 --durations=15 "${parallel[@]}" \
     --junitxml="$LOGS/$name.xml" "$@" > "$LOGS/$name.log" 2>&1 || rc=$?
   tail -15 "$LOGS/$name.log"
   # 5: nothing selected (a dry run without a GPU deselects every GPU case)
-  [[ $rc == 0 || ($rc == 5 && "$DRY" == "1") ]] || echo "$name: FAILED (rc $rc, see $name.log)"
+  [[ $rc == 0 || ($rc == 5 && "$DRY" == "1") ]] || echo "$name: $(outcome $rc) (see $name.log)"
   pack
 }
 
@@ -95,31 +128,37 @@ sanitize() {  # $1: time limit; then the tools
       continue
     fi
     step "compute-sanitizer $tool (limit $seconds s)"
+    local rc=0
     limit "$seconds" "$sanitizer" --tool "$tool" --error-exitcode 1 "$BATCHLESS_PYTHON" .ci/sanitize_kernels.py \
-      > "$LOGS/sanitizer-$tool.log" 2>&1 && echo "$tool: clean" || echo "$tool: FAILED or cut off (see log)"
+      > "$LOGS/sanitizer-$tool.log" 2>&1 || rc=$?
+    [[ $rc == 0 ]] && echo "$tool: clean" || echo "$tool: $(outcome $rc) (see sanitizer-$tool.log)"
     tail -5 "$LOGS/sanitizer-$tool.log"
   done
   pack
 }
 
 benchmark() {  # $1: time limit; $2: 1 to copy the results to $OUT as well as into the logs; then bench_batchless.py arguments
-  local seconds=$1 to_out=$2 dir
+  local seconds=$1 to_out=$2 dir rc=0 file
   shift 2
   step "benchmark $* (limit $seconds s)"
-  local log="$LOGS/bench$([[ $to_out == 1 ]] || echo -graphs).log"
-  limit "$seconds" bash bench/run.sh "$@" > "$log" 2>&1 || echo "benchmark: FAILED or cut off (see $(basename "$log"))"
+  local log="$LOGS/bench$([[ $to_out == 1 ]] || echo -graphs).log" started="$LOGS/.bench-started"
+  touch "$started"
+  # bench_batchless.py itself, not bench/run.sh, which would set the environment up again (22 s on the H200)
+  limit "$seconds" "$BATCHLESS_PYTHON" bench/bench_batchless.py "$@" > "$log" 2>&1 || rc=$?
+  [[ $rc == 0 ]] || echo "benchmark: $(outcome $rc) (see $(basename "$log"))"
   tail -40 "$log"
   dir=$(sed -n 's/.*results will be written to //p' "$log" | tail -n 1)
   if [[ -n "$dir" && -d "$dir" ]]; then  # results.csv is rewritten after every case: a cut-off run keeps its rows
     mkdir -p "$LOGS/$(basename "$dir")" && cp "$dir"/* "$LOGS/$(basename "$dir")/" 2>/dev/null || true
-    if [[ $to_out == 1 ]]; then
-      cp "$dir"/results.csv "$dir"/summary.md "$dir"/*.png "$dir"/gpu_choice.json "$OUT/" 2>/dev/null || true
-    fi
+    # Only what this run wrote: --update-reference writes into bench/results/<device>/, which holds the
+    # committed summary and plot that a cut-off run has not rewritten yet.
+    for file in "$dir"/results.csv "$dir"/summary.md "$dir"/*.png "$dir"/gpu_choice.json \
+                batchless_kernels/gpu_choice.json; do  # the last: auto's table, which --update-reference rewrites
+      [[ $to_out == 1 && -f "$file" && "$file" -nt "$started" ]] && cp "$file" "$OUT/"
+    done
   else
-    echo "benchmark: no results (see bench.log)"
+    echo "benchmark: no results (see $(basename "$log"))"
   fi
-  # --update-reference rewrites auto's table, package data
-  if [[ "$*" == *--update-reference* ]]; then cp batchless_kernels/gpu_choice.json "$OUT/" 2>/dev/null || true; fi
   pack
 }
 
@@ -127,8 +166,10 @@ stages() {  # $1: time limit. Each kernel stage's device time (bench/bench_stage
   local seconds=$1 args=()
   [[ "$DRY" == "1" ]] && args=(--device cpu --shapes 4x3x5x5 --dtypes float32)
   step "stage costs (limit $seconds s)"
+  local rc=0
   limit "$seconds" "$BATCHLESS_PYTHON" bench/bench_stages.py "${args[@]}" --out "$LOGS/stages" > "$LOGS/stages.log" 2>&1 \
-    || echo "stages: FAILED or cut off (see stages.log)"
+    || rc=$?
+  [[ $rc == 0 ]] || echo "stages: $(outcome $rc) (see stages.log)"
   tail -25 "$LOGS/stages.log"
   pack
 }
@@ -137,8 +178,9 @@ host_time() {  # $1: time limit. The host's time per small eager step, and its o
   local seconds=$1 args=()
   [[ "$DRY" == "1" ]] && args=(--device cpu --steps 3)
   step "host time (limit $seconds s)"
-  limit "$seconds" "$BATCHLESS_PYTHON" .ci/profile_host.py "${args[@]}" > "$LOGS/host.log" 2>&1 \
-    || echo "host: FAILED or cut off (see host.log)"
+  local rc=0
+  limit "$seconds" "$BATCHLESS_PYTHON" .ci/profile_host.py "${args[@]}" > "$LOGS/host.log" 2>&1 || rc=$?
+  [[ $rc == 0 ]] || echo "host: $(outcome $rc) (see host.log)"
   grep "^## " "$LOGS/host.log" || true
   pack
 }
@@ -150,34 +192,37 @@ profile() {  # $1: time limit
     return
   fi
   step "ncu profile (limit $seconds s)"
+  local rc=0
   # --clock-control none: the card's clocks are left as they are (never changed here)
   limit "$seconds" "$ncu" --clock-control none --profile-from-start off --csv --page details \
     --section SpeedOfLight --section MemoryWorkloadAnalysis --section LaunchStats --section Occupancy \
     --metrics dram__bytes_read.sum,dram__bytes_write.sum,sm__warps_active.avg.pct_of_peak_sustained_active \
-    --log-file "$LOGS/ncu.csv" "$BATCHLESS_PYTHON" .ci/profile_kernels.py > "$LOGS/ncu.log" 2>&1 \
-    || echo "ncu: FAILED or cut off (see ncu.log)"
+    --log-file "$LOGS/ncu.csv" "$BATCHLESS_PYTHON" .ci/profile_kernels.py > "$LOGS/ncu.log" 2>&1 || rc=$?
+  [[ $rc == 0 ]] || echo "ncu: $(outcome $rc) (see ncu.log)"
   tail -5 "$LOGS/ncu.log"
-  "$BATCHLESS_PYTHON" bench/ncu_summary.py "$LOGS/ncu.csv" > "$LOGS/ncu_summary.md" 2>&1 \
-    && cp "$LOGS/ncu_summary.md" "$OUT/" || echo "ncu_summary: FAILED"
+  [[ -s "$LOGS/ncu.csv" ]] && limit 20 "$BATCHLESS_PYTHON" bench/ncu_summary.py "$LOGS/ncu.csv" \
+    > "$LOGS/ncu_summary.md" 2>&1 && cp "$LOGS/ncu_summary.md" "$OUT/" || echo "ncu_summary: none"
   pack
 }
 
 case "${1:-all}" in
   all)
     check_import
-    # What only a GPU checks (same bits, 2^31 elements, graphs, compile) first, then the shared suite's GPU cases.
-    run_tests tests-gpu 60 tests/test_gpu.py -m gpu
-    run_tests tests "$t_tests" tests -m gpu --ignore=tests/test_gpu.py
+    # What only a GPU checks (same bits, 2^31 elements, graphs, compile) first, then the shared suite's
+    # GPU cases but test_correctness's (which alone did not finish in 90 s on 8 workers), the benchmark,
+    # and test_correctness's with the time it is given.
+    run_tests tests-gpu "$t_gpu_tests" tests/test_gpu.py -m gpu
+    run_tests tests "$t_tests" tests -m gpu --ignore=tests/test_gpu.py --ignore=tests/test_correctness.py
     if [[ "$DRY" == "1" ]]; then
       benchmark "$t_bench" 1 --device cpu --shapes 4x3x2x2 --dtypes float32 --layouts contiguous --budget 0.01 \
         --impls batchless-cpu,batchnorm --default-allocator --out "$OUT/bench"
     else
-      benchmark "$t_bench" 1 --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --update-reference
-      # Device time without launch gaps, in a process of its own (a first attempt on the H200 ended
-      # in an illegal memory access, which would have taken the eager results with it).
-      benchmark "$t_graphs" 0 --impls batchless-cuda,batchless-triton,batchnorm --budget 0.05 --cuda-graphs \
-        --out "$LOGS/graph-run"
+      benchmark "$t_bench" 1 "${GPU_BENCH_ARGS[@]}" --update-reference
     fi
+    run_tests tests-correctness "$t_correctness" tests/test_correctness.py -m gpu
+    # Device time without launch gaps, in a process of its own (a first attempt on the H200 ended
+    # in an illegal memory access, which would have taken the eager results with it).
+    [[ "$DRY" == "1" ]] || benchmark "$t_graphs" 0 "${GPU_BENCH_ARGS[@]}" --cuda-graphs --out "$LOGS/graph-run"
     sanitize "$t_memcheck" memcheck
     stages "$t_stages"
     host_time "$t_host"

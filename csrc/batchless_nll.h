@@ -17,12 +17,11 @@ namespace nll {
 
 using at::Tensor;
 
-inline Parametrization parse_parametrization(c10::string_view name) {
+inline Parametrization parse_parametrization(c10::string_view name, const char* op = "batchless_nll") {
   if (name == "abs") return Parametrization::kAbs;
   if (name == "log") return Parametrization::kLog;
   if (name == "inv") return Parametrization::kInv;
-  TORCH_CHECK(false, "batchless_nll: parametrization must be 'abs', 'log' or 'inv', got '",
-              std::string(name), "'");
+  TORCH_CHECK(false, op, ": parametrization must be 'abs', 'log' or 'inv', got '", std::string(name), "'");
 }
 
 // eps must be finite and at least the smallest normal number of the accumulation dtype `acc` (float or

@@ -10,9 +10,10 @@
 //     the call is not that case (functional.py then takes its general path, which also raises the
 //     errors). On small inputs the Python checks and torch.ops' argument parsing cost as much as the
 //     kernels (issue 12: ~6 us a call against F.batch_norm's 2.7 us).
-//   set_fast_path(cpu, cuda, auto_cpu, auto_cuda): whether this library's kernels with the one-node
-//     training op run CPU / CUDA tensors, and whether backend "auto" always picks them there
-//     (functional.py sets it once at import).
+//   set_fast_path(cpu, cuda, auto_cpu, auto_cuda, environ, key, auto): whether this library's kernels
+//     with the one-node training op run CPU / CUDA tensors, whether backend "auto" always picks them
+//     there, and where BATCHLESS_BACKEND is read: os.environ's dict of bytes and the encoded name and
+//     "auto" (functional.py sets it once at import).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -21,6 +22,7 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/Exceptions.h>
+#include <torch/csrc/utils/object_ptr.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -210,31 +212,24 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
     GilRelease released;
     std::tie(y, nll) = train.call(x, mean, std_param, weight, bias, kind, eps, gauge);
   }
-  PyObject* py_y = THPVariable_Wrap(std::move(y));
-  PyObject* py_nll = nullptr;
-  if (need_nll) {
-    py_nll = THPVariable_Wrap(std::move(nll));
-  } else {
-    Py_INCREF(Py_None);
-    py_nll = Py_None;
-  }
-  PyObject* result = py_y != nullptr && py_nll != nullptr ? PyTuple_New(2) : nullptr;
-  if (result == nullptr) {
-    Py_XDECREF(py_y);
-    Py_XDECREF(py_nll);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(result, 0, py_y);
-  PyTuple_SET_ITEM(result, 1, py_nll);
+  // Owned until the tuple takes them: a wrap that throws leaks neither.
+  THPObjectPtr py_y(THPVariable_Wrap(std::move(y)));
+  THPObjectPtr py_nll(need_nll ? THPVariable_Wrap(std::move(nll)) : Py_NewRef(Py_None));
+  if (!py_y || !py_nll) return nullptr;
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) return nullptr;
+  PyTuple_SET_ITEM(result, 0, py_y.release());
+  PyTuple_SET_ITEM(result, 1, py_nll.release());
   return result;
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7 || !PyBool_Check(args[0]) || !PyBool_Check(args[1]) || !PyBool_Check(args[2]) ||
-      !PyBool_Check(args[3]) || !(args[4] == Py_None || PyDict_Check(args[4]))) {
+      !PyBool_Check(args[3]) ||
+      !(args[4] == Py_None || (PyDict_Check(args[4]) && PyBytes_Check(args[5]) && PyBytes_Check(args[6])))) {
     PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool, auto_cpu: bool, auto_cuda: bool, "
-                                     "environ: dict | None, key, auto)");
+                                     "environ: dict | None, key: bytes, auto: bytes)");
     return nullptr;
   }
   for (PyObject** slot : {&environ_data, &env_key, &env_auto}) Py_CLEAR(*slot);

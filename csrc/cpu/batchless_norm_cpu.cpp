@@ -880,8 +880,11 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
       });
     }
     // Both slots written (the partials are not zeroed beforehand): the one not asked for is summed too.
-    *pw = kDw ? V::hsum(aw, bw) : opmath_t(0);
-    *pb = kDb ? V::hsum(ab, bb) : opmath_t(0);
+    // Not at all for dx alone: the tasks then share one scratch slot (a data race, a contended line).
+    if constexpr (kReduce) {
+      *pw = kDw ? V::hsum(aw, bw) : opmath_t(0);
+      *pb = kDb ? V::hsum(ab, bb) : opmath_t(0);
+    }
   };
 
   // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
@@ -1011,7 +1014,7 @@ Tensor rstd_cpu(const Tensor& x, const Tensor& std_param, nll::Parametrization k
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cpu(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
-  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization, "batchless_norm"), eps);
   auto [y, s1, s2] = forward_cpu(x, mean, rstd, weight, bias, /*compute_stats=*/true);
   // An empty x has no elements to average: nll = 0 with zero gradients (reference.py).
   Tensor nll = x.numel() == 0 ? at::zeros({}, s1.options())
@@ -1037,7 +1040,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_backward_cpu(
 // batchless_norm_inference (csrc/ops.cpp): y alone, r computed here.
 Tensor inference_cpu(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
                      const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
-  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization), eps);
+  const Tensor rstd = rstd_cpu(x, std_param, nll::parse_parametrization(parametrization, "batchless_norm"), eps);
   auto plan = host::plan_forward(x, mean, rstd, weight, bias, /*compute_stats=*/false, c10::DeviceType::CPU);
   run_forward(plan, /*compute_stats=*/false);
   return plan.finish_y();

@@ -155,7 +155,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
     const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
     const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps, bool gauge) {
   TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
-  const auto kind = nll::parse_parametrization(parametrization);
+  const auto kind = nll::parse_parametrization(parametrization, "batchless_norm");
   const c10::cuda::CUDAGuard guard(x.device());
   auto plan = plan_with_std_param(x, mean, std_param, weight, bias, eps, /*compute_stats=*/true,
                                   "batchless_norm_train_forward");
@@ -196,7 +196,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> train_forward_cuda(
 Tensor inference_cuda(const Tensor& x, const Tensor& mean, const Tensor& std_param, const c10::optional<Tensor>& weight,
                       const c10::optional<Tensor>& bias, c10::string_view parametrization, double eps) {
   TORCH_CHECK(x.is_cuda(), "batchless_norm: x must be a CUDA tensor, got ", x.device());
-  const auto kind = nll::parse_parametrization(parametrization);
+  const auto kind = nll::parse_parametrization(parametrization, "batchless_norm");
   const c10::cuda::CUDAGuard guard(x.device());
   auto plan = plan_with_std_param(x, mean, std_param, weight, bias, eps, /*compute_stats=*/false,
                                   "batchless_norm_inference");
