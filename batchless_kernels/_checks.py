@@ -68,19 +68,23 @@ def refuse_jit_script(module) -> None:
         "or use torch.export / torch.onnx.export (docs/api.md)")
 
 
-# The smallest normal number of each accumulation dtype.
-_TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: torch.finfo(torch.float64).tiny}
+# The smallest normal and the largest number of each accumulation dtype.
+_NORMAL = {t: (torch.finfo(t).tiny, torch.finfo(t).max) for t in (torch.float32, torch.float64)}
 
 
 def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str | None = None) -> None:
-    """A batchless normalization's eps must be at least the smallest normal number of the dtype it
-    computes in (float32 for 16- and 32-bit inputs, float64 for float64): sigma = |p| + eps ("abs")
-    and 1/sigma must stay finite there (1/eps overflows below it: a constant channel gave +-inf)."""
+    """A batchless normalization's eps must be a normal number of the dtype it computes in (float32
+    for 16- and 32-bit inputs, float64 for float64): sigma = |p| + eps ("abs") and 1/sigma must stay
+    finite there (1/eps overflows below the smallest: a constant channel gave +-inf; above the
+    largest, eps is inf there)."""
     acc = accumulation_dtype(x_dtype)
-    if eps < _TINY[acc]:
+    tiny, largest = _NORMAL[acc]
+    if not tiny <= eps <= largest:
         what = what or f"{x_dtype} input"
-        raise ValueError(f"eps={eps!r} is below the smallest normal {acc} number ({_TINY[acc]:.4g}), the dtype "
-                         f"batchless normalization of a {what} computes in: it would not keep 1/sigma finite")
+        where = f"below the smallest normal {acc} number ({tiny:.4g})" if eps < tiny else \
+            f"above the largest {acc} number ({largest:.4g})"
+        raise ValueError(f"eps={eps!r} is {where}, the dtype batchless normalization of a {what} computes in: "
+                         "it would not keep sigma and 1/sigma finite")
 
 
 def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:

@@ -44,9 +44,9 @@ def batchless_norm(
             (1, 1, 1) one for the layer. Any strides.
         weight, bias: optional affine output (gamma, beta), of the same shape as mean.
         parametrization: how std_param gives sigma: "abs" (BLN), "log" (BLNlog), "inv" (BLNinv).
-        eps: positive, at least the smallest normal number of the accumulation dtype (1.2e-38 for
-            float32); keeps logs and divisions finite (see parametrization.py). A float or any real
-            number (numpy's too).
+        eps: positive, a normal number of the accumulation dtype (1.2e-38 to 3.4e38 for float32);
+            keeps logs and divisions finite (see parametrization.py). A float or any real number
+            (numpy's too).
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
@@ -70,8 +70,8 @@ def batchless_norm(
             eps not a real number, gauge not a bool, need_nll not a bool or None, backend not a str).
         ValueError: x of fewer than 2 dims; a parameter whose shape does not fit x, or on another
             device than x; an unknown parametrization or backend name; eps not positive and finite,
-            or below the smallest normal number of the dtype the call computes in (float32 for 16-
-            and 32-bit x, float64 for float64 x), where 1/sigma would overflow.
+            or not a normal number of the dtype the call computes in (float32 for 16- and 32-bit x,
+            float64 for float64 x): below the smallest 1/sigma would overflow, above the largest eps.
         RuntimeError: the backend asked for cannot run x here (the message says why: extension not
             built, no GPU, a CPU tensor for cuda).
     """

@@ -24,15 +24,18 @@ inline Parametrization parse_parametrization(c10::string_view name, const char* 
   TORCH_CHECK(false, op, ": parametrization must be 'abs', 'log' or 'inv', got '", std::string(name), "'");
 }
 
-// eps must be finite and at least the smallest normal number of the accumulation dtype `acc` (float or
-// double): below it 1/eps overflows there, and a constant channel's sigma = |p| + eps gave +-inf
-// (the Python entry points refuse it as well, _checks.check_eps_normal).
+// eps must be a normal number of the accumulation dtype `acc` (float or double): below the smallest
+// one 1/eps overflows there, and a constant channel's sigma = |p| + eps gave +-inf; above the largest
+// it is inf there (and its cast undefined). The Python entry points refuse the same
+// (_checks.check_eps_normal).
 inline void check_eps(double eps, at::ScalarType acc, const char* op) {
-  const double tiny = acc == at::kDouble ? std::numeric_limits<double>::min()
-                                         : static_cast<double>(std::numeric_limits<float>::min());
-  TORCH_CHECK(eps >= tiny && std::isfinite(eps), op, ": eps must be a positive finite float, at least the smallest ",
-              "normal ", acc == at::kDouble ? "float64" : "float32", " number (", tiny, ") where the op computes, got ",
-              eps);
+  const bool is_double = acc == at::kDouble;
+  const double tiny = is_double ? std::numeric_limits<double>::min()
+                                : static_cast<double>(std::numeric_limits<float>::min());
+  const double max = is_double ? std::numeric_limits<double>::max()
+                               : static_cast<double>(std::numeric_limits<float>::max());
+  TORCH_CHECK(eps >= tiny && eps <= max, op, ": eps must be a positive finite float, a normal ",
+              is_double ? "float64" : "float32", " number (", tiny, " to ", max, ") where the op computes, got ", eps);
 }
 
 // r = 1/sigma per channel as a fresh tensor in dtype `acc`, by the same ops as

@@ -184,8 +184,9 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
   if (!PyFloat_CheckExact(args[6])) Py_RETURN_NONE;
   const double eps = PyFloat_AS_DOUBLE(args[6]);
   // At least the smallest normal number of the accumulation dtype (functional.batchless_norm says why).
-  const double eps_min = x.scalar_type() == at::kDouble ? DBL_MIN : FLT_MIN;
-  if (!(eps >= eps_min && std::isfinite(eps))) Py_RETURN_NONE;
+  // A normal number of the accumulation dtype (nll::check_eps); else the general path's ValueError.
+  const bool is_double = x.scalar_type() == at::kDouble;
+  if (!(eps >= (is_double ? DBL_MIN : FLT_MIN) && eps <= (is_double ? DBL_MAX : FLT_MAX))) Py_RETURN_NONE;
   if (!PyBool_Check(args[7])) Py_RETURN_NONE;
   const bool gauge = args[7] == Py_True;
   PyObject* need_nll_arg = args[9];

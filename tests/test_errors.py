@@ -145,6 +145,20 @@ def test_eps_below_normal(case, dtype, eps):
 
 
 @pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize(("dtype", "eps"), [(torch.float32, 1e39), (torch.bfloat16, 3.5e38), (torch.float64, 1e308 * 10)],
+                         ids=repr)
+def test_eps_above_the_largest_number(case, dtype, eps):
+    """An eps that is inf in the dtype the call computes in (sigma inf, y = bias): refused as the raw ops
+    refuse it; float64's largest finite eps is inf in Python too, refused as not finite."""
+    pattern = (r"eps must be a positive finite float" if eps == float("inf") else
+               r"eps=.* is above the largest torch.float32 number")
+    with pytest.raises(ValueError, match=pattern):
+        _call(_args(x_shape=(2, 3, 4)) | {"x": torch.randn(2, 3, 4).to(dtype)}, eps=eps, backend=case.name)
+    with pytest.raises(ValueError, match=pattern):
+        bk.BatchlessNorm1d(3, eps=eps, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
 def test_eps_normal_in_float64_only(case):
     """The bound is the accumulation dtype's: 1e-300 is fine for float64 x, and gives finite y."""
     x = torch.randn(2, 3, 4, dtype=torch.float64)
@@ -532,11 +546,12 @@ def test_nll_op_errors():
 
 @needs_ops
 @pytest.mark.parametrize("family, device", OP_FAMILIES, ids=str)
-@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-39), (torch.bfloat16, 1e-45), (torch.float64, 1e-310)],
-                         ids=str)
-def test_raw_ops_refuse_eps_below_the_smallest_normal(family, device, dtype, eps):
-    """The raw ops took any positive eps: 1e-50 with 'abs' made y +-inf for a constant channel (as the
-    Python entry points refuse since _checks.check_eps_normal). The smallest normal number itself is fine."""
+@pytest.mark.parametrize("dtype, eps", [(torch.float32, 1e-39), (torch.bfloat16, 1e-45), (torch.float64, 1e-310),
+                                        (torch.float32, 1e39), (torch.bfloat16, 3.5e38)], ids=str)
+def test_raw_ops_refuse_eps_outside_the_normal_numbers(family, device, dtype, eps):
+    """The raw ops took any positive eps: 1e-50 with 'abs' made y +-inf for a constant channel, and 1e39 is
+    inf in float32 (its cast in C++ undefined), as the Python entry points refuse (_checks.check_eps_normal).
+    The smallest and largest normal numbers themselves are fine."""
     if family == "triton":
         bk.triton.register_kernels()
     ops = torch.ops.batchless_kernels
@@ -556,9 +571,10 @@ def test_raw_ops_refuse_eps_below_the_smallest_normal(family, device, dtype, eps
     for name, call in calls.items():
         if device == "meta" and name in ("train_backward", "nll", "nll_backward"):
             continue  # their fakes check devices and shapes only; the kernels check the rest
-        with pytest.raises(RuntimeError, match=rf"eps must be a positive finite float, at least the smallest normal "
+        with pytest.raises(RuntimeError, match=rf"eps must be a positive finite float, a normal "
                                                rf"{str(acc)[6:]} number"):
             call(eps)
+        call(torch.finfo(acc).max)
         out = call(torch.finfo(acc).tiny)
         if device == "cpu" and name == "train_forward":  # a constant channel's y at sigma = eps: finite
             assert torch.isfinite(out[0]).all(), name
