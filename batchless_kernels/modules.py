@@ -258,6 +258,7 @@ class _BatchlessNorm(nn.Module):
         if STAMPING and nll is not None and not torch.compiler.is_compiling():  # torch 2.11's Dynamo: no next()
             stamp = next(_STAMPS)
             object.__setattr__(self, "_nll_stamp", stamp)
+            object.__setattr__(self, "_output_needs_grad", y.requires_grad)  # else Opacus samples nothing
             if self.training:
                 object.__setattr__(self, "_training_stamp", stamp)
         return y
@@ -348,6 +349,25 @@ class BatchlessNorm(_BatchlessNorm):
         return f"param_shape={self._shape}, " + super().extra_repr().split(", ", 1)[1]
 
 
+def _opacus_hooked(layer: nn.Module) -> bool:
+    """Whether Opacus' GradSampleModule hooks `layer` (its forward hook captures the activations)."""
+    return any(any(c.__name__ == "GradSampleModule" for c in type(getattr(hook, "__self__", None)).__mro__)
+               for hook in layer._forward_hooks.values())
+
+
+def _check_opacus_layers(model: nn.Module, layers: list) -> None:
+    """ValueError for a layer Opacus hooks whose latest output needed no gradient: Opacus then calls no grad
+    sampler for it, and mean and std_param, trained by the NLL, would get no per-sample gradient."""
+    for layer in layers:
+        if layer.__dict__.get("_output_needs_grad") is False:
+            name = next(n for n, m in model.named_modules() if m is layer) or type(layer).__name__
+            raise ValueError(
+                f"nll_loss: the output of {type(layer).__name__} {name!r} needs no gradient (its input needs none, "
+                "and it has no trainable weight or bias), so Opacus computes no per-sample gradient for it, and "
+                "mean and std_param would get none from the NLL: make its input require grad (a model's first "
+                "layer: x.requires_grad_()) or give it a trainable affine")
+
+
 def _check_opacus_route(model: nn.Module) -> None:
     """ValueError where Opacus takes a Batchless layer's per-sample gradients through functorch, from
     the output of the module it prepared (prepare_layer sets ft_compute_sample_grad): the layer itself
@@ -379,8 +399,8 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     inner = model._modules.get("_module", model)  # the model, if this is Opacus' GradSampleModule
-    if "autograd_grad_sample_hooks" in inner.__dict__:  # Opacus computes per-sample gradients
-        _check_opacus_route(inner)
+    opacus = "autograd_grad_sample_hooks" in inner.__dict__  # Opacus computes per-sample gradients
+    hooked = []  # the layers Opacus hooks: also seen when nll_loss is given a part of the model
     groups: dict[tuple, list[torch.Tensor]] = {}
     # torch.compile of a torch.func transform (compile(vmap(grad(loss)))): a term is a tensor of the
     # transform, which AOTAutograd cannot return when Dynamo replays the attribute after the graph
@@ -391,6 +411,8 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
     outside_transforms = not torch.compiler.is_compiling() and not _under_functorch()
     for module in model.modules():
         if isinstance(module, _BatchlessNorm) and module.nll is not None:
+            if module._forward_hooks and _opacus_hooked(module):
+                hooked.append(module)
             if outside_transforms:
                 if _is_functorch_wrapped(module.nll):
                     raise ValueError(
@@ -405,6 +427,9 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
             groups.setdefault(key, []).append(module.nll)
             if take:
                 object.__setattr__(module, "nll", None)
+    if opacus or hooked:
+        _check_opacus_route(inner)
+        _check_opacus_layers(inner, hooked)
     total = None
     for (weight, _, _), terms in groups.items():
         # One stack and one sum per weight, not a multiply and an add per layer: each op is an

@@ -11,14 +11,19 @@ layer class:
 
 Opacus' own hooks see a layer's input and the gradient of the loss with respect to its output only,
 not the NLL, which reaches mean and std_param through a separate term of the loss: its functorch
-fallback gives them zero per-sample gradients, so they would be trained on the data without being
-clipped or noised. The grad sampler here gives each sample i the gradient of its own share of the
+fallback gives them zero per-sample gradients, so the DP optimizer would move them by noise alone
+(and ghost clipping would train them on the data unclipped). The grad sampler here gives each sample i the gradient of its own share of the
 loss, sum(y_i * dLoss/dy_i) + nll_weight * nll_i (nll_i: the layer's NLL over sample i's elements,
 whose mean over the batch is the layer's NLL), for mean, std_param, weight and bias alike. That is the
 per-sample gradient of ``task_loss + bk.nll_loss(model)`` with a mean-reduced task loss, as Opacus'
-default loss_reduction="mean" assumes; a loss that scales the NLL term differently needs nll_weight
-set to match (a loss without the layer's term from nll_loss, e.g. a latest forward under no_grad
-before nll_loss, gives no NLL in its samples' gradients either). A layer called more than once per forward is refused (ValueError): its ``nll`` holds
+default loss_reduction="mean" assumes; with loss_reduction="sum" (a summed task loss) each sample gets
+1/N of its own NLL's, so that the samples' gradients still add up to the loss's. A loss that scales the
+NLL term differently needs nll_weight set to match (a loss without the layer's term from nll_loss,
+e.g. a latest forward under no_grad before nll_loss, gives no NLL in its samples' gradients either;
+a term nll_loss returned counts as in the loss: log ``layer.nll.detach()`` rather than nll_loss's
+value, or the samples' gradients include an NLL the loss lacks). The layer's output must need a
+gradient, or Opacus calls no grad sampler for it (an affine=False layer on an input that needs none,
+e.g. a model's first layer): nll_loss refuses that, with the way out. A layer called more than once per forward is refused (ValueError): its ``nll`` holds
 the last call's term only. So are Opacus' grad_sample_mode="ghost" (fast gradient clipping reweights
 each sample's loss, but the NLL enters the loss once for the batch) and "functorch" (which never
 calls the sampler; nll_loss refuses it). Subclasses of the layers get the sampler too.
@@ -90,8 +95,13 @@ def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch
     # captured: not if the loss has no nll_loss, nor if the latest forward ran under no_grad before
     # nll_loss (it then adds none); still if a forward under no_grad ran after it (a metric).
     summed = layer.__dict__.get("_summed_stamp")
-    return per_sample_grads(layer, activations[0], backprops,
-                            None if summed is not None and summed == layer.__dict__.get("_training_stamp") else 0.0)
+    nll_weight = layer.nll_weight if summed is not None and summed == layer.__dict__.get("_training_stamp") else 0.0
+    x = activations[0]
+    # loss_reduction="sum": Opacus hands over the unscaled backprops, and the loss's NLL term (nll_loss:
+    # the batch's mean of the samples' NLLs) gives each sample 1/N of its own ("mean": backprops times N).
+    if getattr(caller, "loss_reduction", "mean") == "sum" and x.shape[0] > 0:
+        nll_weight = nll_weight / x.shape[0]
+    return per_sample_grads(layer, x, backprops, nll_weight)
 
 
 def _register(cls: type) -> None:

@@ -69,9 +69,8 @@ def run_one(job: dict) -> dict:
     curve, t0 = [], time.time()
     for epoch in range(a["epochs"]):
         model.train()
+        # Poisson sampling can draw an empty batch: its step (noise only) runs too, as the accountant counts it
         for xb, yb in loader:
-            if len(xb) == 0:  # Poisson sampling can draw an empty batch
-                continue
             optimizer.zero_grad(set_to_none=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # full backward hooks on modules whose inputs need no grad
@@ -117,7 +116,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     norms = args.norm_list
-    device = C.pick_device("cpu")  # Opacus' per-sample hooks on these tiny models: the CPU is enough
+    device = C.pick_device(args.device or "cpu")  # Opacus' per-sample hooks on these tiny models: the CPU is enough
     workers = args.workers or (1 if args.smoke else C.default_workers(device))
     outdir = C.results_dir(NAME, args.out)
     data = C.load_digits_tensors()

@@ -113,17 +113,50 @@ def test_subclass_gets_per_sample_nll_gradients():
 
 
 @pytest.mark.parametrize("mode", ["ghost", "functorch"])
-@pytest.mark.parametrize("given", ["wrapper", "inner model"])
+@pytest.mark.parametrize("given", ["wrapper", "inner model", "layer"])
 def test_unsupported_opacus_modes_are_refused(mode, given):
     """Ghost clipping weights each sample's loss by its clipping factor but the NLL enters once (an update of
     norm 1e5 with max_grad_norm 1); functorch mode gives mean and std_param no NLL gradient (refused only
-    when nll_loss was given Opacus' wrapper: given the model itself, their gradients became 0 silently)."""
+    when nll_loss was given Opacus' wrapper: given the model itself or the layer, their gradients became 0
+    silently)."""
     private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double(),
                                         grad_sample_mode=mode)
     with pytest.raises(ValueError, match="grad_sample_mode='hooks'"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = private(x)
-        (criterion(out, t) + bk.nll_loss(private if given == "wrapper" else private._module)).backward()
+        given_module = {"wrapper": private, "inner model": private._module, "layer": private._module[0]}[given]
+        (criterion(out, t) + bk.nll_loss(given_module)).backward()
+
+
+@pytest.mark.parametrize("given", ["wrapper", "layer"])
+def test_a_layer_whose_output_needs_no_gradient_is_refused(given):
+    """An affine=False first layer: its output needs no gradient, so Opacus' backward hook never ran its
+    grad sampler, and the optimizer's step failed with Opacus' 'Per sample gradient is not initialized'."""
+    private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3, affine=False), nn.Linear(3, 2)).double())
+    with pytest.raises(ValueError, match=r"output of BatchlessNorm1d '(0|BatchlessNorm1d)' needs no gradient.*x.requires_grad_"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = private(x)
+        (criterion(out, t) + bk.nll_loss(private if given == "wrapper" else private._module[0])).backward()
+    # the way out (a new model: Opacus keeps the refused forward's input in the layer)
+    private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3, affine=False), nn.Linear(3, 2)).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (criterion(private(x.requires_grad_()), t) + bk.nll_loss(private)).backward()
+    assert torch.count_nonzero(private._module[0].mean.grad_sample) > 0
+
+
+def test_summed_loss_gets_per_sample_gradients_that_add_up():
+    """loss_reduction='sum': each sample got the whole gradient of its own NLL, so the samples' gradients of
+    mean and std_param added up to N times the loss's (task summed + nll_loss, the batch's mean NLL)."""
+    torch.manual_seed(0)
+    private, _, x, t = _private(nn.Sequential(nn.Linear(3, 3), bk.BatchlessNorm1d(3, nll_weight=0.5),
+                                              nn.Linear(3, 2)).double(), loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (F.cross_entropy(private(x), t, reduction="sum") + bk.nll_loss(private)).backward()
+    for name, p in private._module.named_parameters():
+        torch.testing.assert_close(p.grad_sample.sum(0), p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def test_layers_without_the_grad_sampler_are_refused(monkeypatch):
