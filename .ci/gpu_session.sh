@@ -9,7 +9,7 @@
 #                                   (.ci/profile_host.py), an ncu profile of the training step
 #                                   (.ci/profile_kernels.py): the most wanted results first
 #   bash .ci/gpu_session.sh test    the whole test suite and memcheck + racecheck (longer)
-#   bash .ci/gpu_session.sh bench   the benchmark (bench/run.sh, arguments passed on)
+#   bash .ci/gpu_session.sh bench   the kernel benchmark (bench/bench_batchless.py, arguments passed on)
 # Each step has a time limit (GPU_SESSION_LIMITS), so that one that hangs cannot take the later ones'
 # time. The device tool brings back at most 8 files from $OUT (default /tmp/gpu_out): the logs go to
 # $OUT/gpu_session.tar.gz, rewritten after every step (so a killed command still returns what ran),
@@ -51,12 +51,20 @@ limit() {
   (( left < seconds )) && seconds=$left
   if (( seconds < 5 )); then
     echo "skipped: the session's deadline (${deadline} s) is near"
-    return 124
+    return 125
   fi
   timeout -s INT -k 5 "$seconds" "$@"
 }
 # What an exit status says, for the steps' lines.
-outcome() { case $1 in 0) echo "ok" ;; 124) echo "cut off at its time limit (partial results kept)" ;; *) echo "FAILED (rc $1)" ;; esac; }
+outcome() {
+  case $1 in
+    0) echo "ok" ;;
+    124) echo "cut off at its time limit (partial results kept)" ;;
+    125) echo "skipped: the session's deadline was near" ;;
+    137) echo "killed 5 s past its time limit" ;;
+    *) echo "FAILED (rc $1)" ;;
+  esac
+}
 # The package is imported from this checkout (the GPU machines have no editable install of it).
 export PYTHONPATH="$(pwd -P)${PYTHONPATH:+:$PYTHONPATH}"
 # A library built for this machine by .ci/prebuild_gpu.sh and carried here: used unless the sources changed.

@@ -19,7 +19,10 @@ def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
         raise ValueError(f"{name} must be {expected}, got an int of {int(value).bit_length()} bits")
     # Compared as a Python float: numpy's float32 compared with float_info.max casts that to inf
     # (np.float32('inf') passed, with overflow warnings for every value).
-    as_float = float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # e.g. a Fraction beyond float's range
+        raise ValueError(f"{name} must be {expected}, got {value!r}") from None
     if not (-sys.float_info.max <= as_float <= sys.float_info.max and ok(as_float)):  # NaN fails too
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return as_float
@@ -88,12 +91,15 @@ def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str | None = None) 
 
 
 def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
-    """eps must not round to 0 where a layer of parameters of `dtype` computes (its accumulation dtype):
-    it keeps sigma away from 0 there."""
+    """eps must neither round to 0 nor overflow where a layer of parameters of `dtype` computes (its
+    accumulation dtype): it keeps sigma away from 0 there, and an infinite one made every output NaN."""
     acc = accumulation_dtype(dtype if dtype is not None else torch.get_default_dtype())
     if float(torch.tensor(eps, dtype=acc, device="cpu")) == 0.0:  # not the default device: meta has no values
         raise ValueError(f"eps={eps!r} rounds to 0 in {acc}, the dtype the layer computes in: it would not keep "
                          "sigma away from 0")
+    if eps > _NORMAL[acc][1]:
+        raise ValueError(f"eps={eps!r} is above the largest {acc} number ({_NORMAL[acc][1]:.4g}), the dtype the "
+                         "layer computes in: sigma would be inf there")
 
 
 def fits(value: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -171,28 +171,47 @@ _FAMILY_OPS = {
 }
 
 
-# (backend, role) -> op: the lookup through torch.ops costs ~0.3 us a call. The C++ ops are looked up
-# at import: torch.compile guards on this dict's keys, and an entry added by a model's first training
-# (or first inference) step recompiled it at the next. The triton ops' entries come on first use,
-# which imports triton and registers their kernels.
-_OPS: dict[tuple[str, str], object] = {
-    (backend, role): getattr(torch.ops.batchless_kernels, names[0]).default
-    for backend in ("cpu", "cuda") for role, names in _FAMILY_OPS.items()
-} if ops.extension_loaded() else {}
+# (backend, role) -> op: the lookup through torch.ops costs ~0.3 us a call. torch.compile guards on
+# this dict's keys, so an entry added by a compiled model's first training (or first inference) step
+# recompiled it at the next: the C++ ops are looked up at import, and a backend's first use (triton's,
+# which imports triton and registers its kernels; a layer built for it does that at construction)
+# looks up all of its roles at once.
+_OPS: dict[tuple[str, str], object] = {}
+
+
+def _lookup_all(backend: str) -> None:
+    if backend in ("cpu", "cuda"):
+        column = 0
+    elif backend == "triton":
+        triton_backend.register_kernels()
+        column = 1
+    else:
+        raise ValueError(f"backend {backend!r} has no compiled ops")
+    for role, names in _FAMILY_OPS.items():
+        _OPS[(backend, role)] = getattr(torch.ops.batchless_kernels, names[column]).default
+
+
+if ops.extension_loaded():
+    try:
+        for _backend in ("cpu", "cuda"):
+            _lookup_all(_backend)
+    except (AttributeError, RuntimeError):  # an extension built from older sources: looked up on use, and fails there
+        _OPS.clear()
+
+
+def prepare(backend: str) -> None:
+    """Looks up a compiled backend's ops ahead of their first call (a layer built for ``backend``), so
+    that a torch.compile'd model does not recompile after its first step. No-op for the others."""
+    if backend in ("cpu", "cuda", "triton") and (backend, "train") not in _OPS \
+            and any(_reason(backend, d) is None for d in ("cpu", "cuda")):
+        _lookup_all(backend)
 
 
 def _op(backend: str, role: str):
     op = _OPS.get((backend, role))
-    if op is not None:
-        return op
-    if backend in ("cpu", "cuda"):
-        name = _FAMILY_OPS[role][0]
-    elif backend == "triton":
-        triton_backend.register_kernels()
-        name = _FAMILY_OPS[role][1]
-    else:
-        raise ValueError(f"backend {backend!r} has no compiled ops")
-    op = _OPS[(backend, role)] = getattr(torch.ops.batchless_kernels, name).default
+    if op is None:
+        _lookup_all(backend)
+        op = _OPS[(backend, role)]
     return op
 
 

@@ -256,8 +256,13 @@ def _fast_path():
 
     runs = [_HAS_FUSED_NLL[d] and unavailable_reason(d, d) is None for d in ("cpu", "cuda")]
     environ = backends._ENVIRON if backends._ENV_KEY is not None else None  # where _env_backend reads it
-    _C.set_fast_path(*runs, *(fixed_auto_choice(d) == d for d in ("cpu", "cuda")), environ, backends._ENV_KEY,
-                     os.environ.encodevalue("auto") if environ is not None else None)
+    try:
+        _C.set_fast_path(*runs, *(fixed_auto_choice(d) == d for d in ("cpu", "cuda")), environ, backends._ENV_KEY,
+                         os.environ.encodevalue("auto") if environ is not None else None)
+    except TypeError as error:  # a library built from older sources: the general path runs every call
+        warnings.warn(f"batchless_kernels._C is older than the package ({error}): rebuild it (docs/install.md)",
+                      RuntimeWarning, stacklevel=2)
+        return None
     return _C.batchless_norm_fast
 
 

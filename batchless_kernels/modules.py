@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option, real_option,
                        refuse_jit_script)
 from .backends import BACKENDS
+from .backends import prepare as prepare_backend
 from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
                          in_backward_pass)
 from .parametrization import check_eps, check_parametrization, param_from_std, std_from_param
@@ -144,6 +145,7 @@ class _BatchlessNorm(nn.Module):
                 raise ValueError(f"init_std={init_std!r} gives {name}={value:.3g} with parametrization="
                                  f"{self.parametrization!r}, outside the normal range of {in_dtype}")
         self.backend = backend
+        prepare_backend(backend)  # its ops looked up now, not at a compiled model's first step
         shape = self._parameter_shape(num_features)
         self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
         self.std_param = nn.Parameter(torch.empty(shape, **factory_kwargs))
@@ -258,7 +260,8 @@ class _BatchlessNorm(nn.Module):
         if STAMPING and nll is not None and not torch.compiler.is_compiling():  # torch 2.11's Dynamo: no next()
             stamp = next(_STAMPS)
             object.__setattr__(self, "_nll_stamp", stamp)
-            object.__setattr__(self, "_output_needs_grad", y.requires_grad)  # else Opacus samples nothing
+            # Opacus samples a training forward's output only, and only when it needs a gradient
+            object.__setattr__(self, "_output_needs_grad", y.requires_grad or not self.training)
             if self.training:
                 object.__setattr__(self, "_training_stamp", stamp)
         return y
@@ -349,10 +352,26 @@ class BatchlessNorm(_BatchlessNorm):
         return f"param_shape={self._shape}, " + super().extra_repr().split(", ", 1)[1]
 
 
+def _check_nll_weight(layer: nn.Module) -> None:
+    """A layer's nll_weight set after construction: a finite float >= 0, or a one-element floating tensor
+    (a weight annealed without recompiling a torch.compile'd step; its value is not read: no sync)."""
+    weight = layer.nll_weight
+    if isinstance(weight, torch.Tensor):
+        if weight.numel() != 1 or not weight.is_floating_point():
+            raise TypeError(f"{type(layer).__name__}.nll_weight must be a finite float >= 0 or a one-element "
+                            f"floating tensor, got a tensor of shape {tuple(weight.shape)} and {weight.dtype}")
+        return
+    real_option(f"{type(layer).__name__}.nll_weight", weight, "a finite float >= 0", lambda v: v >= 0)
+
+
 def _opacus_hooked(layer: nn.Module) -> bool:
-    """Whether Opacus' GradSampleModule hooks `layer` (its forward hook captures the activations)."""
-    return any(any(c.__name__ == "GradSampleModule" for c in type(getattr(hook, "__self__", None)).__mro__)
-               for hook in layer._forward_hooks.values())
+    """Whether Opacus' GradSampleModule hooks `layer` (its forward hook captures the activations), with
+    its hooks enabled."""
+    for hook in layer._forward_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if any(c.__name__ == "GradSampleModule" for c in type(owner).__mro__):
+            return getattr(owner, "hooks_enabled", True)
+    return False
 
 
 def _check_opacus_layers(model: nn.Module, layers: list) -> None:
@@ -422,8 +441,7 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
                 object.__setattr__(module, "_summed_stamp", module.__dict__.get("_nll_stamp"))
             key = (module.nll_weight, module.nll.device, module.nll.dtype)
             if key not in groups:  # checked at construction; an attribute set since is checked here
-                real_option(f"{type(module).__name__}.nll_weight", module.nll_weight, "a finite float >= 0",
-                            lambda v: v >= 0)
+                _check_nll_weight(module)
             groups.setdefault(key, []).append(module.nll)
             if take:
                 object.__setattr__(module, "nll", None)
@@ -435,7 +453,7 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
         # One stack and one sum per weight, not a multiply and an add per layer: each op is an
         # autograd node, microseconds of host time forward and backward, as much as a small layer.
         term = weight * terms[0] if len(terms) == 1 else torch.stack(terms).sum()
-        if len(terms) > 1 and weight != 1.0:
+        if len(terms) > 1 and (isinstance(weight, torch.Tensor) or weight != 1.0):  # no sync on a tensor
             term = weight * term
         total = term if total is None else total + term
     if total is None:

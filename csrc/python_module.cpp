@@ -228,9 +228,11 @@ PyObject* batchless_norm_fast(PyObject* /*module*/, PyObject* const* args, Py_ss
 PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 7 || !PyBool_Check(args[0]) || !PyBool_Check(args[1]) || !PyBool_Check(args[2]) ||
       !PyBool_Check(args[3]) ||
-      !(args[4] == Py_None || (PyDict_Check(args[4]) && PyBytes_Check(args[5]) && PyBytes_Check(args[6])))) {
+      !(args[4] == Py_None || (PyDict_Check(args[4]) && (PyBytes_Check(args[5]) || PyUnicode_Check(args[5])) &&
+                               (PyBytes_Check(args[6]) || PyUnicode_Check(args[6]))))) {
+    // (os.environ's keys and values are bytes on POSIX, str on Windows)
     PyErr_SetString(PyExc_TypeError, "set_fast_path(cpu: bool, cuda: bool, auto_cpu: bool, auto_cuda: bool, "
-                                     "environ: dict | None, key: bytes, auto: bytes)");
+                                     "environ: dict | None, key: bytes | str, auto: bytes | str)");
     return nullptr;
   }
   for (PyObject** slot : {&environ_data, &env_key, &env_auto}) Py_CLEAR(*slot);

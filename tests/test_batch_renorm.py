@@ -280,6 +280,7 @@ def test_factory_kwargs_and_module_api(dtype):
     ({"relax_steps": 1.5}, TypeError, "relax_steps"),
     ({"rmax": 10 ** 400}, ValueError, "rmax must be a finite float >= 1.0, got an int of 1329 bits"),
     ({"eps": 10 ** 400}, ValueError, "eps must be a positive finite float, got an int of 1329 bits"),
+    ({"eps": 1e39}, ValueError, r"eps=1e\+39 is above the largest torch.float32 number"),  # running_std inf, y NaN
 ])
 def test_bad_arguments(kwargs, error, match):
     """A wrong type is a TypeError, a wrong value a ValueError (momentum=None was a ValueError)."""

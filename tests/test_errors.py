@@ -218,6 +218,10 @@ def test_numpy_float32_infinity_refused_without_warnings():
         _call(_args(), eps=np.float32(1e-5))
     with pytest.raises(ValueError, match=r"the dtype batchless normalization of a torch.float32 input computes in"):
         _call(_args(), eps=1e-39)
+    from fractions import Fraction
+
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float"):  # float() overflowed
+        bk.BatchlessNorm1d(3, eps=Fraction(10 ** 400))
 
 
 @pytest.mark.parametrize("eps", [True, "1e-5", None, torch.tensor(1e-5)], ids=repr)

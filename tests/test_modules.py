@@ -4,6 +4,7 @@ property batchless normalization exists for: batch-size-1 gradient accumulation 
 from __future__ import annotations
 
 import copy
+import functools
 import threading
 import math
 
@@ -332,6 +333,12 @@ def test_nll_loss_edge_cases():
         model[1].nll_weight = value
         with pytest.raises(error, match=r"BatchlessNorm1d.nll_weight must be a finite float >= 0"):
             bk.nll_loss(model)
+    # a one-element tensor: a weight annealed without recompiling (its value not read: no sync)
+    model[1].nll_weight = torch.tensor(0.5)
+    torch.testing.assert_close(bk.nll_loss(model), 0.5 * model[1].nll)
+    model[1].nll_weight = torch.tensor([0.5, 1.0])
+    with pytest.raises(TypeError, match=r"nll_weight must be a finite float >= 0 or a one-element floating tensor"):
+        bk.nll_loss(model)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -381,13 +388,14 @@ def test_torch_compile_fullgraph_train_step(compiled_loss, step):
     assert torch.count_nonzero(model[1].mean.grad) > 0 and torch.count_nonzero(model[5].std_param.grad) > 0
 
 
-def test_train_and_eval_steps_compile_as_often_as_batchnorm():
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in bk.available_backends("cpu")])
+def test_train_and_eval_steps_compile_as_often_as_batchnorm(backend):
     """A model compiled once per mode, as with nn.BatchNorm2d: Dynamo guarded on the backends' op cache,
     which a model's first training step (and first inference) filled, so the next step recompiled."""
     from torch._dynamo.utils import counters
 
     graphs = {}
-    for norm in (nn.BatchNorm2d, bk.BatchlessNorm2d):
+    for norm in (nn.BatchNorm2d, functools.partial(bk.BatchlessNorm2d, backend=backend)):
         torch._dynamo.reset()
         counters.clear()
         model = nn.Sequential(nn.Conv2d(3, 4, 3), norm(4), nn.ReLU())
@@ -399,7 +407,7 @@ def test_train_and_eval_steps_compile_as_often_as_batchnorm():
             model.eval()
             with torch.no_grad():
                 compiled(x)
-        graphs[norm.__name__] = counters["stats"]["unique_graphs"]
+        graphs[getattr(norm, "__name__", "BatchlessNorm2d")] = counters["stats"]["unique_graphs"]
     assert graphs["BatchlessNorm2d"] == graphs["BatchNorm2d"] == 2, graphs
 
 

@@ -144,6 +144,12 @@ def test_a_layer_whose_output_needs_no_gradient_is_refused(given):
         warnings.simplefilter("ignore")
         (criterion(private(x.requires_grad_()), t) + bk.nll_loss(private)).backward()
     assert torch.count_nonzero(private._module[0].mean.grad_sample) > 0
+    # in eval mode (a validation loss with grad on; Opacus itself takes no backward there), Opacus samples
+    # nothing and nll_loss refuses nothing
+    private.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.isfinite(criterion(private(x.detach()), t) + bk.nll_loss(private))
 
 
 def test_summed_loss_gets_per_sample_gradients_that_add_up():
