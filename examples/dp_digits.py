@@ -60,9 +60,9 @@ def run_one(job: dict) -> dict:
     optimizer = C.make_adam(model.parameters(), lr=a["lr"])
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_tr, y_tr), batch_size=a["batch_size"],
                                          generator=torch.Generator().manual_seed(seed))
-    engine = PrivacyEngine(accountant="rdp")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure RNG off: an experiment, not a deployment
+        engine = PrivacyEngine(accountant="rdp")
         model, optimizer, loader = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=job["noise_multiplier"],
             max_grad_norm=a["max_grad_norm"])
