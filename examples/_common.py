@@ -286,12 +286,14 @@ def arg_parser(doc: str) -> argparse.ArgumentParser:
     return p
 
 
-def add_run_args(p: argparse.ArgumentParser, name: str, full_help: str, workers: bool = True) -> None:
+def add_run_args(p: argparse.ArgumentParser, name: str, full_help: str, workers: bool = True,
+                 device_default: str = "cuda if available, else cpu") -> None:
     """The options at the end of every script's list: --device, --workers (`workers`), --out, --full,
     --smoke, --quiet."""
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None, help=f"default: {device_default}")
     if workers:
-        p.add_argument("--workers", type=_cli.positive(int), default=None, help="processes (default: CPU cores, 1 on GPU)")
+        p.add_argument("--workers", type=_cli.positive(int), default=None,
+                       help="processes (default: one per CPU core, at most 4; 1 on GPU)")
     p.add_argument("--out", default=None, help=f"output folder (default examples/results/{name})")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help=full_help)

@@ -4,7 +4,8 @@ parametrization, which keeps a BatchNorm-like learned normalization under DP (Ba
 per-sample gradients: Opacus rejects it).
 
 Data and network: as examples/digits_cnn.py (sklearn's 1438 training / 359 validation 8x8 digits;
-conv-LeakyReLU-norm-dropout-maxpool twice, dense-LeakyReLU-norm-dropout, dense 10). GroupNorm uses
+conv-LeakyReLU-norm-dropout-maxpool twice, dense-LeakyReLU-norm-dropout, dense 10; dropout 0 unless
+--dropout is given). GroupNorm uses
 groups of 4 channels. The batchless layers start at mean 0, std 1: data-dependent initialization
 (init_from_data) would read the private data outside the privacy accounting.
 
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     p.add_argument("--c2", type=_cli.positive(int), default=32)
     p.add_argument("--hidden", type=_cli.positive(int), default=64)
     p.add_argument("--dropout", type=_cli.fraction(), default=0.0)
-    C.add_run_args(p, NAME, "5 seeds, 30 epochs")
+    C.add_run_args(p, NAME, "5 seeds, 30 epochs", device_default="cpu (Opacus' hooks on these tiny models)")
     args = C.parse_with_presets(p, argv, full=dict(seeds=5, epochs=30),
                                 smoke=dict(seeds=1, epochs=1, c1=4, c2=8, hidden=8))
     args.norm_list = C.parse_norms(args.norms, NORMS)  # checked here, before any work
