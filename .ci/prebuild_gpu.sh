@@ -21,7 +21,15 @@ if [[ "${1:-}" == --check ]]; then
   exit 0
 fi
 mkdir -p build
-py312="${PYTHON312:-$(command -v python3.12 || echo /root/.pyenv/versions/3.12.1/bin/python)}"
+# The first Python 3.12 that runs (a pyenv shim is on PATH even where that version is not selected).
+py312=""
+for candidate in ${PYTHON312:-} python3.12 /root/.pyenv/versions/3.12*/bin/python; do
+  if "$candidate" -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" 2>/dev/null; then
+    py312="$candidate"
+    break
+  fi
+done
+[[ -n "$py312" ]] || { echo "prebuild_gpu: no Python 3.12 found (set PYTHON312)" >&2; exit 1; }
 [[ -x .venv-gpu312/bin/python ]] || "$py312" -m venv .venv-gpu312
 .venv-gpu312/bin/python -c "import torch, triton, ninja" 2>/dev/null \
   || .venv-gpu312/bin/python -m pip install --progress-bar off torch==2.11.0 triton==3.6.0 ninja numpy
