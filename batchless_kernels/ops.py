@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from ._checks import FLOAT_DTYPES, accumulation_dtype
+from ._checks import _NORMAL, FLOAT_DTYPES, accumulation_dtype
 from .parametrization import PARAMETRIZATIONS
 
 try:
@@ -134,10 +134,10 @@ def check_nll_args(op: str, s1: torch.Tensor, s2: torch.Tensor, count: int) -> N
 def check_eps(op: str, eps, acc: torch.dtype) -> None:
     """nll::check_eps (csrc/batchless_nll.h): a normal number of the accumulation dtype `acc`, where
     1/eps and eps itself stay finite."""
-    info = torch.finfo(acc)
-    if not (isinstance(eps, float) and info.tiny <= eps <= info.max):
+    tiny, largest = _NORMAL[acc]
+    if not (isinstance(eps, float) and tiny <= eps <= largest):
         raise RuntimeError(f"{op}: eps must be a positive finite float, a normal {str(acc)[6:]} number "
-                           f"({info.tiny:.6g} to {info.max:.6g}) where the op computes, got {eps!r}")
+                           f"({tiny:.6g} to {largest:.6g}) where the op computes, got {eps!r}")
 
 
 def check_nll_op_args(op: str, s1, s2, mean, std_param, count: int, parametrization: str, eps: float) -> None:

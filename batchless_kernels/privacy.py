@@ -62,6 +62,11 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
         raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
     nll_weight = layer.nll_weight if nll_weight is None else real_option(
         "nll_weight", nll_weight, "a finite float >= 0 or None", lambda v: v >= 0)
+    return _sample_grads(layer, x, grad_y, nll_weight)
+
+
+def _sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tensor, nll_weight) -> dict:
+    """per_sample_grads past its checks; nll_weight a float or the layer's one-element tensor."""
     present = {n: getattr(layer, n) for n in _PARAMS if getattr(layer, n) is not None}
     wanted = {n: p.detach() for n, p in present.items() if p.requires_grad}
     fixed = {n: p.detach() for n, p in present.items() if not p.requires_grad}
@@ -101,7 +106,8 @@ def _batchless_grad_sampler(layer: _BatchlessNorm, activations, backprops: torch
     # the batch's mean of the samples' NLLs) gives each sample 1/N of its own ("mean": backprops times N).
     if getattr(caller, "loss_reduction", "mean") == "sum" and x.shape[0] > 0:
         nll_weight = nll_weight / x.shape[0]
-    return per_sample_grads(layer, x, backprops, nll_weight)
+    # (the layer's nll_weight, checked by nll_loss, which summed its term: a float or a one-element tensor)
+    return _sample_grads(layer, x, backprops, nll_weight)
 
 
 def _register(cls: type) -> None:

@@ -163,6 +163,15 @@ def test_summed_loss_gets_per_sample_gradients_that_add_up():
         (F.cross_entropy(private(x), t, reduction="sum") + bk.nll_loss(private)).backward()
     for name, p in private._module.named_parameters():
         torch.testing.assert_close(p.grad_sample.sum(0), p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    # a one-element tensor nll_weight (which nll_loss accepts) gives the float's per-sample gradients
+    expected = {name: p.grad_sample.clone() for name, p in private._module.named_parameters()}
+    private._module[1].nll_weight = torch.tensor(0.5, dtype=torch.float64)
+    private.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (F.cross_entropy(private(x), t, reduction="sum") + bk.nll_loss(private)).backward()
+    for name, p in private._module.named_parameters():
+        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
 
 
 def test_layers_without_the_grad_sampler_are_refused(monkeypatch):
