@@ -9,6 +9,11 @@ import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+try:  # a private module of torch (2.11 to 2.14 have it), so looked up defensively
+    from torch.nn.utils._expanded_weights import ExpandedWeight as _ExpandedWeight
+except ImportError:  # pragma: no cover
+    _ExpandedWeight = ()
+
 
 def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
     """A float option of a layer: TypeError unless a real number (a bool is not; numpy scalars are),
@@ -132,6 +137,20 @@ def check_layer_input(x, accepted_dims: tuple[int, ...] | None, num_features: in
             f"{layer} has num_features={num_features}: expected an input with {num_features} channels in "
             f"dim 1, got {x.shape[1]} channels (input shape {tuple(x.shape)})"
         )
+
+
+def refuse_expanded_weights(mean, std_param, weight, bias) -> None:
+    """ValueError for a parameter wrapped as an Expanded Weight by torch's call_for_per_sample_grads
+    (which Opacus' grad_sample_mode="ew" uses): it gives each op its own per-sample gradient rule, and
+    the NLL term, which trains mean and std_param, has none; without this check its __torch_function__
+    fails on the first attribute read ("Expanded Weights encountered but cannot handle function dim")."""
+    for name, t in (("mean", mean), ("std_param", std_param), ("weight", weight), ("bias", bias)):
+        if isinstance(t, _ExpandedWeight):
+            raise ValueError(
+                f"batchless_norm: {name} is an Expanded Weight (torch.nn.utils._per_sample_grad."
+                "call_for_per_sample_grads, which Opacus' grad_sample_mode='ew' uses), which cannot carry the "
+                "NLL term's per-sample gradients: use Opacus' grad_sample_mode='hooks' with "
+                "batchless_kernels.privacy imported, or torch.func (docs/api.md, \"Differentially private training\")")
 
 
 def per_channel_inputs(x, mean, std_param, weight, bias) -> bool:

@@ -13,7 +13,8 @@ import torch.utils.checkpoint
 from torch.autograd import forward_ad
 
 from . import backends, ops, reference
-from ._checks import accumulation_dtype, bool_option, check_eps_normal, check_inputs, per_channel_inputs
+from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_inputs, per_channel_inputs,
+                      refuse_expanded_weights)
 from .backends import (device_type_of, fixed_auto_choice, inference_op, kernel_ops, resolve_backend_for, train_op,
                        unavailable_reason)
 from .parametrization import check_eps, check_parametrization, rstd_and_log_std, rstd_ratio
@@ -81,6 +82,7 @@ def batchless_norm(
         out = _fast(x, mean, std_param, weight, bias, parametrization, eps, gauge, backend, need_nll)
         if out is not None:
             return out
+    refuse_expanded_weights(mean, std_param, weight, bias)
     # (C,) parameters: the common case, checked fast; anything else is checked in full.
     per_channel = per_channel_inputs(x, mean, std_param, weight, bias)
     param_shape = None if per_channel else check_inputs(x, mean, std_param, weight, bias)

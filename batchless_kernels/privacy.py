@@ -26,7 +26,8 @@ gradient, or Opacus calls no grad sampler for it (an affine=False layer on an in
 e.g. a model's first layer): nll_loss refuses that, with the way out. A layer called more than once per forward is refused (ValueError): its ``nll`` holds
 the last call's term only. So are Opacus' grad_sample_mode="ghost" (fast gradient clipping reweights
 each sample's loss, but the NLL enters the loss once for the batch) and "functorch" (which never
-calls the sampler; nll_loss refuses it). Subclasses of the layers get the sampler too.
+calls the sampler; nll_loss refuses it), and "ew" (torch's Expanded Weights, which hold a per-sample
+rule per op, none for the NLL term; the layer's forward refuses them). Subclasses of the layers get the sampler too.
 """
 
 from __future__ import annotations

@@ -276,7 +276,7 @@ def render_markdown(records, norms, batch_sizes, args, meta) -> str:
     head = (f"Two spirals, {args.epochs:g} epochs of {args.n_train} training points per cell "
             f"(fixed examples seen), {n_seeds} seeds per cell (mean ± std over seeds), "
             f"AMSGrad lr {args.lr:g}, width {args.width}, BLN init: "
-            f"{'bk.init_from_data on %d training points' % args.init_samples if args.bln_init == 'data' else 'mean 0, std 1'}.\n")
+            f"{'bk.init_from_data on %d training points' % min(args.init_samples, args.n_train) if args.bln_init == 'data' else 'mean 0, std 1'}.\n")
     parts = ["# Two spirals\n", head, C.meta_markdown(meta)]
     parts += ["\n## Validation loss after training (lower is better; bold: best mean per batch size)\n\n",
               C.pivot_table(records, "val_loss", norms, batch_sizes, bold_best="min")]

@@ -90,6 +90,24 @@ def test_not_a_tensor(case, name):
 
 @pytest.mark.parametrize("case", CPU_BACKENDS)
 @pytest.mark.parametrize("name", PARAM_NAMES)
+def test_expanded_weights_refused(case, name):
+    """torch's call_for_per_sample_grads (Opacus' grad_sample_mode="ew") wraps the parameters as Expanded
+    Weights, which have no per-sample rule for the NLL term: they failed with torch's "cannot handle
+    function dim"."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    layer = bk.BatchlessNorm1d(3, backend=case.name)
+    for other in PARAM_NAMES:  # only `name` stays a parameter, so only it is wrapped
+        if other != name:
+            value = getattr(layer, other).detach()
+            delattr(layer, other)
+            layer.register_buffer(other, value)
+    with pytest.raises(ValueError, match=_name_re(name) + r" is an Expanded Weight.*grad_sample_mode='hooks'"):
+        call_for_per_sample_grads(layer)(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("case", CPU_BACKENDS)
+@pytest.mark.parametrize("name", PARAM_NAMES)
 def test_device_mismatch(case, name):
     """x on cpu, one parameter on the meta device (a second device every machine has)."""
     args = _args(**{name: torch.zeros(3, device="meta")})

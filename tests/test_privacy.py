@@ -112,13 +112,14 @@ def test_subclass_gets_per_sample_nll_gradients():
     assert torch.count_nonzero(layer.mean.grad_sample) > 0 and torch.count_nonzero(layer.std_param.grad_sample) > 0
 
 
-@pytest.mark.parametrize("mode", ["ghost", "functorch"])
+@pytest.mark.parametrize("mode", ["ghost", "functorch", "ew"])
 @pytest.mark.parametrize("given", ["wrapper", "inner model", "layer"])
 def test_unsupported_opacus_modes_are_refused(mode, given):
     """Ghost clipping weights each sample's loss by its clipping factor but the NLL enters once (an update of
     norm 1e5 with max_grad_norm 1); functorch mode gives mean and std_param no NLL gradient (refused only
     when nll_loss was given Opacus' wrapper: given the model itself or the layer, their gradients became 0
-    silently)."""
+    silently); "ew" (torch's Expanded Weights) failed in the forward with torch's "cannot handle function
+    dim"."""
     private, criterion, x, t = _private(nn.Sequential(bk.BatchlessNorm1d(3), nn.Linear(3, 2)).double(),
                                         grad_sample_mode=mode)
     with pytest.raises(ValueError, match="grad_sample_mode='hooks'"), warnings.catch_warnings():
