@@ -33,6 +33,11 @@ def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
     return as_float
 
 
+def nll_weight_option(name: str, value, expected: str = "a finite float >= 0") -> float:
+    """The NLL term's multiplier (a layer's nll_weight, per_sample_grads' argument): a finite float >= 0."""
+    return real_option(name, value, expected, lambda v: v >= 0)
+
+
 def int_option(name: str, value, expected: str, ok) -> int:
     """An int option of a layer (numpy integers too): TypeError unless an integer, ValueError unless ok(value)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -86,13 +91,18 @@ def check_eps_normal(eps: float, x_dtype: torch.dtype, what: str | None = None) 
     finite there (1/eps overflows below the smallest: a constant channel gave +-inf; above the
     largest, eps is inf there)."""
     acc = accumulation_dtype(x_dtype)
-    tiny, largest = _NORMAL[acc]
-    if not tiny <= eps <= largest:
-        what = what or f"{x_dtype} input"
-        where = f"below the smallest normal {acc} number ({tiny:.4g})" if eps < tiny else \
-            f"above the largest {acc} number ({largest:.4g})"
-        raise ValueError(f"eps={eps!r} is {where}, the dtype batchless normalization of a {what} computes in: "
-                         "it would not keep sigma and 1/sigma finite")
+    what = f"the dtype batchless normalization of a {what or f'{x_dtype} input'} computes in"
+    _check_eps_below_largest(eps, acc, what)
+    if eps < _NORMAL[acc][0]:
+        raise ValueError(f"eps={eps!r} is below the smallest normal {acc} number ({_NORMAL[acc][0]:.4g}), {what}: "
+                         "it would not keep 1/sigma finite")
+
+
+def _check_eps_below_largest(eps: float, acc: torch.dtype, what: str) -> None:
+    """The upper bound both eps rules share: an eps above `acc`'s largest number is inf there."""
+    if eps > _NORMAL[acc][1]:
+        raise ValueError(f"eps={eps!r} is above the largest {acc} number ({_NORMAL[acc][1]:.4g}), {what}: "
+                         "sigma would be inf there")
 
 
 def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
@@ -102,9 +112,7 @@ def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
     if float(torch.tensor(eps, dtype=acc, device="cpu")) == 0.0:  # not the default device: meta has no values
         raise ValueError(f"eps={eps!r} rounds to 0 in {acc}, the dtype the layer computes in: it would not keep "
                          "sigma away from 0")
-    if eps > _NORMAL[acc][1]:
-        raise ValueError(f"eps={eps!r} is above the largest {acc} number ({_NORMAL[acc][1]:.4g}), the dtype the "
-                         "layer computes in: sigma would be inf there")
+    _check_eps_below_largest(eps, acc, "the dtype the layer computes in")
 
 
 def fits(value: torch.Tensor, dtype: torch.dtype) -> bool:

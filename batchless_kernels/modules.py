@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option, real_option,
-                       refuse_jit_script)
+from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option,
+                      nll_weight_option, real_option, refuse_jit_script)
 from .backends import BACKENDS
 from .backends import prepare as prepare_backend
 from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
@@ -108,7 +108,7 @@ class _BatchlessNorm(nn.Module):
     ) -> None:
         super().__init__()
         num_features = int_option("num_features", num_features, "a positive int", lambda v: v > 0)
-        nll_weight = real_option("nll_weight", nll_weight, "a finite float >= 0", lambda v: v >= 0)
+        nll_weight = nll_weight_option("nll_weight", nll_weight)
         init_std = real_option("init_std", init_std, "a positive finite float", lambda v: v > 0)
         init_mean = real_option("init_mean", init_mean, "a finite float")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
@@ -361,7 +361,7 @@ def _check_nll_weight(layer: nn.Module) -> None:
             raise TypeError(f"{type(layer).__name__}.nll_weight must be a finite float >= 0 or a one-element "
                             f"floating tensor, got a tensor of shape {tuple(weight.shape)} and {weight.dtype}")
         return
-    real_option(f"{type(layer).__name__}.nll_weight", weight, "a finite float >= 0", lambda v: v >= 0)
+    nll_weight_option(f"{type(layer).__name__}.nll_weight", weight)
 
 
 def _opacus_hooked(layer: nn.Module) -> bool:

@@ -40,7 +40,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from torch.func import grad, vmap
 
 from . import modules, reference
-from ._checks import real_option
+from ._checks import nll_weight_option
 
 __all__ = ["per_sample_grads"]
 from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
@@ -61,8 +61,8 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
     layer._check_input_dim(x)
     if grad_y.shape != x.shape:
         raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
-    nll_weight = layer.nll_weight if nll_weight is None else real_option(
-        "nll_weight", nll_weight, "a finite float >= 0 or None", lambda v: v >= 0)
+    nll_weight = layer.nll_weight if nll_weight is None else nll_weight_option(
+        "nll_weight", nll_weight, "a finite float >= 0 or None")
     return _sample_grads(layer, x, grad_y, nll_weight)
 
 
