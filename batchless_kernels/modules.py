@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import numbers
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -57,6 +59,12 @@ _OPTIONS_DOC = """\
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         device, dtype: of the parameters.
 """
+# ... and the errors they raise.
+_RAISES_DOC = """        TypeError: an option of the wrong type (numpy's scalars count as Python's), a parameter dtype
+            that is not floating; an input that is not a tensor or not of a floating dtype.
+        ValueError: an option out of its range (eps not a normal number of the dtype the layer
+            computes in, init_std <= 0, nll_weight < 0, an unknown parametrization or backend, an
+            init_std whose std_param the parameters' dtype cannot hold)."""
 
 
 def _layer_doc(inputs: str) -> str:
@@ -72,9 +80,13 @@ def _layer_doc(inputs: str) -> str:
     Args:
         num_features: C, the channels of the inputs.
 {_OPTIONS_DOC}
-    Raises:
-        ValueError / TypeError naming the argument, for invalid values; ValueError for an input of
-        another rank or another number of channels.
+    Shape:
+        Input float16, bfloat16, float32 or float64 (any of them whatever the parameters' dtype);
+        output of the input's shape, dtype and memory format.
+
+    Raises (each naming the argument):
+        ValueError: an input of another rank or another number of channels.
+{_RAISES_DOC}
     """
 
 
@@ -140,7 +152,9 @@ class _BatchlessNorm(nn.Module):
         for name, value, in_dtype in (("std_param", float(p), param_dtype),
                                       ("1/sigma", 1.0 / self.init_std, accumulation_dtype(param_dtype))):
             finfo = torch.finfo(in_dtype)
-            may_be_small = name == "std_param" and self.parametrization != "inv"  # inv: std_param is r
+            # log: std_param = log sigma, whose absolute error is sigma's relative one; abs: std_param =
+            # sigma - eps > 0, a subnormal one a coarse sigma (float16 1e-7 stored as 1.19e-7); inv: r
+            may_be_small = name == "std_param" and self.parametrization == "log"
             if not (abs(value) <= finfo.max and (may_be_small or abs(value) >= finfo.tiny)):
                 raise ValueError(f"init_std={init_std!r} gives {name}={value:.3g} with parametrization="
                                  f"{self.parametrization!r}, outside the normal range of {in_dtype}")
@@ -209,10 +223,13 @@ class _BatchlessNorm(nn.Module):
     @property
     def std(self) -> torch.Tensor:
         """sigma per channel, from std_param (read-only, no gradient): the standard deviation of the
-        NLL's Gaussian, positive. With parametrization="inv" it is 1/abs(std_param); a negative
-        std_param flips the sign of the output (r = std_param, docs/method.md), not of sigma."""
+        NLL's Gaussian, positive, (C,) (param_shape for BatchlessNorm), in the dtype the layer computes
+        in (float32 for 16-bit parameters, where a float16 sigma of 1e5 or 1e-8 would read inf or 0).
+        With parametrization="inv" it is 1/abs(std_param); a negative std_param flips the sign of the
+        output (r = std_param, docs/method.md), not of sigma."""
         with torch.no_grad():
-            return std_from_param(self.std_param, self.parametrization, self.eps)
+            p = self.std_param
+            return std_from_param(p.to(accumulation_dtype(p.dtype)), self.parametrization, self.eps)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, *self._input_rule(), type(self).__name__)
@@ -317,8 +334,9 @@ class BatchlessNorm(_BatchlessNorm):
     run through the reference (tensor ops).
 
     Raises:
-        ValueError: param_shape not a tuple of positive ints; an input of another rank or whose
-            sizes param_shape does not broadcast to.
+        ValueError: param_shape not a positive int nor a non-empty tuple or list of them; an input of
+            another rank or whose sizes param_shape does not broadcast to; the options' errors below.
+{_RAISES_DOC}
     """
 
     _accepted_dims = None
@@ -327,11 +345,14 @@ class BatchlessNorm(_BatchlessNorm):
                  parametrization: str = "log", nll_weight: float = 1.0, gauge: bool = True,
                  init_mean: float = 0.0, init_std: float = 1.0, backend: str = "auto", device=None,
                  dtype=None) -> None:
-        shape = (param_shape,) if isinstance(param_shape, int) and not isinstance(param_shape, bool) else param_shape
-        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 0
-                and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)):
-            raise ValueError(f"param_shape must be a non-empty tuple of positive ints, got {param_shape!r}")
-        self._shape = tuple(shape)
+        def positive_int(d) -> bool:  # numpy's integers too
+            return isinstance(d, numbers.Integral) and not isinstance(d, (bool, np.bool_)) and d > 0
+
+        shape = (param_shape,) if isinstance(param_shape, numbers.Integral) else param_shape
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) > 0 and all(map(positive_int, shape))):
+            raise ValueError(f"param_shape must be a positive int or a non-empty tuple of positive ints, got "
+                             f"{param_shape!r}")
+        self._shape = tuple(int(d) for d in shape)
         super().__init__(self._shape[0], eps, affine, bias, parametrization, nll_weight, gauge, init_mean,
                          init_std, backend, device, dtype)
 

@@ -174,10 +174,11 @@ def inspect(arch: int = 90, quick: bool = False, cases=None) -> list[dict]:
         expected = min(16, launch.meta["VEC"] * dtype.itemsize, contiguous_extent * dtype.itemsize)
         counter = torch.empty(1, dtype=torch.int32 if dtype == torch.float64 else torch.int64)  # told apart too
         forward = (data, data, param, param, param, param, param, param, counter)
-        # after the sizes: kind, eps (hi, lo), has_w, has_b (forward); has_w (backward)
+        # after the sizes: kind, eps (its float64's bits), has_w, has_b (forward); has_w (backward)
+        eps_bits = norm._eps_bits(1e-5)
         variants = {
-            "fwd": (norm.FORWARD_KERNELS[first], forward, (1, 1e-5, 0.0, 1, 1), dict(STATS=True)),
-            "fwd-inference": (norm.FORWARD_KERNELS[first], forward, (1, 1e-5, 0.0, 1, 1), dict(STATS=False)),
+            "fwd": (norm.FORWARD_KERNELS[first], forward, (1, eps_bits, 1, 1), dict(STATS=True)),
+            "fwd-inference": (norm.FORWARD_KERNELS[first], forward, (1, eps_bits, 1, 1), dict(STATS=False)),
             "bwd": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param), (1,),
                     dict(NEED_DX=True, NEED_DW=True, NEED_DB=True)),
             "bwd-dx": (norm.BACKWARD_KERNELS[first], (data, data, data, param, param, param, param, param), (1,),
@@ -223,9 +224,9 @@ def _sum_partials_rows() -> list[dict]:
         tensors = (partial,) * 8 + (counter,) + (partial,) * 5  # P1 .. BLOCK_SUMS, COUNTER, GRAD_NLL .. DPARAM
         for name, (nsum, epilogue, channels, k) in variants.items():
             programs, block_c, block_k, segment = norm._second_pass_grid(channels, k)
-            # C, K, segment, count, kind, eps_hi, eps_lo, gauge
+            # C, K, segment, count, kind, eps_bits, gauge
             compiled = norm._sum_partials_kernel.warmup(
-                *tensors, channels, k, segment, 3136, 1, 1e-5, 0.0, 1, BLOCK_C=block_c, BLOCK_K=block_k, NSUM=nsum,
+                *tensors, channels, k, segment, 3136, 1, norm._eps_bits(1e-5), 1, BLOCK_C=block_c, BLOCK_K=block_k, NSUM=nsum,
                 EPILOGUE=epilogue, ACC=norm.accumulator(acc), num_warps=4, grid=(programs,))
             registers, spills = _resources(compiled.asm["ptx"])
             widths = _access_widths(compiled.asm["ptx"], acc.itemsize * 8)

@@ -129,6 +129,30 @@ def test_init_in_the_parameters_dtype(parametrization, init_std):
     torch.testing.assert_close(m.std, torch.full((3,), init_std, dtype=torch.float64), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("dtype, parametrization, init_std", [
+    (torch.float16, "log", 1e5), (torch.float16, "log", 1e-7), (torch.float16, "abs", 1e-3),
+    (torch.float16, "inv", 3.0), (torch.bfloat16, "abs", 1e5), (torch.bfloat16, "log", 1e-30),
+    (torch.bfloat16, "inv", 1e-30)], ids=str)
+def test_std_of_16_bit_layers_in_their_accumulation_dtype(dtype, parametrization, init_std):
+    """std of a float16 layer was computed in float16: init_std=1e5 read inf (exp(11.5) overflows) and
+    1e-7 read 0, while the layer itself computes 1/sigma in float32 and normalizes correctly."""
+    eps = 1e-5
+    m = bk.BatchlessNorm1d(2, parametrization=parametrization, init_std=init_std, eps=eps, dtype=dtype)
+    assert m.std.dtype == torch.float32
+    want = bk.parametrization.std_from_param(m.std_param.double(), parametrization, eps)  # the stored value's
+    torch.testing.assert_close(m.std.double(), want, rtol=1e-6, atol=0)
+    # std_param rounded to 8 bits (bfloat16 log: -69.08 to -69.0) moves sigma by up to 8%
+    torch.testing.assert_close(m.std.double(), torch.full((2,), init_std, dtype=torch.float64), rtol=0.1, atol=0)
+
+
+def test_abs_std_param_in_a_subnormal_is_refused():
+    """abs: std_param = init_std - eps; a float16 subnormal stores it coarsely (1e-7 - 1e-8 became 1.19e-7,
+    sigma 29% off); log's small std_param (sigma near 1) is fine."""
+    with pytest.raises(ValueError, match=r"init_std=1e-07 gives std_param=9e-08 .* normal range of torch.float16"):
+        bk.BatchlessNorm1d(1, init_std=1e-7, eps=1e-8, dtype=torch.float16, parametrization="abs")
+    bk.BatchlessNorm1d(1, init_std=1.00001, dtype=torch.float16, parametrization="log")
+
+
 def test_extra_repr():
     m = bk.BatchlessNorm2d(16)
     assert m.extra_repr() == (

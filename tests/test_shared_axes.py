@@ -4,6 +4,7 @@ pattern and layout; the module bk.BatchlessNorm with nll_loss, init_from_data an
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -72,8 +73,12 @@ def test_shape_errors_name_the_argument():
         bk.batchless_norm(x, ok, torch.zeros(4, 3, 6))
     with pytest.raises(ValueError, match=r"weight has shape \(1, 1, 1\), unlike mean's \(4, 5, 6\)"):
         bk.batchless_norm(x, ok, ok, torch.ones(1, 1, 1))
-    with pytest.raises(ValueError, match="param_shape must be a non-empty tuple of positive ints"):
-        bk.BatchlessNorm((4, 0, 1))
+    for bad in ((4, 0, 1), (), 0, (4, True), np.bool_(True), 2.0, "3"):
+        with pytest.raises(ValueError, match="param_shape must be a positive int or a non-empty tuple of positive ints"):
+            bk.BatchlessNorm(bad)
+    # numpy's integers, as every int option takes them
+    assert bk.BatchlessNorm(np.int64(3)).param_shape == (3,)
+    assert bk.BatchlessNorm((np.int64(3), np.int32(1))).param_shape == (3, 1)
     with pytest.raises(ValueError, match=r"param_shape=\(4, 5, 6\), which does not broadcast"):
         bk.BatchlessNorm((4, 5, 6))(torch.randn(2, 4, 5, 7))
 

@@ -114,6 +114,22 @@ def test_compile_traces_the_triton_kernels(case):
     assert graphs["export"] == {"kernels": [], "ops": ["batchless_kernels.triton_inference.default"]}
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_nan_parameters_give_nan_outputs(dtype):
+    """A float32 NaN of any payload in mean or r makes its channel's y and dx NaN: the interpreter's
+    bf16 store rounded NaN 0x7FFFFFFF by its bits to -0.0 (the carry reached the sign)."""
+    forward, backward = _ops()
+    x = torch.randn(2, 3, 5, device=_device()).to(dtype)
+    for payload in (0x7FFFFFFF, 0x7FC00000, 0xFFFFFFFF, 0x7F800001):
+        nan = torch.tensor([payload], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+        mean, r = torch.zeros(3, device=x.device), torch.ones(3, device=x.device)
+        mean[1], r[2] = nan, nan
+        y = forward(x, mean, r, None, None, True)[0]
+        dx = backward(x, None, torch.zeros_like(mean), r, None, [True, False, False])[0]
+        assert y[:, 1:].isnan().all() and not y[:, 0].isnan().any(), (hex(payload), y)
+        assert dx[:, 2].isnan().all() and not dx[:, :2].isnan().any(), (hex(payload), dx)
+
+
 def test_triton_ops_read_per_channel_views():
     """The ops themselves (rstd included, which batchless_norm computes itself) with mean, rstd,
     weight, bias as stride-2, stride-0 and offset stride-3 views: exactly the results of their
@@ -185,6 +201,43 @@ def test_launchers_make_the_device_of_their_tensors_current(monkeypatch):
     assert launch(on(0), "x") == (0, ("x",))
     assert launch(torch.zeros(1), "x") == (0, ("x",))
     assert all(f.__wrapped__ for f in (norm.triton_forward, norm.triton_backward))
+
+
+@pytest.mark.parametrize("eps", [1e-100, 1e-60, 1e-40, 1e-5, 1e300], ids=str)  # 1e-100: (x / eps)^2 / eps finite
+def test_float64_eps_reaches_the_kernels_whole(monkeypatch, eps):
+    """Triton types a Python float argument float32 on a GPU (the interpreter keeps the double): eps went
+    in as two float32 halves, so a float64 eps below 1.4e-45 became 0 (abs with std_param 0: y = -inf
+    where the reference gives -1e100) and one above 3.4e38 inf (nll NaN). No launch may carry a float,
+    and the values must equal the float64 reference at the extremes of the accepted range."""
+    from batchless_kernels.triton import norm
+
+    floats = []
+
+    class Recording:  # norm._launchable's kernel, recording the float arguments of each launch
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                floats.extend(a for a in (*args, *kwargs.values()) if isinstance(a, float))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(norm, "_launchable", Recording)
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=_device())
+    p = torch.zeros(4, dtype=torch.float64, device=x.device)  # abs: sigma = eps
+    p[1:] = torch.tensor([0.5, 2.0, 1e-3], dtype=torch.float64)
+    results = {}
+    for backend in ("reference", "triton"):
+        mean = torch.linspace(-1, 1, 4, dtype=torch.float64, device=x.device).requires_grad_()
+        std = p.clone().requires_grad_()
+        y, nll = bk.batchless_norm(x, mean, std, parametrization="abs", eps=eps, backend=backend)
+        nll.backward()
+        results[backend] = (y.detach(), nll.detach(), mean.grad, std.grad)
+    assert not floats, f"float launch arguments (float32 on a GPU): {floats}"
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0, equal_nan=True)
 
 
 # Token-packed inputs: (M, 1024) rows, M from 1k to 512k in steps of 512; channels-first: one plane

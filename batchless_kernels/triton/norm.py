@@ -56,9 +56,12 @@ def _store(ptr, value, mask):
     """Stores value in ptr's dtype, rounding to nearest even as the GPU does (by hand for bf16 under
     the interpreter)."""
     if ptr.dtype.element_ty == tl.bfloat16 and _BF16_BY_HAND:
-        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
-        bits = bits + 0x7FFF + ((bits >> 16) & 1)
-        tl.store(ptr, (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
+        f = value.to(tl.float32)
+        bits = f.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        # NaN as torch's 0x7FC0: rounding a NaN's bits may carry into the sign (0x7FFFFFFF gave -0.0)
+        bits = tl.where(f != f, 0x7FC0, rounded)
+        tl.store(ptr, bits.to(tl.uint16).to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
@@ -100,10 +103,11 @@ def _sigma(p, kind, eps):
 
 
 @triton.jit
-def _eps(eps_hi, eps_lo, ACC: tl.constexpr):
-    """eps in the accumulation dtype from two float32 arguments (hi + lo, _eps_pair): a float
-    argument is float32, and float64 accumulation wants eps to ~48 bits."""
-    return tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
+def _eps(eps_bits, ACC: tl.constexpr):
+    """eps in the accumulation dtype from the bits of its float64 (_eps_bits): Triton types a Python
+    float argument float32, which a float64 eps below 1.4e-45 or above 3.4e38 does not survive (two
+    float32 halves lost it on a GPU, where the interpreter keeps Python's double)."""
+    return tl.cast(tl.cast(eps_bits, tl.int64).to(tl.float64, bitcast=True), ACC)
 
 
 @triton.jit
@@ -179,7 +183,7 @@ def _column_tile(M, C, cols, cmask, start, tiles, BLOCK_M: tl.constexpr):
 # and no spill in some float64 variants; bench/triton_codegen.py).
 # The flags and the parametrization are runtime values too (one variant for all, tl.where in the kernels).
 _JIT = dict(do_not_specialize_on_alignment=["C", "S_VEC", "num_sb", "tiles", "C_VEC"],
-            do_not_specialize=["kind", "has_w", "has_b", "gauge", "count"])
+            do_not_specialize=["kind", "eps_bits", "has_w", "has_b", "gauge", "count"])
 
 
 @triton.jit(**_JIT)
@@ -190,7 +194,7 @@ def _forward_rows_kernel(
     PS1, PS2,  # (C, N, num_sb) partial sums, one slot per (plane, program along S)
     COUNTER,  # (1,) int32 ticket of the second pass, zeroed here (with STATS)
     P, C, S_VEC, num_sb, tiles,  # S = S_VEC * VEC elements per plane; tiles: loop iterations
-    kind, eps_hi, eps_lo, has_w, has_b,
+    kind, eps_bits, has_w, has_b,
     BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -199,7 +203,7 @@ def _forward_rows_kernel(
     S = tl.cast(S_VEC, tl.int64) * VEC  # int64: S_VEC < 2**31 does not bound S
     planes, pmask, c = _plane_block(P, C, BLOCK_P)
     # r first: its exp's temporaries are not live beside the other parameters (a float64 variant spilled)
-    rstd = _rstd(_load_channel(R, c, pmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))[:, None]
+    rstd = _rstd(_load_channel(R, c, pmask, ACC), kind, _eps(eps_bits, ACC))[:, None]
     mean = _load_channel(MEAN, c, pmask, ACC)[:, None]
     w, b = _affine(W, B, c, pmask, has_w, has_b, ACC)
     w, b = w[:, None], b[:, None]
@@ -228,12 +232,12 @@ def _forward_columns_kernel(
     PS1, PS2,  # (C, num_mb) partial sums, one column per row-block (num_mb: grid axis 0)
     COUNTER,  # (1,) int32 ticket of the second pass, zeroed here (with STATS)
     M, C_VEC, tiles,  # C = C_VEC * VEC channels; tiles: loop iterations
-    kind, eps_hi, eps_lo, has_w, has_b,
+    kind, eps_bits, has_w, has_b,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
     STATS: tl.constexpr, ACC: tl.constexpr,
 ):
     C, cols, cmask = _column_block(C_VEC, VEC, BLOCK_C)
-    rstd = _rstd(_load_channel(R, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))  # first, as above
+    rstd = _rstd(_load_channel(R, cols, cmask, ACC), kind, _eps(eps_bits, ACC))  # first, as above
     mean = _load_channel(MEAN, cols, cmask, ACC)
     w, b = _affine(W, B, cols, cmask, has_w, has_b, ACC)
     acc1 = tl.zeros([BLOCK_M, BLOCK_C], ACC)
@@ -333,7 +337,7 @@ def _sum_partials_kernel(
     STD,  # (C,) std_param (EPILOGUE 1 or 2)
     RSTD, NLL, BLOCK_SUMS, COUNTER,  # EPILOGUE 1 (forward): r (C,), the nll (), (programs, 2) scratch, ticket
     GRAD_NLL, S1, S2, DMEAN, DPARAM,  # EPILOGUE 2 (backward): grad_nll (), the forward's sums (C,); (C,) grads
-    C, K, segment, count, kind, eps_hi, eps_lo, gauge,  # segment: see below; count: elements per channel
+    C, K, segment, count, kind, eps_bits, gauge,  # segment: see below; count: elements per channel
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, NSUM: tl.constexpr, EPILOGUE: tl.constexpr, ACC: tl.constexpr,
 ):
     # The second pass: a program adds up BLOCK_C channels' rows, BLOCK_K partials at a time (a fixed
@@ -368,7 +372,7 @@ def _sum_partials_kernel(
     if EPILOGUE > 0:
         n = tl.cast(count, ACC)
         channels = tl.cast(C, ACC)
-        r, log_sigma, dlog_r, dlog_sigma = _sigma(_load_channel(STD, cols, cmask, ACC), kind, _eps(eps_hi, eps_lo, ACC))
+        r, log_sigma, dlog_r, dlog_sigma = _sigma(_load_channel(STD, cols, cmask, ACC), kind, _eps(eps_bits, ACC))
         if EPILOGUE == 1:
             # nll = mean_c [log sigma_c + s2_c / (2 count)] - gauge * (mean_c log sigma_c + 1/2), as the
             # CUDA second stage (csrc/cuda/batchless_norm_kernels.cuh, NllEpilogue): each program adds its
@@ -539,13 +543,10 @@ def _kind(parametrization: str) -> int:
     return KINDS[parametrization]
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
-def _eps_pair(eps: float) -> tuple[float, float]:
-    """eps as float32 hi + lo (_eps in the kernels); checked by ops.check_eps."""
-    hi = struct.unpack("f", struct.pack("f", min(eps, _FLOAT32_MAX)))[0]
-    return hi, eps - hi
+def _eps_bits(eps: float) -> int:
+    """eps as the bits of its float64 (_eps in the kernels; checked by ops.check_eps): a positive normal
+    float64's are at least 2**52, so Triton types the argument int64."""
+    return struct.unpack("<q", struct.pack("<d", float(eps)))[0]
 
 
 def _dense(t: torch.Tensor | None, stand_in: torch.Tensor) -> torch.Tensor:
@@ -593,7 +594,7 @@ def _second_pass(channels: int, partials: list[torch.Tensor], acc: torch.dtype, 
     _launchable(_sum_partials_kernel)[(programs,)](
         p1, p2, o1, o2, pick(std), pick(rstd), pick(nll), block_sums, pick(counter),
         pick(grad_nll), pick(s1), pick(s2), pick(dmean), pick(dparam),
-        channels, k, segment, count, kind, *_eps_pair(eps), int(gauge),
+        channels, k, segment, count, kind, _eps_bits(eps), int(gauge),
         BLOCK_C=block_c, BLOCK_K=block_k, NSUM=len(partials), EPILOGUE=epilogue, ACC=accumulator(acc), num_warps=4)
     return totals
 
@@ -651,7 +652,7 @@ def _forward(x, mean, r, kind, eps, weight, bias, stats):
     counter = torch.empty((1,), dtype=torch.int32, device=x.device) if stats else ps1
     _launchable(FORWARD_KERNELS[first])[launch.grid](
         xin, yout, mean, r, _dense(weight, mean), _dense(bias, mean), ps1, ps2, counter, *launch.sizes,
-        kind, *_eps_pair(eps), int(weight is not None), int(bias is not None),
+        kind, _eps_bits(eps), int(weight is not None), int(bias is not None),
         **launch.meta, STATS=stats, ACC=accumulator(acc))
     if yout is not y:
         y.copy_(yout)
