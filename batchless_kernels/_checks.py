@@ -116,8 +116,9 @@ def check_eps_fits(eps: float, dtype: torch.dtype | None) -> None:
 
 
 def fits(value: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Whether every element of `value` stays finite in `dtype` (float16 holds at most 65504)."""
-    return bool(torch.isfinite(value.to(dtype)).all())
+    """Whether every element of `value` stays finite in `dtype` (float16 holds at most 65504); a meta
+    tensor, which holds no values, does."""
+    return value.is_meta or bool(torch.isfinite(value.to(dtype)).all())
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -146,8 +146,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         modules' train/eval flags are restored afterwards, and so are the model's buffers (a
         BatchNorm's running statistics, which its training-mode passes update).
 
-    Raises ValueError, naming the layer, with the model left as it was: empty data, a layer no data
-    reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
+    Raises ValueError, naming the layer, with the model left as it was: empty data, a layer on the
+    meta device, a layer no data reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
     not above eps), a new value that overflows its parameter's dtype (float16), a parameter it writes
     that is parametrized (torch.nn.utils.parametrize) or computed by a hook (the legacy
     torch.nn.utils.weight_norm). TypeError
@@ -186,6 +186,10 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         return model
     param = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = None if param is None else param.device
+    on_meta = [n for m, n in names.items() if m.mean.is_meta]
+    if on_meta:  # torch's own error came from deep inside ("Tensor.item() cannot be called on meta tensors")
+        raise ValueError(f"init_from_data: layers on the meta device hold no values to set: {on_meta}; "
+                         "materialize the model first (model.to_empty(device=...))")
 
     remaining = list(names)  # in registration order; the execution order decides
     flags = {m: m.training for m in model.modules()}

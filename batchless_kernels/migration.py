@@ -62,7 +62,13 @@ def _convert_layer(bn: nn.Module, target, layer_kwargs: dict, name: str, near: l
         like = next((t for t in map(_first_float_tensor, near) if t is not None), None)
     factory = {} if like is None else {"device": like.device, "dtype": like.dtype}
     kwargs = {"eps": bn.eps, **layer_kwargs}
-    new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)
+    try:
+        new = target(bn.num_features, affine=bn.affine, **kwargs, **factory)
+    except ValueError as e:
+        if "eps" in layer_kwargs or "eps" not in str(e):
+            raise
+        raise ValueError(f"{e} (the eps of the BN layer; convert_batchnorm(..., eps=1e-5) sets the new "
+                         "layers' own: it enters only the std parametrization, sigma keeps the BN's)") from None
     with torch.no_grad():
         if stats is None:
             notes.append(

@@ -374,15 +374,20 @@ class BatchlessNorm(_BatchlessNorm):
 
 
 def _check_nll_weight(layer: nn.Module) -> None:
-    """A layer's nll_weight set after construction: a finite float >= 0, or a one-element floating tensor
-    (a weight annealed without recompiling a torch.compile'd step; its value is not read: no sync)."""
-    weight = layer.nll_weight
+    """A layer's nll_weight set after construction (see check_nll_weight)."""
+    check_nll_weight(f"{type(layer).__name__}.nll_weight", layer.nll_weight)
+
+
+def check_nll_weight(name: str, weight):
+    """An NLL weight given after construction: a finite float >= 0 (returned as a float), or a one-element
+    floating tensor, returned as it is (a weight annealed without recompiling a torch.compile'd step; its
+    value is not read: no sync)."""
     if isinstance(weight, torch.Tensor):
         if weight.numel() != 1 or not weight.is_floating_point():
-            raise TypeError(f"{type(layer).__name__}.nll_weight must be a finite float >= 0 or a one-element "
-                            f"floating tensor, got a tensor of shape {tuple(weight.shape)} and {weight.dtype}")
-        return
-    nll_weight_option(f"{type(layer).__name__}.nll_weight", weight)
+            raise TypeError(f"{name} must be a finite float >= 0 or a one-element floating tensor, got a tensor of "
+                            f"shape {tuple(weight.shape)} and {weight.dtype}")
+        return weight
+    return nll_weight_option(name, weight)
 
 
 def _opacus_hooked(layer: nn.Module) -> bool:

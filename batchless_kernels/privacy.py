@@ -40,10 +40,10 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSam
 from torch.func import grad, vmap
 
 from . import modules, reference
-from ._checks import nll_weight_option
 
 __all__ = ["per_sample_grads"]
-from .modules import BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm
+from .modules import (BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm,
+                      check_nll_weight)
 
 _PARAMS = ("mean", "std_param", "weight", "bias")
 
@@ -52,8 +52,9 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
                      nll_weight: float | None = None) -> dict:
     """{parameter: (N, *param_shape) per-sample gradients} of sum(y_i * grad_y_i) + nll_weight * nll_i
     for the parameters that require grad, x and grad_y being (N, ...) input and output gradient,
-    nll_weight the layer's unless given; computed with torch.func over the reference (docs/method.md),
-    in the parameters' dtype. TypeError / ValueError for arguments of the wrong type or value."""
+    nll_weight (a finite float >= 0 or a one-element floating tensor) the layer's unless given;
+    computed with torch.func over the reference (docs/method.md), in the parameters' dtype.
+    TypeError / ValueError for arguments of the wrong type or value."""
     if not isinstance(layer, _BatchlessNorm):
         raise TypeError(f"layer must be a Batchless layer, got {type(layer).__name__}")
     if not (isinstance(x, torch.Tensor) and isinstance(grad_y, torch.Tensor)):
@@ -61,8 +62,10 @@ def per_sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tenso
     layer._check_input_dim(x)
     if grad_y.shape != x.shape:
         raise ValueError(f"grad_y must have x's shape {tuple(x.shape)}, got {tuple(grad_y.shape)}")
-    nll_weight = layer.nll_weight if nll_weight is None else nll_weight_option(
-        "nll_weight", nll_weight, "a finite float >= 0 or None")
+    if nll_weight is None:
+        nll_weight = check_nll_weight(f"{type(layer).__name__}.nll_weight", layer.nll_weight)
+    else:
+        nll_weight = check_nll_weight("nll_weight", nll_weight)
     return _sample_grads(layer, x, grad_y, nll_weight)
 
 

@@ -410,3 +410,10 @@ def test_values_that_overflow_the_parameters_dtype_are_refused(preserve_function
         bk.init_from_data(layer, x, preserve_function=preserve_function)
     for key, value in layer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_layers_on_the_meta_device_are_refused():
+    """They hold no values: torch's "Tensor.item() cannot be called on meta tensors" came from deep inside."""
+    model = nn.Sequential(nn.Linear(2, 3), bk.BatchlessNorm1d(3)).to("meta")
+    with pytest.raises(ValueError, match=r"meta device hold no values to set: \['1'\].*to_empty"):
+        bk.init_from_data(model, torch.randn(4, 2))

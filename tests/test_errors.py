@@ -370,11 +370,24 @@ def test_env_var_selects_cpu(monkeypatch):
     assert len(calls) == 1
 
 
-@pytest.mark.parametrize("value", ["gpu", "Reference", "", " cpu"], ids=repr)
+@pytest.mark.parametrize("value", ["gpu", "Reference", " ", " cpu"], ids=repr)
 def test_env_var_invalid(monkeypatch, value):
     monkeypatch.setenv("BATCHLESS_BACKEND", value)
     with pytest.raises(ValueError, match=r"BATCHLESS_BACKEND must be one of"):
         _call(_args())
+
+
+def test_env_var_empty_means_unset(monkeypatch):
+    """`BATCHLESS_BACKEND= python train.py` raised ValueError on every call; an empty value is unset, as
+    CPython treats its own PYTHON* variables: auto, on both paths (the fast one leaves it to Python)."""
+    calls = _count_reference_calls(monkeypatch)
+    monkeypatch.setenv("BATCHLESS_BACKEND", "")
+    for args in (_args(std_param=torch.zeros(3, requires_grad=True)), _args()):
+        y, _ = _call(args)
+        monkeypatch.delenv("BATCHLESS_BACKEND")
+        assert torch.equal(y, _call(args)[0])
+        monkeypatch.setenv("BATCHLESS_BACKEND", "")
+    assert len(calls) == 2 * ("cpu" not in bk.available_backends("cpu"))
 
 
 @pytest.mark.parametrize("backend", NOT_ON_CPU)

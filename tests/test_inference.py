@@ -673,3 +673,14 @@ def test_a_compiled_module_is_refused_with_the_way_out():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm2d(4)).eval()
     with pytest.raises(TypeError, match=r"torch.compile'd module: fuse the module it wraps \(model._orig_mod\)"):
         bk.fuse_for_inference(torch.compile(model))
+
+
+def test_a_model_on_the_meta_device_fuses_to_the_same_shapes():
+    """Folding checked that the folded weights fit their dtype by reading them: on the meta device,
+    torch's "Tensor.item() cannot be called on meta tensors"."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), bk.BatchlessNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5),
+                          bk.BatchlessNorm1d(5)).to("meta")
+    fused = bk.fuse_for_inference(model)
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[4], nn.Identity)
+    assert all(p.is_meta for p in fused.parameters())
+    assert fused(torch.empty(2, 3, 5, 5, device="meta")).shape == (2, 5)

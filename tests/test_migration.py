@@ -176,6 +176,21 @@ def test_without_running_stats_warns_and_starts_standard():
     assert layer.mean.grad.abs().sum() > 0 and layer.std_param.grad.abs().sum() > 0
 
 
+def test_a_bn_eps_the_layers_refuse_names_the_way_out():
+    """BatchNorm accepts eps=0, the layers do not: the error now says that eps= sets the new layers' own
+    (the way out, exact: sigma keeps the BN's eps)."""
+    bn = nn.BatchNorm1d(4, eps=0.0).eval()  # (torch refuses eps=0 in training)
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+    with pytest.raises(ValueError, match=r"eps must be a positive finite float, got 0.0 \(the eps of the BN layer; "
+                                         r"convert_batchnorm\(..., eps=1e-5\)"):
+        bk.convert_batchnorm(bn)
+    new = bk.convert_batchnorm(bn, eps=1e-5)
+    x = torch.randn(8, 4)
+    assert max_rel_diff(new(x), bn(x)) <= 1e-5
+
+
 def test_eps_override_keeps_function():
     bn = trained_stats(nn.BatchNorm1d(4, eps=1e-5), (16, 4))
     new = bk.convert_batchnorm(bn, eps=1e-3, parametrization="abs")

@@ -262,9 +262,11 @@ assert layer.__dict__["_nll_stamp"] == layer.__dict__["_training_stamp"] > first
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(nll_weight=float("nan")), ValueError, "nll_weight must be a finite float >= 0 or None, got nan"),
+    (dict(nll_weight=float("nan")), ValueError, "nll_weight must be a finite float >= 0, got nan"),
     (dict(nll_weight=-1.0), ValueError, "nll_weight"),
     (dict(nll_weight=True), TypeError, "nll_weight"),
+    (dict(nll_weight=torch.ones(2)), TypeError, r"nll_weight must be .* a one-element floating tensor, got a tensor "
+                                                r"of shape \(2,\)"),
     (dict(layer=None), TypeError, "layer must be a Batchless layer, got NoneType"),
     (dict(x=[1.0]), TypeError, "x and grad_y must be tensors"),
     (dict(grad_y=torch.ones(4, 3)), ValueError, r"grad_y must have x's shape \(4, 3, 2, 2\)"),
@@ -277,3 +279,15 @@ def test_per_sample_grads_checks_its_arguments(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         batchless_kernels.privacy.per_sample_grads(**args)
+
+
+def test_per_sample_grads_takes_a_tensor_nll_weight_as_the_layer_does():
+    """A one-element tensor nll_weight, which layers and nll_loss accept, raised a TypeError here."""
+    torch.manual_seed(0)
+    layer, x, grad_y = bk.BatchlessNorm1d(3).double(), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3)
+    grad_y = grad_y.double()
+    want = batchless_kernels.privacy.per_sample_grads(layer, x, grad_y, nll_weight=2.5)
+    got = batchless_kernels.privacy.per_sample_grads(layer, x, grad_y, nll_weight=torch.tensor(2.5))
+    assert want.keys() == got.keys()
+    for p in want:
+        torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=0)
