@@ -138,6 +138,8 @@ class ChannelAffine(nn.Module):
         self.register_buffer("shift", shift.detach().clone())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
+        """input * scale + shift, per channel (dim 1 of (N, C, *) input) or broadcast as param_shape; of
+        input's shape, dtype and memory format. ValueError / TypeError for an input scale does not fit."""
         return _channel_affine(input, self.scale, self.shift, self.per_channel)
 
     def extra_repr(self) -> str:
@@ -311,6 +313,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
     or their pre-hooks) or whose class or instance overrides forward, since their function is not the
     affine map. Nothing is folded into the layer before them, and they still compute their NLL.
+
+    Raises TypeError when `model` is not an nn.Module, or is a torch.compile'd one (fuse the module it
+    wraps, model._orig_mod, then compile the result). A model on the meta device folds alike (shapes
+    only).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

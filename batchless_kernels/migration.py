@@ -124,9 +124,14 @@ def convert_batchnorm(module: nn.Module, **layer_kwargs) -> nn.Module:
     layer_kwargs: options of the new layers: parametrization, nll_weight, gauge, backend, and eps
     (default: each BN's own eps; it enters only the std parametrization, sigma keeps BN's eps).
 
-    Raises ValueError naming the layer, with `module` left unchanged (every layer is converted
-    before any is replaced), when a layer's statistics cannot be expressed (e.g. a dead channel's
-    sigma = sqrt(eps) not above the new eps for parametrization="abs"), or for a lazy BN layer.
+    Raises:
+        ValueError: naming the layer, with `module` left unchanged (every layer is converted before
+            any is replaced), when a layer's statistics cannot be expressed (e.g. a dead channel's
+            sigma = sqrt(eps) not above the new eps for parametrization="abs"; a BN's eps the layers
+            refuse, such as 0, names eps= as the way out), for non-finite running statistics, or for
+            a lazy BN layer that has not seen an input yet; an option of layer_kwargs out of range.
+        TypeError: `module` not an nn.Module; a layer_kwargs name other than those above, or a value
+            of the wrong type.
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")

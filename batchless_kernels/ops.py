@@ -19,7 +19,15 @@ try:
 
     EXTENSION_ERROR: str | None = None
 except ImportError as error:  # not built, or built against another torch
-    EXTENSION_ERROR = f"batchless_kernels._C could not be loaded ({error})"
+    import importlib.machinery
+
+    _here = os.path.dirname(os.path.abspath(__file__))
+    if not any(os.path.exists(os.path.join(_here, "_C" + suffix)) for suffix in importlib.machinery.EXTENSION_SUFFIXES):
+        # (ImportError's own text then blames a circular import)
+        EXTENSION_ERROR = ("batchless_kernels._C is not built for this Python (no compiled extension next to the "
+                           "package): build it with `pip install --no-build-isolation -e .` (docs/install.md)")
+    else:
+        EXTENSION_ERROR = f"batchless_kernels._C could not be loaded ({error})"
 
 FORWARD_OP = "batchless_kernels::batchless_norm_forward"
 BACKWARD_OP = "batchless_kernels::batchless_norm_backward"

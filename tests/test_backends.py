@@ -43,3 +43,20 @@ def test_works_without_the_extension():
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("ok")
+
+
+def test_an_unbuilt_extension_is_named_with_the_way_to_build_it(tmp_path):
+    """The package copied without its compiled library: the error said "cannot import name '_C' from
+    partially initialized module ... (most likely due to a circular import)"."""
+    import pathlib
+    import shutil
+
+    package = pathlib.Path(__file__).resolve().parents[1] / "batchless_kernels"
+    shutil.copytree(package, tmp_path / "batchless_kernels", ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    script = ("import torch, batchless_kernels as bk\n"
+              "assert bk.available_backends('cpu')[0] == 'reference'\n"
+              "bk.batchless_norm(torch.randn(2, 3), torch.zeros(3), torch.zeros(3), backend='cpu')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "batchless_kernels._C is not built" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr, \
+        result.stderr[-2000:]
