@@ -31,7 +31,7 @@ whole batch, as examples/microbatch.py checks). The summary names the largest ba
 fits --memory-budget-mb for each.
 
 Writes results.csv (long format: one row per case and measurement, with the machine facts),
-summary.md and models.png into a new bench/runs/<device-slug>/<time>/ (or --out), or with
+summary.md and models.png into a new bench/runs/<device-slug>/<time>-models/ (or --out), or with
 --update-reference into bench/results/<device-slug>/models/.
 """
 
@@ -518,7 +518,7 @@ def parse_args(argv):
                              "cuda 16..512)")
     parser.add_argument("--micro-batch", type=_cli.positive(int), default=1, help="batchless micro-batch size there (default 1)")
     parser.add_argument("--memory-budget-mb", type=_cli.positive(float), help="the budget (default 64 MB cpu, 16384 MB cuda)")
-    parser.add_argument("--out", type=Path, help="output folder (default: a new bench/runs/<device-slug>/<time>/)")
+    parser.add_argument("--out", type=Path, help="output folder (default: a new bench/runs/<device-slug>/<time>-models/)")
     parser.add_argument("--update-reference", action="store_true",
                         help="write the committed reference results, bench/results/<device-slug>/models/")
     parser.add_argument("--default-allocator", action="store_true",

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -22,6 +23,7 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import re
 import subprocess
 import sys
 import time
@@ -278,11 +280,30 @@ def load_digits_tensors(val_fraction: float = 0.2, split_seed: int = 0):
 # ------------------------------------------------------------------------------------------------
 
 
-def arg_parser(doc: str) -> argparse.ArgumentParser:
-    """The parser of a script whose docstring is `doc`, with its first option, --norms."""
-    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--norms", default=",".join(NORMS), help="comma-separated, from " + ",".join(NORMS))
+_SAYS_DEFAULT = re.compile(r"\(default|^default:")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in --help, options without a help text too (argparse's formatter shows
+    it only after one); not where the help text says it already (the None defaults)."""
+
+    def _format_action(self, action):
+        if not action.help and action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            action = copy.copy(action)  # (argparse formats no help string for an option without help)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.default in (None, argparse.SUPPRESS) or _SAYS_DEFAULT.search(text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def arg_parser(doc: str, norms=NORMS) -> argparse.ArgumentParser:
+    """The parser of a script whose docstring is `doc`, with its first option, --norms (from `norms`)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--norms", default=",".join(norms), help="comma-separated, from " + ",".join(norms))
     return p
 
 

@@ -9,7 +9,7 @@ conv-LeakyReLU-norm-dropout-maxpool twice, dense-LeakyReLU-norm-dropout, dense 1
 groups of 4 channels. The batchless layers start at mean 0, std 1: data-dependent initialization
 (init_from_data) would read the private data outside the privacy accounting.
 
-DP-SGD: Opacus' PrivacyEngine.make_private_with_epsilon with Poisson sampling (expected batch size
+DP-SGD: Opacus' PrivacyEngine.make_private, with the noise make_private_with_epsilon computes, Poisson sampling (expected batch size
 --batch-size), per-sample gradients clipped to --max-grad-norm, the noise set so that --epochs epochs
 spend (--epsilon, --delta); the accountant's (RDP) epsilon at the end is reported. The batchless layers'
 per-sample gradients, NLL term included (mean and std_param are trained on the data too, so they are
@@ -92,9 +92,7 @@ def run_one(job: dict) -> dict:
 
 
 def parse_args(argv=None):
-    p = C.argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                  formatter_class=C.argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--norms", default=",".join(NORMS), help="comma-separated, from " + ",".join(NORMS))
+    p = C.arg_parser(__doc__, NORMS)
     p.add_argument("--epsilon", type=_cli.positive(float), default=3.0, help="privacy budget epsilon for the whole training")
     p.add_argument("--delta", type=_cli.number(float, 0, 1), default=1e-5, help="in (0, 1)")
     p.add_argument("--max-grad-norm", type=_cli.positive(float), default=1.0, help="per-sample gradient clipping norm")

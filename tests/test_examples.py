@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -135,3 +136,17 @@ def test_smoke_and_full_exclude_each_other(capsys):
     with pytest.raises(SystemExit):
         _script("spirals").parse_args(["--smoke", "--full"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["spirals", "digits_cnn", "microbatch", "dp_digits"])
+def test_help_shows_every_default(script, capsys):
+    """--help showed no default for options without a help text (--epochs, --width, ...), and a second
+    "(default: None)" after those whose text gives it: every option but -h now says its default once."""
+    with pytest.raises(SystemExit):
+        _script(script).parse_args(["--help"])
+    options = capsys.readouterr().out.split("\noptions:\n", 1)[1]
+    blocks = [" ".join(b.split()) for b in re.split(r"\n(?=  -)", options) if b.strip()]
+    assert len(blocks) > 10
+    for block in blocks:
+        if not block.startswith("-h"):
+            assert len(re.findall(r"\(default|default:", block)) == 1 and "(default: None)" not in block, block
