@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import sys
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -15,9 +16,22 @@ except ImportError:  # pragma: no cover
     _ExpandedWeight = ()
 
 
+def _unwrap_0d(value, convert=None):
+    """A 0-dim numpy array as its Python scalar: under torch.compile Dynamo hands numpy scalars over as
+    such arrays (np.float64(1e-5) failed the number check there, and the error's repr broke the graph).
+    There `convert` (float, int) takes the value, a constant for float64 and integers, where .item() is
+    data (a numpy bool then passes as 0 or 1: Dynamo cannot trace its dtype). Numpy float32 and bools
+    stay data there, which the checks cannot read (Dynamo's data-dependent guard error): docs/api.md
+    asks for Python values."""
+    if not (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value
+    return convert(value) if convert is not None and torch.compiler.is_compiling() else value.item()
+
+
 def real_option(name: str, value, expected: str, ok=lambda v: True) -> float:
     """A float option of a layer: TypeError unless a real number (a bool is not; numpy scalars are),
     ValueError unless finite and ok(value). `expected` completes "{name} must be ..."."""
+    value = _unwrap_0d(value, float)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if isinstance(value, numbers.Integral) and abs(int(value)) > sys.float_info.max:  # float() would overflow
@@ -40,6 +54,7 @@ def nll_weight_option(name: str, value, expected: str = "a finite float >= 0") -
 
 def int_option(name: str, value, expected: str, ok) -> int:
     """An int option of a layer (numpy integers too): TypeError unless an integer, ValueError unless ok(value)."""
+    value = _unwrap_0d(value, int)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if not ok(value):
@@ -62,6 +77,7 @@ def device_option(name: str, value) -> torch.device:
 
 def bool_option(name: str, value, expected: str = "a bool") -> bool:
     """A bool option: a bool or a numpy bool (numpy's bool is not a subclass of bool); TypeError else."""
+    value = _unwrap_0d(value)
     kind = type(value)
     if kind is bool or (kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_")):
         return bool(value)

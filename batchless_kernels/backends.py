@@ -112,7 +112,7 @@ _ENV_KEY = os.environ.encodekey(ENV_VAR) if _ENVIRON is not None and hasattr(os.
 def _env_backend() -> str:
     """BATCHLESS_BACKEND, "auto" when unset or empty (``BATCHLESS_BACKEND= python train.py``, as shells
     treat it); read on every call, so that setting it at run time (os.environ, as tests do) takes effect.
-    (The C++ fast path leaves an empty value to this path.)"""
+    (The C++ fast path reads os.environ alike.)"""
     if _ENV_KEY is not None and _ENV_KEY not in _ENVIRON:
         return "auto"
     return os.environ.get(ENV_VAR) or "auto"

@@ -47,7 +47,7 @@ def batchless_norm(
         parametrization: how std_param gives sigma: "abs" (BLN), "log" (BLNlog), "inv" (BLNinv).
         eps: positive, a normal number of the accumulation dtype (1.2e-38 to 3.4e38 for float32);
             keeps logs and divisions finite (see parametrization.py). A float or any real number
-            (numpy's too).
+            (numpy's too; under torch.compile, not a numpy float32: float(eps)).
         gauge: subtract sg(mean_c log sigma_c) + 1/2 from the NLL (value only; same gradients).
         backend: "auto", "reference", "cpu", "triton" or "cuda".
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param

@@ -378,6 +378,13 @@ def _check_nll_weight(layer: nn.Module) -> None:
     check_nll_weight(f"{type(layer).__name__}.nll_weight", layer.nll_weight)
 
 
+def as_nll_weight(weight, dtype: torch.dtype):
+    """A checked nll_weight as it multiplies an NLL term of `dtype`: a float as it is, a tensor 0-dim in
+    that dtype (a (1,) weight made the loss (1,), which Opacus' per-sample grad refuses, and a float64
+    one made a float32 model's loss float64)."""
+    return weight.reshape(()).to(dtype) if isinstance(weight, torch.Tensor) else weight
+
+
 def check_nll_weight(name: str, weight):
     """An NLL weight given after construction: a finite float >= 0 (returned as a float), or a one-element
     floating tensor, returned as it is (a weight annealed without recompiling a torch.compile'd step; its
@@ -476,6 +483,7 @@ def nll_loss(model: nn.Module) -> torch.Tensor:
         _check_opacus_layers(inner, hooked)
     total = None
     for (weight, _, _), terms in groups.items():
+        weight = as_nll_weight(weight, terms[0].dtype)
         # One stack and one sum per weight, not a multiply and an add per layer: each op is an
         # autograd node, microseconds of host time forward and backward, as much as a small layer.
         term = weight * terms[0] if len(terms) == 1 else torch.stack(terms).sum()

@@ -43,7 +43,7 @@ from . import modules, reference
 
 __all__ = ["per_sample_grads"]
 from .modules import (BatchlessNorm, BatchlessNorm1d, BatchlessNorm2d, BatchlessNorm3d, BatchlessNormNd, _BatchlessNorm,
-                      check_nll_weight)
+                      as_nll_weight, check_nll_weight)
 
 _PARAMS = ("mean", "std_param", "weight", "bias")
 
@@ -82,7 +82,7 @@ def _sample_grads(layer: _BatchlessNorm, x: torch.Tensor, grad_y: torch.Tensor, 
         y, nll = reference.batchless_norm(
             xi.unsqueeze(0), args["mean"], args["std_param"], args.get("weight"), args.get("bias"),
             parametrization=layer.parametrization, eps=layer.eps, gauge=layer.gauge, need_nll=True)
-        return (y * gi.unsqueeze(0)).sum() + nll_weight * nll
+        return (y * gi.unsqueeze(0)).sum() + as_nll_weight(nll_weight, nll.dtype) * nll
 
     grads = vmap(grad(sample_loss), in_dims=(None, 0, 0))(wanted, x.detach(), grad_y.detach())
     return {present[n]: g.to(present[n].dtype) for n, g in grads.items()}

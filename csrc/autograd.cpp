@@ -351,10 +351,15 @@ TORCH_LIBRARY_IMPL(batchless_kernels, Autograd, m) {
   m.impl("batchless_nll", &nll_autograd);
   m.impl("batchless_norm_train", &train_autograd<CompiledKernels>);
   m.impl("triton_norm_train", &train_autograd<TritonKernels>);
-  // y without a gradient formula (functional.py calls it only where none is needed): inputs that
-  // require grad give an output whose backward raises, never a silently missing gradient.
-  m.impl("batchless_norm_inference", torch::autograd::autogradNotImplementedFallback());
-  m.impl("triton_inference", torch::autograd::autogradNotImplementedFallback());
+  // Ops without a gradient formula (the inference op, which functional.py calls only where none is
+  // needed; the backward ops and the training op's halves, which the nodes above call below autograd):
+  // inputs that require grad give outputs whose backward raises, never a silently missing gradient
+  // (without a registration torch only warned, and x.grad stayed None).
+  for (const char* name : {"batchless_norm_inference", "triton_inference", "batchless_norm_backward", "triton_backward",
+                           "batchless_norm_train_forward", "triton_train_forward", "batchless_norm_train_backward",
+                           "triton_train_backward", "batchless_nll_backward"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CompositeExplicitAutograd, m) {

@@ -110,12 +110,12 @@ struct GilRelease {
 // Whether the str `text` is `ascii`, all of it (an embedded NUL does not end it, as it would strcmp).
 bool equals(PyObject* text, const char* ascii) { return PyUnicode_CompareWithASCIIString(text, ascii) == 0; }
 
-// Whether BATCHLESS_BACKEND is set to something else than "auto". Where it cannot tell (an error looking
-// it up), yes: the Python path then decides.
+// Whether BATCHLESS_BACKEND is set to something else than "auto" or empty (unset, as backends.py reads
+// it). Where it cannot tell (an error looking it up), yes: the Python path then decides.
 bool env_overrides_auto() {
   if (environ_data == nullptr) {
     const char* env = std::getenv("BATCHLESS_BACKEND");
-    return env != nullptr && std::strcmp(env, "auto") != 0;
+    return env != nullptr && env[0] != '\0' && std::strcmp(env, "auto") != 0;
   }
   PyObject* value = PyDict_GetItemWithError(environ_data, env_key);  // borrowed
   if (value == nullptr) {
@@ -123,6 +123,9 @@ bool env_overrides_auto() {
     PyErr_Clear();
     return true;
   }
+  const Py_ssize_t length = PyObject_Length(value);  // bytes, or str on platforms without _data's bytes
+  if (length == 0) return false;
+  if (length < 0) PyErr_Clear();
   const int is_auto = PyObject_RichCompareBool(value, env_auto, Py_EQ);
   if (is_auto < 0) PyErr_Clear();
   return is_auto != 1;

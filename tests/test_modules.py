@@ -358,8 +358,13 @@ def test_nll_loss_edge_cases():
         with pytest.raises(error, match=r"BatchlessNorm1d.nll_weight must be a finite float >= 0"):
             bk.nll_loss(model)
     # a one-element tensor: a weight annealed without recompiling (its value not read: no sync)
-    model[1].nll_weight = torch.tensor(0.5)
-    torch.testing.assert_close(bk.nll_loss(model), 0.5 * model[1].nll)
+    # of any shape and dtype: the loss stays 0-dim in the NLL's dtype (a (1,) weight made it (1,),
+    # which Opacus refused; a float64 one made a float32 model's loss float64)
+    for weight in (torch.tensor(0.5), torch.tensor([0.5]), torch.tensor([[0.5]], dtype=torch.float64)):
+        model[1].nll_weight = weight
+        loss = bk.nll_loss(model)
+        assert loss.shape == () and loss.dtype == model[1].nll.dtype
+        torch.testing.assert_close(loss, 0.5 * model[1].nll)
     model[1].nll_weight = torch.tensor([0.5, 1.0])
     with pytest.raises(TypeError, match=r"nll_weight must be a finite float >= 0 or a one-element floating tensor"):
         bk.nll_loss(model)

@@ -673,3 +673,37 @@ def test_training_step_is_one_node_and_few_ops(device, parametrization):
         torch.autograd.backward([y, nll], [torch.ones_like(y), torch.ones_like(nll)])
     work = [op for op in backward.ops if op not in ("detach", "ones_like", "ones", "empty_like", "zeros_like")]
     assert work == ["batchless_norm_train_backward"], backward.ops
+
+
+@needs_ops
+@pytest.mark.parametrize("case", backend_params(KERNEL_BACKENDS))
+def test_ops_without_a_gradient_formula_raise_in_backward(case):
+    """The backward ops and the training op's halves (called below autograd by the nodes) had no Autograd
+    registration: on inputs that require grad torch only warned, and backward left x.grad None. Now their
+    outputs' backward raises, as the inference op's did."""
+    prefix = {"cpu": "batchless_norm", "cuda": "batchless_norm", "triton": "triton"}[case.name]
+    ops = torch.ops.batchless_kernels
+    if case.name == "triton":
+        bk.backends.prepare("triton")  # registers the triton ops' kernels
+    device = case.device
+    x = torch.randn(3, 2, 4, device=device, requires_grad=True)
+    mean, p, w = (torch.zeros(2, device=device, requires_grad=True) for _ in range(3))
+    train_forward = getattr(ops, f"{prefix}_train_forward" if prefix == "triton" else "batchless_norm_train_forward")
+    y, s1, s2, rstd, nll = train_forward(x, mean, p, w, None, "log", 1e-5, True)
+    grad_y = torch.randn_like(x, requires_grad=True)
+    backward = getattr(ops, f"{prefix}_backward")
+    train_backward = getattr(ops, "triton_train_backward" if prefix == "triton" else "batchless_norm_train_backward")
+    calls = {
+        "train_forward": lambda: (y.sum() + nll),
+        "backward": lambda: backward(grad_y, x.detach(), mean.detach(), rstd.detach(), w.detach(), [True, True, True])[0].sum(),
+        "train_backward": lambda: train_backward(
+            grad_y, torch.ones((), device=device), x.detach(), mean.detach(), p.detach(), rstd.detach(), w.detach(),
+            s1, s2, 12, "log", 1e-5, [True, True, True, True, True])[0].sum(),
+        "nll_backward": lambda: ops.batchless_nll_backward(
+            torch.ones((), device=device, requires_grad=True), s1, s2, mean.detach(), p.detach(), 12, "log", 1e-5)[0].sum(),
+    }
+    for name, loss in calls.items():
+        out = loss()
+        assert out.requires_grad, name
+        with pytest.raises(RuntimeError, match="is not implemented"):
+            out.backward()

@@ -165,14 +165,17 @@ def test_summed_loss_gets_per_sample_gradients_that_add_up():
     for name, p in private._module.named_parameters():
         torch.testing.assert_close(p.grad_sample.sum(0), p.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
     # a one-element tensor nll_weight (which nll_loss accepts) gives the float's per-sample gradients
+    # (of shape (1,) too: the loss became (1,), which Opacus' per-sample grad refused)
     expected = {name: p.grad_sample.clone() for name, p in private._module.named_parameters()}
-    private._module[1].nll_weight = torch.tensor(0.5, dtype=torch.float64)
-    private.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        (F.cross_entropy(private(x), t, reduction="sum") + bk.nll_loss(private)).backward()
-    for name, p in private._module.named_parameters():
-        torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-12, atol=1e-14, msg=lambda m: f"{name}: {m}")
+    for weight in (torch.tensor(0.5, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)):
+        private._module[1].nll_weight = weight
+        private.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (F.cross_entropy(private(x), t, reduction="sum") + bk.nll_loss(private)).backward()
+        for name, p in private._module.named_parameters():
+            torch.testing.assert_close(p.grad_sample, expected[name], rtol=1e-12, atol=1e-14,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 def test_layers_without_the_grad_sampler_are_refused(monkeypatch):
@@ -287,7 +290,8 @@ def test_per_sample_grads_takes_a_tensor_nll_weight_as_the_layer_does():
     layer, x, grad_y = bk.BatchlessNorm1d(3).double(), torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3)
     grad_y = grad_y.double()
     want = batchless_kernels.privacy.per_sample_grads(layer, x, grad_y, nll_weight=2.5)
-    got = batchless_kernels.privacy.per_sample_grads(layer, x, grad_y, nll_weight=torch.tensor(2.5))
-    assert want.keys() == got.keys()
-    for p in want:
-        torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=0)
+    for weight in (torch.tensor(2.5), torch.tensor([2.5], dtype=torch.float64)):  # (1,): "f must return a scalar"
+        got = batchless_kernels.privacy.per_sample_grads(layer, x, grad_y, nll_weight=weight)
+        assert want.keys() == got.keys()
+        for p in want:
+            torch.testing.assert_close(got[p], want[p], rtol=1e-12, atol=0)

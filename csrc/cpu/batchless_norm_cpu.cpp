@@ -283,14 +283,20 @@ C10_ALWAYS_INLINE void tree_sum(int64_t n, const Add& add) {
 template <typename opmath_t, int K>
 void reduce_partials(int64_t C, const std::array<opmath_t*, K>& partials, const std::array<opmath_t*, K>& out,
                      int64_t num_outer, int64_t num_inner, int64_t row_stride) {
-  // Whole cache lines of channels per thread: the tree writes the partials it reads.
+  // Whole cache lines of channels per thread, as the tree writes the partials it reads: parallel over
+  // lines, not channels (ATen's OpenMP parallel_for cuts a range in equal parts, not at multiples of
+  // the grain).
   constexpr int64_t kLine = kLineElements<opmath_t>;
-  const int64_t grain = ceil_div(std::max<int64_t>(1, kTaskElements / (num_outer * num_inner)), kLine) * kLine;
+  const int64_t grain = ceil_div(std::max<int64_t>(1, kTaskElements / (num_outer * num_inner)), kLine);
+  const auto by_lines = [&](const auto& body) {
+    at::parallel_for(0, ceil_div(C, kLine), grain,
+                     [&](int64_t l0, int64_t l1) { body(l0 * kLine, std::min(C, l1 * kLine)); });
+  };
   if (num_inner == 1) {
     // Row into row, across channels in vector lanes (each channel's adds in the tree's order), not
     // channel after channel down a column: a (64, 256, 14, 14) bf16 forward spent 8.5% of its time
     // here in serial scalar adds strided by C.
-    at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    by_lines([&](int64_t c0, int64_t c1) {
       for (int k = 0; k < K; ++k) {
         opmath_t* const base = partials[k];
         tree_sum(num_outer, [&](int64_t i, int64_t j) {
@@ -303,7 +309,7 @@ void reduce_partials(int64_t C, const std::array<opmath_t*, K>& partials, const 
     });
     return;
   }
-  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+  by_lines([&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       for (int k = 0; k < K; ++k) {
         opmath_t* const p = partials[k];
