@@ -26,6 +26,8 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "batchless_host.h"
+
 #include <cfloat>
 #include <cmath>
 #include <cstdlib>
@@ -251,7 +253,19 @@ PyObject* set_fast_path(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   Py_RETURN_NONE;
 }
 
+// set_cpu_stream_threshold(bytes): the byte size from which the CPU kernels write y and dx with
+// non-temporal stores, set (bytes >= 0) for tests; returns the previous one. -1 reads it.
+PyObject* cpu_stream_threshold(PyObject* /*self*/, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(set_cpu_stream_threshold(bytes));
+}
+
 PyMethodDef methods[] = {
+    {"cpu_stream_threshold", cpu_stream_threshold, METH_O,
+     "cpu_stream_threshold(bytes): the CPU kernels write outputs of at least this many bytes with "
+     "non-temporal stores (default: the last-level cache's size); bytes >= 0 sets it (tests), -1 reads "
+     "it. Returns the previous value."},
     {"batchless_norm_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batchless_norm_fast)),
      METH_FASTCALL, "functional.batchless_norm's common case in C++: (y, nll), or None for the general path."},
     {"set_fast_path", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_fast_path)), METH_FASTCALL,

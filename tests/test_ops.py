@@ -707,3 +707,37 @@ def test_ops_without_a_gradient_formula_raise_in_backward(case):
         assert out.requires_grad, name
         with pytest.raises(RuntimeError, match="is not implemented"):
             out.backward()
+
+
+@needs_ops
+@pytest.mark.skipif("cpu" not in OPS_DEVICES, reason="the CPU kernels' store path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, layout, offset", [
+    ((3, 5, 7, 9), "contiguous", 0), ((3, 40, 5, 7), "channels_last", 0), ((70, 19), "contiguous", 0),
+    ((4, 33, 64), "contiguous", 1), ((64, 48), "contiguous", 3), ((2, 1, 3, 3), "contiguous", 0),
+    ((5, 2, 3), "contiguous", 0)], ids=str)
+def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, dtype):
+    """Outputs of at least the last-level cache's size are written with non-temporal stores (aligned full
+    chunks; the rest, and 16-bit outputs, with plain ones): with the threshold at 0 every output takes
+    that path, and y, dx and the sums must have the plain stores' bits, every element written (poisoned
+    allocator), aligned or not (x at a storage offset: y and dx are fresh, x's strides)."""
+    from batchless_kernels import _C
+
+    x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, "cpu")
+    if offset:
+        x = torch.empty(x.numel() + offset, dtype=dtype)[offset:].view(x.shape).copy_(x)
+    grad_y = torch.randn_like(x)
+    results = []
+    previous = _C.cpu_stream_threshold(0)
+    try:
+        for threshold in (0, 2**62):
+            _C.cpu_stream_threshold(threshold)
+            poison_allocator(x.numel(), dtype, "cpu")
+            forward = [fwd_op()(x, mean, rstd, weight, bias, stats) for stats in (True, False)]
+            poison_allocator(x.numel(), dtype, "cpu")
+            backward = [bwd_op()(grad_y, x, mean, rstd, weight, mask) for mask in ([True, True, True], [True, False, False])]
+            results.append([t for out in forward + backward for t in out])
+    finally:
+        _C.cpu_stream_threshold(previous)
+    for streamed, plain in zip(*results):
+        assert torch.equal(streamed, plain) and not streamed.isnan().any()
