@@ -19,10 +19,10 @@ except ImportError:  # pragma: no cover
 def _unwrap_0d(value, convert=None):
     """A 0-dim numpy array as its Python scalar: under torch.compile Dynamo hands numpy scalars over as
     such arrays (np.float64(1e-5) failed the number check there, and the error's repr broke the graph).
-    There `convert` (float, int) takes the value, a constant for float64 and integers, where .item() is
-    data (a numpy bool then passes as 0 or 1: Dynamo cannot trace its dtype). Numpy float32 and bools
-    stay data there, which the checks cannot read (Dynamo's data-dependent guard error): docs/api.md
-    asks for Python values."""
+    There `convert` (float), if given, takes the value, a constant for float64, where .item() is data
+    (a numpy bool then passes as 0 or 1: Dynamo cannot trace its dtype). Numpy float32, integers and
+    bools stay data there, which the checks cannot read (Dynamo's data-dependent guard error):
+    docs/api.md asks for Python values."""
     if not (isinstance(value, np.ndarray) and value.ndim == 0):
         return value
     return convert(value) if convert is not None and torch.compiler.is_compiling() else value.item()
@@ -54,7 +54,7 @@ def nll_weight_option(name: str, value, expected: str = "a finite float >= 0") -
 
 def int_option(name: str, value, expected: str, ok) -> int:
     """An int option of a layer (numpy integers too): TypeError unless an integer, ValueError unless ok(value)."""
-    value = _unwrap_0d(value, int)
+    value = _unwrap_0d(value)  # (not int(): under compile it would truncate a numpy float)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be {expected}, got {value!r}")
     if not ok(value):

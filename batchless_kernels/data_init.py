@@ -181,15 +181,15 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         raise ValueError(f"init_from_data writes {', '.join(written)} but these are not parameters of their layers "
                          f"(computed from others, e.g. by the legacy torch.nn.utils.weight_norm or spectral_norm): "
                          f"{computed}; apply it after init_from_data")
+    on_meta = [n for m, n in names.items() if m.mean.is_meta]
+    if on_meta:  # torch's own error came from deep inside ("Tensor.item() cannot be called on meta tensors")
+        raise ValueError(f"init_from_data: layers on the meta device hold no values to set: {on_meta}; "
+                         "materialize the model first (model.to_empty(device=...))")
     batches = _batches(data, max_batches)
     if not names:
         return model
     param = next(itertools.chain(model.parameters(), model.buffers()), None)
     device = None if param is None else param.device
-    on_meta = [n for m, n in names.items() if m.mean.is_meta]
-    if on_meta:  # torch's own error came from deep inside ("Tensor.item() cannot be called on meta tensors")
-        raise ValueError(f"init_from_data: layers on the meta device hold no values to set: {on_meta}; "
-                         "materialize the model first (model.to_empty(device=...))")
 
     remaining = list(names)  # in registration order; the execution order decides
     flags = {m: m.training for m in model.modules()}

@@ -417,3 +417,7 @@ def test_layers_on_the_meta_device_are_refused():
     model = nn.Sequential(nn.Linear(2, 3), bk.BatchlessNorm1d(3)).to("meta")
     with pytest.raises(ValueError, match=r"meta device hold no values to set: \['1'\].*to_empty"):
         bk.init_from_data(model, torch.randn(4, 2))
+    batches = iter([torch.randn(4, 2) for _ in range(3)])  # refused before a one-shot iterator is read
+    with pytest.raises(ValueError, match="meta device"):
+        bk.init_from_data(model, batches)
+    assert len(list(batches)) == 3

@@ -211,6 +211,12 @@ def test_numpy_options_under_torch_compile():
         torch._dynamo.reset()
         got = torch.compile(lambda a: _call(a, **kwargs), backend="eager", fullgraph=True)(args)
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    # an int option is not a float truncated (int() of Dynamo's array would have taken 3.7 as 3)
+    torch._dynamo.reset()
+    int_option = torch.compile(lambda: bk._checks.int_option("n", np.float64(3.7), "an int", lambda v: v > 0),
+                               backend="eager", fullgraph=True)
+    with pytest.raises(Exception, match="n must be an int"):
+        int_option()
 
 
 def test_numpy_bool_options_of_layers_and_tools():
@@ -402,6 +408,12 @@ def test_env_var_empty_means_unset(monkeypatch):
         assert torch.equal(y, _call(args)[0])
         monkeypatch.setenv("BATCHLESS_BACKEND", "")
     assert len(calls) == 2 * ("cpu" not in bk.available_backends("cpu"))
+    fast = bk.functional._fast
+    if fast is not None and "cpu" in bk.available_backends("cpu"):  # the C++ fast path serves the call itself
+        args = _args()
+        assert fast(args["x"], args["mean"], args["std_param"], None, None, "log", 1e-5, True, "auto", None) is not None
+        monkeypatch.setenv("BATCHLESS_BACKEND", "reference")
+        assert fast(args["x"], args["mean"], args["std_param"], None, None, "log", 1e-5, True, "auto", None) is None
 
 
 @pytest.mark.parametrize("backend", NOT_ON_CPU)

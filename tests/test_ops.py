@@ -720,7 +720,8 @@ def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, d
     """Outputs of at least the last-level cache's size are written with non-temporal stores (aligned full
     chunks; the rest, and 16-bit outputs, with plain ones): with the threshold at 0 every output takes
     that path, and y, dx and the sums must have the plain stores' bits, every element written (poisoned
-    allocator), aligned or not (x at a storage offset: y and dx are fresh, x's strides)."""
+    allocator). Rows and planes of odd lengths put chunks off the vectors' alignment (plain stores
+    there); x at a storage offset reads misaligned (y and dx are fresh, aligned allocations)."""
     from batchless_kernels import _C
 
     x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, "cpu")
