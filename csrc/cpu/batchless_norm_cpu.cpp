@@ -125,6 +125,13 @@ C10_ALWAYS_INLINE bool stream_pair(T* p, const Vectorized<T>& a, const Vectorize
 #endif
 }
 
+// Whether a kernel writes `buffer` with non-temporal stores: large enough, and the op's output itself,
+// not a buffer of other strides that the op copies into it at once (that copy would read it back from
+// memory).
+bool streams(const Tensor& buffer, const Tensor& output) {
+  return buffer.is_same(output) && buffer.nbytes() >= stream_threshold_bytes();
+}
+
 // Makes this thread's non-temporal stores globally visible before its task ends: they are not ordered
 // with later stores, and the next op may read the output on another core.
 C10_ALWAYS_INLINE void store_fence() {
@@ -903,7 +910,7 @@ void run_forward(host::ForwardPlan& plan, bool compute_stats) {
       forward_kernel<scalar_t, decltype(stats)::value>(
           plan.geometry, plan.x.const_data_ptr<scalar_t>(), plan.y_buffer.data_ptr<scalar_t>(),
           plan.mean, plan.rstd, plan.weight, plan.bias, plan.s1, plan.s2,
-          plan.y_buffer.nbytes() >= stream_threshold_bytes());
+          streams(plan.y_buffer, plan.y));
     });
   });
 }
@@ -1071,7 +1078,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
           backward_kernel<scalar_t, decltype(kdx)::value, decltype(kdw)::value, decltype(kdb)::value>(
               plan.geometry, plan.grad_y.const_data_ptr<scalar_t>(), xp, dxp, plan.mean, plan.rstd,
               plan.weight, plan.dweight, plan.dbias,
-              output_mask[0] && plan.dx_buffer.nbytes() >= stream_threshold_bytes());
+              output_mask[0] && streams(plan.dx_buffer, plan.dx));
         });
       });
     });
