@@ -11,7 +11,9 @@ Gradients flow through mu_B and sigma_B (as in BN), not through r and d. Then, a
 mu += momentum * (mu_B - mu) and sigma += momentum * (sigma_B - sigma). Evaluation uses the moving
 statistics: y = gamma * (x - mu) / sigma + beta, the function training converges to when r and d
 are not clipped. rmax_t, dmax_t are 1 and 0 (plain BN) for the first ``warmup_steps`` training
-steps, then grow linearly to rmax, dmax over ``relax_steps`` steps.
+steps, then grow linearly to rmax, dmax over ``relax_steps`` steps: at step t (counted from 0),
+progress = clamp((t - warmup_steps) / relax_steps, 0, 1), so with relax_steps > 0 the ramp starts
+from (1, 0) at step warmup_steps itself (one more plain-BN step).
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ def _layer_doc(inputs: str) -> str:
         affine: learn a per-channel scale ``weight`` (gamma) and shift ``bias`` (beta).
         rmax, dmax: the clips of r (>= 1) and d (>= 0) after the schedule's ramp.
         warmup_steps: training steps with rmax_t = 1, dmax_t = 0 (plain BN) first (int >= 0).
-        relax_steps: training steps over which rmax_t, dmax_t then grow linearly to rmax, dmax
-            (int >= 0; 0: at once).
+        relax_steps: training steps over which rmax_t, dmax_t then grow linearly to rmax, dmax,
+            from (1, 0) at step warmup_steps (int >= 0; 0: at once).
         device, dtype: of the parameters and buffers.
 
     Raises:
@@ -165,12 +167,14 @@ class _BatchRenorm(nn.Module):
         device: the forward reads no device value on the host (no sync per step on a GPU; traceable)."""
         if self.warmup_steps == 0 and self.relax_steps == 0:
             return self.rmax, self.dmax
-        step = self.num_batches_tracked.to(dtype)
+        # The schedule in float64 whatever `dtype`: float32 holds the step exactly only up to 2^24 (the
+        # warmup ended a step early beyond it; _check_steps promises steps exact up to 2^53).
+        step = self.num_batches_tracked.to(torch.float64)
         if self.relax_steps == 0:
-            progress = (step >= self.warmup_steps).to(dtype)
+            progress = (step >= self.warmup_steps).to(torch.float64)
         else:
             progress = ((step - self.warmup_steps) / self.relax_steps).clamp(0.0, 1.0)
-        return 1.0 + (self.rmax - 1.0) * progress, self.dmax * progress
+        return (1.0 + (self.rmax - 1.0) * progress).to(dtype), (self.dmax * progress).to(dtype)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         check_layer_input(x, self._accepted_dims, self.num_features, type(self).__name__)
@@ -202,7 +206,10 @@ class _BatchRenorm(nn.Module):
 
     # Run eagerly under torch.compile: AOTAutograd recomputed r and d in the backward from the buffers
     # after their in-place updates (the next step's limits and moving statistics): wrong gradients.
-    @torch.compiler.disable
+    @torch.compiler.disable(reason="BatchRenorm's training step updates the moving statistics in place, and "
+                            "AOTAutograd would recompute r and d in the backward from the updated buffers (wrong "
+                            "gradients): it runs eagerly, so a model training BatchRenorm cannot compile with "
+                            "fullgraph=True")
     def _renormalize(self, xf, run_mu, run_sigma, view, acc) -> torch.Tensor:
         """xhat of a training batch (module docstring), and the updates of the moving statistics."""
         dims = [0] + list(range(2, xf.dim()))
