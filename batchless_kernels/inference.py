@@ -65,12 +65,16 @@ def _folded_input(input: torch.Tensor, rank: int) -> torch.Tensor:
     return input
 
 
-def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, per_channel: bool) -> torch.Tensor:
-    """ChannelAffine's forward: x * scale + shift, x checked."""
+def _channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, per_channel: bool,
+                    min_rank: int = 0, max_rank: int = 0) -> torch.Tensor:
+    """ChannelAffine's forward: x * scale + shift, x checked (its rank in [min_rank, max_rank] unless 0)."""
     if not isinstance(x, torch.Tensor):
         raise TypeError("input must be a torch.Tensor")
     if not x.is_floating_point():  # as the layer refuses them: an int input was truncated
         raise TypeError("input must have a floating dtype, got " + str(x.dtype))
+    if min_rank > 0 and not min_rank <= x.dim() <= max_rank:  # the layer's rule (BatchlessNorm1d: 2-D or 3-D)
+        ranks = " or ".join([str(r) + "D" for r in range(min_rank, max_rank + 1)])  # the layer's words
+        raise ValueError("expected " + ranks + " input (got " + str(x.dim()) + "D input)")
     shape = list(scale.shape)
     if per_channel:
         shape = shape + [1] * max(0, x.dim() - 2)
@@ -115,14 +119,23 @@ class ChannelAffine(nn.Module):
             param_shape). A 1-D pair is per channel unless per_channel=False.
         per_channel: whether a 1-D scale is per channel; False: it is a param_shape (C,), for
             (N, C) inputs, or (1,), one scale and shift for every feature of (N, D) inputs.
+        ranks: the input ranks accepted, consecutive ints (a layer's: (2, 3) for BatchlessNorm1d), or
+            None: any that scale fits.
 
     Raises:
         TypeError, ValueError: scale or shift not floating tensors of one shape (construction); an
             input that scale does not fit (forward).
     """
 
-    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, per_channel: bool = True) -> None:
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor, *, per_channel: bool = True,
+                 ranks: tuple[int, ...] | None = None) -> None:
         super().__init__()
+        if ranks is not None and not (isinstance(ranks, tuple) and ranks and all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks)
+                and list(ranks) == list(range(ranks[0], ranks[0] + len(ranks)))):
+            raise ValueError(f"ranks must be None or a tuple of consecutive positive ints, got {ranks!r}")
+        # two ints, not the tuple: torch.jit.script compiles this module
+        self.min_rank, self.max_rank = (ranks[0], ranks[-1]) if ranks is not None else (0, 0)
         if not (isinstance(scale, torch.Tensor) and isinstance(shift, torch.Tensor)):
             raise TypeError(f"scale and shift must be tensors, got {type(scale).__name__} and {type(shift).__name__}")
         per_channel = bool_option("per_channel", per_channel)
@@ -140,10 +153,11 @@ class ChannelAffine(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.BatchNorm's name: layer(input=x)
         """input * scale + shift, per channel (dim 1 of (N, C, *) input) or broadcast as param_shape; of
         input's shape, dtype and memory format. ValueError / TypeError for an input scale does not fit."""
-        return _channel_affine(input, self.scale, self.shift, self.per_channel)
+        return _channel_affine(input, self.scale, self.shift, self.per_channel, self.min_rank, self.max_rank)
 
     def extra_repr(self) -> str:
-        return f"{self.scale.shape[0]}" if self.per_channel else f"param_shape={tuple(self.scale.shape)}"
+        shape = f"{self.scale.shape[0]}" if self.per_channel else f"param_shape={tuple(self.scale.shape)}"
+        return shape + (f", ranks={tuple(range(self.min_rank, self.max_rank + 1))}" if self.min_rank else "")
 
 
 def _affine_of(layer: _BatchlessNorm) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,8 +321,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     (data-dependent control flow), nor anywhere in a model that does not trace (with a UserWarning).
     Conv/linear modules used more than once, with hooks, with a parametrized weight or bias
     (weight_norm, spectral_norm: recomputed at each access), or subclasses that override forward (or
-    _conv_forward, as weight standardization does) are not folded. Every other Batchless layer
-    becomes a ChannelAffine (of param_shape for BatchlessNorm, which broadcasts as the layer does).
+    _conv_forward, as weight standardization does) are not folded, nor a layer whose rank rule refuses
+    the conv's batched output (a BatchlessNorm1d after a Conv2d: the model raised there). Every other
+    Batchless layer becomes a ChannelAffine (of param_shape for BatchlessNorm, which broadcasts as the
+    layer does), which keeps the layer's rank rule.
 
     Kept as they are, with a UserWarning naming each: Batchless layers with hooks (forward, backward,
     or their pre-hooks) or whose class or instance overrides forward, since their function is not the
@@ -350,7 +366,8 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
             # which bfloat16's 8 bits would leave off by |mu * a| / 256 (and float16 may overflow).
             dtype = accumulation_dtype(layer.mean.dtype)
             # BatchlessNorm's 1-D param_shape is no channel count: (1,) broadcasts over (N, D) inputs
-            affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype), per_channel=not isinstance(layer, BatchlessNorm))
+            affines[id(layer)] = ChannelAffine(a.to(dtype), b.to(dtype), per_channel=not isinstance(layer, BatchlessNorm),
+                                               ranks=layer._accepted_dims or None)  # the layer's rank rule
         return affines[id(layer)]
 
     folded: set[int] = set()
@@ -366,6 +383,10 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     first_name = {id(m): n for n, m in model.named_modules()}
 
     def fold(prev: nn.Module, layer: _BatchlessNorm) -> Folded | None:
+        rank = 2 if isinstance(prev, nn.Linear) else prev.weight.dim()  # of prev's batched output
+        if layer._accepted_dims and rank not in layer._accepted_dims:  # the model refused that output:
+            folded.add(id(prev))  # so does the layer's ChannelAffine (a Folded would run it)
+            return None
         replacement = _fold(prev, *_affine_of(layer))
         if replacement is None:
             warnings.warn(f"module {first_name[id(layer)]!r} ({type(layer).__name__}) is not folded into "

@@ -684,3 +684,31 @@ def test_a_model_on_the_meta_device_fuses_to_the_same_shapes():
     assert isinstance(fused[1], nn.Identity) and isinstance(fused[4], nn.Identity)
     assert all(p.is_meta for p in fused.parameters())
     assert fused(torch.empty(2, 3, 5, 5, device="meta")).shape == (2, 5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm1d(4)),  # would have been folded
+    lambda: nn.Sequential(nn.ReLU(), bk.BatchlessNorm1d(4)),  # a ChannelAffine
+    lambda: nn.Sequential(nn.ReLU(), bk.BatchlessNorm2d(4)),
+], ids=["folded", "affine-1d", "affine-2d"])
+def test_fused_model_refuses_the_ranks_the_layer_refused(make):
+    """A BatchlessNorm1d after a Conv2d refused the conv's 4-D output, but the folded stand-in ran it, and
+    a ChannelAffine took any rank: the fused model's function changed from an error to an output."""
+    model = make().eval()
+    fused = bk.fuse_for_inference(model)
+    channels = 3 if isinstance(model[0], nn.Conv2d) else 4
+    for shape in ((2, channels, 5, 5), (2, channels, 5), (2, channels)):
+        try:
+            want = model(torch.randn(shape))
+        except ValueError as error:  # the layer's refusal
+            with pytest.raises(ValueError, match=str(error).split(" (got")[0]):
+                fused(torch.randn(shape))
+        except RuntimeError:  # the conv's own (an unbatched input of other channels), before the layer
+            continue
+        else:
+            x = torch.randn(shape)
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-6)
+            assert want.shape == fused(x).shape
+    scripted = torch.jit.script(fused)  # the rank rule compiles
+    with pytest.raises(Exception, match="input"):
+        scripted(torch.randn(2, channels, 5, 5, 5))
