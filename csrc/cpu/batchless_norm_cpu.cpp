@@ -129,7 +129,7 @@ C10_ALWAYS_INLINE bool stream_pair(T* p, const Vectorized<T>& a, const Vectorize
 // not a buffer of other strides that the op copies into it at once (that copy would read it back from
 // memory).
 bool streams(const Tensor& buffer, const Tensor& output) {
-  return buffer.is_same(output) && buffer.nbytes() >= stream_threshold_bytes();
+  return buffer.is_same(output) && static_cast<int64_t>(buffer.nbytes()) >= stream_threshold_bytes();
 }
 
 // Makes this thread's non-temporal stores globally visible before its task ends: they are not ordered
