@@ -147,8 +147,8 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
         BatchNorm's running statistics, which its training-mode passes update).
 
     Raises ValueError, naming the layer, with the model left as it was: empty data, a layer on the
-    meta device, a layer no data reaches, a layer whose input holds NaN or inf, a std its parametrization cannot express (abs:
-    not above eps), a new value that overflows its parameter's dtype (float16), a parameter it writes
+    meta device, a layer no data reaches, a layer whose input holds NaN or inf, a std its
+    parametrization cannot express (abs: not above eps), a new value that overflows its parameter's dtype (float16), a parameter it writes
     that is parametrized (torch.nn.utils.parametrize) or computed by a hook (the legacy
     torch.nn.utils.weight_norm). TypeError
     for data or options of the wrong type (a max_batches of 0 or less: ValueError).

@@ -300,7 +300,12 @@ def _fold(prev: nn.Module, a: torch.Tensor, b: torch.Tensor) -> Folded | None:
                                      requires_grad=prev.weight.requires_grad)
         else:
             prev.bias.copy_(bias)
-    return Folded(2 if isinstance(prev, nn.Linear) else prev.weight.dim())  # conv: (N, C, *spatial)
+    return Folded(_output_rank(prev))
+
+
+def _output_rank(prev: nn.Module) -> int:
+    """The rank of a conv/linear layer's batched output: (N, C) for a Linear, (N, C, *spatial) for a conv."""
+    return 2 if isinstance(prev, nn.Linear) else prev.weight.dim()
 
 
 def fuse_for_inference(model: nn.Module) -> nn.Module:
@@ -383,8 +388,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     first_name = {id(m): n for n, m in model.named_modules()}
 
     def fold(prev: nn.Module, layer: _BatchlessNorm) -> Folded | None:
-        rank = 2 if isinstance(prev, nn.Linear) else prev.weight.dim()  # of prev's batched output
-        if layer._accepted_dims and rank not in layer._accepted_dims:  # the model refused that output:
+        if layer._accepted_dims and _output_rank(prev) not in layer._accepted_dims:  # the model refused that output:
             folded.add(id(prev))  # so does the layer's ChannelAffine (a Folded would run it)
             return None
         replacement = _fold(prev, *_affine_of(layer))
