@@ -62,7 +62,7 @@ def plot(csv_path, png_path=None) -> Path | None:
     for k in shaky:
         for ax in (ax_time, ax_bw):
             ax.axvspan(k - 0.5, k + 0.5, facecolor="none", edgecolor="red", hatch="//", alpha=0.4, linewidth=0)
-    # The floor: fwd+bwd bytes moved at the bandwidth frac_of_copy is a share of (the case's faster
+    # The floor: fwd+bwd bytes moved at the bandwidth frac_of_copy is a share of (the case's fastest
     # copy, bench_batchless.copy_ceilings): bytes / ceiling = median * frac_of_copy, for any impl.
     floor = []
     for c in cases:
@@ -70,7 +70,7 @@ def plot(csv_path, png_path=None) -> Path | None:
         floor.append(float(r["median_ms"]) * float(r["frac_of_copy"]))
     ax_time.hlines(floor, [k - 0.45 for k in range(len(cases))], [k + 0.45 for k in range(len(cases))],
                    colors="black", linestyles="dashed",
-                   label="floor: fwd+bwd bytes (5 x size of x) at the same run's faster copy's bandwidth")
+                   label="floor: fwd+bwd bytes (5 x size of x) at the same run's fastest copy's bandwidth")
     ax_time.set_yscale("log")
     ax_time.set_ylabel("fwd+bwd median time (ms, log)")
     ax_time.legend(fontsize="small", ncol=min(3, len(impls) + 1), loc="lower center", bbox_to_anchor=(0.5, 1.0),

@@ -242,4 +242,8 @@ inline BackwardPlan plan_backward(const Tensor& grad_y, const c10::optional<Tens
 // so that small inputs take that path), and returns the previous value.
 int64_t set_cpu_stream_threshold(int64_t bytes);
 
+// A copy of the dense CPU tensor src (contiguous in some dim order), with its strides, written with
+// those non-temporal stores at any size: the benchmark's copy ceiling (bench/bench_batchless.py).
+at::Tensor cpu_stream_copy(const at::Tensor& src);
+
 }  // namespace batchless_kernels

@@ -10,6 +10,9 @@
 //     the call is not that case (functional.py then takes its general path, which also raises the
 //     errors). On small inputs the Python checks and torch.ops' argument parsing cost as much as the
 //     kernels (issue 12: ~6 us a call against F.batch_norm's 2.7 us).
+//   cpu_stream_threshold(bytes), cpu_stream_copy(src): the byte size from which the CPU kernels write
+//     their outputs with non-temporal stores (set by tests), and a copy written so (the benchmark's
+//     ceiling), in csrc/cpu/batchless_norm_cpu.cpp.
 //   set_fast_path(cpu, cuda, auto_cpu, auto_cuda, environ, key, auto): whether this library's kernels
 //     with the one-node training op run CPU / CUDA tensors, whether backend "auto" always picks them
 //     there, and where BATCHLESS_BACKEND is read: os.environ's dict of bytes and the encoded name and
@@ -261,11 +264,25 @@ PyObject* cpu_stream_threshold(PyObject* /*self*/, PyObject* arg) {
   return PyLong_FromLongLong(set_cpu_stream_threshold(bytes));
 }
 
+// cpu_stream_copy(src): src copied with the CPU kernels' non-temporal stores (the benchmark's ceiling).
+PyObject* stream_copy(PyObject* /*self*/, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  if (!THPVariable_Check(arg)) {
+    PyErr_Format(PyExc_TypeError, "cpu_stream_copy: expected a Tensor for src, got %s", Py_TYPE(arg)->tp_name);
+    return nullptr;
+  }
+  return THPVariable_Wrap(batchless_kernels::cpu_stream_copy(THPVariable_Unpack(arg)));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
     {"cpu_stream_threshold", cpu_stream_threshold, METH_O,
      "cpu_stream_threshold(bytes): the CPU kernels write outputs of at least this many bytes with "
      "non-temporal stores (default: the last-level cache's size); bytes >= 0 sets it (tests), -1 reads "
      "it. Returns the previous value."},
+    {"cpu_stream_copy", stream_copy, METH_O,
+     "cpu_stream_copy(src): a copy of the dense CPU tensor src (contiguous in some dim order), with its "
+     "strides, written with the CPU kernels' non-temporal stores at any size: the benchmark's copy ceiling."},
     {"batchless_norm_fast", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(batchless_norm_fast)),
      METH_FASTCALL, "functional.batchless_norm's common case in C++: (y, nll), or None for the general path."},
     {"set_fast_path", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(set_fast_path)), METH_FASTCALL,

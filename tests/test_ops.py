@@ -711,14 +711,14 @@ def test_ops_without_a_gradient_formula_raise_in_backward(case):
 
 @needs_ops
 @pytest.mark.skipif("cpu" not in OPS_DEVICES, reason="the CPU kernels' store path")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("shape, layout, offset", [
     ((3, 5, 7, 9), "contiguous", 0), ((3, 40, 5, 7), "channels_last", 0), ((70, 19), "contiguous", 0),
     ((4, 33, 64), "contiguous", 1), ((64, 48), "contiguous", 3), ((2, 1, 3, 3), "contiguous", 0),
     ((5, 2, 3), "contiguous", 0)], ids=str)
 def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, dtype):
     """Outputs of at least the last-level cache's size are written with non-temporal stores (aligned full
-    chunks; the rest, and 16-bit outputs, with plain ones): with the threshold at 0 every output takes
+    chunks; the rest with plain ones): with the threshold at 0 every output takes
     that path, and y, dx and the sums must have the plain stores' bits, every element written (poisoned
     allocator). Rows and planes of odd lengths put chunks off the vectors' alignment (plain stores
     there); x at a storage offset reads misaligned (y and dx are fresh, aligned allocations)."""
@@ -742,3 +742,32 @@ def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, d
         _C.cpu_stream_threshold(previous)
     for streamed, plain in zip(*results):
         assert torch.equal(streamed, plain) and not streamed.isnan().any()
+
+
+@needs_ops
+@pytest.mark.skipif("cpu" not in OPS_DEVICES, reason="the CPU kernels' store path")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8, torch.float64], ids=str)
+@pytest.mark.parametrize("numel, offset", [(0, 0), (1, 0), (63, 1), (64, 0), (1000, 3), (16385, 5),
+                                           (2 * 65536 + 7, 2)], ids=str)
+def test_cpu_stream_copy_copies_every_byte(numel, offset, dtype):
+    """The benchmark's ceiling for streamed outputs (bench/bench_batchless.py) copies src's bits: any
+    dtype (NaN payloads too), sizes around the vector chunks and the tasks, src at an offset (a
+    misaligned read; the fresh output is aligned past a head copied plainly)."""
+    from batchless_kernels import _C
+
+    bits = torch.randint(-2**31, 2**31 - 1, (numel * 8 // 4 + 8,), dtype=torch.int32)
+    src = bits.view(torch.uint8).view(dtype)[offset:offset + numel]
+    poison_allocator(-(-numel * src.element_size() // 4), torch.float32, "cpu")
+    out = _C.cpu_stream_copy(src)
+    assert out.shape == src.shape and out.dtype == dtype and out.is_contiguous()
+    assert torch.equal(out.view(torch.uint8), src.contiguous().view(torch.uint8))
+    if numel == 1000:  # dense in another dim order: the same strides and bytes
+        x = src[:990].view(3, 5, 6, 11).permute(0, 2, 3, 1)
+        out = _C.cpu_stream_copy(x)
+        back = (0, 3, 1, 2)  # the contiguous view again: its bytes in memory order
+        assert out.stride() == x.stride()
+        assert torch.equal(out.permute(back).view(torch.uint8), x.permute(back).view(torch.uint8))
+    with pytest.raises(RuntimeError, match="dense CPU tensor for src"):
+        _C.cpu_stream_copy(torch.zeros(3, 4)[:, :2])
+    with pytest.raises(TypeError, match="Tensor for src"):
+        _C.cpu_stream_copy([1.0])

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <numeric>
 #include <tuple>
@@ -94,35 +95,34 @@ std::atomic<int64_t>& stream_threshold() {
 }
 int64_t stream_threshold_bytes() { return stream_threshold().load(std::memory_order_relaxed); }
 
-// Non-temporal stores of a float32 / float64 chunk's two vectors at p, if p is aligned to a vector
-// (the instruction's requirement); false where not done. The same values as plain stores.
-template <typename T>
-C10_ALWAYS_INLINE bool stream_pair(T* p, const Vectorized<T>& a, const Vectorized<T>& b) {
-  constexpr int64_t kW = Vectorized<T>::size();
+// Non-temporal store of one vector register at p, which must be aligned to the register's size
+// (the instructions' requirement; kStreamAlign, 0 where the ISA has none). The same bits as a store.
 #if defined(CPU_CAPABILITY_AVX512)
-  if (reinterpret_cast<uintptr_t>(p) % 64 != 0) return false;
-  if constexpr (std::is_same_v<T, float>) {
-    _mm512_stream_ps(p, a);
-    _mm512_stream_ps(p + kW, b);
-  } else {
-    _mm512_stream_pd(p, a);
-    _mm512_stream_pd(p + kW, b);
-  }
-  return true;
+constexpr uintptr_t kStreamAlign = 64;
+C10_ALWAYS_INLINE void stream_register(void* p, __m512 v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+C10_ALWAYS_INLINE void stream_register(void* p, __m512d v) { _mm512_stream_pd(static_cast<double*>(p), v); }
+C10_ALWAYS_INLINE void stream_register(void* p, __m512i v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
 #elif defined(CPU_CAPABILITY_AVX2)
-  if (reinterpret_cast<uintptr_t>(p) % 32 != 0) return false;
-  if constexpr (std::is_same_v<T, float>) {
-    _mm256_stream_ps(p, a);
-    _mm256_stream_ps(p + kW, b);
-  } else {
-    _mm256_stream_pd(p, a);
-    _mm256_stream_pd(p + kW, b);
-  }
-  return true;
+constexpr uintptr_t kStreamAlign = 32;
+C10_ALWAYS_INLINE void stream_register(void* p, __m256 v) { _mm256_stream_ps(static_cast<float*>(p), v); }
+C10_ALWAYS_INLINE void stream_register(void* p, __m256d v) { _mm256_stream_pd(static_cast<double*>(p), v); }
+C10_ALWAYS_INLINE void stream_register(void* p, __m256i v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
 #else
-  (void)p, (void)a, (void)b, (void)kW;
-  return false;
+constexpr uintptr_t kStreamAlign = 0;
 #endif
+
+// Non-temporal stores of the registers `vectors` (at::vec vectors or raw registers of the ISA's width)
+// one after another from p, if p is aligned; false where not done.
+template <typename... V>
+C10_ALWAYS_INLINE bool stream_registers(void* p, const V&... vectors) {
+  if constexpr (kStreamAlign == 0) {
+    return false;
+  } else {
+    if (reinterpret_cast<uintptr_t>(p) % kStreamAlign != 0) return false;
+    char* at = static_cast<char*>(p);
+    ((stream_register(at, vectors), at += kStreamAlign), ...);
+    return true;
+  }
 }
 
 // Whether a kernel writes `buffer` with non-temporal stores: large enough, and the op's output itself,
@@ -160,11 +160,11 @@ struct Chunk {
       return load_acc(p, n);
     }
   }
-  // stream: non-temporal stores where they can be (full, aligned float32 / float64 chunks).
+  // stream: non-temporal stores where they can be (full chunks at aligned addresses).
   C10_ALWAYS_INLINE static void store(scalar_t* p, const fVec& a, const fVec& b, int64_t n = kSize,
                                       bool stream = false) {
     if constexpr (std::is_same_v<scalar_t, opmath_t>) {
-      if (stream && n == kSize && stream_pair(p, a, b)) return;
+      if (stream && n == kSize && stream_registers(p, a, b)) return;
     }
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -173,7 +173,7 @@ struct Chunk {
       // (below 1.2e-38) become zero (the instruction's DAZ), where at::vec keeps bf16 denormals.
       const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a: low half
       if (n == kSize) {
-        _mm512_storeu_si512(p, packed);
+        if (!stream || !stream_registers(p, packed)) _mm512_storeu_si512(p, packed);
       } else {
         _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t(1) << n) - 1), packed);
       }
@@ -181,7 +181,8 @@ struct Chunk {
     }
 #endif
     if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-      at::vec::convert_from_float<scalar_t>(a, b).store(p, n);
+      const Vectorized<scalar_t> packed = at::vec::convert_from_float<scalar_t>(a, b);
+      if (!stream || n != kSize || !stream_registers(p, packed)) packed.store(p, n);
     } else {
       store_acc(p, a, b, n);
     }
@@ -264,7 +265,7 @@ struct Chunk {
       };
       const __m256i v = _mm256_blend_epi16(_mm256_srli_epi32(round(a), 16), round(b), 0xAA);
       if (n == kSize) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+        if (!stream || !stream_registers(p, v)) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
       } else {
         Vectorized<scalar_t>(v).store(p, n);
       }
@@ -1148,6 +1149,43 @@ Tensor inference_cpu(const Tensor& x, const Tensor& mean, const Tensor& std_para
 
 int64_t set_cpu_stream_threshold(int64_t bytes) {
   return bytes < 0 ? stream_threshold_bytes() : stream_threshold().exchange(bytes);
+}
+
+// A plain store reads each line before writing it: torch's copy_ moves 3 passes of memory for the 2 a
+// copy counts, and kernels that stream their outputs would read as more than 100% of it. This copy
+// writes as they do, in tasks of kTaskBytes cut at cache lines, each ending with the fence.
+at::Tensor cpu_stream_copy(const at::Tensor& src) {
+  TORCH_CHECK(src.device().is_cpu() && src.is_non_overlapping_and_dense(),
+              "cpu_stream_copy: expected a dense CPU tensor for src (contiguous in some dim order, e.g. "
+              "channels_last), got one on ", src.device(), " with sizes ", src.sizes(), " and strides ", src.strides());
+  Tensor dst = at::empty_like(src);  // the same strides: both hold their elements in one block
+  const char* in = static_cast<const char*>(src.const_data_ptr());
+  char* out = static_cast<char*>(dst.data_ptr());
+  const int64_t bytes = static_cast<int64_t>(src.nbytes());
+  using fVec = Vectorized<float>;
+  constexpr int64_t kW = fVec::size(), kChunkBytes = 2 * kW * sizeof(float), kTaskBytes = kTaskElements * sizeof(float);
+  static_assert(kTaskBytes % kChunkBytes == 0 && kChunkBytes % kLineBytes == 0);
+  // Tasks start where out is aligned to a line (the first one at out itself).
+  const int64_t head = std::min(bytes, (kLineBytes - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kLineBytes)) % kLineBytes);
+  std::memcpy(out, in, head);
+  at::parallel_for(0, ceil_div(bytes - head, kTaskBytes), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t lo = head + task * kTaskBytes, hi = std::min(bytes, lo + kTaskBytes);
+      int64_t at = lo;
+      for (; at + kChunkBytes <= hi; at += kChunkBytes) {
+        const auto* p = reinterpret_cast<const float*>(in + at);
+        auto* q = reinterpret_cast<float*>(out + at);
+        const fVec a = fVec::loadu(p), b = fVec::loadu(p + kW);  // bits moved, not computed on
+        if (!stream_registers(q, a, b)) {
+          a.store(q);
+          b.store(q + kW);
+        }
+      }
+      std::memcpy(out + at, in + at, hi - at);
+    }
+    store_fence();
+  });
+  return dst;
 }
 
 TORCH_LIBRARY_IMPL(batchless_kernels, CPU, m) {
