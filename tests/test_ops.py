@@ -715,13 +715,16 @@ def test_ops_without_a_gradient_formula_raise_in_backward(case):
 @pytest.mark.parametrize("shape, layout, offset", [
     ((3, 5, 7, 9), "contiguous", 0), ((3, 40, 5, 7), "channels_last", 0), ((70, 19), "contiguous", 0),
     ((4, 33, 64), "contiguous", 1), ((64, 48), "contiguous", 3), ((2, 1, 3, 3), "contiguous", 0),
-    ((5, 2, 3), "contiguous", 0)], ids=str)
+    ((5, 2, 3), "contiguous", 0), ((3, 64, 5, 7), "channels_last", 0), ((4, 3, 6, 8), "contiguous", 0),
+    ((512, 3, 2, 2), "contiguous", 0)], ids=str)
 def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, dtype):
-    """Outputs of at least the last-level cache's size are written with non-temporal stores (aligned full
-    chunks; the rest with plain ones): with the threshold at 0 every output takes
-    that path, and y, dx and the sums must have the plain stores' bits, every element written (poisoned
-    allocator). Rows and planes of odd lengths put chunks off the vectors' alignment (plain stores
-    there); x at a storage offset reads misaligned (y and dx are fresh, aligned allocations)."""
+    """Outputs of at least the last-level cache's size are written with non-temporal stores where every
+    chunk of the walk is full and aligned (streams_every_chunk), else with plain ones: with the
+    threshold at 0 every output takes that decision, and y, dx and the sums must have the plain stores'
+    bits, every element written (poisoned allocator). Streamed: rows and planes of 64 or 48 elements
+    (the last chunk overlapping the one before), (512, 3, 2, 2) as rows of wide channels with a partial
+    last row; not: the odd lengths; x at a storage offset reads misaligned (y and dx are fresh, aligned
+    allocations)."""
     from batchless_kernels import _C
 
     x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, "cpu")
