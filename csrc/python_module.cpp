@@ -278,7 +278,7 @@ PyObject* stream_copy(PyObject* /*self*/, PyObject* arg) {
 PyMethodDef methods[] = {
     {"cpu_stream_threshold", cpu_stream_threshold, METH_O,
      "cpu_stream_threshold(bytes): the CPU kernels write outputs of at least this many bytes with "
-     "non-temporal stores (default: the last-level cache's size); bytes >= 0 sets it (tests), -1 reads "
+     "non-temporal stores (default: a quarter of the last-level cache); bytes >= 0 sets it (tests), -1 reads "
      "it. Returns the previous value."},
     {"cpu_stream_copy", stream_copy, METH_O,
      "cpu_stream_copy(src): a copy of the dense CPU tensor src (contiguous in some dim order), with its "

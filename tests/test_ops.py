@@ -718,7 +718,7 @@ def test_ops_without_a_gradient_formula_raise_in_backward(case):
     ((5, 2, 3), "contiguous", 0), ((3, 64, 5, 7), "channels_last", 0), ((4, 3, 6, 8), "contiguous", 0),
     ((512, 3, 2, 2), "contiguous", 0)], ids=str)
 def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, dtype):
-    """Outputs of at least the last-level cache's size are written with non-temporal stores where every
+    """Outputs of at least a quarter of the last-level cache are written with non-temporal stores where every
     chunk of the walk is full and aligned (streams_every_chunk), else with plain ones: with the
     threshold at 0 every output takes that decision, and y, dx and the sums must have the plain stores'
     bits, every element written (poisoned allocator). Streamed: rows and planes of 64 or 48 elements

@@ -69,12 +69,18 @@ using host::dispatch_bool;
 
 // Outputs (y, dx) of at least this many bytes are written with non-temporal stores, which go to
 // memory without first reading the line into the cache (a plain store reads it: 3 passes of memory
-// traffic for a copy's 2) and without evicting the inputs: the last-level cache's size, which such an
-// output would flush anyway before the next op reads it. Read from Linux's sysfs, as lscpu reads it
-// (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 256 MiB on the VM whose L3 is 16 MiB); 32 MiB elsewhere.
-// Measured on the 2-core AVX2 VM (16 MiB L3), (4096, 1024) float32 ops on inputs rotated through
-// 96 MB, 2 threads, A/B in one process: forward 1.16-1.49 ms against 1.69-2.03 with plain stores,
-// backward 1.79-2.55 against 2.31-2.64 (docs/benchmarks.md); a C loop's 16 MiB copy 0.98 against 1.13.
+// traffic for a copy's 2) and without evicting the inputs: a quarter of the last-level cache, read
+// from Linux's sysfs as lscpu reads it (glibc's sysconf(_SC_LEVEL3_CACHE_SIZE) said 256 MiB on a VM
+// whose L3 is 16 MiB); 8 MiB where sysfs says nothing. Such an output, with the op's inputs and the
+// layers' other tensors, leaves little of itself in the cache for the next op to read. Measured on
+// the 2-core AVX-512 VM (32 MiB L3), 2 threads, thresholds alternated in one process, 4 times: a stack
+// norm -> relu -> norm -> relu -> norm, forward+backward (the next op reads each output), (2048, 1024)
+// float32 (8 MB outputs) 5.9-7.2 ms a step streamed against 7.0-7.8 plain, (4096, 1024) bfloat16
+// 6.5-7.9 against 6.9-10.1, (4096, 1024) float32 11.0-12.2 against 11.8-13.3; but 4 MB outputs,
+// (64, 64, 16, 16) float32, 2.6-3.2 streamed against 2.2-2.6 plain. The ops alone, on inputs rotated
+// past the cache: (4096, 1024) float32 forward 0.54-0.57 ms streamed against 0.69-0.74, bfloat16
+// 0.37-0.40 against 0.49-0.53. On the AVX2 VM (16 MiB L3; streamed from 16 MiB then): (4096, 1024)
+// float32 forward 1.16-1.49 ms against 1.69-2.03, backward 1.79-2.55 against 2.31-2.64.
 std::atomic<int64_t>& stream_threshold() {
   static std::atomic<int64_t> threshold([] {
     int64_t largest = 0;
@@ -89,7 +95,7 @@ std::atomic<int64_t>& stream_threshold() {
       }
       std::fclose(file);
     }
-    return largest > 0 ? largest : int64_t(32) << 20;
+    return largest > 0 ? largest / 4 : int64_t(8) << 20;
   }());
   return threshold;
 }
