@@ -28,6 +28,12 @@ except ImportError as error:  # not built, or built against another torch
                            "package): build it with `pip install --no-build-isolation -e .` (docs/install.md)")
     else:
         EXTENSION_ERROR = f"batchless_kernels._C could not be loaded ({error})"
+        # A build that is there but does not load (another torch, a CPU without its vector
+        # instructions) is a mistake to show, not only a backend to skip.
+        import warnings
+
+        warnings.warn(f"{EXTENSION_ERROR}; backend 'auto' runs the reference implementation instead",
+                      RuntimeWarning, stacklevel=2)
 
 FORWARD_OP = "batchless_kernels::batchless_norm_forward"
 BACKWARD_OP = "batchless_kernels::batchless_norm_backward"

@@ -40,6 +40,17 @@
 
 #define BATCHLESS_STRINGIFY_(x) #x
 #define BATCHLESS_STRINGIFY(x) BATCHLESS_STRINGIFY_(x)
+
+// Whether this CPU runs a feature: glibc's view where it has one (2.33 on: what the CPU and the OS
+// support, less what GLIBC_TUNABLES' glibc.cpu.hwcaps masks, which the tests use), else GCC's cpuid.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if __has_include(<sys/platform/x86.h>)
+#include <sys/platform/x86.h>
+#define BATCHLESS_CPU_HAS(glibc_name, gcc_name) CPU_FEATURE_ACTIVE(glibc_name)
+#else
+#define BATCHLESS_CPU_HAS(glibc_name, gcc_name) __builtin_cpu_supports(gcc_name)
+#endif
+#endif
 #ifndef CPU_CAPABILITY
 #define CPU_CAPABILITY DEFAULT
 #endif
@@ -290,11 +301,46 @@ PyMethodDef methods[] = {
      "where it reads BATCHLESS_BACKEND."},
     {nullptr, nullptr, 0, nullptr}};
 
+// The first vector extension the CPU kernels were compiled for (setup.py, BATCHLESS_CPU_ISA) that this
+// CPU lacks, or null: a build copied to an older machine would otherwise die of SIGILL in its first
+// kernel call.
+const char* missing_cpu_feature() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const std::pair<const char*, bool> features[] = {
+#if defined(CPU_CAPABILITY_AVX512)
+      {"avx512f", BATCHLESS_CPU_HAS(AVX512F, "avx512f")},
+      {"avx512bw", BATCHLESS_CPU_HAS(AVX512BW, "avx512bw")},
+      {"avx512vl", BATCHLESS_CPU_HAS(AVX512VL, "avx512vl")},
+      {"avx512dq", BATCHLESS_CPU_HAS(AVX512DQ, "avx512dq")},
+#if defined(__AVX512BF16__)
+      {"avx512_bf16", BATCHLESS_CPU_HAS(AVX512_BF16, "avx512bf16")},
+#endif
+#else
+      {"avx2", BATCHLESS_CPU_HAS(AVX2, "avx2")},
+#endif
+      {"fma", BATCHLESS_CPU_HAS(FMA, "fma")},
+      {"f16c", BATCHLESS_CPU_HAS(F16C, "f16c")},
+  };
+  for (const auto& [name, present] : features) {
+    if (!present) return name;
+  }
+#endif
+  return nullptr;
+}
+
 }  // namespace
 }  // namespace batchless_kernels
 
 extern "C" {
 PyObject* PyInit__C(void) {
+  if (const char* missing = batchless_kernels::missing_cpu_feature()) {
+    PyErr_Format(PyExc_ImportError,
+                 "batchless_kernels._C was compiled for the vector instructions %s (setup.py's "
+                 "BATCHLESS_CPU_ISA, docs/install.md), but this CPU lacks %s: rebuild it on this machine "
+                 "(pip install --no-build-isolation -e .), or with BATCHLESS_CPU_ISA=avx2 or default",
+                 BATCHLESS_STRINGIFY(CPU_CAPABILITY), missing);
+    return nullptr;
+  }
   static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
                                           batchless_kernels::methods};
   PyObject* module = PyModule_Create(&module_def);

@@ -3,6 +3,11 @@ batchless_norm for every backend, and bitwise determinism of the cpu backend."""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -604,6 +609,44 @@ def test_extension_names_the_cpu_isa_it_was_built_for():
     except (OSError, StopIteration):
         pytest.skip("no /proc/cpuinfo flags to check the ISA against")
     assert needs[isa] <= flags
+
+
+@needs_ops
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or platform.libc_ver()[0] != "glibc"
+                    or tuple(map(int, platform.libc_ver()[1].split(".")[:2])) < (2, 33),
+                    reason="masks CPU features with glibc's hwcaps tunable (x86-64 glibc 2.33 on)")
+def test_extension_refuses_a_cpu_without_its_vector_instructions():
+    """A build for AVX-512 or AVX2 run on a CPU without them would die of SIGILL in its first kernel:
+    instead _C's import raises ImportError naming the missing extension, and the package warns and
+    runs the reference backend. The CPU loses the feature to glibc's glibc.cpu.hwcaps tunable, in a
+    child process."""
+    from batchless_kernels import _C
+
+    isa = _C.cpu_capability
+    if isa == "DEFAULT":
+        pytest.skip("a build without vector extensions runs on every CPU")
+    feature = "avx512f" if isa.startswith("AVX512") else "avx2"
+    code = (
+        "import warnings, torch\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import batchless_kernels as bk\n"
+        "print(bk.ops.EXTENSION_ERROR)\n"
+        "print([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])\n"
+        "print(bk.available_backends('cpu'))\n"
+        "y, nll = bk.batchless_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), None, None)\n"
+        "print(bool(torch.isfinite(y).all()))\n")
+    env = dict(os.environ)
+    env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), f"glibc.cpu.hwcaps=-{feature.upper()}"]))
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr
+    error, warned, backends, ran = result.stdout.splitlines()[-4:]
+    assert f"compiled for the vector instructions {isa.removesuffix('_BF16')}" in error
+    assert f"this CPU lacks {feature}" in error
+    assert "reference implementation instead" in warned and f"lacks {feature}" in warned
+    assert backends == "['reference']"
+    assert ran == "True"
 
 
 @needs_ops
