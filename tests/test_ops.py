@@ -759,15 +759,17 @@ def test_ops_without_a_gradient_formula_raise_in_backward(case):
     ((3, 5, 7, 9), "contiguous", 0), ((3, 40, 5, 7), "channels_last", 0), ((70, 19), "contiguous", 0),
     ((4, 33, 64), "contiguous", 1), ((64, 48), "contiguous", 3), ((2, 1, 3, 3), "contiguous", 0),
     ((5, 2, 3), "contiguous", 0), ((3, 64, 5, 7), "channels_last", 0), ((4, 3, 6, 8), "contiguous", 0),
-    ((512, 3, 2, 2), "contiguous", 0)], ids=str)
+    ((512, 3, 2, 2), "contiguous", 0), ((2, 3, 1000), "contiguous", 0), ((1, 2, 5001), "contiguous", 0)], ids=str)
 def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, dtype):
     """Outputs of at least a quarter of the last-level cache are written with non-temporal stores where every
-    chunk of the walk is full and aligned (streams_every_chunk), else with plain ones: with the
-    threshold at 0 every output takes that decision, and y, dx and the sums must have the plain stores'
-    bits, every element written (poisoned allocator). Streamed: rows and planes of 64 or 48 elements
-    (the last chunk overlapping the one before), (512, 3, 2, 2) as rows of wide channels with a partial
-    last row; not: the odd lengths; x at a storage offset reads misaligned (y and dx are fresh, aligned
-    allocations)."""
+    chunk of the walk is full and aligned (streams_every_chunk); 32- and 64-bit channels-first outputs
+    of other plane lengths through a buffer, in pieces, whose whole lines are streamed
+    (for_each_output_chunk); the rest with plain stores. With the threshold at 0 every output takes
+    that decision, and y, dx and the sums must have the plain stores' bits, every element written
+    (poisoned allocator). Streamed: rows and planes of 64 or 48 elements (the last chunk overlapping
+    the one before), (512, 3, 2, 2) as rows of wide channels with a partial last row; buffered: the odd
+    plane lengths, in several pieces at (2, 3, 1000) and (1, 2, 5001) (several segments too); x at a
+    storage offset reads misaligned (y and dx are fresh, aligned allocations)."""
     from batchless_kernels import _C
 
     x, mean, rstd, weight, bias = op_inputs(shape, layout, dtype, "cpu")
