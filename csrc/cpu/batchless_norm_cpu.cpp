@@ -173,7 +173,8 @@ void stream_bytes(char* out, const char* in, int64_t bytes) {
   int64_t at = std::min(bytes, (kLineBytes - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kLineBytes)) % kLineBytes);
   std::memcpy(out, in, at);
   if constexpr (kStreamAlign != 0) {
-    static_assert(kLineBytes % (fVec::size() * sizeof(float)) == 0 && fVec::size() * sizeof(float) == kStreamAlign);
+    // (checked even where kStreamAlign is 0: this is no template, so the branch is compiled)
+    static_assert(kStreamAlign == 0 || (kLineBytes % kStreamAlign == 0 && fVec::size() * sizeof(float) == kStreamAlign));
     const int64_t full_end = at + (bytes - at) / kLineBytes * kLineBytes;
     for (; at < full_end; at += kStreamAlign) {
       stream_registers(out + at, fVec::loadu(reinterpret_cast<const float*>(in + at)));  // bits moved, not computed on
