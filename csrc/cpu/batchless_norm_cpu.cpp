@@ -145,7 +145,8 @@ bool streams(const Tensor& buffer, const Tensor& output) {
 // tails take plain stores into lines that streamed chunks write too, and such a line is read into the
 // cache and written to memory twice: (256, 256, 14, 14) float32 NCHW, whose 784-byte planes put 3 of 4
 // on 16 bytes only, took 5.1-5.8 ms a forward streamed against 2.6-2.7 ms with plain stores, backward
-// 6.1-6.9 against 4.1-4.3 (alternated in one process, 3 times, AVX-512 VM); now it takes plain stores.
+// 6.1-6.9 against 4.1-4.3 (alternated in one process, 3 times, AVX-512 VM); such outputs now take
+// plain stores, or a buffer (output_stores).
 template <typename scalar_t>
 bool streams_every_chunk(const scalar_t* out, const host::Geometry& g, int64_t K) {
   if constexpr (kStreamAlign == 0) {
@@ -165,12 +166,17 @@ C10_ALWAYS_INLINE void store_fence() {
 #endif
 }
 
+// The bytes from p to the next cache line's start (0 where p starts one).
+int64_t bytes_to_line(const void* p) {
+  return (kLineBytes - static_cast<int64_t>(reinterpret_cast<uintptr_t>(p) % kLineBytes)) % kLineBytes;
+}
+
 // Copies `bytes` from `in` to `out` (any alignment): the lines that lie wholly inside out's range with
 // non-temporal stores, the partial lines at its two ends with plain ones. So a line that two ranges
 // share (two planes' outputs) only ever takes plain stores: none is both streamed and cached.
 void stream_bytes(char* out, const char* in, int64_t bytes) {
   using fVec = Vectorized<float>;
-  int64_t at = std::min(bytes, (kLineBytes - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kLineBytes)) % kLineBytes);
+  int64_t at = std::min(bytes, bytes_to_line(out));
   std::memcpy(out, in, at);
   if constexpr (kStreamAlign != 0) {
     // (checked even where kStreamAlign is 0: this is no template, so the branch is compiled)
@@ -844,7 +850,7 @@ C10_ALWAYS_INLINE void for_each_output_chunk(OutputStores stores, T* out, int64_
   if (stores != OutputStores::kBuffered) {
     const bool stream = stores == OutputStores::kStreamed;
     for_each_chunk<K>(s0, s1, [&](int64_t i, auto len, auto skip) C10_ALWAYS_INLINE_ATTRIBUTE {
-      body(i, len, skip, out + i, stream);
+      body(i, len, skip, out == nullptr ? nullptr : out + i, stream);  // null: an output not written
     });
     return;
   }
@@ -1262,7 +1268,7 @@ at::Tensor cpu_stream_copy(const at::Tensor& src) {
   constexpr int64_t kTaskBytes = kTaskElements * sizeof(float);
   static_assert(kTaskBytes % kLineBytes == 0);
   // Tasks start where out is aligned to a line (the first one at out itself).
-  const int64_t head = std::min(bytes, (kLineBytes - static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % kLineBytes)) % kLineBytes);
+  const int64_t head = std::min(bytes, bytes_to_line(out));
   std::memcpy(out, in, head);
   at::parallel_for(0, ceil_div(bytes - head, kTaskBytes), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
