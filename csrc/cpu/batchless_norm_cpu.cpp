@@ -189,6 +189,96 @@ void stream_bytes(char* out, const char* in, int64_t bytes) {
   std::memcpy(out + at, in + at, bytes - at);
 }
 
+// Sums of a vector's lanes by one fixed tree: lane j is added to lane j + W/2 (W lanes), the results
+// pairwise at distance W/4, and so on (at::vec's vec_reduce_all tree, written out here so that both
+// functions below follow it by construction). `sum` reduces one vector; `sum_batch` reduces kBatch
+// vectors at once, transposed: each level adds the same pairs for all of them, in kBatch - 1 shuffle
+// pairs and adds where kBatch sums take kBatch log2(W), and with no chain of dependent shuffles per
+// vector. The same bits as kBatch calls of `sum`. Channels-first planes of 196 elements (7 chunks)
+// spent about a sixth of a bfloat16 training forward in their per-plane sums (AVX-512 VM).
+// kBatch = 1 (no batching) where no transposed tree is written: float64, and at::vec's DEFAULT ISA.
+template <typename T>
+struct LaneSums {
+  using Vec = Vectorized<T>;
+#if defined(CPU_CAPABILITY_AVX512)
+  static constexpr int kBatch = std::is_same_v<T, float> ? 16 : 1;
+#elif defined(CPU_CAPABILITY_AVX2)
+  static constexpr int kBatch = std::is_same_v<T, float> ? 8 : 1;
+#else
+  static constexpr int kBatch = 1;
+#endif
+
+  static T sum(const Vec& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      __m512 x = v;
+      x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0x4E));  // distance 8: 256-bit halves
+      x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, 0xB1));  // 4: 128-bit quarters
+      x = _mm512_add_ps(x, _mm512_shuffle_ps(x, x, 0x4E));     // 2
+      x = _mm512_add_ps(x, _mm512_shuffle_ps(x, x, 0xB1));     // 1
+      return _mm512_cvtss_f32(x);
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      __m256 x = v;
+      x = _mm256_add_ps(x, _mm256_permute2f128_ps(x, x, 0x01));  // distance 4: 128-bit halves
+      x = _mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0x4E));       // 2
+      x = _mm256_add_ps(x, _mm256_shuffle_ps(x, x, 0xB1));       // 1
+      return _mm256_cvtss_f32(x);
+    }
+#endif
+    return at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, v);
+  }
+
+  // out[i] = sum(v[i]) for i < kBatch.
+  static void sum_batch(const Vec* v, T* out) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      // Distance 8: w[k] holds vector 2k's 8 pair sums in its low half, 2k + 1's in its high half.
+      __m512 w[8], u[4], t[2];
+      for (int k = 0; k < 8; ++k) {
+        const __m512 a = v[2 * k], b = v[2 * k + 1];
+        w[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+      }
+      // Distance 4 (quarters 0 + 1, 2 + 3 of each): quarter i of u[k] holds vector 4k + i's 4 sums.
+      for (int k = 0; k < 4; ++k) {
+        const __m512 a = w[2 * k], b = w[2 * k + 1];
+        u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+      }
+      // Distance 2 within each quarter: quarter i of t[k] holds vectors 8k + i and 8k + 4 + i, 2 sums each.
+      for (int k = 0; k < 2; ++k) {
+        const __m512 a = u[2 * k], b = u[2 * k + 1];
+        t[k] = _mm512_add_ps(_mm512_shuffle_ps(a, b, 0x44), _mm512_shuffle_ps(a, b, 0xEE));
+      }
+      // Distance 1: lane 4i + m holds vector 4m + i's total; put vector p's in lane p.
+      const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x88), _mm512_shuffle_ps(t[0], t[1], 0xDD));
+      const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      _mm512_storeu_ps(out, _mm512_permutexvar_ps(order, r));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if constexpr (std::is_same_v<T, float>) {
+      // Distance 4: w[k] holds vector 2k's 4 pair sums in its low half, 2k + 1's in its high half.
+      __m256 w[4], t[2];
+      for (int k = 0; k < 4; ++k) {
+        const __m256 a = v[2 * k], b = v[2 * k + 1];
+        w[k] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+      }
+      // Distance 2 within each half: half h of t[k] holds vectors 4k + h and 4k + 2 + h, 2 sums each.
+      for (int k = 0; k < 2; ++k) {
+        const __m256 a = w[2 * k], b = w[2 * k + 1];
+        t[k] = _mm256_add_ps(_mm256_shuffle_ps(a, b, 0x44), _mm256_shuffle_ps(a, b, 0xEE));
+      }
+      // Distance 1: lane 4h + m holds vector 2m + h's total; put vector p's in lane p.
+      const __m256 r = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], 0x88), _mm256_shuffle_ps(t[0], t[1], 0xDD));
+      _mm256_storeu_ps(out, _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+      return;
+    }
+#endif
+    for (int i = 0; i < kBatch; ++i) out[i] = sum(v[i]);
+  }
+};
+
 // Loads and stores chunks of kSize = 2 * Vectorized<opmath_t>::size() elements of scalar_t as two
 // opmath vectors; a chunk of n < kSize elements (a row's or plane's tail) uses masked accesses, and
 // the lanes beyond n load as zero. Always inlined: with n the constant kSize (for_each_chunk) the
@@ -253,25 +343,18 @@ struct Chunk {
   }
   // a, b with only the lanes [skip, n) kept, the others zeroed: what a chunk adds to a sum when its
   // lanes from n on lie beyond the data, and its first `skip` lanes were added already (for_each_chunk).
+  // Zeroed by a bitwise and with a mask from lane-index comparisons (a NaN or inf lane becomes 0 too),
+  // not by at::vec's set(a, b, count), which GCC calls out of line (a switch over the count): the call
+  // spilled every live vector register once per plane, in the tail chunk of each.
   C10_ALWAYS_INLINE static std::pair<fVec, fVec> lanes(const fVec& a, const fVec& b, int64_t n, int64_t skip) {
-    fVec u = a, v = b;
-    if (n < kSize) {
-      if (n <= kW) {
-        u = fVec::set(fVec(0), u, n);
-        v = fVec(0);
-      } else {
-        v = fVec::set(fVec(0), v, n - kW);
-      }
-    }
-    if (skip > 0) {
-      if (skip >= kW) {
-        u = fVec(0);
-        v = fVec::set(v, fVec(0), skip - kW);
-      } else {
-        u = fVec::set(u, fVec(0), skip);
-      }
-    }
-    return {u, v};
+    if (n >= kSize && skip <= 0) return {a, b};
+    const fVec lane = fVec::arange(opmath_t(0), opmath_t(1));
+    return {keep_lanes(a, lane, skip, n), keep_lanes(b, lane + fVec(static_cast<opmath_t>(kW)), skip, n)};
+  }
+  // f's lanes whose element index (j, exact small integers) lies in [lo, hi), the others zeroed.
+  C10_ALWAYS_INLINE static fVec keep_lanes(const fVec& f, const fVec& j, int64_t lo, int64_t hi) {
+    const fVec vlo(static_cast<opmath_t>(lo)), vhi(static_cast<opmath_t>(hi));
+    return f & ((j >= vlo) & (j < vhi));  // comparisons set every bit of a true lane
   }
   // The same three in an order of the vectors' lanes of their choosing, which store_any_order undoes:
   // for loops that treat every element of a chunk alike (a channels-first plane: one channel's
@@ -282,6 +365,9 @@ struct Chunk {
   // zero-extends and shifts each half, and packs and permutes across the 128-bit lanes. These loops
   // are bound by instructions, not memory: a bfloat16 load, scale and store took 0.166 ns an element
   // from L2 against 0.216 (one core of this VM, 1.6 MB; 0.236 against 0.286 from L3).
+  // Not on AVX-512 (with AVX512-BF16: load by a shift and an and, store by the rounding instruction and
+  // a permutation of 16-bit elements): (64, 256, 14, 14) bfloat16 forward 0.191 ms against 0.170,
+  // inference 0.116 against 0.106 (best of 6 alternations of the two builds, from the cache).
 #if defined(CPU_CAPABILITY_AVX2)
   static constexpr bool kEvenOdd = std::is_same_v<scalar_t, at::BFloat16>;
 #else
@@ -325,19 +411,12 @@ struct Chunk {
   }
   template <typename Len, typename Skip>
   C10_ALWAYS_INLINE static std::pair<fVec, fVec> lanes_any_order(const fVec& a, const fVec& b, Len n, Skip skip) {
-#if defined(CPU_CAPABILITY_AVX2)
     if constexpr (kEvenOdd) {
       if (n >= kSize && skip <= 0) return {a, b};
       // Element j of the chunk is lane j / 2 of a (even j) or of b (odd j): kept when skip <= j < n.
-      const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
-      const __m256i vn = _mm256_set1_epi32(static_cast<int>(n)), vskip = _mm256_set1_epi32(static_cast<int>(skip));
-      const auto keep = [&](const fVec& f, __m256i j) C10_ALWAYS_INLINE_ATTRIBUTE {
-        const __m256i mask = _mm256_andnot_si256(_mm256_cmpgt_epi32(vskip, j), _mm256_cmpgt_epi32(vn, j));
-        return fVec(_mm256_and_ps(f, _mm256_castsi256_ps(mask)));
-      };
-      return {keep(a, even), keep(b, _mm256_add_epi32(even, _mm256_set1_epi32(1)))};
+      const fVec even = fVec::arange(opmath_t(0), opmath_t(2));
+      return {keep_lanes(a, even, skip, n), keep_lanes(b, even + fVec(opmath_t(1)), skip, n)};
     }
-#endif
     return lanes(a, b, n, skip);
   }
   // The ordered or the any-order access, chosen at compile time.
@@ -350,10 +429,6 @@ struct Chunk {
   C10_ALWAYS_INLINE static void store_in(scalar_t* p, const fVec& a, const fVec& b, Len n, bool stream = false) {
     if constexpr (kAnyOrder) store_any_order(p, a, b, n, stream);
     else store(p, a, b, n, stream);
-  }
-  // Sum of the lanes of a + b by a fixed shuffle tree (the same order every time).
-  static opmath_t hsum(const fVec& a, const fVec& b) {
-    return at::vec::vec_reduce_all<opmath_t>([](const fVec& u, const fVec& v) { return u + v; }, a + b);
   }
 };
 
@@ -649,12 +724,16 @@ C10_ALWAYS_INLINE void sum_in_block(bool in_blocks, int64_t C, opmath_t* slot0, 
 
 // Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
 // the partials into out0, out1 (C,) when `reduce` is set.
-//   channels-first body(n0, n1, c, s0, s1, p0, p1): sums of its segment into *p0, *p1;
+//   channels-first body(n0, n1, c, s0, s1, emit): calls emit(u0, u1) once with two vectors whose
+//                  lanes sum to its segment's two sums (LaneSums reduces them, in batches of a task's
+//                  consecutive segments);
 //   channels-last  body(r0, r1, c0, c1, p0, p1): p0, p1 point at this task's (C,) partial rows,
 //                  zeroed, indexed by absolute channel.
 template <typename opmath_t, typename FirstBody, typename LastBody>
 void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
                const FirstBody& first_body, const LastBody& last_body) {
+  using fVec = Vectorized<opmath_t>;
+  using Sums = LaneSums<opmath_t>;
   if (g.layout == Layout::kChannelsFirst) {
     const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
     // One slot per channel (one sample block, one segment per plane): the totals themselves.
@@ -662,9 +741,8 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
     const int64_t slots = reduce && !direct ? t.num_slots(g.C) : 0;
     // Zeroed where the tasks add into their slots (small planes); a plane's segment is stored.
     Scratch<opmath_t> partials(2 * slots, /*zeroed=*/false);
-    opmath_t scratch[2];  // the slot of a task that does not reduce
-    opmath_t* p0 = slots ? partials.data() : direct ? out0 : scratch;
-    opmath_t* p1 = slots ? p0 + slots : direct ? out1 : scratch + 1;
+    opmath_t* p0 = slots ? partials.data() : direct ? out0 : nullptr;  // null: a task that does not reduce
+    opmath_t* p1 = slots ? p0 + slots : direct ? out1 : nullptr;
     if (direct) {
       std::fill_n(out0, g.C, opmath_t(0));
       std::fill_n(out1, g.C, opmath_t(0));
@@ -676,7 +754,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
       at::parallel_for(0, t.num_nb, grain, [&](int64_t begin, int64_t end) {
         alignas(kLineBytes) opmath_t block[2][kNarrow];
         for (int64_t nb = begin; nb < end; ++nb) {
-          opmath_t* const slot0 = reduce ? p0 + nb * g.C : nullptr;  // p0: one scratch slot otherwise
+          opmath_t* const slot0 = reduce ? p0 + nb * g.C : nullptr;
           opmath_t* const slot1 = reduce ? p1 + nb * g.C : nullptr;
           if (slots) {
             std::fill_n(slot0, g.C, opmath_t(0));
@@ -687,12 +765,11 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
             sum_in_block(in_blocks, g.C, slot0, slot1, block, [&](opmath_t* sum0, opmath_t* sum1) {
               for (int64_t n = b0; n < std::min(n_end, b0 + kMaxChain); ++n) {
                 for (int64_t c = 0; c < g.C; ++c) {
-                  opmath_t plane0 = 0, plane1 = 0;
-                  first_body(n, n + 1, c, 0, g.S, &plane0, &plane1);
-                  if (reduce) {
-                    sum0[c] += plane0;
-                    sum1[c] += plane1;
-                  }
+                  first_body(n, n + 1, c, 0, g.S, [&](const fVec& u0, const fVec& u1) C10_ALWAYS_INLINE_ATTRIBUTE {
+                    if (!reduce) return;
+                    sum0[c] += Sums::sum(u0);
+                    sum1[c] += Sums::sum(u1);
+                  });
                 }
               }
             });
@@ -709,9 +786,30 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
         int64_t sb = begin % t.num_sb;
         int64_t c = (begin / t.num_sb) % g.C;
         int64_t n = begin / (t.num_sb * g.C);
+        // The vectors of up to kBatch consecutive slots, from slot `first` on, reduced together.
+        fVec batch0[Sums::kBatch], batch1[Sums::kBatch];
+        int64_t first = begin, held = 0;
+        const auto flush = [&] {
+          if (held == Sums::kBatch) {
+            Sums::sum_batch(batch0, p0 + first);
+            Sums::sum_batch(batch1, p1 + first);
+          } else {
+            for (int64_t i = 0; i < held; ++i) {
+              p0[first + i] = Sums::sum(batch0[i]);
+              p1[first + i] = Sums::sum(batch1[i]);
+            }
+          }
+          first += held;
+          held = 0;
+        };
         for (int64_t slot = begin; slot < end; ++slot) {
-          const int64_t own = reduce ? slot : 0;  // one scratch slot when not reducing
-          first_body(n, n + 1, c, sb * t.s_block, t.segment_end(sb, g.S), p0 + own, p1 + own);
+          first_body(n, n + 1, c, sb * t.s_block, t.segment_end(sb, g.S),
+                     [&](const fVec& u0, const fVec& u1) C10_ALWAYS_INLINE_ATTRIBUTE {
+            if (!reduce) return;  // the sums of a task that does not reduce are dropped
+            batch0[held] = u0;
+            batch1[held] = u1;
+            if (++held == Sums::kBatch) flush();
+          });
           if (++sb == t.num_sb) {
             sb = 0;
             if (++c == g.C) {
@@ -720,6 +818,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
             }
           }
         }
+        if (reduce) flush();
         store_fence();
       });
     }
@@ -772,7 +871,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
 // Forward
 // ------------------------------------------------------------------------------------------
 
-// Adds one chunk's xhat (two vectors, ha and hb) to the sums of xhat and xhat^2.
+// Adds one chunk's two vectors ha, hb to the sums of their elements and of their squares.
 template <typename fVec>
 inline void add_stats(const fVec& ha, const fVec& hb, fVec& s1a, fVec& s1b, fVec& s2a, fVec& s2b) {
   s1a = s1a + ha;
@@ -911,8 +1010,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   stream = stores == OutputStores::kStreamed;  // what the channels-last rows take
   const int64_t row_length = wide.geometry.C;  // channels-last
 
-  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* p1,
-                   opmath_t* p2) {
+  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, const auto& emit) {
     const fVec vm(m[c]), vr(r[c]), vscale(scale[c]), vb(b[c]);
     fVec a1(0), b1(0), a2(0), b2(0);
     for (int64_t n = n0; n < n1; ++n) {
@@ -929,8 +1027,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
       });
     }
     if constexpr (kStats) {
-      *p1 = V::hsum(a1, b1);
-      *p2 = V::hsum(a2, b2);
+      emit(a1 + b1, a2 + b2);
     }
   };
 
@@ -1041,19 +1138,25 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   constexpr int64_t K = V::kSize;
   constexpr bool kReduce = kDw || kDb;
   const opmath_t* m = mean.data_ptr<opmath_t>();
-  const opmath_t* r = rstd.data_ptr<opmath_t>();
-  const opmath_t* w = weight.data_ptr<opmath_t>();
+  const opmath_t* const r = rstd.data_ptr<opmath_t>();
   const int64_t C = g.C, S = g.S;
+  // dx = grad_y * scale with scale = w * r per channel; dweight = r sum grad_y * (x - m), scaled once
+  // per channel at the end, as the forward's sums (a multiply an element fewer).
+  Scratch<opmath_t> scale_buffer(C);
+  const opmath_t* scale = scale_buffer.data();
+  {
+    const opmath_t* w = weight.data_ptr<opmath_t>();
+    for (int64_t c = 0; c < C; ++c) scale_buffer.data()[c] = w[c] * r[c];
+  }
   // Rows narrower than a chunk, as in the forward: wide channels.
   const WideRows wide(g, K);
-  WideParams<opmath_t, 3> wide_params(wide, {&m, &r, &w});
+  WideParams<opmath_t, 2> wide_params(wide, {&m, &scale});
   const OutputStores stores = kDx ? output_stores(stream, dx, wide.geometry, K) : OutputStores::kPlain;
   stream = stores == OutputStores::kStreamed;  // what the channels-last rows take
   const int64_t row_length = wide.geometry.C;  // channels-last
 
-  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, opmath_t* pw,
-                   opmath_t* pb) {
-    const fVec vm(m[c]), vr(r[c]), vscale(w[c] * r[c]);
+  auto first = [&](int64_t n0, int64_t n1, int64_t c, int64_t s0, int64_t s1_, const auto& emit) {
+    const fVec vm(m[c]), vscale(scale[c]);
     fVec aw(0), bw(0), ab(0), bb(0);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t base = (n * C + c) * S;
@@ -1067,8 +1170,7 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
         std::tie(ga, gb) = V::lanes_any_order(ga, gb, K, skip);
         if constexpr (kDw) {
           auto [xa, xb] = V::load_any_order(xp + i, len);
-          // len, not K: beyond it x loads as 0, and (0 - m) * r may overflow: 0, not 0 * inf
-          auto [ha, hb] = V::lanes_any_order((xa - vm) * vr, (xb - vm) * vr, len, skip);
+          auto [ha, hb] = V::lanes_any_order(xa - vm, xb - vm, len, skip);  // len: beyond it x loads as 0
           aw = at::vec::fmadd(ga, ha, aw);
           bw = at::vec::fmadd(gb, hb, bw);
         }
@@ -1078,17 +1180,16 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
         }
       });
     }
-    // Both slots written (the partials are not zeroed beforehand): the one not asked for is summed too.
-    // Not at all for dx alone: the tasks then share one scratch slot (a data race, a contended line).
+    // Both sums emitted (the partials are not zeroed beforehand): zeros for the one not asked for.
+    // None for dx alone, which reduces nothing.
     if constexpr (kReduce) {
-      *pw = kDw ? V::hsum(aw, bw) : opmath_t(0);
-      *pb = kDb ? V::hsum(ab, bb) : opmath_t(0);
+      emit(kDw ? aw + bw : fVec(0), kDb ? ab + bb : fVec(0));
     }
   };
 
   // kRows rows at a time, as the forward's `rows`: the same bits as a row at a time.
   // Channels-last rows in lane order where the chunks have one (LaneOrder).
-  const LaneOrder<V, 3> lane_order(wide, {m, r, w});
+  const LaneOrder<V, 2> lane_order(wide, {m, scale});
   auto rows = [&](auto rows_constant, auto order_constant, int64_t row, int64_t c0, int64_t c1, opmath_t* pw,
                   opmath_t* pb) {
     constexpr int kRows = decltype(rows_constant)::value;
@@ -1097,15 +1198,13 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     const scalar_t* const gp = gy + row * ld;
     const scalar_t* const xp = kDw ? x + row * ld : nullptr;  // null when not read or written
     scalar_t* const dxp = kDx ? dx + row * ld : nullptr;
-    const opmath_t *const mp = m, *const rp = r, *const wp = w;
-    const opmath_t *const mq = lane_order.permuted(0), *const rq = lane_order.permuted(1),
-                          *const wq = lane_order.permuted(2);
+    const opmath_t *const mp = m, *const scale_p = scale;
+    const opmath_t *const mq = lane_order.permuted(0), *const scale_q = lane_order.permuted(1);
     // Beyond len grad_y, x and the parameters load as 0, and partial stores leave memory alone.
     for_each_chunk<K>(c0, c1, [&](int64_t c, auto len, auto skip) C10_ALWAYS_INLINE_ATTRIBUTE {
       constexpr bool kAnyOrder = decltype(order_constant)::value && kStridedFullChunk<decltype(len), decltype(skip)>;
-      auto [ra, rb] = V::load_acc((kAnyOrder ? rq : rp) + c, len);
-      fVec sa(0), sb(0), ta(0), tb(0), wa(0), wb(0), ma(0), mb(0);
-      if constexpr (kDx) std::tie(wa, wb) = V::load_acc((kAnyOrder ? wq : wp) + c, len);
+      fVec sa(0), sb(0), ta(0), tb(0), ka(0), kb(0), ma(0), mb(0);
+      if constexpr (kDx) std::tie(ka, kb) = V::load_acc((kAnyOrder ? scale_q : scale_p) + c, len);
       if constexpr (kDw) {
         std::tie(ma, mb) = V::load_acc((kAnyOrder ? mq : mp) + c, len);
         std::tie(sa, sb) = V::load_acc(pw + c, len);
@@ -1114,12 +1213,12 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
       for (int i = 0; i < kRows; ++i) {
         auto [ga, gb] = V::template load_in<kAnyOrder>(gp + i * ld + c, len);
         if constexpr (kDx) {
-          V::template store_in<kAnyOrder>(dxp + i * ld + c, ga * (wa * ra), gb * (wb * rb), len, stream);
+          V::template store_in<kAnyOrder>(dxp + i * ld + c, ga * ka, gb * kb, len, stream);
         }
         std::tie(ga, gb) = V::lanes(ga, gb, K, skip);  // skip: 0 in lane order
         if constexpr (kDw) {
           auto [xa, xb] = V::template load_in<kAnyOrder>(xp + i * ld + c, len);
-          auto [ha, hb] = V::lanes((xa - ma) * ra, (xb - mb) * rb, K, skip);  // 0, not 0 * inf
+          auto [ha, hb] = V::lanes(xa - ma, xb - mb, K, skip);
           sa = at::vec::fmadd(ga, ha, sa);
           sb = at::vec::fmadd(gb, hb, sb);
         }
@@ -1162,6 +1261,9 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
     if (kDw) lane_order.restore(t1);
     if (kDb) lane_order.restore(t2);
     wide_params.fold(o1, o2);
+    if (kDw) {
+      for (int64_t c = 0; c < C; ++c) o1[c] *= r[c];  // sum grad_y * (x - m) to sum grad_y * xhat
+    }
   }
 }
 
