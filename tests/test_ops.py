@@ -129,6 +129,9 @@ DIRECT_CASES = [
     ((3, 5, 17), "channels_innermost"), ((2, 3, 5, 7), "channels_last"), ((2, 3, 5, 7), "strided"),
     ((2, 3, 2, 3, 5), "channels_last"), ((4, 17, 31), "contiguous"), ((2, 3, 131, 129), "contiguous"),
     ((3, 2053), "contiguous"), ((2, 2053, 3, 3), "channels_last"), ((2, 40, 3, 3), "channels_last"),
+    # 120 planes, of 49 elements (a task's several samples) and of 196 (a task slot each): per-plane sums
+    # reduced in batches of 8 or 16 planes (LaneSums) that span channels and samples, and a partial batch
+    ((3, 40, 7, 7), "contiguous"), ((3, 40, 14, 14), "contiguous"),
 ]
 
 

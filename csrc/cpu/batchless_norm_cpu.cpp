@@ -722,18 +722,54 @@ C10_ALWAYS_INLINE void sum_in_block(bool in_blocks, int64_t C, opmath_t* slot0, 
   }
 }
 
+// The two vectors that a channels-first body emits per segment, collected for consecutive segments
+// and reduced LaneSums::kBatch at a time: store(index, sum0, sum1) for each, in the order of add.
+template <typename opmath_t>
+class SegmentSums {
+  using fVec = Vectorized<opmath_t>;
+  using Sums = LaneSums<opmath_t>;
+
+ public:
+  template <typename Store>
+  C10_ALWAYS_INLINE void add(int64_t index, const fVec& u0, const fVec& u1, const Store& store) {
+    index_[held_] = index;
+    v0_[held_] = u0;
+    v1_[held_] = u1;
+    if (++held_ == Sums::kBatch) flush(store);
+  }
+  template <typename Store>
+  void flush(const Store& store) {
+    if (held_ == Sums::kBatch) {
+      Sums::sum_batch(v0_, s0_);
+      Sums::sum_batch(v1_, s1_);
+    } else {
+      for (int i = 0; i < held_; ++i) {
+        s0_[i] = Sums::sum(v0_[i]);
+        s1_[i] = Sums::sum(v1_[i]);
+      }
+    }
+    for (int i = 0; i < held_; ++i) store(index_[i], s0_[i], s1_[i]);
+    held_ = 0;
+  }
+
+ private:
+  fVec v0_[Sums::kBatch], v1_[Sums::kBatch];
+  opmath_t s0_[Sums::kBatch], s1_[Sums::kBatch];
+  int64_t index_[Sums::kBatch];
+  int held_ = 0;
+};
+
 // Runs `body` over every task of the geometry with two partial-sum slots per task, then reduces
 // the partials into out0, out1 (C,) when `reduce` is set.
 //   channels-first body(n0, n1, c, s0, s1, emit): calls emit(u0, u1) once with two vectors whose
-//                  lanes sum to its segment's two sums (LaneSums reduces them, in batches of a task's
-//                  consecutive segments);
+//                  lanes sum to its segment's two sums (reduced in batches of a task's consecutive
+//                  segments, SegmentSums);
 //   channels-last  body(r0, r1, c0, c1, p0, p1): p0, p1 point at this task's (C,) partial rows,
 //                  zeroed, indexed by absolute channel.
 template <typename opmath_t, typename FirstBody, typename LastBody>
 void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, opmath_t* out1,
                const FirstBody& first_body, const LastBody& last_body) {
   using fVec = Vectorized<opmath_t>;
-  using Sums = LaneSums<opmath_t>;
   if (g.layout == Layout::kChannelsFirst) {
     const ChannelsFirstTiling t(g.N, g.C, g.S, chunk);
     // One slot per channel (one sample block, one segment per plane): the totals themselves.
@@ -763,15 +799,20 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
           const int64_t n_end = std::min(g.N, (nb + 1) * t.n_block);
           for (int64_t b0 = nb * t.n_block; b0 < n_end; b0 += kMaxChain) {
             sum_in_block(in_blocks, g.C, slot0, slot1, block, [&](opmath_t* sum0, opmath_t* sum1) {
+              // Each channel's planes added in the order of n, as one at a time would add them.
+              const auto add_to_channel = [&](int64_t c, opmath_t plane0, opmath_t plane1) {
+                sum0[c] += plane0;
+                sum1[c] += plane1;
+              };
+              SegmentSums<opmath_t> sums;
               for (int64_t n = b0; n < std::min(n_end, b0 + kMaxChain); ++n) {
                 for (int64_t c = 0; c < g.C; ++c) {
                   first_body(n, n + 1, c, 0, g.S, [&](const fVec& u0, const fVec& u1) C10_ALWAYS_INLINE_ATTRIBUTE {
-                    if (!reduce) return;
-                    sum0[c] += Sums::sum(u0);
-                    sum1[c] += Sums::sum(u1);
+                    if (reduce) sums.add(c, u0, u1, add_to_channel);
                   });
                 }
               }
+              if (reduce) sums.flush(add_to_channel);
             });
           }
         }
@@ -786,29 +827,15 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
         int64_t sb = begin % t.num_sb;
         int64_t c = (begin / t.num_sb) % g.C;
         int64_t n = begin / (t.num_sb * g.C);
-        // The vectors of up to kBatch consecutive slots, from slot `first` on, reduced together.
-        fVec batch0[Sums::kBatch], batch1[Sums::kBatch];
-        int64_t first = begin, held = 0;
-        const auto flush = [&] {
-          if (held == Sums::kBatch) {
-            Sums::sum_batch(batch0, p0 + first);
-            Sums::sum_batch(batch1, p1 + first);
-          } else {
-            for (int64_t i = 0; i < held; ++i) {
-              p0[first + i] = Sums::sum(batch0[i]);
-              p1[first + i] = Sums::sum(batch1[i]);
-            }
-          }
-          first += held;
-          held = 0;
+        const auto to_slot = [&](int64_t slot, opmath_t sum0, opmath_t sum1) {
+          p0[slot] = sum0;
+          p1[slot] = sum1;
         };
+        SegmentSums<opmath_t> sums;
         for (int64_t slot = begin; slot < end; ++slot) {
           first_body(n, n + 1, c, sb * t.s_block, t.segment_end(sb, g.S),
                      [&](const fVec& u0, const fVec& u1) C10_ALWAYS_INLINE_ATTRIBUTE {
-            if (!reduce) return;  // the sums of a task that does not reduce are dropped
-            batch0[held] = u0;
-            batch1[held] = u1;
-            if (++held == Sums::kBatch) flush();
+            if (reduce) sums.add(slot, u0, u1, to_slot);  // a task that does not reduce drops its sums
           });
           if (++sb == t.num_sb) {
             sb = 0;
@@ -818,7 +845,7 @@ void run_tiled(const Geometry& g, int64_t chunk, bool reduce, opmath_t* out0, op
             }
           }
         }
-        if (reduce) flush();
+        if (reduce) sums.flush(to_slot);
         store_fence();
       });
     }
