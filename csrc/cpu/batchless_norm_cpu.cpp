@@ -573,6 +573,15 @@ class Scratch {
   opmath_t* data_;
 };
 
+// scale[c] = r[c] * w[c] (C,), written into `buffer`: the per-channel factor of the forward's
+// y = (x - m) * scale + b and of the backward's dx = grad_y * scale.
+template <typename opmath_t>
+const opmath_t* channel_scale(Scratch<opmath_t>& buffer, const opmath_t* r, const Tensor& weight, int64_t C) {
+  const opmath_t* w = weight.data_ptr<opmath_t>();
+  for (int64_t c = 0; c < C; ++c) buffer.data()[c] = r[c] * w[c];
+  return buffer.data();
+}
+
 // Rows narrower than a chunk: a channels-last row of C < K channels, or a channels-first sample of
 // planes smaller than a chunk (S < K). Walked as they lie, each row or plane is a masked chunk, which
 // at::vec's AVX2 code copies through a stack buffer: float32 (16, 2, 128, 128) channels_last
@@ -1039,12 +1048,8 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
   // their y keep the same bits. Not BatchNorm eval's x * scale + (b - m * scale): its rounding of
   // m * scale costs y about eps * |m| / sigma, 1e-4 in float32 for activations at 1000 sigmas from 0
   // (test_large_offset_inputs).
-  Scratch<opmath_t> scale_buffer(C);
-  const opmath_t* scale = scale_buffer.data();
-  {
-    const opmath_t* w = weight.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) scale_buffer.data()[c] = r[c] * w[c];
-  }
+  Scratch<opmath_t> scale_buffer(C, /*zeroed=*/false);
+  const opmath_t* scale = channel_scale(scale_buffer, r, weight, C);
   // Rows narrower than a chunk are walked as rows of wide channels (WideRows).
   const WideRows wide(g, K);
   WideParams<opmath_t, 4> wide_params(wide, {&m, &r, &scale, &b});
@@ -1184,12 +1189,8 @@ void backward_kernel(const Geometry& g, const scalar_t* gy, const scalar_t* x, s
   const int64_t C = g.C, S = g.S;
   // dx = grad_y * scale with scale = w * r per channel; dweight = r sum grad_y * (x - m), scaled once
   // per channel at the end, as the forward's sums (a multiply an element fewer).
-  Scratch<opmath_t> scale_buffer(C);
-  const opmath_t* scale = scale_buffer.data();
-  {
-    const opmath_t* w = weight.data_ptr<opmath_t>();
-    for (int64_t c = 0; c < C; ++c) scale_buffer.data()[c] = w[c] * r[c];
-  }
+  Scratch<opmath_t> scale_buffer(C, /*zeroed=*/false);
+  const opmath_t* scale = channel_scale(scale_buffer, r, weight, C);
   // Rows narrower than a chunk, as in the forward: wide channels.
   const WideRows wide(g, K);
   WideParams<opmath_t, 2> wide_params(wide, {&m, &scale});
