@@ -289,8 +289,8 @@ PyObject* stream_copy(PyObject* /*self*/, PyObject* arg) {
 PyMethodDef methods[] = {
     {"cpu_stream_threshold", cpu_stream_threshold, METH_O,
      "cpu_stream_threshold(bytes): the CPU kernels write outputs of at least this many bytes with "
-     "non-temporal stores (default: a quarter of the last-level cache); bytes >= 0 sets it (tests), -1 reads "
-     "it. Returns the previous value."},
+     "non-temporal stores (default: a quarter of the last-level cache; the inference op from twice it); "
+     "bytes >= 0 sets it (tests), -1 reads it. Returns the previous value."},
     {"cpu_stream_copy", stream_copy, METH_O,
      "cpu_stream_copy(src): a copy of the dense CPU tensor src (contiguous in some dim order), with its "
      "strides, written with the CPU kernels' non-temporal stores at any size: the benchmark's copy ceiling."},
