@@ -239,8 +239,8 @@ inline BackwardPlan plan_backward(const Tensor& grad_y, const c10::optional<Tens
 
 // The CPU kernels' outputs of at least this many bytes are written with non-temporal stores (a
 // quarter of the last-level cache; the inference op's from twice it; csrc/cpu/batchless_norm_cpu.cpp):
-// sets it where bytes >= 0 (tests set 0,
-// so that small inputs take that path), and returns the previous value.
+// sets it where bytes >= 0 (tests set 0, so that small inputs take that path), and returns the
+// previous value.
 int64_t set_cpu_stream_threshold(int64_t bytes);
 
 // A copy of the dense CPU tensor src (contiguous in some dim order), with its strides, written with

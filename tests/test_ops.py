@@ -773,8 +773,9 @@ def test_streaming_stores_write_what_plain_stores_write(shape, layout, offset, d
     of other plane lengths through a buffer, in pieces, whose whole lines are streamed
     (for_each_output_chunk); the rest with plain stores. With the threshold at 0 every output takes
     that decision, and y, dx and the sums must have the plain stores' bits, every element written
-    (poisoned allocator), and the inference op's y too. Streamed: rows and planes of 64 or 48 elements (the last chunk overlapping
-    the one before), (512, 3, 2, 2) as rows of wide channels with a partial last row; buffered: the odd
+    (poisoned allocator), and the inference op's y too. Streamed: rows and planes of 64 or 48
+    elements (the last chunk overlapping the one before), (512, 3, 2, 2) as rows of wide channels
+    with a partial last row; buffered: the odd
     plane lengths, in several pieces at (2, 3, 1000) and (1, 2, 5001) (several segments too); x at a
     storage offset reads misaligned (y and dx are fresh, aligned allocations)."""
     from batchless_kernels import _C

@@ -145,10 +145,11 @@ C10_ALWAYS_INLINE bool stream_registers(void* p, const V&... vectors) {
   }
 }
 
-// Whether a kernel writes `buffer` with non-temporal stores: large enough, and the op's output itself,
-// not a buffer of other strides that the op copies into it at once (that copy would read it back from
-// memory).
-bool streams(const Tensor& buffer, const Tensor& output, int64_t threshold = stream_threshold_bytes()) {
+// Whether a kernel writes `buffer` with non-temporal stores: `threshold` bytes or more (each entry
+// point passes its own: stream_threshold_bytes or inference_stream_threshold_bytes), and the op's
+// output itself, not a buffer of other strides that the op copies into it at once (that copy would
+// read it back from memory).
+bool streams(const Tensor& buffer, const Tensor& output, int64_t threshold) {
   return buffer.is_same(output) && static_cast<int64_t>(buffer.nbytes()) >= threshold;
 }
 
@@ -1169,7 +1170,7 @@ void forward_kernel(const Geometry& g, const scalar_t* x, scalar_t* y, const Ten
 
 // The forward kernel over a plan (its outputs written, not yet finished); y streamed from
 // stream_threshold bytes on.
-void run_forward(host::ForwardPlan& plan, bool compute_stats, int64_t stream_threshold = stream_threshold_bytes()) {
+void run_forward(host::ForwardPlan& plan, bool compute_stats, int64_t stream_threshold) {
   if (plan.empty) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, plan.x.scalar_type(), "batchless_forward", [&] {
     dispatch_bool(compute_stats, [&](auto stats) {
@@ -1187,7 +1188,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_cpu(const Tensor& x, const Tensor& me
                                                const c10::optional<Tensor>& bias,
                                                bool compute_stats) {
   auto plan = host::plan_forward(x, mean, rstd, weight, bias, compute_stats, c10::DeviceType::CPU);
-  run_forward(plan, compute_stats);
+  run_forward(plan, compute_stats, stream_threshold_bytes());
   return plan.finish();
 }
 
@@ -1347,7 +1348,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_cpu(const Tensor& grad_y,
           backward_kernel<scalar_t, decltype(kdx)::value, decltype(kdw)::value, decltype(kdb)::value>(
               plan.geometry, plan.grad_y.const_data_ptr<scalar_t>(), xp, dxp, plan.mean, plan.rstd,
               plan.weight, plan.dweight, plan.dbias,
-              output_mask[0] && streams(plan.dx_buffer, plan.dx));
+              output_mask[0] && streams(plan.dx_buffer, plan.dx, stream_threshold_bytes()));
         });
       });
     });
