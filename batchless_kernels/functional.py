@@ -53,7 +53,8 @@ def batchless_norm(
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
             requires grad, or a torch.func transform runs the call with mean or std_param among its
             tensors (inside vmap, requires_grad reads False even where an ensemble's stacked
-            parameters train). When False, nll is None. Where y needs no gradient either (no_grad, a
+            parameters train), or mean or std_param carries a forward-mode tangent
+            (torch.autograd.forward_ad dual tensor). When False, nll is None. Where y needs no gradient either (no_grad, a
             frozen layer on a frozen input), the compiled backends run the inference op, without
             the sums; where y needs one (e.g. frozen mean and std_param, trainable x), they run the
             training op and drop its NLL, so that y has the same bits on every path: its sums cost
@@ -100,10 +101,12 @@ def batchless_norm(
         # vmap of an ensemble; compile(vmap(grad(loss))) gave mean and std_param zero per-sample
         # gradients): the NLL is computed whatever it says where the transform holds the parameters
         # (not for a frozen model differentiated in its input).
-        need_nll = torch.is_grad_enabled() and (
+        # A tangent on mean or std_param (forward-mode AD) asks for the NLL's, as torch.func.jvp does:
+        # dual tensors made of plain (detached) tensors, as gradcheck's forward-AD check makes them.
+        need_nll = (torch.is_grad_enabled() and (
             mean.requires_grad or std_param.requires_grad
             or (functorch and (torch.compiler.is_compiling() or _is_functorch_wrapped(mean)
-                               or _is_functorch_wrapped(std_param))))
+                               or _is_functorch_wrapped(std_param))))) or (dual and _has_tangent(mean, std_param))
     device_type = device_type_of(x)
     name = resolve_backend_for(backend, device_type, x)
     if name != "reference" and (functorch or dual or exporting()):

@@ -257,10 +257,11 @@ class _BatchlessNorm(nn.Module):
         # Under torch.compile of a torch.func transform, batchless_norm computes the NLL whatever
         # requires_grad says, and the term kept here must be taken by nll_loss in the compiled
         # function (AOTAutograd cannot return it): an eval-mode layer does not compute one there.
-        need_nll = False if exporting() or (not self.training and compiling_under_functorch()) else None
-        if torch.jit.is_tracing():  # torch.jit.trace: a graph of outputs, which the NLL is not
+        need_nll = False if not self.training and compiling_under_functorch() else None
+        tracing = torch.jit.is_tracing()  # torch.jit.trace: a graph of outputs, which the NLL is not
+        if tracing or exporting():
             need_nll = False
-            self._warn_no_nll("torch.jit.trace")
+            self._warn_no_nll("torch.jit.trace" if tracing else "torch.export")
         y, nll = batchless_norm(
             x, self.mean, self.std_param, self.weight, self.bias,
             parametrization=self.parametrization, eps=self.eps, gauge=self.gauge, backend=self.backend,
@@ -269,7 +270,9 @@ class _BatchlessNorm(nn.Module):
         # A recomputation inside a backward pass (torch.utils.checkpoint) keeps the first forward's term:
         # its own would hold the recomputed activations alive until the layer's next forward (twelve
         # checkpointed conv blocks kept 780 MB between steps against BatchNorm's 411 MB).
-        if in_backward_pass():
+        # A trace leaves the layer as it was: the term of a training forward run before it stays
+        # for nll_loss (torch.export restores module attributes itself).
+        if in_backward_pass() or tracing:
             return y
         # A plain attribute (never a parameter, buffer or submodule): nn.Module.__setattr__'s checks
         # cost ~2 us a call, a tenth of a small layer's forward.

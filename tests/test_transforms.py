@@ -177,6 +177,21 @@ def test_non_reentrant_checkpoint_gives_the_same_gradients(case):
         torch.testing.assert_close(got[name], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
+def test_compiled_non_reentrant_checkpoint_gives_the_same_gradients():
+    """torch.compile of a checkpointed step: the layer's nll attribute is a side effect, which Dynamo
+    refuses inside a checkpoint with fullgraph=True (PyTorch's rule, docs/api.md says the ways out);
+    without fullgraph the region runs eagerly and the gradients are those of no checkpointing."""
+    x = torch.randn(6, 3, dtype=torch.float64)
+    expected = _grads_with(_mlp("auto", "cpu"), x, lambda net, x: net(x))
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Dynamo's graph-break warnings
+        got = _grads_with(_mlp("auto", "cpu"), x,
+                          torch.compile(lambda net, x: checkpoint(net, x, use_reentrant=False), backend="aot_eager"))
+    for name, g in expected.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-12, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("case", BACKENDS)
 def test_reentrant_checkpoint_warns_that_the_nll_is_lost(case):
     """use_reentrant=True runs the forward without gradients (no NLL), then again inside backward:
@@ -262,6 +277,33 @@ def test_forward_mode_ad(case, need_nll):
         torch.testing.assert_close(fwAD.unpack_dual(out).tangent, tx * layer.std_param.detach().neg().exp()[:, None])
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+def test_forward_mode_ad_tangent_asks_for_the_nll(case, grad_mode):
+    """A tangent on mean or std_param asks for the NLL (need_nll=None) though neither requires grad,
+    as torch.func.jvp does: gradcheck's forward-AD check makes its duals of detached tensors, and
+    read the NLL as None (its tangent as zeros)."""
+    import torch.autograd.forward_ad as fwAD
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=g).to(case.device)
+    mean, std_param, t_mean, t_std = (torch.randn(3, dtype=torch.float64, generator=g).to(case.device)
+                                      for _ in range(4))
+
+    def nll_of(m, p):
+        return bk.batchless_norm(x, m, p, backend=case.name, gauge=False)[1]
+
+    expected = torch.func.jvp(nll_of, (mean, std_param), (t_mean, t_std))
+    assert expected[1].abs() > 0
+    with torch.set_grad_enabled(grad_mode), fwAD.dual_level():
+        nll = nll_of(fwAD.make_dual(mean, t_mean), fwAD.make_dual(std_param, t_std))
+        assert nll is not None
+        torch.testing.assert_close((fwAD.unpack_dual(nll).primal, fwAD.unpack_dual(nll).tangent), expected,
+                                   rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(nll_of, (mean.requires_grad_(), std_param.requires_grad_()),
+                                    check_forward_ad=True, check_backward_ad=False, check_undefined_grad=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # torch.jit.trace
 # ------------------------------------------------------------------------------------------------
@@ -288,10 +330,18 @@ def test_jit_trace_of_an_eval_model(case):
 
 
 def test_jit_trace_in_training_mode_warns_that_there_is_no_nll():
+    """The trace also leaves the layers' terms of the training forward before it to nll_loss (it
+    set them to None). Its check (check_trace) calls the model again under no_grad, which clears
+    them as any no_grad forward does."""
     net = _mlp("auto", "cpu")
+    x = torch.randn(6, 3, dtype=torch.float64)
+    net(x)
+    expected = bk.nll_loss(net)
     with pytest.warns(torch.jit.TracerWarning, match="no NLL"), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(deprecated|Python boolean).*")
-        torch.jit.trace(net, torch.randn(6, 3, dtype=torch.float64))
+        torch.jit.trace(net, torch.randn(4, 3, dtype=torch.float64), check_trace=False)
+    assert expected.abs() > 0
+    torch.testing.assert_close(bk.nll_loss(net), expected, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,9 +395,13 @@ def test_torch_export_runs_standard_ops(strict, mode):
     training op (its sums computed, the extension needed to load it)."""
     model = getattr(_mlp("auto", "cpu"), mode)()
     x = torch.randn(6, 3, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Dynamo's: the layer's nll attribute is set (a side effect)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # Dynamo's too: the layer's nll attribute is set (a side effect)
         program = torch.export.export(model, (x,), strict=strict)
+    # A training-mode export warns that it has no NLL, as jit.trace does (strict export's Dynamo
+    # traces the warning without emitting it).
+    no_nll = [w for w in caught if "torch.export of a BatchlessNorm1d in training mode" in str(w.message)]
+    assert bool(no_nll) == (mode == "train" and not strict)
     assert not [n.target for n in program.graph.nodes if "batchless" in str(n.target)]
     torch.testing.assert_close(program.module()(x), model(x), rtol=1e-12, atol=1e-12)
 
