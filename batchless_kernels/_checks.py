@@ -75,6 +75,16 @@ def device_option(name: str, value) -> torch.device:
         raise ValueError(f"{name} must name a device, got {value!r}: {error}") from None
 
 
+def factory_kwargs(device, dtype) -> dict:
+    """A layer's device and dtype arguments (nn.BatchNorm's factory kwargs) checked, as the
+    {"device", "dtype"} its parameters are made with: device as device_option reads it (None: the
+    default), dtype a floating point torch.dtype or None. TypeError or ValueError naming the argument,
+    where torch's own error for a device string names none."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
+    return {"device": None if device is None else device_option("device", device), "dtype": dtype}
+
+
 def bool_option(name: str, value, expected: str = "a bool") -> bool:
     """A bool option: a bool or a numpy bool (numpy's bool is not a subclass of bool); TypeError else."""
     value = _unwrap_0d(value)

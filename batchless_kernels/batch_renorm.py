@@ -24,8 +24,8 @@ import warnings
 import torch
 from torch import nn
 
-from ._checks import (accumulation_dtype, bool_option, check_eps_fits, check_layer_input, int_option, real_option,
-                       refuse_jit_script)
+from ._checks import (accumulation_dtype, bool_option, check_eps_fits, check_layer_input, factory_kwargs,
+                       int_option, real_option, refuse_jit_script)
 from .functional import in_backward_pass
 from .parametrization import check_eps
 
@@ -117,9 +117,7 @@ class _BatchRenorm(nn.Module):
     ) -> None:
         super().__init__()
         num_features = int_option("num_features", num_features, "a positive int", lambda v: v > 0)
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
-        factory_kwargs = {"device": device, "dtype": dtype}
+        factory = factory_kwargs(device, dtype)
         self.num_features = num_features
         self.eps = check_eps(eps)
         check_eps_fits(self.eps, dtype)
@@ -130,16 +128,16 @@ class _BatchRenorm(nn.Module):
         self.warmup_steps = _check_steps("warmup_steps", warmup_steps)
         self.relax_steps = _check_steps("relax_steps", relax_steps)
         if self.affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory_kwargs))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory_kwargs))
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-        self.register_buffer("running_std", torch.ones(num_features, **factory_kwargs))
+        self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+        self.register_buffer("running_std", torch.ones(num_features, **factory))
         self.register_buffer(
             "num_batches_tracked",
-            torch.tensor(0, dtype=torch.long, **{k: v for k, v in factory_kwargs.items() if k != "dtype"}),
+            torch.tensor(0, dtype=torch.long, device=factory["device"]),
         )
         self.reset_parameters()
 

@@ -37,7 +37,7 @@ def batchless_norm(
 
     Args:
         x: (N, C, *) float16/bfloat16/float32/float64; contiguous, channels_last or any layout with
-            channels innermost runs without copies.
+            channels innermost and the other dims in order ((N, *, C) in memory) runs without copies.
         mean, std_param: (C,) the learned Gaussian: mu and the raw sigma parameter; or, for
             Gaussians shared over other axes than the batch (docs/method.md, "Shared axes"), any
             shape of x.dim() - 1 dims that broadcasts to x.shape[1:], a size-1 dim being an axis the

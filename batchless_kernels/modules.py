@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, int_option,
-                      nll_weight_option, real_option, refuse_jit_script)
+from ._checks import (accumulation_dtype, bool_option, check_eps_normal, check_layer_input, factory_kwargs,
+                      int_option, nll_weight_option, real_option, refuse_jit_script)
 from .backends import BACKENDS
 from .backends import prepare as prepare_backend
 from .functional import (_is_functorch_wrapped, _under_functorch, batchless_norm, compiling_under_functorch, exporting,
@@ -123,8 +123,7 @@ class _BatchlessNorm(nn.Module):
         nll_weight = nll_weight_option("nll_weight", nll_weight)
         init_std = real_option("init_std", init_std, "a positive finite float", lambda v: v > 0)
         init_mean = real_option("init_mean", init_mean, "a finite float")
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"dtype must be a floating point torch.dtype or None, got {dtype!r}")
+        factory = factory_kwargs(device, dtype)
         param_dtype = dtype if dtype is not None else torch.get_default_dtype()
         if not abs(init_mean) <= torch.finfo(param_dtype).max:
             raise ValueError(f"init_mean={init_mean!r} is outside the range of {param_dtype}, the parameters' dtype")
@@ -133,7 +132,6 @@ class _BatchlessNorm(nn.Module):
                                (("affine", affine), ("bias", bias), ("gauge", gauge)))
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        factory_kwargs = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = check_eps(eps)
         check_eps_normal(self.eps, param_dtype, f"{param_dtype} layer")  # its inputs' may differ: checked again
@@ -161,17 +159,17 @@ class _BatchlessNorm(nn.Module):
         self.backend = backend
         prepare_backend(backend)  # its ops looked up now, not at a compiled model's first step
         shape = self._parameter_shape(num_features)
-        self.mean = nn.Parameter(torch.empty(shape, **factory_kwargs))
-        self.std_param = nn.Parameter(torch.empty(shape, **factory_kwargs))
+        self.mean = nn.Parameter(torch.empty(shape, **factory))
+        self.std_param = nn.Parameter(torch.empty(shape, **factory))
         # nn.LayerNorm's convention: affine gives the learned scale (gamma) and, unless bias=False,
         # the shift (beta); the method's "output std" and "output mean", which the author's layer
         # also has apart.
         if self.affine:
-            self.weight = nn.Parameter(torch.empty(shape, **factory_kwargs))
+            self.weight = nn.Parameter(torch.empty(shape, **factory))
         else:
             self.register_parameter("weight", None)
         if self.affine and bias:
-            self.bias = nn.Parameter(torch.empty(shape, **factory_kwargs))
+            self.bias = nn.Parameter(torch.empty(shape, **factory))
         else:
             self.register_parameter("bias", None)
         self.nll: torch.Tensor | None = None

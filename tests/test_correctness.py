@@ -248,6 +248,24 @@ def test_grad_y_layout_differs_from_x(case, x_layout, g_layout, dtype, affine):
     check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol, grad_y=grad_y)
 
 
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_innermost_in_another_order(case, dtype):
+    """Channels innermost with N not outermost ((H, W, N, C) in memory): docs/api.md says it is
+    copied, not read in place as (N, *, C) is; the values are the reference's either way, and the
+    compiled backends return a contiguous y where the reference follows x's stride order."""
+    shape = (3, 6, 5, 7)
+    values = make_x((shape[2], shape[3], shape[0], shape[1]), "contiguous", dtype, case.device)
+    x = values.permute(2, 3, 0, 1)  # (N, C, H, W) with strides (C, 1, 7 N C, N C)
+    assert x.stride(1) == 1 and not x.movedim(1, -1).is_contiguous()
+    _, mean, std_param, weight, bias = make_case(shape, "contiguous", dtype, case.device, "log", True)
+    atol, rtol = TOLS[dtype]
+    out, _ = check_against_reference(case, x, mean, std_param, weight, bias, atol=atol, rtol=rtol, dense=False,
+                                     grad_y=make_x(shape, "contiguous", dtype, case.device))
+    if case.name != "reference":
+        assert out["y"].is_contiguous(), out["y"].stride()
+
+
 # ------------------------------------------------------------------------------------------------
 # Mixed dtypes, partial affine, partial requires_grad, edge values
 # ------------------------------------------------------------------------------------------------

@@ -470,10 +470,24 @@ def test_env_var_unavailable(monkeypatch, backend):
     (dict(num_features=3, gauge="False"), TypeError, r"gauge must be a bool"),
     (dict(num_features=3, gauge=0), TypeError, r"gauge must be a bool"),
     (dict(num_features=3, backend="gpu"), ValueError, r"backend must be one of"),
+    # the device named (torch's own error, "Expected one of cpu, cuda, ...", names no argument)
+    (dict(num_features=3, device="gpu"), ValueError, r"device must name a device, got 'gpu'"),
+    (dict(num_features=3, device=1.5), TypeError, r"device must be a str, torch.device or int, got float"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_module_constructor_errors(cls, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", [bk.BatchlessNorm2d, bk.BatchRenorm2d], ids=lambda c: c.__name__)
+def test_module_device_forms(cls):
+    """The device argument as nn.BatchNorm takes it: None, a str, a torch.device (meta too); a bad
+    one raises the library's error naming `device`."""
+    for device in (None, "cpu", torch.device("cpu"), "meta"):
+        layer = cls(3, device=device)
+        assert all(t.device == torch.device(device or "cpu") for t in layer.state_dict().values())
+    with pytest.raises(ValueError, match=r"device must name a device, got 'cpux'"):
+        cls(3, device="cpux")
 
 
 def test_module_input_errors():
@@ -665,3 +679,17 @@ def test_ops_device_mismatch(op, name):
             _fwd()(x, args["mean"], args["rstd"], args["weight"], None, True)
         else:
             _bwd()(x, x, args["mean"], args["rstd"], args["weight"], [True, True, True])
+
+
+@pytest.mark.parametrize("backend", [b for b in bk.available_backends("cpu") if b != "reference"])
+def test_inference_tensor_in_a_training_forward(backend):
+    """docs/api.md: a compiled backend keeps x for dweight, which PyTorch refuses for an inference
+    tensor (its own clear error, as nn.BatchNorm2d's); the reference keeps xhat and runs, and a clone
+    made outside inference mode runs everywhere with the reference's values."""
+    with torch.inference_mode():
+        x = torch.randn(2, 3, 4)
+    layer = bk.BatchlessNorm1d(3, backend=backend)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        layer(x)
+    want = bk.BatchlessNorm1d(3, backend="reference")(x)
+    torch.testing.assert_close(layer(x.clone()), want)
