@@ -138,7 +138,9 @@ def init_from_data(model: nn.Module, data, *, preserve_function: bool = False, m
     data: one batch (a tensor), or an iterable of batches, each a tensor or a tuple/list whose first
         element is the input (a DataLoader works). Inputs are moved to the model's device. A one-shot
         iterator is materialized (up to max_batches batches; an endless one needs max_batches); pass a
-        re-iterable to keep memory at one batch.
+        re-iterable to keep memory at one batch. A single (input, target) pair is an iterable of two
+        batches: pass it as [(input, target)]. An error of the model's forward on a batch gets a note
+        (Python 3.11 and later) naming the batch and its shape.
     preserve_function: also adjust weight and bias so that the model's function is unchanged (needs
         layers with both, affine=True and bias=True); then one pass over the data suffices.
     max_batches: use at most this many batches per pass.
@@ -250,6 +252,15 @@ def _one_pass(model, batches, max_batches, device, remaining, preserve_function,
                 model(x)
             except _StopForward:
                 pass
+            except Exception as error:
+                # The model's own error names no argument; a single (input, target) pair passed as
+                # data, which iterates as two batches, sends the targets through the model.
+                if hasattr(error, "add_note"):  # Python 3.11+
+                    error.add_note(
+                        f"init_from_data: raised by the model's forward of data's batch {i}, an input of "
+                        f"shape {tuple(x.shape)} and dtype {x.dtype}. data is one batch (a tensor) or an "
+                        "iterable of batches: pass a single (input, target) pair as [(input, target)].")
+                raise
     finally:
         for h in handles:
             h.remove()

@@ -4,6 +4,7 @@ dependency order, streamed over batches; preserve_function keeps the model's fun
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 
 import pytest
@@ -210,6 +211,22 @@ def test_training_flags_restored_and_train_mode():
     bk.init_from_data(b, x, train_mode=True)
     assert torch.allclose(a[1].mean, b[1].mean)  # before the dropout
     assert not torch.allclose(a[6].std, b[6].std)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes (add_note) came with Python 3.11")
+def test_model_error_names_the_batch():
+    """A single (input, target) pair iterates as two batches: the targets went through the model and
+    its own error (here the conv's) named no argument; the note names the batch and the way out."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), bk.BatchlessNorm2d(4))
+    x, target = torch.randn(2, 3, 5, 5), torch.tensor([0, 1])
+    with pytest.raises(RuntimeError) as info:
+        bk.init_from_data(model, (x, target))
+    note = "\n".join(getattr(info.value, "__notes__", []))
+    assert "data's batch 1, an input of shape (2,) and dtype torch.int64" in note, note
+    assert "pass a single (input, target) pair as [(input, target)]" in note
+    before = model[1].mean.clone()
+    bk.init_from_data(model, [(x, target)])  # the pair as one batch
+    assert not torch.equal(model[1].mean, before)
 
 
 def test_model_without_batchless_layers():
