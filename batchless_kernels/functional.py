@@ -53,12 +53,13 @@ def batchless_norm(
         need_nll: compute the NLL? None (default): when grad mode is on and mean or std_param
             requires grad, or a torch.func transform runs the call with mean or std_param among its
             tensors (inside vmap, requires_grad reads False even where an ensemble's stacked
-            parameters train), or mean or std_param carries a forward-mode tangent
-            (torch.autograd.forward_ad dual tensor). When False, nll is None. Where y needs no gradient either (no_grad, a
-            frozen layer on a frozen input), the compiled backends run the inference op, without
-            the sums; where y needs one (e.g. frozen mean and std_param, trainable x), they run the
-            training op and drop its NLL, so that y has the same bits on every path: its sums cost
-            arithmetic, not memory traffic, on the CPU, and a second small launch on CUDA.
+            parameters train); and, grad mode on or off, when mean or std_param carries a
+            forward-mode tangent (a torch.autograd.forward_ad dual tensor). When False, nll is None.
+            Where y needs no gradient either (no_grad, a frozen layer on a frozen input), the
+            compiled backends run the inference op, without the sums; where y needs one (e.g. frozen
+            mean and std_param, trainable x), they run the training op and drop its NLL, so that y
+            has the same bits on every path: its sums cost arithmetic, not memory traffic, on the
+            CPU, and a second small launch on CUDA.
 
     Returns:
         y: same shape, dtype and memory format as x; differentiable in x, weight, bias.
